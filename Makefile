@@ -1,0 +1,44 @@
+# hpcopt — two commands on a fresh machine:
+#   make demo   creates .venv, installs, trains APTS-D on the built-in Poisson-2D PINN on 2 ranks
+#   make test   creates .venv, installs, runs the whole suite (serial, then 2 and 4 ranks under mpiexec)
+# Override: make demo TORCH=torch   (default torch==2.13.0, the CPU wheel of these machines)
+
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+NP     ?= 2
+BIN     = $(VENV)/bin
+MPIEXEC = $(BIN)/mpiexec
+# A hung multi-rank run must fail, never block CI: pytest-timeout ends a test, this ends a run.
+RUN_LIMIT ?= 900
+
+.PHONY: install demo test test-serial test-mpi lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[test,mpich,plot]"
+	touch $@
+
+demo: install
+	mkdir -p runs
+	$(MPIEXEC) -n $(NP) $(BIN)/python -m mpi4py -m hpcopt train --problem poisson2d --optimizer apts-d \
+		--epochs 300 --eval-every 25 --out runs/demo.h5 --overwrite
+	$(BIN)/python -m hpcopt analyze runs/demo.h5
+
+test: install test-serial test-mpi
+
+test-serial: install
+	timeout $(RUN_LIMIT) $(BIN)/python -m pytest -q tests
+
+test-mpi: install
+	timeout $(RUN_LIMIT) $(MPIEXEC) -n 2 $(BIN)/python -m pytest -q --with-mpi -m mpi -p no:cacheprovider tests
+	timeout $(RUN_LIMIT) $(MPIEXEC) -n 4 $(BIN)/python -m pytest -q --with-mpi -m mpi -p no:cacheprovider tests
+
+lint: install
+	$(BIN)/ruff check hpcopt tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs *.egg-info

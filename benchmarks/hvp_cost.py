@@ -1,0 +1,160 @@
+"""Cost of one curvature-vector product relative to one gradient, as a Krylov solve pays it.
+
+For each model (an MLP 784-128-64-10 and the MNIST ``cnn-small``, batch 256, cross-entropy
+on random data) the script times, as medians over ``--repeats`` runs:
+
+* ``gradient``: one forward + backward (``LocalObjective.value_and_grad``);
+* for each curvature kind, a Krylov-style use: ``value_grad_and_curvature`` once
+  (``setup``: it yields the gradient too, as on the HF / Steihaug hot path) and then
+  ``--products`` products (``per product``).
+
+Ratios are to the gradient time measured in the same run.  The fastest Hessian
+variant over a whole solve (setup + products) is the one ``parse_curvature("hessian")``
+should name; the footer says whether it does.  One thread by default, because hpcopt
+runs one MPI rank per core.
+
+Usage::
+
+    python benchmarks/hvp_cost.py [--repeats N] [--threads T] [--products K]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from hpcopt.curvature import (
+    DEFAULT_HESSIAN,
+    CurvatureKind,
+    CurvatureOperator,
+    LocalObjective,
+    _ForwardOverReverseHVP,
+)
+from hpcopt.flat import FlatParameters
+
+LINEARIZE = "hvp-forward (linearize)"
+
+
+def mlp() -> tuple[nn.Module, tuple[int, ...]]:
+    """784→128→64→10 with ReLU, on flattened 28×28 inputs."""
+    model = nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
+    return model, (784,)
+
+
+def cnn_small() -> tuple[nn.Module, tuple[int, ...]]:
+    """The MNIST ``cnn-small``: two conv5/ReLU/maxpool2 stages, then 512→64→10."""
+    model = nn.Sequential(
+        nn.Conv2d(1, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(512, 64), nn.ReLU(), nn.Linear(64, 10),
+    )  # fmt: skip
+    return model, (1, 28, 28)
+
+
+def plain_forward(net: Callable[[Tensor], Tensor], inputs: Tensor) -> Tensor:
+    return net(inputs)
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def linearized_operator(objective: LocalObjective) -> CurvatureOperator:
+    """Gradient pass + a ``torch.func.linearize``-based forward-over-reverse operator."""
+    objective.value_and_grad()
+    return _ForwardOverReverseHVP(
+        objective._forward_mode_loss(objective._buffer_snapshot()),
+        objective.flat.clone(),
+        objective.targets,
+        objective._seeded_rng(),
+        damping=0.0,
+        linearize=True,
+    )
+
+
+def measure(
+    objective: LocalObjective, repeats: int, products: int, with_linearize: bool
+) -> dict[str, tuple[float, float]]:
+    """``{variant: (median setup seconds, median seconds per product)}``, plus ``gradient``."""
+    numel = objective.flat.numel
+    vectors = [torch.randn(numel) for _ in range(products)]
+    objective.value_and_grad()  # warm-up: allocator, first-call dispatch
+    # Gradient timings are interleaved with every variant's runs, so that drift on a
+    # shared machine moves numerator and denominator of the ratios together.
+    gradients = [timed(objective.value_and_grad) for _ in range(repeats)]
+    builders: dict[str, Callable[[], CurvatureOperator]] = {
+        kind.value: (lambda kind=kind: objective.value_grad_and_curvature(kind)[2]) for kind in CurvatureKind
+    }
+    if with_linearize:
+        builders[LINEARIZE] = lambda: linearized_operator(objective)
+    results: dict[str, tuple[float, float]] = {}
+    for name, build in builders.items():
+        # Warm-up build (forward-mode decompositions load on first use); the
+        # linearize tracer costs ~0.5 s per build, so it gets fewer repeats.
+        build()(vectors[0])
+        runs = min(repeats, 3) if name == LINEARIZE else repeats
+        setups, per_product = [], []
+        for _ in range(runs):
+            start = time.perf_counter()
+            operator = build()
+            setups.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            for v in vectors:
+                operator(v)
+            per_product.append((time.perf_counter() - start) / products)
+            gradients.append(timed(objective.value_and_grad))
+        results[name] = (statistics.median(setups), statistics.median(per_product))
+    results["gradient"] = (statistics.median(gradients), float("nan"))
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per entry (median reported)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (hpcopt: 1 per rank)")
+    parser.add_argument("--products", type=int, default=10, help="products per Krylov-style solve")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--no-linearize", action="store_true", help="skip the torch.func.linearize variant")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    header = f"{'model':<10} {'variant':<26} {'setup ms':>9} {'/grad':>6} {'prod ms':>8} {'/grad':>6} " \
+             f"{'solve/grad':>10}"
+    print(f"torch {torch.__version__}, threads={args.threads}, batch={args.batch}, "
+          f"{args.products} products per solve, median of {args.repeats}")
+    print("setup = value_grad_and_curvature (gradient included); solve = setup + products")
+    print(header)
+    print("-" * len(header))
+    hessian_totals: dict[str, float] = {}
+    for model_name, factory in (("mlp", mlp), ("cnn-small", cnn_small)):
+        model, shape = factory()
+        flat = FlatParameters(model)
+        inputs = torch.randn(args.batch, *shape)
+        targets = torch.randint(0, 10, (args.batch,))
+        objective = LocalObjective(flat, plain_forward, nn.functional.cross_entropy, inputs, targets)
+        results = measure(objective, args.repeats, args.products, not args.no_linearize)
+        gradient = results.pop("gradient")[0]
+        print(f"{model_name:<10} {'gradient':<26} {gradient * 1e3:>9.2f} {1.0:>6.2f}")
+        for name, (setup, product) in results.items():
+            solve = (setup + args.products * product) / gradient
+            print(f"{model_name:<10} {name:<26} {setup * 1e3:>9.2f} {setup / gradient:>6.2f} "
+                  f"{product * 1e3:>8.2f} {product / gradient:>6.2f} {solve:>10.2f}")
+            if name != CurvatureKind.GGN.value:
+                hessian_totals[name] = hessian_totals.get(name, 0.0) + solve
+    fastest = min(hessian_totals, key=hessian_totals.__getitem__)
+    print("-" * len(header))
+    print(f"fastest Hessian product over both models (sum of solve/grad): {fastest}")
+    verdict = "agrees" if fastest == DEFAULT_HESSIAN.value else "DISAGREES: update DEFAULT_HESSIAN"
+    print(f'parse_curvature("hessian") -> {DEFAULT_HESSIAN.value} ({verdict})')
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Global mini-batches that depend only on the seed, sharded contiguously over ranks.
+
+Epoch e draws one global permutation of the training set from ``(seed, e)``; global
+batch b is rows ``[b·B, (b+1)·B)`` of it, and rank r takes the contiguous slice
+``[r·B/P, (r+1)·B/P)`` of every global batch.  The sequence of global batches is
+therefore the same at any rank count, which is what makes runs at 1, 2 and 4 ranks
+comparable step for step.  A trailing partial batch is dropped so that every step
+sees a batch of the same size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from hpcopt.errors import ConfigError
+
+
+class GlobalBatches:
+    """This rank's share of every global mini-batch.
+
+    Args:
+        num_samples: size of the training set.
+        batch_size: global mini-batch size B (must be divisible by ``world_size``).
+        seed: the run's seed.
+        rank: this rank.
+        world_size: number of ranks P.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int, rank: int, world_size: int) -> None:
+        if batch_size <= 0:
+            raise ConfigError(f"--batch-size must be positive, got {batch_size}")
+        if batch_size > num_samples:
+            raise ConfigError(f"--batch-size {batch_size} exceeds the {num_samples} training samples")
+        if batch_size % world_size != 0:
+            raise ConfigError(
+                f"--batch-size {batch_size} is not divisible by the {world_size} ranks "
+                f"(each rank takes an equal share; try {batch_size - batch_size % world_size or world_size})"
+            )
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.shard_size = batch_size // world_size
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.num_samples // self.batch_size
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.num_samples, generator=generator)
+
+    def epoch(self, epoch: int) -> Iterator[torch.Tensor]:
+        """Indices of this rank's shard of each global batch of ``epoch``."""
+        order = self.permutation(epoch)
+        for batch in range(self.batches_per_epoch):
+            start = batch * self.batch_size + self.rank * self.shard_size
+            yield order[start : start + self.shard_size]
+
+
+def contiguous_slice(num_rows: int, rank: int, world_size: int) -> slice:
+    """Rank r's contiguous part of ``num_rows`` rows (sizes differ by at most one)."""
+    base, extra = divmod(num_rows, world_size)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (1 if rank < extra else 0))

@@ -1,0 +1,53 @@
+"""Optimizers, chosen by name (``--optimizer``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from hpcopt.config import build_config
+from hpcopt.errors import ConfigError
+from hpcopt.objective import DistributedObjective
+from hpcopt.optimizers.adam import Adam, AdamConfig
+from hpcopt.optimizers.apts_d import APTSD, APTSDConfig
+from hpcopt.optimizers.base import Optimizer, StepResult
+from hpcopt.optimizers.sgd import SGD, SGDConfig
+
+OPTIMIZERS: dict[str, type[Optimizer]] = {cls.name: cls for cls in (APTSD, SGD, Adam)}
+
+# Names taken by optimizers that later versions add; asking for one is a clear error.
+RESERVED = ("apts-p", "apts-ip", "hf", "nlcg", "neumann")
+
+
+def optimizer_class(name: str) -> type[Optimizer]:
+    if name in OPTIMIZERS:
+        return OPTIMIZERS[name]
+    if name in RESERVED:
+        raise ConfigError(f"optimizer '{name}' is planned but not implemented in this version")
+    raise ConfigError(f"unknown optimizer '{name}' (choose from {', '.join(OPTIMIZERS)})")
+
+
+def make_config(name: str, options: Mapping[str, Any]) -> Any:
+    """The typed config of optimizer ``name`` from option strings/values (validated)."""
+    cls = optimizer_class(name)
+    return build_config(cls.config_class, options, what=name)
+
+
+def make_optimizer(name: str, objective: DistributedObjective, config: Any) -> Optimizer:
+    return optimizer_class(name)(objective, config)
+
+
+__all__ = [
+    "APTSD",
+    "OPTIMIZERS",
+    "SGD",
+    "APTSDConfig",
+    "Adam",
+    "AdamConfig",
+    "Optimizer",
+    "SGDConfig",
+    "StepResult",
+    "make_config",
+    "make_optimizer",
+    "optimizer_class",
+]

@@ -1,0 +1,65 @@
+"""Data-parallel Adam over the hpcopt communication layer (one packed allreduce per step)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from hpcopt.config import require
+from hpcopt.optimizers.base import Optimizer, StepResult
+from hpcopt.optimizers.sgd import check_finite_loss
+
+
+@dataclass
+class AdamConfig:
+    """Options of ``--optimizer adam`` (Kingma & Ba; defaults as in the paper).
+
+    Attributes:
+        lr: step size (default 1e-3).
+        beta1: first-moment decay (default 0.9).
+        beta2: second-moment decay (default 0.999).
+        eps: denominator guard (default 1e-8).
+        weight_decay: L2 coefficient added to the gradient (default 0.0).
+    """
+
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+    def validate(self) -> None:
+        require(self.lr > 0, f"adam: lr must be > 0, got {self.lr}")
+        require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "adam: beta1 and beta2 must be in [0, 1)")
+        require(self.eps > 0, f"adam: eps must be > 0, got {self.eps}")
+        require(self.weight_decay >= 0, f"adam: weight_decay must be >= 0, got {self.weight_decay}")
+
+
+class Adam(Optimizer):
+    name = "adam"
+    config_class = AdamConfig
+
+    def __init__(self, objective, config: AdamConfig) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(objective, config)
+        self.exp_avg = torch.zeros_like(self.flat.data)
+        self.exp_avg_sq = torch.zeros_like(self.flat.data)
+
+    def step(self) -> StepResult:
+        cfg = self.config
+        loss, grad = self.objective.value_and_grad()
+        check_finite_loss(self.name, loss, self.steps)
+        if cfg.weight_decay:
+            grad.add_(self.flat.data, alpha=cfg.weight_decay)
+        self.steps += 1
+        self.exp_avg.mul_(cfg.beta1).add_(grad, alpha=1 - cfg.beta1)
+        self.exp_avg_sq.mul_(cfg.beta2).addcmul_(grad, grad, value=1 - cfg.beta2)
+        bias1 = 1 - cfg.beta1**self.steps
+        bias2 = 1 - cfg.beta2**self.steps
+        denom = (self.exp_avg_sq / bias2).sqrt_().add_(cfg.eps)
+        update = self.exp_avg / denom
+        step_size = cfg.lr / bias1
+        with torch.no_grad():
+            self.flat.data.add_(update, alpha=-step_size)
+        return StepResult(loss=loss, step_norm=step_size * float(update.norm()))

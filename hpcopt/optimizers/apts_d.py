@@ -1,0 +1,297 @@
+"""APTS-D: data-parallel additively preconditioned trust region (ALGORITHMS.md §1).
+
+One outer iteration on the global batch B = ∪ B_r:
+
+1. ``[g; f]`` at θ_k — one allreduce(n+1).
+2. Each rank builds the first-order-consistent local model
+   ``f̃_r(θ) = f_r(θ) + (g − g_r)ᵀ(θ − θ_k)`` (so ∇f̃_r(θ_k) = g) and runs L
+   trust-region iterations on it from θ_k, all inside the ball of radius Δ/P, with
+   no communication at all.
+3. ``[Σ s_r; Σ pred_r]`` — one allreduce(n+1).  Because every ‖s_r‖ ≤ Δ/P, the sum
+   obeys ‖s‖ ≤ Δ.
+4. The trial value f(θ_k + s) decides with the ratio test of §0.  With a global
+   pass the trial gradient rides in the same allreduce(n+1), since the pass needs
+   it when the step is accepted.
+5. Optional global pass: G trust-region iterations on f itself.
+
+Traffic per outer iteration: 2n floats without the global pass, 3n with one; every
+scalar (losses, predicted reductions) is packed into those buffers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from hpcopt.config import require
+from hpcopt.curvature import parse_curvature
+from hpcopt.errors import NonFiniteError
+from hpcopt.krylov import MatVec
+from hpcopt.objective import DistributedObjective
+from hpcopt.optimizers.base import Optimizer, StepResult
+from hpcopt.trust_region import RadiusPolicy, decide, make_subproblem_solver
+
+SOLVERS = ("cauchy", "steihaug", "lsr1")
+
+
+@dataclass
+class APTSDConfig:
+    """Options of ``--optimizer apts-d`` (defaults: ALGORITHMS.md §0–§1).
+
+    Attributes:
+        radius: initial global trust-region radius Δ₀ (0.1).
+        radius_min: lower bound Δ_min (1e-3).
+        radius_max: upper bound Δ_max (2.0).
+        eta1: accept when ρ ≥ eta1 (0.25).
+        eta2: expand when ρ > eta2 and ‖s‖ ≥ 0.9Δ (0.75).
+        gamma_inc: expansion factor (1.2).
+        gamma_dec: shrink factor (0.9).
+        local_iterations: L, local TR iterations per outer iteration (3).
+        local_solver: ``cauchy``, ``steihaug`` or ``lsr1`` (lsr1).
+        local_eta1, local_eta2, local_gamma_inc, local_gamma_dec: local radius
+            policy (0.3, 0.7, 1.5, 0.6).
+        foc: first-order-consistency term in the local model (on).
+        global_passes: G, TR iterations on the global f after the combination (1).
+        global_solver: ``cauchy``, ``steihaug`` or ``lsr1`` (lsr1).
+        memory: L-SR1 memory (5).
+        curvature: products for ``steihaug``: ``hessian`` or ``ggn`` (hessian).
+        max_cg_iterations: cap on Steihaug CG iterations (20).
+    """
+
+    radius: float = 0.1
+    radius_min: float = 1e-3
+    radius_max: float = 2.0
+    eta1: float = 0.25
+    eta2: float = 0.75
+    gamma_inc: float = 1.2
+    gamma_dec: float = 0.9
+    local_iterations: int = 3
+    local_solver: str = "lsr1"
+    local_eta1: float = 0.3
+    local_eta2: float = 0.7
+    local_gamma_inc: float = 1.5
+    local_gamma_dec: float = 0.6
+    foc: bool = True
+    global_passes: int = 1
+    global_solver: str = "lsr1"
+    memory: int = 5
+    curvature: str = "hessian"
+    max_cg_iterations: int = 20
+
+    def validate(self) -> None:
+        require(self.radius > 0, f"apts-d: radius must be > 0, got {self.radius}")
+        require(
+            0 < self.radius_min <= self.radius <= self.radius_max,
+            f"apts-d: need 0 < radius_min <= radius <= radius_max, got {self.radius_min}, "
+            f"{self.radius}, {self.radius_max}",
+        )
+        require(self.local_iterations >= 0, f"apts-d: local_iterations must be >= 0, got {self.local_iterations}")
+        require(self.global_passes >= 0, f"apts-d: global_passes must be >= 0, got {self.global_passes}")
+        require(self.local_iterations + self.global_passes > 0, "apts-d: local_iterations + global_passes is 0")
+        for name in ("local_solver", "global_solver"):
+            value = getattr(self, name)
+            require(value in SOLVERS, f"apts-d: unknown {name} '{value}' (choose from {', '.join(SOLVERS)})")
+        require(self.memory >= 1, f"apts-d: memory must be >= 1, got {self.memory}")
+        require(self.max_cg_iterations >= 1, "apts-d: max_cg_iterations must be >= 1")
+        parse_curvature(self.curvature)
+        self.global_policy().validate()
+        self.local_policy(1.0).validate()
+
+    def global_policy(self) -> RadiusPolicy:
+        return RadiusPolicy(
+            eta1=self.eta1,
+            eta2=self.eta2,
+            gamma_inc=self.gamma_inc,
+            gamma_dec=self.gamma_dec,
+            radius_min=self.radius_min,
+            radius_max=self.radius_max,
+        )
+
+    def local_policy(self, local_radius: float) -> RadiusPolicy:
+        # The local radius lives inside the ball Δ/P; its floor is relative to it.
+        return RadiusPolicy(
+            eta1=self.local_eta1,
+            eta2=self.local_eta2,
+            gamma_inc=self.local_gamma_inc,
+            gamma_dec=self.local_gamma_dec,
+            radius_min=1e-3 * local_radius,
+            radius_max=local_radius,
+        )
+
+
+class APTSD(Optimizer):
+    name = "apts-d"
+    config_class = APTSDConfig
+
+    def __init__(self, objective: DistributedObjective, config: APTSDConfig) -> None:
+        super().__init__(objective, config)
+        self.radius = config.radius
+        self.policy = config.global_policy()
+        self.curvature = parse_curvature(config.curvature)
+        self.local_solver = make_subproblem_solver(
+            config.local_solver, memory=config.memory, max_iter=config.max_cg_iterations
+        )
+        self.global_solver = make_subproblem_solver(
+            config.global_solver, memory=config.memory, max_iter=config.max_cg_iterations
+        )
+        self.combined = objective.comm_buffer()
+        self.world_size = objective.comm.size
+
+    # -- local phase (no communication) ---------------------------------------
+
+    def _local_phase(
+        self, theta_k: torch.Tensor, loss_local: float, grad_local: torch.Tensor, grad: torch.Tensor
+    ) -> tuple[torch.Tensor, float, dict[str, int]]:
+        """L TR iterations on f̃_r inside the ball Δ/P; returns (s_r, pred_r, counts)."""
+        cfg = self.config
+        objective = self.objective
+        ball = self.radius / self.world_size
+        policy = cfg.local_policy(ball)
+        correction = grad - grad_local if cfg.foc else torch.zeros_like(grad)
+        model_grad = grad.clone() if cfg.foc else grad_local.clone()
+        step_r = torch.zeros_like(theta_k)
+        model_value = loss_local  # f̃_r(θ_k) = f_r(θ_k)
+        local_radius = ball
+        self.local_solver.reset()
+        counts = {"local_accepted": 0, "local_rejected": 0}
+        for iteration in range(cfg.local_iterations):
+            room = ball - float(step_r.norm())
+            if room <= 1e-9 * ball:
+                break
+            matvec = self._local_matvec(theta_k, step_r) if self.local_solver.needs_matvec else None
+            result = self.local_solver.solve(model_grad, min(local_radius, room), matvec)
+            if not (result.pred > 0 and math.isfinite(result.pred)):
+                break  # stationary local model: nothing to gain from further iterations
+            trial = step_r + result.step
+            self.flat.copy_(theta_k + trial)
+            last = iteration == cfg.local_iterations - 1
+            trial_grad: torch.Tensor | None = None
+            if last and self.local_solver.name != "lsr1":  # only L-SR1 learns from the last gradient
+                trial_loss = objective.local_value()
+            else:
+                trial_loss, raw_grad = objective.local_value_and_grad()
+                trial_grad = raw_grad + correction
+            trial_value = trial_loss + float(correction.dot(trial))
+            decision = decide(
+                policy, local_radius, model_value, trial_value, result.pred, float(result.step.norm())
+            )
+            if trial_grad is not None and math.isfinite(trial_value):
+                # SR1 learns from rejected trials too: (step, Δgradient) is a valid pair either way.
+                self.local_solver.update(result.step, trial_grad - model_grad)
+            if decision.accepted:
+                step_r = trial
+                model_value = trial_value
+                if trial_grad is not None:
+                    model_grad = trial_grad
+                counts["local_accepted"] += 1
+            else:
+                counts["local_rejected"] += 1
+            local_radius = decision.radius
+        self.flat.copy_(theta_k)
+        return step_r, loss_local - model_value, counts
+
+    def _local_matvec(self, theta_k: torch.Tensor, step_r: torch.Tensor) -> MatVec:
+        # The FOC term is linear, so f̃_r has the curvature of f_r at the current local point.
+        self.flat.copy_(theta_k + step_r)
+        return self.objective.local_curvature(self.curvature)
+
+    def _global_matvec(self) -> MatVec:
+        # One allreduce per product: Σ_r w_r B_r v.
+        local = self.objective.local_curvature(self.curvature)
+        buffer = self.objective.comm_buffer(scalars=0)
+
+        def matvec(v: torch.Tensor) -> torch.Tensor:
+            torch.mul(local(v), self.objective.weight, out=buffer.vector)
+            self.objective.comm.allreduce_(buffer.data)
+            return buffer.vector.clone()
+
+        return matvec
+
+    # -- one outer iteration ----------------------------------------------------
+
+    def step(self) -> StepResult:
+        cfg = self.config
+        objective = self.objective
+        radius_before = self.radius
+        theta_k = self.flat.clone()
+
+        loss_local, grad_local_view = objective.local_value_and_grad()
+        grad_local = grad_local_view.clone()
+        loss, grad_view = objective.reduce_value_and_grad(loss_local, grad_local)
+        if not math.isfinite(loss):
+            raise NonFiniteError(
+                f"apts-d: the loss at the current parameters is {loss} (step {self.steps}); "
+                "the trust region cannot recover from a non-finite starting value"
+            )
+        grad = grad_view.clone()
+
+        # Local phase and combination: one allreduce of [s_r; pred_r].
+        step_r, pred_r, counts = self._local_phase(theta_k, loss_local, grad_local, grad)
+        combined = self.combined
+        combined.vector.copy_(step_r)
+        combined.scalars[0] = pred_r
+        objective.comm.allreduce_(combined.data)
+        step = combined.vector.clone()
+        pred = float(combined.scalars[0])
+        step_norm = float(step.norm())
+        if step_norm > self.radius:
+            # Σ‖s_r‖ ≤ Δ by construction; guard against rounding only.
+            step.mul_(self.radius / step_norm)
+            step_norm = self.radius
+
+        # Trial point; the trial gradient rides along when the global pass needs it.
+        self.flat.copy_(theta_k + step)
+        trial_grad: torch.Tensor | None = None
+        if cfg.global_passes > 0:
+            trial_loss, trial_grad_view = objective.value_and_grad()
+            trial_grad = trial_grad_view.clone()
+        else:
+            trial_loss = objective.value()
+        decision = decide(self.policy, self.radius, loss, trial_loss, pred, step_norm)
+        self.radius = decision.radius
+        if trial_grad is not None and math.isfinite(trial_loss) and step_norm > 0:
+            self.global_solver.update(step, trial_grad - grad)
+        if decision.accepted:
+            current_loss, current_grad = trial_loss, trial_grad
+        else:
+            self.flat.copy_(theta_k)  # bit-identical θ_k
+            current_loss, current_grad = loss, grad
+
+        global_accepted = 0
+        for g_pass in range(cfg.global_passes):
+            assert current_grad is not None
+            matvec = self._global_matvec() if self.global_solver.needs_matvec else None
+            result = self.global_solver.solve(current_grad, self.radius, matvec)
+            if not (result.pred > 0 and math.isfinite(result.pred)):
+                break
+            theta = self.flat.clone()
+            self.flat.copy_(theta + result.step)
+            if g_pass < cfg.global_passes - 1:
+                pass_loss, pass_grad_view = objective.value_and_grad()
+                pass_grad: torch.Tensor | None = pass_grad_view.clone()
+            else:
+                pass_loss, pass_grad = objective.value(), None
+            pass_decision = decide(
+                self.policy, self.radius, current_loss, pass_loss, result.pred, float(result.step.norm())
+            )
+            self.radius = pass_decision.radius
+            if pass_grad is not None and math.isfinite(pass_loss):
+                self.global_solver.update(result.step, pass_grad - current_grad)
+            if pass_decision.accepted:
+                global_accepted += 1
+                current_loss, current_grad = pass_loss, pass_grad
+            else:
+                self.flat.copy_(theta)
+
+        self.steps += 1
+        counts["global_accepted"] = global_accepted
+        return StepResult(
+            loss=loss,
+            radius=radius_before,
+            step_norm=step_norm,
+            ratio=decision.ratio,
+            accepted=decision.accepted,
+            extras={"pred": pred, "trial_loss": trial_loss, "reason": decision.reason, **counts},
+        )

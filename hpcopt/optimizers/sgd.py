@@ -1,0 +1,72 @@
+"""Data-parallel SGD (with optional momentum) over the hpcopt communication layer.
+
+One packed allreduce of [gradient; loss] per step, the same layer the
+second-order methods use, so comparisons measure the algorithms and not two
+different communication stacks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hpcopt.config import require
+from hpcopt.errors import NonFiniteError
+from hpcopt.optimizers.base import Optimizer, StepResult
+
+
+@dataclass
+class SGDConfig:
+    """Options of ``--optimizer sgd``.
+
+    Attributes:
+        lr: learning rate (default 0.01).
+        momentum: heavy-ball momentum coefficient (default 0.0).
+        nesterov: Nesterov momentum (default off).
+        weight_decay: L2 coefficient added to the gradient (default 0.0).
+    """
+
+    lr: float = 0.01
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+
+    def validate(self) -> None:
+        require(self.lr > 0, f"sgd: lr must be > 0, got {self.lr}")
+        require(0 <= self.momentum < 1, f"sgd: momentum must be in [0, 1), got {self.momentum}")
+        require(self.weight_decay >= 0, f"sgd: weight_decay must be >= 0, got {self.weight_decay}")
+        require(not self.nesterov or self.momentum > 0, "sgd: nesterov needs momentum > 0")
+
+
+def check_finite_loss(name: str, loss: float, step: int) -> None:
+    """Methods without a trust region cannot reject a step: stop instead of training on NaN."""
+    if not torch.isfinite(torch.tensor(loss)):
+        raise NonFiniteError(
+            f"{name}: the mini-batch loss is {loss} at step {step}; stopping instead of training on "
+            "non-finite values (lower the learning rate)"
+        )
+
+
+class SGD(Optimizer):
+    name = "sgd"
+    config_class = SGDConfig
+
+    def __init__(self, objective, config: SGDConfig) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(objective, config)
+        self.momentum_buffer = torch.zeros_like(self.flat.data) if config.momentum > 0 else None
+
+    def step(self) -> StepResult:
+        cfg = self.config
+        loss, grad = self.objective.value_and_grad()
+        check_finite_loss(self.name, loss, self.steps)
+        if cfg.weight_decay:
+            grad.add_(self.flat.data, alpha=cfg.weight_decay)
+        direction = grad
+        if self.momentum_buffer is not None:
+            self.momentum_buffer.mul_(cfg.momentum).add_(grad)
+            direction = grad.add(self.momentum_buffer, alpha=cfg.momentum) if cfg.nesterov else self.momentum_buffer
+        with torch.no_grad():
+            self.flat.data.add_(direction, alpha=-cfg.lr)
+        self.steps += 1
+        return StepResult(loss=loss, step_norm=cfg.lr * float(direction.norm()))

@@ -1,0 +1,47 @@
+"""Problems: datasets, models, losses and validation metrics, behind one interface.
+
+``make_problem(name, data_dir=..., seed=..., options=...)`` builds a problem by name;
+optimizers then use only the :class:`~hpcopt.problems.base.Problem` interface.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from functools import partial
+
+from hpcopt.errors import ConfigError
+from hpcopt.problems.base import Dataset, Problem
+from hpcopt.problems.mnist import MnistProblem
+from hpcopt.problems.poisson import PoissonProblem
+from hpcopt.problems.synthetic import LogisticProblem, QuadraticProblem
+
+#: Problem name -> constructor taking ``data_dir``, ``seed`` and ``options`` keywords.
+PROBLEMS: dict[str, Callable[..., Problem]] = {
+    "mnist": MnistProblem,
+    "poisson1d": partial(PoissonProblem, dim=1),
+    "poisson2d": partial(PoissonProblem, dim=2),
+    "quadratic": QuadraticProblem,
+    "logistic": LogisticProblem,
+}
+
+
+def make_problem(name: str, *, data_dir: str | None = None, seed: int = 0,
+                 options: Mapping[str, object] | None = None) -> Problem:
+    """Build the problem ``name``.
+
+    Args:
+        name: a key of :data:`PROBLEMS`.
+        data_dir: folder with the problem's data files (only MNIST reads files).
+        seed: seed of generated data (collocation points, synthetic samples).
+        options: problem-specific options, documented in each problem's module.
+
+    Raises:
+        ConfigError: unknown problem name or option.
+        DataError: missing or malformed data files.
+    """
+    if name not in PROBLEMS:
+        raise ConfigError(f"unknown problem '{name}' (choose from {', '.join(PROBLEMS)})")
+    return PROBLEMS[name](data_dir=data_dir, seed=seed, options=options)
+
+
+__all__ = ["PROBLEMS", "Dataset", "Problem", "make_problem"]

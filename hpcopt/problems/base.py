@@ -1,0 +1,179 @@
+"""The interface every optimizer sees: a ``Dataset`` pair of tensors and a ``Problem``.
+
+An optimizer never looks inside a problem.  It asks for a model, maps inputs to
+outputs with :meth:`Problem.forward`, scores them with :meth:`Problem.criterion`
+(a *mean* over rows, so ``len(batch) * loss`` can be summed across ranks) and
+evaluates with :meth:`Problem.eval_sums`, which returns plain sums so that ranks
+can evaluate disjoint slices and allreduce one float64 buffer.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from hpcopt.errors import ConfigError
+
+Net = Callable[[Tensor], Tensor]
+
+#: Rows evaluated at once in ``eval_sums``; bounds activation memory on big validation sets.
+EVAL_CHUNK = 1000
+
+
+@dataclass
+class Dataset:
+    """Inputs and targets whose first dimension indexes samples.
+
+    Attributes:
+        inputs: float32 tensor, shape ``(N, ...)``.
+        targets: shape ``(N, ...)``; int64 class labels or float32 values.
+    """
+
+    inputs: Tensor
+    targets: Tensor
+
+    def __post_init__(self) -> None:
+        if self.inputs.shape[0] != self.targets.shape[0]:
+            raise ValueError(
+                f"Dataset: {self.inputs.shape[0]} input rows but {self.targets.shape[0]} target rows"
+            )
+
+    def __len__(self) -> int:
+        return int(self.inputs.shape[0])
+
+    def subset(self, index: Tensor | slice) -> Dataset:
+        """Rows selected by a slice (a view) or an index tensor (a copy)."""
+        return Dataset(self.inputs[index], self.targets[index])
+
+    def chunks(self, size: int = EVAL_CHUNK) -> Iterator[Dataset]:
+        """Consecutive slices of at most ``size`` rows, for bounded-memory evaluation."""
+        for start in range(0, len(self), size):
+            yield self.subset(slice(start, start + size))
+
+
+OptionSpec = Mapping[str, tuple[type, object]]
+
+
+def resolve_options(problem: str, given: Mapping[str, object] | None, spec: OptionSpec) -> dict[str, object]:
+    """Merge user options into defaults, rejecting unknown keys and values of the wrong type.
+
+    Strings are parsed with the option's type because values from ``--set k=v`` arrive as text.
+
+    Args:
+        problem: problem name, used in error messages.
+        given: the user's options (may be ``None``).
+        spec: ``{key: (type, default)}``; a default of ``None`` means "not set".
+
+    Raises:
+        ConfigError: an unknown key or a value that cannot be read as the option's type.
+    """
+    resolved = {key: default for key, (_, default) in spec.items()}
+    for key, value in (given or {}).items():
+        if key not in spec:
+            choices = ", ".join(spec) or "none"
+            raise ConfigError(f"unknown option '{key}' for problem '{problem}' (choose from {choices})")
+        kind = spec[key][0]
+        resolved[key] = _coerce(problem, key, value, kind)
+    return resolved
+
+
+def _coerce(problem: str, key: str, value: object, kind: type) -> object:
+    if value is None:
+        return None
+    # bool is an int subclass; accepting True as a sample count would hide a typo.
+    if isinstance(value, bool) and kind is not bool:
+        raise ConfigError(f"problem '{problem}' option {key}={value!r}: expected {kind.__name__}")
+    if isinstance(value, kind) or (kind is float and isinstance(value, int)):
+        return kind(value)
+    if isinstance(value, str):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    raise ConfigError(f"problem '{problem}' option {key}={value!r}: expected {kind.__name__}")
+
+
+@contextlib.contextmanager
+def evaluation_mode(net: Net) -> Iterator[None]:
+    """Put ``net`` (when it is a module) in eval mode and restore every submodule's flag after.
+
+    Restoring per submodule, not with one ``train()`` call, keeps deliberately frozen
+    parts (e.g. a batch-norm layer held in eval mode) as the caller left them.
+    """
+    if not isinstance(net, nn.Module):
+        yield
+        return
+    modes = [(module, module.training) for module in net.modules()]
+    net.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+class Problem(abc.ABC):
+    """A dataset, its models, its loss and its validation metric.
+
+    Subclasses set the class-level descriptors and ``train``, ``val`` and
+    ``default_batch_size`` in ``__init__``.
+    """
+
+    name: str
+    metric_name: str
+    metric_higher_is_better: bool
+    default_model: str
+    models: tuple[str, ...]
+    train: Dataset
+    val: Dataset
+    default_batch_size: int
+
+    def build_model(self, name: str | None = None) -> nn.Module:
+        """A freshly initialised model; deterministic given the caller's ``torch.manual_seed``.
+
+        Raises:
+            ConfigError: ``name`` is not one of ``self.models``.
+        """
+        chosen = self.default_model if name is None else name
+        if chosen not in self.models:
+            raise ConfigError(
+                f"unknown model '{chosen}' for problem '{self.name}' (choose from {', '.join(self.models)})"
+            )
+        return self._make_model(chosen)
+
+    @abc.abstractmethod
+    def _make_model(self, name: str) -> nn.Module:
+        """Build the (already validated) model ``name``."""
+
+    @abc.abstractmethod
+    def forward(self, net: Net, inputs: Tensor) -> Tensor:
+        """Outputs that ``criterion`` compares with the targets.
+
+        Must compose with ``torch.func`` transforms and with double backward,
+        because ``net`` may be a ``functional_call`` wrapper inside ``jvp``/``vmap``.
+        """
+
+    @abc.abstractmethod
+    def criterion(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """Mean loss over rows (a scalar)."""
+
+    @abc.abstractmethod
+    def eval_sums(self, net: Net, data: Dataset) -> Tensor:
+        """A 1-D float64 tensor of sums over ``data``, to be allreduced before ``eval_metrics``."""
+
+    @abc.abstractmethod
+    def eval_metrics(self, sums: Tensor) -> dict[str, float]:
+        """``{"val_loss": ..., self.metric_name: ...}`` from (allreduced) ``eval_sums``."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}: {len(self.train)} train, {len(self.val)} val>"
+
+
+def as_sums(*values: float | Tensor) -> Tensor:
+    """Pack accumulated sums into the float64 vector that ``eval_sums`` returns."""
+    return torch.tensor([float(v) for v in values], dtype=torch.float64)

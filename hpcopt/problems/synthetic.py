@@ -1,0 +1,186 @@
+"""Synthetic convex problems with a known minimiser, for checking optimizers against float64 references.
+
+Both draw Gaussian inputs ``X`` ``(n, dim)`` and a random linear teacher ``(w*, b*)``
+from a generator seeded by ``seed``; the model is ``linear`` (``dim -> 1``) and the
+default batch is the full training set.
+
+"quadratic": ``y = X w* + b* + noise * eps``; loss ``0.5 * mean((X w + b - y)^2)``
+(the 1/2 makes the Hessian exactly ``A^T A / n`` with ``A = [X, 1]``).  Metric
+``val_rel_error = ||pred - y|| / ||y||`` on held-out data, lower is better; it
+cannot fall below the noise level.
+
+"logistic": labels ``y ~ Bernoulli(sigmoid(X w* + b*))``, targets float 0/1; loss
+the mean binary cross-entropy of the logit (no regulariser).  Sampled labels make
+the classes overlap, so for ``n`` well above ``dim`` the data are not linearly
+separable and the minimiser is finite.  Metric ``val_accuracy``, higher is better.
+
+Options: n (int, 1000) training rows, n_val (int, 500) validation rows,
+dim (int, 20) features; quadratic also noise (float, 0.1); logistic also
+teacher_scale (float, 2.0), the norm of ``w*`` (larger -> cleaner labels).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import ClassVar
+
+import numpy as np
+import scipy.optimize
+import scipy.special
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hpcopt.errors import ConfigError
+from hpcopt.problems import models
+from hpcopt.problems.base import Dataset, Net, OptionSpec, Problem, as_sums, evaluation_mode, resolve_options
+
+_COMMON_OPTIONS = {"n": (int, 1000), "n_val": (int, 500), "dim": (int, 20)}
+
+
+class _LinearTeacherProblem(Problem):
+    """Shared data generation, model and forward of the synthetic problems."""
+
+    default_model = "linear"
+    models = ("linear",)
+    extra_options: ClassVar[OptionSpec] = {}
+
+    def __init__(self, *, data_dir: str | None = None, seed: int = 0,
+                 options: Mapping[str, object] | None = None) -> None:
+        del data_dir  # the data are generated
+        self.options = resolve_options(self.name, options, {**_COMMON_OPTIONS, **self.extra_options})
+        for key in ("n", "n_val", "dim"):
+            if self.options[key] < 1:
+                raise ConfigError(f"problem '{self.name}' option {key}={self.options[key]}: must be >= 1")
+        self.dim = self.options["dim"]
+        generator = torch.Generator().manual_seed(seed)
+        n_total = self.options["n"] + self.options["n_val"]
+        inputs = torch.randn(n_total, self.dim, generator=generator, dtype=torch.float64)
+        weight = torch.randn(self.dim, generator=generator, dtype=torch.float64) / math.sqrt(self.dim)
+        bias = torch.randn((), generator=generator, dtype=torch.float64)
+        targets = self._targets(inputs @ weight + bias, generator)
+        inputs, targets = inputs.to(torch.float32), targets.to(torch.float32)
+        n = self.options["n"]
+        self.train = Dataset(inputs[:n], targets[:n])
+        self.val = Dataset(inputs[n:], targets[n:])
+        self.default_batch_size = n
+        self._minimizer: Tensor | None = None
+
+    def _targets(self, teacher: Tensor, generator: torch.Generator) -> Tensor:
+        """Targets from the teacher's float64 outputs ``X w* + b*``."""
+        raise NotImplementedError
+
+    def _make_model(self, name: str) -> nn.Module:
+        return models.linear(self.dim, 1)
+
+    def forward(self, net: Net, inputs: Tensor) -> Tensor:
+        return net(inputs).squeeze(-1)
+
+    def exact_minimizer(self) -> Tensor:
+        """float64 minimiser of the training loss, flat in ``nn.Linear`` order (weight, then bias)."""
+        if self._minimizer is None:
+            design = self.train.inputs.to(torch.float64).numpy()
+            design = np.concatenate([design, np.ones((len(design), 1))], axis=1)
+            targets = self.train.targets.to(torch.float64).numpy()
+            self._minimizer = torch.from_numpy(self._solve(design, targets))
+        return self._minimizer.clone()
+
+    def _solve(self, design: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+class QuadraticProblem(_LinearTeacherProblem):
+    """Linear least squares; see the module docstring."""
+
+    name = "quadratic"
+    metric_name = "val_rel_error"
+    metric_higher_is_better = False
+    extra_options: ClassVar[OptionSpec] = {"noise": (float, 0.1)}
+
+    def _targets(self, teacher: Tensor, generator: torch.Generator) -> Tensor:
+        noise = torch.randn(teacher.shape, generator=generator, dtype=torch.float64)
+        return teacher + self.options["noise"] * noise
+
+    def criterion(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return 0.5 * torch.mean((outputs - targets) ** 2)
+
+    def eval_sums(self, net: Net, data: Dataset) -> Tensor:
+        """``[sum (pred - y)^2, sum y^2, count]``."""
+        squared_error, squared_target = 0.0, 0.0
+        with torch.no_grad(), evaluation_mode(net):
+            for chunk in data.chunks():
+                residual = self.forward(net, chunk.inputs).to(torch.float64) - chunk.targets.to(torch.float64)
+                squared_error += torch.sum(residual**2).item()
+                squared_target += torch.sum(chunk.targets.to(torch.float64) ** 2).item()
+        return as_sums(squared_error, squared_target, len(data))
+
+    def eval_metrics(self, sums: Tensor) -> dict[str, float]:
+        squared_error, squared_target, count = sums.tolist()
+        # An all-zero target would make the ratio undefined; fall back to the absolute error.
+        relative = math.sqrt(squared_error / (squared_target if squared_target > 0 else 1.0))
+        return {"val_loss": 0.5 * squared_error / max(count, 1.0), "val_rel_error": relative}
+
+    def _solve(self, design: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        solution, *_ = np.linalg.lstsq(design, targets, rcond=None)
+        return solution
+
+
+class LogisticProblem(_LinearTeacherProblem):
+    """Binary logistic regression; see the module docstring."""
+
+    name = "logistic"
+    metric_name = "val_accuracy"
+    metric_higher_is_better = True
+    extra_options: ClassVar[OptionSpec] = {"teacher_scale": (float, 2.0)}
+
+    def _targets(self, teacher: Tensor, generator: torch.Generator) -> Tensor:
+        # The teacher's weight has norm ~1; scaling the logits sets how clean the labels are.
+        probability = torch.sigmoid(self.options["teacher_scale"] * teacher)
+        return torch.bernoulli(probability, generator=generator)
+
+    def criterion(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return F.binary_cross_entropy_with_logits(outputs, targets)
+
+    def eval_sums(self, net: Net, data: Dataset) -> Tensor:
+        """``[loss_sum, correct, count]``."""
+        loss_sum, correct = 0.0, 0
+        with torch.no_grad(), evaluation_mode(net):
+            for chunk in data.chunks():
+                logits = self.forward(net, chunk.inputs)
+                loss_sum += F.binary_cross_entropy_with_logits(logits, chunk.targets, reduction="sum").item()
+                correct += int(((logits > 0).to(chunk.targets.dtype) == chunk.targets).sum())
+        return as_sums(loss_sum, correct, len(data))
+
+    def eval_metrics(self, sums: Tensor) -> dict[str, float]:
+        loss_sum, correct, count = sums.tolist()
+        count = max(count, 1.0)
+        return {"val_loss": loss_sum / count, "val_accuracy": correct / count}
+
+    def _solve(self, design: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        n = len(targets)
+
+        def loss_and_grad(params: np.ndarray) -> tuple[float, np.ndarray]:
+            logits = design @ params
+            # log(1 + e^z) - y z, written with logaddexp so large |z| neither overflows nor cancels.
+            loss = np.mean(np.logaddexp(0.0, logits) - targets * logits)
+            grad = design.T @ (scipy.special.expit(logits) - targets) / n
+            return float(loss), grad
+
+        result = scipy.optimize.minimize(
+            loss_and_grad, np.zeros(design.shape[1]), jac=True, method="BFGS",
+            options={"gtol": 1e-10, "maxiter": 10_000},
+        )
+        gradient_norm = float(np.max(np.abs(loss_and_grad(result.x)[1])))
+        # On separable data the loss only tends to 0 as |w| grows, with a vanishing gradient, so
+        # the gradient cannot tell; a finite minimiser, however, never classifies every row correctly.
+        margins = (2.0 * targets - 1.0) * (design @ result.x)
+        if np.all(margins > 0):
+            raise ConfigError(
+                f"problem 'logistic': the training data (n={n}, dim={self.dim}) are linearly separable, "
+                "so the loss has no finite minimiser: increase n or lower teacher_scale"
+            )
+        if not np.all(np.isfinite(result.x)) or gradient_norm > 1e-7:
+            # Not a user error: well-posed logistic regression is smooth and strictly convex.
+            raise RuntimeError(f"logistic exact_minimizer: BFGS stopped at gradient {gradient_norm:.1e}")
+        return result.x

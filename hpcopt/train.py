@@ -1,0 +1,254 @@
+"""The training driver behind ``hpcopt train``.
+
+Order of work, chosen so that bad input never hangs a job:
+
+1. every rank validates the options, the data and the output path on its own;
+2. one ``agree`` collective makes any rank's error every rank's error;
+3. only then do the run log, the model and the collectives of training start.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import hpcopt
+from hpcopt.comm import Communicator
+from hpcopt.config import require, to_dict
+from hpcopt.data import GlobalBatches, contiguous_slice
+from hpcopt.errors import HpcoptError
+from hpcopt.flat import FlatParameters
+from hpcopt.objective import DistributedObjective
+from hpcopt.optimizers import make_config, make_optimizer
+from hpcopt.problems import make_problem
+from hpcopt.problems.base import Problem
+from hpcopt.runlog import EvaluationRecord, IterationRecord, RunLog
+
+
+@dataclass
+class TrainConfig:
+    """Options of ``hpcopt train`` that are not the optimizer's.
+
+    Attributes:
+        problem: problem name (``poisson2d``).
+        model: model name; ``None`` → the problem's default.
+        optimizer: optimizer name (``apts-d``).
+        data_dir: directory of the dataset files (MNIST IDX files).
+        epochs: passes over the training set (10).
+        batch_size: global mini-batch size; ``None`` → the problem's default.
+        seed: seeds initialisation, batch order and dropout (0).
+        out: HDF5 run log path; ``None`` → no log.
+        overwrite: replace an existing run log.
+        threads: torch threads per rank (1: one rank per core is the MPI way).
+        eval_every: evaluate every this many epochs (1).
+        max_steps: stop after this many outer iterations (None: no limit).
+        quiet: no progress lines.
+    """
+
+    problem: str = "poisson2d"
+    model: str | None = None
+    optimizer: str = "apts-d"
+    data_dir: str | None = None
+    epochs: int = 10
+    batch_size: int | None = None
+    seed: int = 0
+    out: str | None = None
+    overwrite: bool = False
+    threads: int = 1
+    eval_every: int = 1
+    max_steps: int | None = None
+    quiet: bool = False
+
+    def validate(self) -> None:
+        require(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
+        require(self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
+        require(self.eval_every >= 1, f"--eval-every must be >= 1, got {self.eval_every}")
+        require(self.max_steps is None or self.max_steps >= 1, "--max-steps must be >= 1")
+        require(self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
+
+
+@dataclass
+class TrainResult:
+    """What a finished run returns (rank 0's view; identical on every rank)."""
+
+    steps: int
+    epochs: int
+    final_loss: float
+    metrics: dict[str, float]
+    wall_time: float
+    parameters: torch.Tensor
+    losses: list[float]
+
+
+def _git_sha() -> str:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def evaluate(problem: Problem, model: torch.nn.Module, flat: FlatParameters, comm: Communicator) -> dict[str, float]:
+    """Validation metrics; each rank evaluates a contiguous slice and the sums are allreduced."""
+    part = problem.val.subset(contiguous_slice(len(problem.val), comm.rank, comm.size))
+    sums = problem.eval_sums(flat.functional(flat.data), part).to(torch.float64)
+    comm.allreduce_(sums)
+    return problem.eval_metrics(sums)
+
+
+def _setup(cfg: TrainConfig, optimizer_options: dict[str, Any], problem_options: dict[str, Any], comm: Communicator):  # type: ignore[no-untyped-def]
+    """Everything that can fail on bad input, done before any collective."""
+    cfg.validate()
+    optimizer_config = make_config(cfg.optimizer, optimizer_options)
+    if cfg.out is not None:
+        RunLog.check_path(cfg.out, overwrite=cfg.overwrite)
+    problem = make_problem(cfg.problem, data_dir=cfg.data_dir, seed=cfg.seed, options=problem_options)
+    batch_size = cfg.batch_size if cfg.batch_size is not None else min(problem.default_batch_size, len(problem.train))
+    batches = GlobalBatches(len(problem.train), batch_size, cfg.seed, comm.rank, comm.size)
+    torch.manual_seed(cfg.seed)  # identical initial parameters on every rank
+    model = problem.build_model(cfg.model)
+    return optimizer_config, problem, batches, model
+
+
+def train(
+    cfg: TrainConfig,
+    optimizer_options: dict[str, Any] | None = None,
+    problem_options: dict[str, Any] | None = None,
+    comm: Communicator | None = None,
+) -> TrainResult:
+    """Run one training job; raises :class:`HpcoptError` on bad input (on every rank)."""
+    comm = comm or Communicator()
+    optimizer_options = dict(optimizer_options or {})
+    problem_options = dict(problem_options or {})
+    torch.set_num_threads(cfg.threads)
+    error: HpcoptError | None = None
+    try:
+        optimizer_config, problem, batches, model = _setup(cfg, optimizer_options, problem_options, comm)
+    except HpcoptError as exc:
+        error = exc
+    comm.agree(error)
+
+    model.train()
+    flat = FlatParameters(model)
+    objective = DistributedObjective(problem, flat, comm)
+    optimizer = make_optimizer(cfg.optimizer, objective, optimizer_config)
+    say = (lambda text: print(text, flush=True)) if comm.is_root and not cfg.quiet else (lambda text: None)
+
+    attributes = {
+        "hpcopt_version": hpcopt.__version__,
+        "optimizer": cfg.optimizer,
+        "problem": cfg.problem,
+        "model": cfg.model or problem.default_model,
+        "world_size": comm.size,
+        "num_parameters": flat.numel,
+        "seed": cfg.seed,
+        "batch_size": batches.batch_size,
+        "config_json": json.dumps(
+            {"train": to_dict(cfg), "optimizer": to_dict(optimizer_config), "problem": problem_options}
+        ),
+        "mpi_library_version": comm.library_version(),
+        "torch_version": str(torch.__version__),
+        "hostnames": sorted(set(comm.hostnames())),
+        "git_sha": _git_sha(),
+        "command": " ".join(sys.argv),
+    }
+    log = RunLog(cfg.out, enabled=comm.is_root and cfg.out is not None, overwrite=cfg.overwrite)
+    metric_names = [problem.metric_name]
+    say(
+        f"hpcopt {hpcopt.__version__}: {cfg.optimizer} on {cfg.problem} ({attributes['model']}, "
+        f"{flat.numel} parameters), {comm.size} rank(s), global batch {batches.batch_size}, "
+        f"{batches.batches_per_epoch} steps/epoch"
+    )
+    with log:
+        log.open(attributes, metric_names=metric_names)
+        start = time.perf_counter()
+        comm_seconds_at_start = comm.stats.seconds
+        losses: list[float] = []
+        metrics: dict[str, float] = {}
+        step = 0
+        epoch = 0
+        done = False
+        for epoch in range(1, cfg.epochs + 1):
+            epoch_losses: list[float] = []
+            for index in batches.epoch(epoch - 1):
+                shard = problem.train.subset(index)
+                objective.set_batch(
+                    shard.inputs, shard.targets, batches.batch_size, noise_seed=cfg.seed * 1_000_003 + step
+                )
+                calls0, bytes0, seconds0 = comm.stats.totals()
+                result = optimizer.step()
+                calls1, bytes1, seconds1 = comm.stats.totals()
+                step += 1
+                losses.append(result.loss)
+                epoch_losses.append(result.loss)
+                log.log_iteration(
+                    IterationRecord(
+                        step=step,
+                        epoch=(epoch - 1) + len(epoch_losses) / batches.batches_per_epoch,
+                        loss=result.loss,
+                        radius=result.radius,
+                        step_norm=result.step_norm,
+                        ratio=result.ratio,
+                        accepted=result.accepted,
+                        wall_time=time.perf_counter() - start,
+                        comm_calls=calls1 - calls0,
+                        comm_bytes=bytes1 - bytes0,
+                        comm_time=seconds1 - seconds0,
+                    )
+                )
+                if cfg.max_steps is not None and step >= cfg.max_steps:
+                    done = True
+                    break
+            if epoch % cfg.eval_every == 0 or epoch == cfg.epochs or done:
+                metrics = evaluate(problem, model, flat, comm)
+                train_loss = sum(epoch_losses) / max(len(epoch_losses), 1)
+                elapsed = time.perf_counter() - start
+                log.log_evaluation(
+                    EvaluationRecord(
+                        epoch=float(epoch),
+                        wall_time=elapsed,
+                        train_loss=train_loss,
+                        val_loss=metrics["val_loss"],
+                        metrics={k: v for k, v in metrics.items() if k != "val_loss"},
+                    )
+                )
+                radius = getattr(optimizer, "radius", math.nan)
+                say(
+                    f"epoch {epoch:4d}/{cfg.epochs}  loss {train_loss:.4e}  val_loss {metrics['val_loss']:.4e}  "
+                    f"{problem.metric_name} {metrics[problem.metric_name]:.4g}  radius {radius:.3g}  "
+                    f"time {elapsed:.1f}s"
+                )
+            if done:
+                break
+        wall = time.perf_counter() - start
+        comm_seconds = comm.stats.seconds - comm_seconds_at_start
+        times = comm.allgather_object((wall - comm_seconds, comm_seconds))
+        log.set_rank_times([t[0] for t in times], [t[1] for t in times])
+
+    nbytes = comm.stats.bytes
+    say(
+        f"done: {step} steps, {epoch} epochs in {wall:.1f}s; final {problem.metric_name} "
+        f"{metrics.get(problem.metric_name, math.nan):.4g}, val_loss {metrics.get('val_loss', math.nan):.4e}; "
+        f"{nbytes / max(step, 1) / 4 / flat.numel:.2f}n floats/step moved by rank 0"
+        + (f"; run log {cfg.out}" if cfg.out else "")
+    )
+    return TrainResult(
+        steps=step,
+        epochs=epoch,
+        final_loss=losses[-1] if losses else math.nan,
+        metrics=metrics,
+        wall_time=wall,
+        parameters=flat.clone(),
+        losses=losses,
+    )
