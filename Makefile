@@ -31,7 +31,7 @@ demo: install
 test: install test-serial test-mpi
 
 test-serial: install
-	timeout $(RUN_LIMIT) $(BIN)/python -m pytest -q tests
+	timeout $(RUN_LIMIT) $(BIN)/python -m pytest -q --with-mpi tests
 
 test-mpi: install
 	timeout $(RUN_LIMIT) $(MPIEXEC) -n 2 $(BIN)/python -m pytest -q --with-mpi -m mpi -p no:cacheprovider tests

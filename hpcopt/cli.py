@@ -7,6 +7,7 @@ exit status 2; the traceback of anything else is kept, because that is a bug.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -35,7 +36,7 @@ def _train_parser(sub: Any) -> None:
     p.add_argument("--eval-every", dest="eval_every", type=int, help="evaluate every N epochs")
     p.add_argument("--max-steps", dest="max_steps", type=int, help="stop after N outer iterations")
     p.add_argument("--quiet", action="store_true", default=None)
-    p.add_argument("--config", help="TOML file: train options at top level, [optimizer] and [problem] tables")
+    p.add_argument("--config", help="TOML file: train options at top level, [OPTIMIZER] and [PROBLEM] option tables")
     p.add_argument(
         "--set",
         action="append",
@@ -60,24 +61,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train_options(args: argparse.Namespace) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """Merge the TOML file, the command line and ``--set`` (later wins).
+
+    The TOML file holds train options at top level and one table per optimizer or
+    problem (``[apts-d]``, ``[sgd]``, ``[poisson2d]``, …); the tables of the chosen
+    optimizer and problem apply, so one file can serve a comparison of optimizers.
+    """
     from hpcopt.config import build_config, load_toml, parse_set
+    from hpcopt.errors import ConfigError
+    from hpcopt.optimizers import OPTIMIZERS, RESERVED
+    from hpcopt.problems import PROBLEMS
     from hpcopt.train import TrainConfig
 
     file_values: dict[str, Any] = load_toml(args.config) if args.config else {}
-    optimizer_options = dict(file_values.pop("optimizer", {}) or {})
-    problem_options = dict(file_values.pop("problem", {}) or {})
-    train_values = dict(file_values)
+    sections = {key: value for key, value in file_values.items() if isinstance(value, dict)}
+    train_values = {key: value for key, value in file_values.items() if key not in sections}
+    for name in sections:
+        if name not in OPTIMIZERS and name not in RESERVED and name not in PROBLEMS:
+            raise ConfigError(
+                f"config file {args.config}: table [{name}] names no optimizer or problem "
+                f"(optimizers: {', '.join(OPTIMIZERS)}; problems: {', '.join(PROBLEMS)})"
+            )
     for name in ("problem", "model", "optimizer", "data_dir", "epochs", "batch_size", "seed", "out",
                  "overwrite", "threads", "eval_every", "max_steps", "quiet"):
         value = getattr(args, name)
         if value is not None:
             train_values[name] = value
+    cfg = build_config(TrainConfig, train_values, what="train")
+    optimizer_options = dict(sections.get(cfg.optimizer, {}))
+    problem_options = dict(sections.get(cfg.problem, {}))
     for key, value in parse_set(args.set).items():
         if key.startswith("problem."):
             problem_options[key.removeprefix("problem.")] = value
         else:
-            optimizer_options[key.removeprefix("optimizer.")] = value
-    cfg = build_config(TrainConfig, train_values, what="train")
+            optimizer_options[key] = value
     return cfg, optimizer_options, problem_options
 
 
@@ -95,7 +112,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         train(cfg, optimizer_options, problem_options)
         return 0
     except HpcoptError as exc:
-        print(f"hpcopt: error: {exc}", file=sys.stderr, flush=True)
+        # One write() per line, so the lines of several ranks never interleave.
+        sys.stderr.flush()
+        os.write(2, f"hpcopt: error: {exc}\n".encode())
         return EXIT_USAGE
 
 

@@ -235,7 +235,7 @@ class APTSD(Optimizer):
         objective.comm.allreduce_(combined.data)
         step = combined.vector.clone()
         pred = float(combined.scalars[0])
-        step_norm = float(step.norm())
+        step_norm = combined_norm = float(step.norm())
         if step_norm > self.radius:
             # Σ‖s_r‖ ≤ Δ by construction; guard against rounding only.
             step.mul_(self.radius / step_norm)
@@ -293,5 +293,5 @@ class APTSD(Optimizer):
             step_norm=step_norm,
             ratio=decision.ratio,
             accepted=decision.accepted,
-            extras={"pred": pred, "trial_loss": trial_loss, "reason": decision.reason, **counts},
+            extras={"pred": pred, "combined_norm": combined_norm, "trial_loss": trial_loss, "reason": decision.reason, **counts},
         )
