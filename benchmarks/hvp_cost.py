@@ -126,10 +126,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    header = f"{'model':<10} {'variant':<26} {'setup ms':>9} {'/grad':>6} {'prod ms':>8} {'/grad':>6} " \
-             f"{'solve/grad':>10}"
-    print(f"torch {torch.__version__}, threads={args.threads}, batch={args.batch}, "
-          f"{args.products} products per solve, median of {args.repeats}")
+    header = (
+        f"{'model':<10} {'variant':<26} {'setup ms':>9} {'/grad':>6} {'prod ms':>8} {'/grad':>6} {'solve/grad':>10}"
+    )
+    print(
+        f"torch {torch.__version__}, threads={args.threads}, batch={args.batch}, "
+        f"{args.products} products per solve, median of {args.repeats}"
+    )
     print("setup = value_grad_and_curvature (gradient included); solve = setup + products")
     print(header)
     print("-" * len(header))
@@ -145,8 +148,10 @@ def main() -> None:
         print(f"{model_name:<10} {'gradient':<26} {gradient * 1e3:>9.2f} {1.0:>6.2f}")
         for name, (setup, product) in results.items():
             solve = (setup + args.products * product) / gradient
-            print(f"{model_name:<10} {name:<26} {setup * 1e3:>9.2f} {setup / gradient:>6.2f} "
-                  f"{product * 1e3:>8.2f} {product / gradient:>6.2f} {solve:>10.2f}")
+            print(
+                f"{model_name:<10} {name:<26} {setup * 1e3:>9.2f} {setup / gradient:>6.2f} "
+                f"{product * 1e3:>8.2f} {product / gradient:>6.2f} {solve:>10.2f}"
+            )
             if name != CurvatureKind.GGN.value:
                 hessian_totals[name] = hessian_totals.get(name, 0.0) + solve
     fastest = min(hessian_totals, key=hessian_totals.__getitem__)

@@ -254,8 +254,11 @@ def format_table(rows: Sequence[dict[str, object]], columns: Sequence[str] | Non
         columns = list(rows[0]) if rows else []
     cells = [[_format_value(row.get(name, math.nan)) for name in columns] for row in rows]
     numeric = [
-        all(isinstance(row.get(name), (int, float, np.number)) and not isinstance(row.get(name), bool)
-            for row in rows if name in row)
+        all(
+            isinstance(row.get(name), (int, float, np.number)) and not isinstance(row.get(name), bool)
+            for row in rows
+            if name in row
+        )
         for name in columns
     ]
     widths = [max([len(name)] + [len(line[index]) for line in cells]) for index, name in enumerate(columns)]

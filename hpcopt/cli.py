@@ -82,8 +82,21 @@ def _train_options(args: argparse.Namespace) -> tuple[Any, dict[str, Any], dict[
                 f"config file {args.config}: table [{name}] names no optimizer or problem "
                 f"(optimizers: {', '.join(OPTIMIZERS)}; problems: {', '.join(PROBLEMS)})"
             )
-    for name in ("problem", "model", "optimizer", "data_dir", "epochs", "batch_size", "seed", "out",
-                 "overwrite", "threads", "eval_every", "max_steps", "quiet"):
+    for name in (
+        "problem",
+        "model",
+        "optimizer",
+        "data_dir",
+        "epochs",
+        "batch_size",
+        "seed",
+        "out",
+        "overwrite",
+        "threads",
+        "eval_every",
+        "max_steps",
+        "quiet",
+    ):
         value = getattr(args, name)
         if value is not None:
             train_values[name] = value

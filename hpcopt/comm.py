@@ -49,7 +49,9 @@ class CommStats:
     ops: dict[str, OpCounter] = field(default_factory=dict)
 
     def record(self, op: str, nbytes: int, seconds: float) -> None:
-        counter = self.ops.setdefault(op, OpCounter())
+        counter = self.ops.get(op)
+        if counter is None:
+            counter = self.ops[op] = OpCounter()
         counter.calls += 1
         counter.bytes += nbytes
         counter.seconds += seconds
@@ -99,6 +101,9 @@ class Communicator:
         self.rank: int = self._comm.Get_rank()
         self.size: int = self._comm.Get_size()
         self.stats = CommStats()
+        self._ops = {"sum": mpi.SUM, "max": mpi.MAX, "min": mpi.MIN}
+        self._in_place = mpi.IN_PLACE
+        self._views: dict[int, tuple[torch.Tensor, Any]] = {}
 
     @property
     def is_root(self) -> bool:
@@ -106,14 +111,25 @@ class Communicator:
 
     # -- buffers -------------------------------------------------------------
 
-    @staticmethod
-    def _buffer(tensor: torch.Tensor) -> Any:
+    def _buffer(self, tensor: torch.Tensor, *, cache: bool = False) -> Any:
+        # The numpy view of a long-lived buffer is cached by identity: optimizers reuse
+        # the same packed buffers every step, and building a view costs about a
+        # microsecond.  Temporary tensors are not cached (the cache keeps them alive).
+        key = id(tensor)
+        cached = self._views.get(key)
+        if cached is not None and cached[0] is tensor:
+            return cached[1]
         if not tensor.is_contiguous():
             raise ValueError("collectives need a contiguous tensor")
         if tensor.device.type != "cpu":
             # Device buffers (CUDA-aware MPI or host staging) arrive with the GPU path.
             raise NotImplementedError("collectives on device tensors are not supported yet")
-        return tensor.detach().numpy()
+        array = tensor.detach().numpy()
+        if cache:
+            if len(self._views) >= 16:
+                self._views.clear()
+            self._views[key] = (tensor, array)
+        return array
 
     def _timed(self, op: str, nbytes: int, fn: Any, *args: Any) -> Any:
         start = time.perf_counter()
@@ -123,12 +139,16 @@ class Communicator:
 
     # -- collectives on tensors ----------------------------------------------
 
-    def allreduce_(self, buffer: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        """Reduce ``buffer`` over all ranks in place (``sum``, ``max`` or ``min``); returns it."""
-        mpi_op = {"sum": self._mpi.SUM, "max": self._mpi.MAX, "min": self._mpi.MIN}[op]
-        array = self._buffer(buffer)
+    def allreduce_(self, buffer: torch.Tensor, op: str = "sum", *, reuse: bool = True) -> torch.Tensor:
+        """Reduce ``buffer`` over all ranks in place (``sum``, ``max`` or ``min``); returns it.
+
+        ``reuse`` (default) marks ``buffer`` as long-lived, so its MPI view is cached.
+        """
+        array = self._buffer(buffer, cache=reuse)
         if self.size > 1:
-            self._timed("allreduce", array.nbytes, self._comm.Allreduce, self._mpi.IN_PLACE, array, mpi_op)
+            start = time.perf_counter()
+            self._comm.Allreduce(self._in_place, array, self._ops[op])
+            self.stats.record("allreduce", array.nbytes, time.perf_counter() - start)
         else:
             self.stats.record("allreduce", array.nbytes, 0.0)
         return buffer
@@ -136,7 +156,7 @@ class Communicator:
     def allreduce_scalars(self, values: Sequence[float], op: str = "sum") -> list[float]:
         """Reduce a few float64 scalars in one message (for decisions and metrics)."""
         buffer = torch.tensor(list(values), dtype=torch.float64)
-        self.allreduce_(buffer, op)
+        self.allreduce_(buffer, op, reuse=False)
         return buffer.tolist()
 
     def bcast_(self, buffer: torch.Tensor, root: int = 0) -> torch.Tensor:
@@ -161,9 +181,7 @@ class Communicator:
         for c in counts[:-1]:
             displs.append(displs[-1] + c)
         if self.size > 1:
-            self._timed(
-                "allgatherv", recv.nbytes, self._comm.Allgatherv, send, [recv, list(counts), displs, None]
-            )
+            self._timed("allgatherv", recv.nbytes, self._comm.Allgatherv, send, [recv, list(counts), displs, None])
         else:
             recv[:] = send
             self.stats.record("allgatherv", recv.nbytes, 0.0)

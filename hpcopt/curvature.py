@@ -194,9 +194,7 @@ class _ForwardOverReverseHVP(CurvatureOperator):
                 targets = self._targets
                 _, hv = torch.func.jvp(lambda t: self._grad_fn(t, targets), (self._theta,), (v,))
             else:
-                _, hv = torch.func.jvp(
-                    self._grad_fn, (self._theta, self._targets), (v, self._target_tangent)
-                )
+                _, hv = torch.func.jvp(self._grad_fn, (self._theta, self._targets), (v, self._target_tangent))
         return hv
 
 
@@ -231,9 +229,7 @@ class _GaussNewton(CurvatureOperator):
         # H_L (J v): double backward of the criterion alone, in output space (cheap).
         if not self._dloss.requires_grad:
             return torch.zeros_like(v)
-        (hjv,) = torch.autograd.grad(
-            self._dloss, self._outputs_leaf, jv, retain_graph=True, allow_unused=True
-        )
+        (hjv,) = torch.autograd.grad(self._dloss, self._outputs_leaf, jv, retain_graph=True, allow_unused=True)
         if hjv is None:
             return torch.zeros_like(v)
         # Jᵀ (H_L J v): one ordinary backward through the stored forward.

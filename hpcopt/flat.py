@@ -55,8 +55,7 @@ class FlatParameters:
     def views(self, vector: torch.Tensor) -> list[torch.Tensor]:
         """Views of a flat ``vector`` shaped like the parameters, in order."""
         return [
-            vector[start:end].view(shape)
-            for start, end, shape in zip(self.offsets[:-1], self.offsets[1:], self.shapes)
+            vector[start:end].view(shape) for start, end, shape in zip(self.offsets[:-1], self.offsets[1:], self.shapes)
         ]
 
     def unflatten(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -209,9 +209,7 @@ class RunLog:
             raise OutputError(f"cannot write run log {text}: directory {parent} is not writable")
         if os.path.lexists(text):
             if not overwrite:
-                raise OutputError(
-                    f"run log {text} already exists; choose another path or allow overwriting it"
-                )
+                raise OutputError(f"run log {text} already exists; choose another path or allow overwriting it")
             if not os.access(text, os.W_OK):
                 raise OutputError(f"cannot overwrite run log {text}: file is not writable")
 
@@ -233,9 +231,7 @@ class RunLog:
         try:
             # "w-" refuses an existing file atomically, in case one appeared since the check.
             # locking="best-effort" keeps working on file systems without locks (often Lustre).
-            handle = h5py.File(
-                self.path, "w" if self.overwrite else "w-", libver="latest", locking="best-effort"
-            )
+            handle = h5py.File(self.path, "w" if self.overwrite else "w-", libver="latest", locking="best-effort")
         except OSError as error:
             raise OutputError(f"cannot create run log {self.path}: {error}") from None
         try:
@@ -243,9 +239,7 @@ class RunLog:
                 if name in ("status", "created_utc"):
                     continue
                 handle.attrs[name] = _attribute_value(value)
-            handle.attrs["created_utc"] = datetime.datetime.now(datetime.UTC).isoformat(
-                timespec="seconds"
-            )
+            handle.attrs["created_utc"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
             handle.attrs.create("status", np.bytes_("running"), dtype=f"S{_STATUS_LENGTH}")
 
             iterations = handle.create_group("iterations")
@@ -273,15 +267,15 @@ class RunLog:
     def _create_rows(group: h5py.Group, name: str, dtype: np.dtype, chunk: int) -> h5py.Dataset:
         # NaN fill marks a row a live reader sees resized but not yet written.
         fill = np.nan if dtype.kind == "f" else 0
-        return group.create_dataset(
-            name, shape=(0,), maxshape=(None,), chunks=(chunk,), dtype=dtype, fillvalue=fill
-        )
+        return group.create_dataset(name, shape=(0,), maxshape=(None,), chunks=(chunk,), dtype=dtype, fillvalue=fill)
 
     @staticmethod
     def _check_metric_name(name: str) -> None:
         if not name or "/" in name or name in EVALUATION_FIELDS:
-            raise ValueError(f"invalid metric name {name!r}: it must be non-empty, without '/', "
-                             f"and not one of {', '.join(EVALUATION_FIELDS)}")
+            raise ValueError(
+                f"invalid metric name {name!r}: it must be non-empty, without '/', "
+                f"and not one of {', '.join(EVALUATION_FIELDS)}"
+            )
 
     def _require_open(self) -> h5py.File:
         if self._file is None:
@@ -346,9 +340,7 @@ class RunLog:
         if not self.enabled:
             return
         if len(compute_time) != len(comm_time):
-            raise ValueError(
-                f"compute_time has {len(compute_time)} entries but comm_time has {len(comm_time)}"
-            )
+            raise ValueError(f"compute_time has {len(compute_time)} entries but comm_time has {len(comm_time)}")
         group = self._require_open()["ranks"]
         for name, values in (("compute_time", compute_time), ("comm_time", comm_time)):
             array = np.asarray(values, dtype=np.float64)

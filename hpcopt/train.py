@@ -91,9 +91,7 @@ class TrainResult:
 def _git_sha() -> str:
     try:
         root = Path(__file__).resolve().parent.parent
-        out = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
-        )
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
         return out.stdout.strip() if out.returncode == 0 else ""
     except (OSError, subprocess.SubprocessError):
         return ""
@@ -103,7 +101,7 @@ def evaluate(problem: Problem, model: torch.nn.Module, flat: FlatParameters, com
     """Validation metrics; each rank evaluates a contiguous slice and the sums are allreduced."""
     part = problem.val.subset(contiguous_slice(len(problem.val), comm.rank, comm.size))
     sums = problem.eval_sums(flat.functional(flat.data), part).to(torch.float64)
-    comm.allreduce_(sums)
+    comm.allreduce_(sums, reuse=False)
     return problem.eval_metrics(sums)
 
 

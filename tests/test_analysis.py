@@ -27,10 +27,17 @@ def write_run(path: Path, *, optimizer: str, fail: bool = False) -> None:
     for step, wall_time in enumerate(wall_times):
         log.log_iteration(
             IterationRecord(
-                step=step, epoch=0.5 * (step + 1), loss=2.0 - 0.25 * step,
-                radius=1.0 if optimizer != "sgd" else math.nan, step_norm=0.1, ratio=0.5,
-                accepted=step % 2 == 0, wall_time=wall_time, comm_calls=3 + step % 2,
-                comm_bytes=1000 * (step + 1), comm_time=0.01,
+                step=step,
+                epoch=0.5 * (step + 1),
+                loss=2.0 - 0.25 * step,
+                radius=1.0 if optimizer != "sgd" else math.nan,
+                step_norm=0.1,
+                ratio=0.5,
+                accepted=step % 2 == 0,
+                wall_time=wall_time,
+                comm_calls=3 + step % 2,
+                comm_bytes=1000 * (step + 1),
+                comm_time=0.01,
             )
         )
     log.log_evaluation(EvaluationRecord(1.0, 2.5, 1.5, 1.6, {"val_accuracy": 0.9}))

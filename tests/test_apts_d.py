@@ -65,7 +65,7 @@ def test_first_order_consistent_model_has_the_global_gradient() -> None:
 @pytest.mark.mpi(min_size=1)
 @pytest.mark.parametrize("local_solver", ["cauchy", "lsr1", "steihaug"])
 def test_combined_step_never_exceeds_the_radius(local_solver: str) -> None:
-    comm, _, _, _, optimizer = _setup(
+    _comm, _, _, _, optimizer = _setup(
         "logistic",
         {"n": 400, "dim": 10},
         local_solver=local_solver,
@@ -81,7 +81,7 @@ def test_combined_step_never_exceeds_the_radius(local_solver: str) -> None:
 def test_radius_grows_after_very_successful_steps() -> None:
     # A well-conditioned quadratic far from its minimiser: every step is very
     # successful and uses the whole radius, so Δ must expand from its small start.
-    comm, _, _, _, optimizer = _setup("quadratic", {"n": 400, "dim": 5}, radius=0.01, global_passes=0)
+    _comm, _, _, _, optimizer = _setup("quadratic", {"n": 400, "dim": 5}, radius=0.01, global_passes=0)
     radii = []
     for _ in range(6):
         result = optimizer.step()
@@ -97,7 +97,7 @@ def test_singular_or_indefinite_local_model_never_crashes(local_solver: str) -> 
     # All-zero weights make the ReLU MLP's Hessian singular (and the gradient of the
     # hidden layers zero); a random MLP's Hessian is indefinite.  Neither may crash.
     for zero in (True, False):
-        comm, problem, flat, _, optimizer = _setup(
+        _comm, _problem, flat, _, optimizer = _setup(
             "logistic",
             {"n": 200, "dim": 6},
             local_solver=local_solver,

@@ -84,7 +84,9 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path: Path) -> None:
 
 def test_train_and_analyze_end_to_end(tmp_path: Path) -> None:
     config = tmp_path / "run.toml"
-    config.write_text('problem = "logistic"\nepochs = 3\n[apts-d]\nradius = 0.5\n[sgd]\nlr = 0.1\n[logistic]\nn = 200\n')
+    config.write_text(
+        'problem = "logistic"\nepochs = 3\n[apts-d]\nradius = 0.5\n[sgd]\nlr = 0.1\n[logistic]\nn = 200\n'
+    )
     out = tmp_path / "run.h5"
     result = run_hpcopt(["train", "--config", str(config), "--out", str(out), "--seed", "2"], ranks=2)
     assert result.returncode == 0, result.stderr

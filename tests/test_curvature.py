@@ -53,9 +53,7 @@ def mlp_classifier(dtype: torch.dtype = torch.float32, act: type[nn.Module] = nn
 
 def small_cnn(dtype: torch.dtype = torch.float32) -> nn.Module:
     # 12x12 → conv5 → 8x8 → pool2 → 4x4, 4 channels → 64 features.
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64, 5)
-    ).to(dtype)
+    return nn.Sequential(nn.Conv2d(1, 4, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64, 5)).to(dtype)
 
 
 def regression_mlp(dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -311,9 +309,7 @@ def test_value_at_given_theta_leaves_parameters_alone() -> None:
 
 def bn_dropout_objective(dropout: float) -> tuple[nn.Module, FlatParameters, LocalObjective]:
     torch.manual_seed(7)
-    model = nn.Sequential(
-        nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(dropout), nn.Linear(8, 3)
-    ).double()
+    model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(dropout), nn.Linear(8, 3)).double()
     flat = FlatParameters(model)
     inputs, targets = torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 3, (16,))
     return model, flat, LocalObjective(flat, plain_forward, nn.functional.cross_entropy, inputs, targets)

@@ -64,9 +64,7 @@ def test_data_parallel_baselines_match_the_single_process_run(optimizer: str, op
     alone = _run(optimizer, options, Communicator(MPI.COMM_SELF))
     assert distributed.steps == alone.steps == 15
     torch.testing.assert_close(distributed.parameters, alone.parameters, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(
-        torch.tensor(distributed.losses), torch.tensor(alone.losses), rtol=1e-5, atol=1e-6
-    )
+    torch.testing.assert_close(torch.tensor(distributed.losses), torch.tensor(alone.losses), rtol=1e-5, atol=1e-6)
     assert distributed.losses[-1] < distributed.losses[0]
 
 

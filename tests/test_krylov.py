@@ -204,9 +204,7 @@ def test_steihaug_matches_scipy_subproblem() -> None:
     ]:
         a = _symmetric(eigenvalues, seed)
         g = np.random.default_rng(seed).standard_normal(N)
-        subproblem = trust_ncg.CGSteihaugSubproblem(
-            np.zeros(N), lambda x: 0.0, lambda x, g=g: g, hess=lambda x, a=a: a
-        )
+        subproblem = trust_ncg.CGSteihaugSubproblem(np.zeros(N), lambda x: 0.0, lambda x, g=g: g, hess=lambda x, a=a: a)
         expected, _ = subproblem.solve(radius)
         result = steihaug_cg(_matvec(a), torch.from_numpy(g), radius, max_iter=10 * N)
         np.testing.assert_allclose(result.step.numpy(), expected, rtol=1e-7, atol=1e-9)

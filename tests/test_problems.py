@@ -71,14 +71,11 @@ def _header(code: int, dims: tuple[int, ...]) -> bytes:
 @pytest.mark.parametrize(
     ("content", "expected"),
     [
-        (_header(0x08, (10, 28, 28)) + bytes(123),
-         "truncated: header says 10x28x28 uint8 = 7840 bytes, file has 123"),
+        (_header(0x08, (10, 28, 28)) + bytes(123), "truncated: header says 10x28x28 uint8 = 7840 bytes, file has 123"),
         (_header(0x08, (2, 2)) + bytes(5), "trailing data: header says 2x2 uint8 = 4 bytes, file has 5"),
-        (b"\x01\x00\x08\x01" + struct.pack(">I", 1) + bytes(1),
-         "not an IDX file: magic number starts with 0100"),
+        (b"\x01\x00\x08\x01" + struct.pack(">I", 1) + bytes(1), "not an IDX file: magic number starts with 0100"),
         (_header(0x07, (1,)) + bytes(1), "unknown dtype code 0x07"),
-        (bytes([0, 0, 0x08, 3]) + struct.pack(">I", 5),
-         "truncated: header declares 3 dimensions (16 header bytes)"),
+        (bytes([0, 0, 0x08, 3]) + struct.pack(">I", 5), "truncated: header declares 3 dimensions (16 header bytes)"),
         (b"\x00\x00", "truncated: 2 bytes, shorter than the 4-byte IDX magic number"),
         (gzip.compress(_header(0x08, (4,)) + bytes(4))[:-6], "corrupt or truncated gzip data"),
     ],
@@ -108,8 +105,9 @@ def _write_split(folder: Path, prefix: str, n_images: int, n_labels: int, compre
     rng = np.random.default_rng(n_images)
     images = rng.integers(0, 256, size=(n_images, 28, 28), dtype=np.uint8)
     write_idx(folder / f"{prefix}-images-idx3-ubyte{suffix}", images, compress=compress)
-    write_idx(folder / f"{prefix}-labels-idx1-ubyte{suffix}", np.arange(n_labels, dtype=np.uint8) % 10,
-              compress=compress)
+    write_idx(
+        folder / f"{prefix}-labels-idx1-ubyte{suffix}", np.arange(n_labels, dtype=np.uint8) % 10, compress=compress
+    )
 
 
 def test_mnist_real_data_split_and_normalisation() -> None:
@@ -175,7 +173,8 @@ def test_mnist_eval_sums_add_over_slices_and_restore_mode(tmp_path: Path) -> Non
     running_mean = net[1].running_mean.clone()
     whole = problem.eval_sums(net, problem.val)
     parts = problem.eval_sums(net, problem.val.subset(slice(0, 4))) + problem.eval_sums(
-        net, problem.val.subset(slice(4, 9)))
+        net, problem.val.subset(slice(4, 9))
+    )
     assert whole.dtype == torch.float64 and whole.shape == (3,) and whole[2] == 9
     torch.testing.assert_close(whole, parts)
     assert net.training and net[0].training and not net[1].training
@@ -200,8 +199,11 @@ def test_model_shapes_and_parameter_counts() -> None:
     expected = {
         "mlp": (784 * 128 + 128) + (128 * 64 + 64) + (64 * 10 + 10),
         "cnn-small": (16 * 25 + 16) + (32 * 16 * 25 + 32) + (512 * 64 + 64) + (64 * 10 + 10),
-        "cnn": (32 * 9 + 32 + 2 * 32) + (64 * 32 * 9 + 64 + 2 * 64) + (128 * 64 * 9 + 128 + 2 * 128)
-        + (1152 * 256 + 256) + (256 * 10 + 10),
+        "cnn": (32 * 9 + 32 + 2 * 32)
+        + (64 * 32 * 9 + 64 + 2 * 64)
+        + (128 * 64 * 9 + 128 + 2 * 128)
+        + (1152 * 256 + 256)
+        + (256 * 10 + 10),
     }
     builders = {"mlp": models.mlp, "cnn-small": models.cnn_small, "cnn": models.cnn}
     for name, count in expected.items():
@@ -293,8 +295,7 @@ def test_poisson_double_backward_hvp_matches_finite_differences() -> None:
 
     def gradient(values: list[torch.Tensor], create_graph: bool) -> tuple[torch.Tensor, ...]:
         p = dict(zip(names, values, strict=True))
-        loss = problem.criterion(problem.forward(lambda x: functional_call(net, p, (x,)), data.inputs),
-                                 data.targets)
+        loss = problem.criterion(problem.forward(lambda x: functional_call(net, p, (x,)), data.inputs), data.targets)
         return torch.autograd.grad(loss, values, create_graph=create_graph)
 
     leaves = [params[k].clone().requires_grad_() for k in names]
@@ -302,8 +303,10 @@ def test_poisson_double_backward_hvp_matches_finite_differences() -> None:
     dot = sum((g * v).sum() for g, v in zip(grads, direction, strict=True))
     hvp = torch.autograd.grad(dot, leaves)
     step = 1e-5
-    shifted = [[(params[k] + sign * step * v).requires_grad_() for k, v in zip(names, direction, strict=True)]
-               for sign in (1, -1)]
+    shifted = [
+        [(params[k] + sign * step * v).requires_grad_() for k, v in zip(names, direction, strict=True)]
+        for sign in (1, -1)
+    ]
     plus, minus = (gradient(values, create_graph=False) for values in shifted)
     for exact, high, low in zip(hvp, plus, minus, strict=True):
         torch.testing.assert_close(exact, (high - low) / (2 * step), rtol=1e-5, atol=1e-6)
@@ -399,8 +402,11 @@ def test_make_problem_errors_and_option_parsing() -> None:
 
 
 def test_problem_descriptors() -> None:
-    cases = [("poisson1d", "val_rel_l2_error", False), ("quadratic", "val_rel_error", False),
-             ("logistic", "val_accuracy", True)]
+    cases = [
+        ("poisson1d", "val_rel_l2_error", False),
+        ("quadratic", "val_rel_error", False),
+        ("logistic", "val_accuracy", True),
+    ]
     for name, metric, higher in cases:
         problem = make_problem(name)
         assert (problem.name, problem.metric_name, problem.metric_higher_is_better) == (name, metric, higher)

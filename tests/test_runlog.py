@@ -227,7 +227,9 @@ def test_sigkill_leaves_every_flushed_row(tmp_path: Path) -> None:
     path = tmp_path / "killed.h5"
     writer = subprocess.Popen(
         [sys.executable, "-c", KILLED_WRITER, str(path)],
-        stdout=subprocess.PIPE, text=True, env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
     )
     try:
         assert writer.stdout is not None
@@ -273,7 +275,10 @@ def test_reader_sees_log_while_it_is_written(tmp_path: Path) -> None:
     path = tmp_path / "live.h5"
     writer = subprocess.Popen(
         [sys.executable, "-c", LIVE_WRITER, str(path)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=subprocess_env(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
     )
     assert writer.stdin is not None and writer.stdout is not None
     try:

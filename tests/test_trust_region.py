@@ -470,10 +470,6 @@ def test_rejected_steps_leave_point_unchanged_and_bad_input() -> None:
     with pytest.raises(ConfigError):
         minimize_trust_region(fun_q, grad, x0, solver=CauchySolver(), policy=RadiusPolicy(), radius=0.0)
     with pytest.raises(ConfigError):
-        minimize_trust_region(
-            fun_q, grad, x0, solver=CauchySolver(), policy=RadiusPolicy(eta1=2.0), radius=1.0
-        )
+        minimize_trust_region(fun_q, grad, x0, solver=CauchySolver(), policy=RadiusPolicy(eta1=2.0), radius=1.0)
     with pytest.raises(NonFiniteError):
-        minimize_trust_region(
-            lambda x: math.inf, grad, x0, solver=CauchySolver(), policy=RadiusPolicy(), radius=1.0
-        )
+        minimize_trust_region(lambda x: math.inf, grad, x0, solver=CauchySolver(), policy=RadiusPolicy(), radius=1.0)

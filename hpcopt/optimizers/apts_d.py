@@ -58,6 +58,10 @@ class APTSDConfig:
         memory: L-SR1 memory (5).
         curvature: products for ``steihaug``: ``hessian`` or ``ggn`` (hessian).
         max_cg_iterations: cap on Steihaug CG iterations (20).
+        combine: ``sum`` (§1: local radius Δ/P, s = Σ s_r, pred = Σ pred_r) or
+            ``average`` *(ours)*: local radius Δ, s and pred are the means over ranks.
+            The sum sees only 1/P of the curvature of each local step, so its ratio
+            degrades as Δ grows; the average keeps ‖s‖ ≤ Δ without that bias.
     """
 
     radius: float = 0.1
@@ -79,6 +83,7 @@ class APTSDConfig:
     memory: int = 5
     curvature: str = "hessian"
     max_cg_iterations: int = 20
+    combine: str = "sum"
 
     def validate(self) -> None:
         require(self.radius > 0, f"apts-d: radius must be > 0, got {self.radius}")
@@ -95,6 +100,7 @@ class APTSDConfig:
             require(value in SOLVERS, f"apts-d: unknown {name} '{value}' (choose from {', '.join(SOLVERS)})")
         require(self.memory >= 1, f"apts-d: memory must be >= 1, got {self.memory}")
         require(self.max_cg_iterations >= 1, "apts-d: max_cg_iterations must be >= 1")
+        require(self.combine in ("sum", "average"), f"apts-d: combine must be sum or average, got '{self.combine}'")
         parse_curvature(self.curvature)
         self.global_policy().validate()
         self.local_policy(1.0).validate()
@@ -147,7 +153,7 @@ class APTSD(Optimizer):
         """L TR iterations on f̃_r inside the ball Δ/P; returns (s_r, pred_r, counts)."""
         cfg = self.config
         objective = self.objective
-        ball = self.radius / self.world_size
+        ball = self.radius / self.world_size if cfg.combine == "sum" else self.radius
         policy = cfg.local_policy(ball)
         correction = grad - grad_local if cfg.foc else torch.zeros_like(grad)
         model_grad = grad.clone() if cfg.foc else grad_local.clone()
@@ -174,9 +180,7 @@ class APTSD(Optimizer):
                 trial_loss, raw_grad = objective.local_value_and_grad()
                 trial_grad = raw_grad + correction
             trial_value = trial_loss + float(correction.dot(trial))
-            decision = decide(
-                policy, local_radius, model_value, trial_value, result.pred, float(result.step.norm())
-            )
+            decision = decide(policy, local_radius, model_value, trial_value, result.pred, float(result.step.norm()))
             if trial_grad is not None and math.isfinite(trial_value):
                 # SR1 learns from rejected trials too: (step, Δgradient) is a valid pair either way.
                 self.local_solver.update(result.step, trial_grad - model_grad)
@@ -235,6 +239,9 @@ class APTSD(Optimizer):
         objective.comm.allreduce_(combined.data)
         step = combined.vector.clone()
         pred = float(combined.scalars[0])
+        if cfg.combine == "average":
+            step.div_(self.world_size)
+            pred /= self.world_size
         step_norm = combined_norm = float(step.norm())
         if step_norm > self.radius:
             # Σ‖s_r‖ ≤ Δ by construction; guard against rounding only.
@@ -293,5 +300,11 @@ class APTSD(Optimizer):
             step_norm=step_norm,
             ratio=decision.ratio,
             accepted=decision.accepted,
-            extras={"pred": pred, "combined_norm": combined_norm, "trial_loss": trial_loss, "reason": decision.reason, **counts},
+            extras={
+                "pred": pred,
+                "combined_norm": combined_norm,
+                "trial_loss": trial_loss,
+                "reason": decision.reason,
+                **counts,
+            },
         )

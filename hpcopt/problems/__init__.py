@@ -25,8 +25,9 @@ PROBLEMS: dict[str, Callable[..., Problem]] = {
 }
 
 
-def make_problem(name: str, *, data_dir: str | None = None, seed: int = 0,
-                 options: Mapping[str, object] | None = None) -> Problem:
+def make_problem(
+    name: str, *, data_dir: str | None = None, seed: int = 0, options: Mapping[str, object] | None = None
+) -> Problem:
     """Build the problem ``name``.
 
     Args:

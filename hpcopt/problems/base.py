@@ -39,9 +39,7 @@ class Dataset:
 
     def __post_init__(self) -> None:
         if self.inputs.shape[0] != self.targets.shape[0]:
-            raise ValueError(
-                f"Dataset: {self.inputs.shape[0]} input rows but {self.targets.shape[0]} target rows"
-            )
+            raise ValueError(f"Dataset: {self.inputs.shape[0]} input rows but {self.targets.shape[0]} target rows")
 
     def __len__(self) -> int:
         return int(self.inputs.shape[0])

@@ -51,8 +51,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     header_len = 4 + 4 * ndim
     if len(raw) < header_len:
         raise DataError(
-            f"{path}: truncated: header declares {ndim} dimensions ({header_len} header bytes), "
-            f"file has {len(raw)}"
+            f"{path}: truncated: header declares {ndim} dimensions ({header_len} header bytes), file has {len(raw)}"
         )
     dims = struct.unpack(f">{ndim}I", raw[4:header_len])
     dtype = IDX_DTYPES[code]

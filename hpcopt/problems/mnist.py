@@ -50,8 +50,9 @@ class MnistProblem(Problem):
     default_model = "cnn-small"
     models = ("mlp", "cnn-small", "cnn")
 
-    def __init__(self, *, data_dir: str | None = None, seed: int = 0,
-                 options: Mapping[str, object] | None = None) -> None:
+    def __init__(
+        self, *, data_dir: str | None = None, seed: int = 0, options: Mapping[str, object] | None = None
+    ) -> None:
         del seed  # the split is fixed, so the seed has nothing to choose
         opts = resolve_options(self.name, options, _OPTIONS)
         folder = find_mnist_dir(data_dir)
@@ -127,8 +128,7 @@ def find_mnist_dir(data_dir: str | os.PathLike[str] | None) -> Path:
         if _find(folder, _FILES["t10k"][0]) is not None:
             return folder
     raise DataError(
-        f"mnist: no {_FILES['t10k'][0]}[.gz] in {root} or {root / 'mnist'} "
-        "(set the folder with --data-dir)"
+        f"mnist: no {_FILES['t10k'][0]}[.gz] in {root} or {root / 'mnist'} (set the folder with --data-dir)"
     )
 
 

@@ -75,8 +75,9 @@ class PoissonProblem(Problem):
     default_model = "pinn-mlp"
     models = ("pinn-mlp",)
 
-    def __init__(self, *, dim: int, data_dir: str | None = None, seed: int = 0,
-                 options: Mapping[str, object] | None = None) -> None:
+    def __init__(
+        self, *, dim: int, data_dir: str | None = None, seed: int = 0, options: Mapping[str, object] | None = None
+    ) -> None:
         del data_dir  # the data are generated
         self.dim = dim
         self.name = f"poisson{dim}d"

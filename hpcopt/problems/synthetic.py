@@ -46,8 +46,9 @@ class _LinearTeacherProblem(Problem):
     models = ("linear",)
     extra_options: ClassVar[OptionSpec] = {}
 
-    def __init__(self, *, data_dir: str | None = None, seed: int = 0,
-                 options: Mapping[str, object] | None = None) -> None:
+    def __init__(
+        self, *, data_dir: str | None = None, seed: int = 0, options: Mapping[str, object] | None = None
+    ) -> None:
         del data_dir  # the data are generated
         self.options = resolve_options(self.name, options, {**_COMMON_OPTIONS, **self.extra_options})
         for key in ("n", "n_val", "dim"):
@@ -168,7 +169,10 @@ class LogisticProblem(_LinearTeacherProblem):
             return float(loss), grad
 
         result = scipy.optimize.minimize(
-            loss_and_grad, np.zeros(design.shape[1]), jac=True, method="BFGS",
+            loss_and_grad,
+            np.zeros(design.shape[1]),
+            jac=True,
+            method="BFGS",
             options={"gtol": 1e-10, "maxiter": 10_000},
         )
         gradient_norm = float(np.max(np.abs(loss_and_grad(result.x)[1])))

@@ -47,9 +47,7 @@ class RadiusPolicy:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ConfigError(f"radius policy {field.name} must be a finite number, got {value!r}")
         if not 0.0 < self.eta1 <= self.eta2 < 1.0:
-            raise ConfigError(
-                f"radius policy needs 0 < eta1 <= eta2 < 1, got eta1={self.eta1}, eta2={self.eta2}"
-            )
+            raise ConfigError(f"radius policy needs 0 < eta1 <= eta2 < 1, got eta1={self.eta1}, eta2={self.eta2}")
         if not 0.0 < self.gamma_dec < 1.0:
             raise ConfigError(f"radius policy gamma_dec must be in (0, 1), got {self.gamma_dec}")
         if self.gamma_inc < 1.0:

@@ -124,9 +124,7 @@ class SteihaugSolver:
     needs_matvec = True
     has_memory = False
 
-    def __init__(
-        self, dot: Dot = default_dot, max_iter: int | None = None, rtol: float | None = None
-    ) -> None:
+    def __init__(self, dot: Dot = default_dot, max_iter: int | None = None, rtol: float | None = None) -> None:
         self.dot = dot
         self.max_iter = max_iter
         self.rtol = rtol

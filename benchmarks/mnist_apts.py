@@ -1,0 +1,142 @@
+"""MNIST (8 000/2 000 split): APTS-D vs Adam and SGD at equal epochs.
+
+Run: ``python benchmarks/mnist_apts.py --data-dir ../shared/datasets/mnist [--runs NAME,…] [--epochs 10]``
+
+Each configuration is one ``mpiexec -n P python -m mpi4py -m hpcopt train …`` job
+writing an HDF5 run log into ``--outdir``; the table is read back from those logs
+(``--report-only`` re-prints it without training).  Columns:
+
+* ``acc`` final and best validation accuracy (%), ``t@98.5`` wall time to the
+  first evaluation at ≥ 98.5 % (``-`` if never);
+* ``s/epoch`` median epoch time; ``traffic`` bytes this rank moved per outer
+  iteration over 4n (n = parameters), i.e. n-sized collectives per iteration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from hpcopt.analysis import load_run
+
+CNN = {"model": "cnn", "batch": 2000}
+SMALL = {"model": "cnn-small", "batch": 128}
+
+# name: (optimizer, ranks, model settings, --set options)
+RUNS: dict[str, tuple[str, int, dict, dict]] = {
+    "apts-d.P2": ("apts-d", 2, CNN, {}),
+    "apts-d.P4": ("apts-d", 4, CNN, {}),
+    "apts-d.P2.radius0.01": ("apts-d", 2, CNN, {"radius": 0.01}),
+    "apts-d.P2.radius1.0": ("apts-d", 2, CNN, {"radius": 1.0}),
+    "apts-d.P2.average": ("apts-d", 2, CNN, {"combine": "average"}),
+    "apts-d.P2.G0": ("apts-d", 2, CNN, {"global_passes": 0}),
+    "sgd.P2.cnn.lr0.1": ("sgd", 2, CNN, {"lr": 0.1, "momentum": 0.9}),
+    "adam.P2.cnn.lr1e-3": ("adam", 2, CNN, {"lr": 1e-3}),
+    "adam.P2.small.lr1e-3": ("adam", 2, SMALL, {"lr": 1e-3}),
+    "sgd.P2.small.mom.lr0.01": ("sgd", 2, SMALL, {"lr": 0.01, "momentum": 0.9}),
+    "sgd.P2.small.lr1.0": ("sgd", 2, SMALL, {"lr": 1.0}),
+}
+
+
+def launch(name: str, args: argparse.Namespace) -> None:
+    optimizer, ranks, model, options = RUNS[name]
+    out = Path(args.outdir) / f"{name}.h5"
+    command = [
+        str(Path(sys.executable).parent / "mpiexec"),
+        "-n",
+        str(ranks),
+        sys.executable,
+        "-m",
+        "mpi4py",
+        "-m",
+        "hpcopt",
+        "train",
+        "--problem",
+        "mnist",
+        "--data-dir",
+        args.data_dir,
+        "--model",
+        model["model"],
+        "--optimizer",
+        optimizer,
+        "--batch-size",
+        str(model["batch"]),
+        "--epochs",
+        str(args.epochs),
+        "--seed",
+        str(args.seed),
+        "--out",
+        str(out),
+        "--overwrite",
+    ]
+    for key, value in options.items():
+        command += ["--set", f"{key}={value}"]
+    print(f"== {name}: {' '.join(command[3:])}", flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(command, check=False, env=env)
+
+
+def report(names: list[str], outdir: Path) -> None:
+    header = (
+        f"{'run':<26}{'P':>3}{'epochs':>7}{'acc%':>7}{'best%':>7}{'t@98.5':>8}{'wall s':>8}{'s/epoch':>8}{'traffic':>8}"
+    )
+    print(header)
+    print("-" * len(header))
+    curves = []
+    for name in names:
+        path = outdir / f"{name}.h5"
+        if not path.exists():
+            print(f"{name:<26} (no run log)")
+            continue
+        run = load_run(path)
+        ev = run.evaluations
+        acc = np.asarray(ev.get("val_accuracy", []), dtype=float) * 100
+        wall = np.asarray(ev.get("wall_time", []), dtype=float)
+        epochs = np.asarray(ev.get("epoch", []), dtype=float)
+        if len(acc) == 0:
+            print(f"{name:<26} (no evaluation; status {run.status})")
+            continue
+        reached = np.nonzero(acc >= 98.5)[0]
+        t_reach = f"{wall[reached[0]]:.0f}" if len(reached) else "-"
+        epoch_times = np.diff(np.concatenate([[0.0], wall]))
+        n = int(run.attributes["num_parameters"])
+        traffic = float(np.mean(run.iterations["comm_bytes"])) / (4 * n)
+        ranks = int(run.attributes["world_size"])
+        print(
+            f"{name:<26}{ranks:>3}{int(epochs[-1]):>7}{acc[-1]:>7.2f}{acc.max():>7.2f}{t_reach:>8}"
+            f"{wall[-1]:>8.0f}{np.median(epoch_times):>8.1f}{traffic:>7.2f}n"
+        )
+        curves.append((name, epochs, acc, wall))
+    print("\naccuracy (%) after each epoch [wall s]:")
+    for name, _epochs, acc, wall in curves:
+        points = "  ".join(f"{a:.1f}[{w:.0f}]" for a, w in zip(acc, wall))
+        print(f"  {name:<24} {points}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared/datasets/mnist"))
+    parser.add_argument("--outdir", default="runs/mnist_apts")
+    parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of: {', '.join(RUNS)}")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args()
+    names = [n for n in args.runs.split(",") if n]
+    unknown = [n for n in names if n not in RUNS]
+    if unknown:
+        parser.error(f"unknown runs {unknown}; choose from {list(RUNS)}")
+    Path(args.outdir).mkdir(parents=True, exist_ok=True)
+    if not args.report_only:
+        for name in names:
+            launch(name, args)
+    report(names, Path(args.outdir))
+
+
+if __name__ == "__main__":
+    main()
