@@ -24,8 +24,8 @@ $(VENV)/.installed: setup.py
 
 demo: install
 	mkdir -p runs
-	$(MPIEXEC) -n $(NP) $(BIN)/python -m mpi4py -m hpcopt train --problem poisson2d --optimizer apts-d \
-		--epochs 300 --eval-every 25 --out runs/demo.h5 --overwrite
+	$(MPIEXEC) -n $(NP) $(BIN)/python -m mpi4py -m hpcopt train --config jobs/poisson2d_demo.toml \
+		--out runs/demo.h5 --overwrite
 	$(BIN)/python -m hpcopt analyze runs/demo.h5
 
 test: install test-serial test-mpi

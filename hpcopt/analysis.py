@@ -26,7 +26,16 @@ from hpcopt.errors import DataError, OutputError
 if TYPE_CHECKING:  # pandas is optional and slow to import
     import pandas
 
-__all__ = ["SUMMARY_COLUMNS", "Run", "format_table", "load_run", "main_analyze", "summary_rows", "write_csv"]
+__all__ = [
+    "SUMMARY_COLUMNS",
+    "Run",
+    "expand_paths",
+    "format_table",
+    "load_run",
+    "main_analyze",
+    "summary_rows",
+    "write_csv",
+]
 
 #: Columns of :func:`summary_rows`, in table order.
 SUMMARY_COLUMNS: tuple[str, ...] = (
@@ -291,12 +300,44 @@ def write_csv(rows: Sequence[dict[str, object]], path: str, columns: Sequence[st
         raise OutputError(f"cannot write CSV {path}: {error.strerror or error}") from None
 
 
-def main_analyze(paths: Sequence[str], *, csv: str | None = None) -> str:
-    """Load every run log in ``paths`` and return the summary table; also write it as CSV if asked."""
+def expand_paths(paths: Sequence[str]) -> list[str]:
+    """``paths`` with each directory replaced by the ``*.h5`` files in it (sorted)."""
+    expanded: list[str] = []
+    for path in paths:
+        if os.path.isdir(path):
+            found = sorted(os.path.join(path, name) for name in os.listdir(path) if name.endswith(".h5"))
+            if not found:
+                raise DataError(f"directory {path} holds no run logs (*.h5)")
+            expanded.extend(found)
+        else:
+            expanded.append(path)
+    return expanded
+
+
+def main_analyze(
+    paths: Sequence[str],
+    *,
+    csv: str | None = None,
+    plot: str | None = None,
+    network: object | None = None,
+    model_ranks: Sequence[int] = (),
+) -> str:
+    """Load every run log in ``paths`` (directories: their ``*.h5``) and return the summary table.
+
+    Also writes it as CSV if asked.  When the runs form strong- or weak-scaling sweeps,
+    the scaling table follows (:func:`hpcopt.scaling.report`; its CSV beside ``csv`` as
+    ``<stem>-scaling.csv``), the α–β model's table if ``network`` (a
+    :class:`hpcopt.perfmodel.Network`) is given, and PNG figures go into ``plot``.
+    """
     if not paths:
         raise DataError("no run logs given to analyze")
-    runs = [load_run(path) for path in paths]
+    runs = [load_run(path) for path in expand_paths(paths)]
     rows = summary_rows(runs)
     if csv is not None:
         write_csv(rows, csv, SUMMARY_COLUMNS)
-    return format_table(rows, SUMMARY_COLUMNS)
+    table = format_table(rows, SUMMARY_COLUMNS)
+    if len(runs) < 2 and plot is None and network is None:
+        return table
+    from hpcopt.scaling import report  # imports this module
+
+    return table + report(runs, csv=csv, plot=plot, network=network, model_ranks=model_ranks)

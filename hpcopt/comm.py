@@ -10,20 +10,44 @@ and mpi4py's buffer methods (``Allreduce``, ``Bcast``, ``Allgatherv``) read and
 write it in place; Python objects (configs, error messages, signatures) use the
 pickle-based lower-case methods, never on a hot path.
 
+CUDA tensors.  Before any MPI call sees a device buffer, the stream that wrote it
+is synchronised.  With a CUDA-aware MPI (:func:`cuda_aware_mpi`: the
+``HPCOPT_CUDA_AWARE=0|1`` override, else ``MPI.Query_cuda_support`` where mpi4py
+has it, else the library's ``MPIX_Query_cuda_support``) the device memory goes to
+MPI directly; otherwise :class:`HostStaging` copies it through a pinned host
+buffer and back, and rank 0 prints a one-line warning once.  Staging copies are
+counted in ``Communicator.staging``, not in the per-operation counters.
+
 A single process started without ``mpiexec`` is a world of size 1 (MPI
 singleton init), so the same code runs unchanged.
+
+Watchdog.  With ``collective_timeout > 0`` the tensor collectives and the barrier
+are non-blocking (``Iallreduce``, ``Ibcast``, ``Iallgatherv``, ``Ibarrier``) followed by
+a ``Test`` loop with a deadline: a collective that does not complete in time raises
+:class:`AbortError` naming the operation and the rank, and rank 0 additionally
+watches for failure notices (:meth:`Communicator.notify_failure`) from other ranks
+while it waits.  The pickle-based object collectives stay blocking (start-up only).
 """
 
 from __future__ import annotations
 
 import time
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from hpcopt.errors import HpcoptError
+from hpcopt.errors import AbortError, HpcoptError
+
+# Point-to-point tag of the failure notices a failing rank sends to rank 0.
+FAILURE_TAG = 7077
+# While waiting on a collective: spin on Test for this long, then yield the core
+# between Tests (ranks often share cores), and look for failure notices this often.
+_SPIN_SECONDS = 1e-3
+_YIELD_SECONDS = 5e-5
+_NOTICE_INTERVAL = 5e-3
 
 
 def _mpi() -> Any:
@@ -87,6 +111,114 @@ class PackedBuffer:
         self.scalars = self.data[n:]
 
 
+def _libmpi_query_cuda_support() -> bool | None:
+    """``MPIX_Query_cuda_support()`` of the loaded MPI library (Open MPI, MPICH ≥ 4), if it has one."""
+    import ctypes
+
+    paths: list[str] = []
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = sorted({line.split()[-1] for line in maps if "libmpi" in line and "/" in line})
+    except OSError:
+        pass
+    for path in paths:
+        try:
+            query = getattr(ctypes.CDLL(path), "MPIX_Query_cuda_support", None)
+        except OSError:
+            continue
+        if query is not None:
+            query.restype = ctypes.c_int
+            query.argtypes = []
+            return bool(query())
+    return None
+
+
+def cuda_aware_mpi(environ: Any | None = None) -> bool:
+    """Whether MPI may be handed CUDA device memory.
+
+    ``HPCOPT_CUDA_AWARE=1``/``0`` decides when set; otherwise mpi4py's
+    ``MPI.Query_cuda_support()`` (where available), then the library's
+    ``MPIX_Query_cuda_support``; if neither answers, ``False`` (staging is always safe).
+
+    Raises:
+        ConfigError: ``HPCOPT_CUDA_AWARE`` is set to something other than 0 or 1.
+    """
+    import os
+
+    from hpcopt.errors import ConfigError
+
+    value = (os.environ if environ is None else environ).get("HPCOPT_CUDA_AWARE", "").strip()
+    if value in ("0", "1"):
+        return value == "1"
+    if value:
+        raise ConfigError(f"HPCOPT_CUDA_AWARE must be 0 or 1, got {value!r}")
+    query = getattr(_mpi(), "Query_cuda_support", None)
+    if query is not None:
+        return bool(query())
+    return bool(_libmpi_query_cuda_support())
+
+
+def _synchronize(tensor: torch.Tensor) -> None:
+    # MPI reads device memory outside CUDA's stream order: the kernels that wrote it must be done.
+    if tensor.device.type == "cuda":
+        torch.cuda.current_stream(tensor.device).synchronize()
+
+
+class HostStaging:
+    """Moves device tensors through host buffers around an MPI call (MPI without CUDA support).
+
+    One host buffer per (slot, dtype, size) is kept and reused; it is page-locked
+    (pinned) when the torch build can pin memory, else ordinary memory (CPU-only
+    builds, where staging only runs in tests).
+
+    Attributes:
+        pinned: whether the last buffer allocated is pinned (``None`` before any).
+        copies: device↔host copies made; bytes: their payload; seconds: their time.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, torch.dtype, int], torch.Tensor] = {}
+        self.pinned: bool | None = None
+        self.copies = 0
+        self.bytes = 0
+        self.seconds = 0.0
+
+    def host_buffer(self, numel: int, dtype: torch.dtype, slot: str = "data") -> torch.Tensor:
+        key = (slot, dtype, numel)
+        buffer = self._buffers.get(key)
+        if buffer is None:
+            if len(self._buffers) >= 16:
+                self._buffers.clear()
+            try:
+                buffer = torch.empty(numel, dtype=dtype, pin_memory=True)
+                self.pinned = True
+            except RuntimeError:
+                buffer = torch.empty(numel, dtype=dtype)
+                self.pinned = False
+            self._buffers[key] = buffer
+        return buffer
+
+    def to_host(self, tensor: torch.Tensor, slot: str = "data") -> torch.Tensor:
+        """A host copy of ``tensor`` (flattened), complete when this returns."""
+        start = time.perf_counter()
+        host = self.host_buffer(tensor.numel(), tensor.dtype, slot)
+        host.copy_(tensor.detach().reshape(-1), non_blocking=True)
+        _synchronize(tensor)
+        self._count(host, start)
+        return host
+
+    def to_device(self, host: torch.Tensor, tensor: torch.Tensor) -> None:
+        """Copy ``host`` back into ``tensor``; ordered on the device's stream before later work."""
+        start = time.perf_counter()
+        tensor.detach().view(-1).copy_(host, non_blocking=True)
+        self._count(host, start)
+
+    def _count(self, host: torch.Tensor, start: float) -> None:
+        self.copies += 1
+        self.bytes += host.numel() * host.element_size()
+        self.seconds += time.perf_counter() - start
+
+
 class Communicator:
     """Collectives on flat torch tensors over an MPI communicator.
 
@@ -104,10 +236,49 @@ class Communicator:
         self._ops = {"sum": mpi.SUM, "max": mpi.MAX, "min": mpi.MIN}
         self._in_place = mpi.IN_PLACE
         self._views: dict[int, tuple[torch.Tensor, Any]] = {}
+        #: Seconds a collective may take before the watchdog aborts (0: no watchdog).
+        self.collective_timeout = 0.0
+        self._collectives = 0
+        #: Device buffers that MPI cannot read go through this (see the module docstring).
+        self.staging = HostStaging()
+        #: Stage CPU tensors too (tests of the staging path on machines without a GPU).
+        self.force_staging = False
+        self._cuda_aware: bool | None = None
+        self._staging_warned = False
+        self._in_staging = False
 
     @property
     def is_root(self) -> bool:
         return self.rank == 0
+
+    @property
+    def cuda_aware(self) -> bool:
+        """Whether device buffers go to MPI directly (asked once, on first use)."""
+        if self._cuda_aware is None:
+            self._cuda_aware = cuda_aware_mpi()
+        return self._cuda_aware
+
+    def _needs_staging(self, tensor: torch.Tensor) -> bool:
+        if self.size == 1 or self._in_staging:
+            return False
+        if tensor.device.type == "cpu":
+            return self.force_staging
+        return not self.cuda_aware
+
+    def _staged(self, collective: Any, *tensors: torch.Tensor) -> Any:
+        """Run ``collective`` on host copies of ``tensors``; returns the host results."""
+        if not self._staging_warned and any(t.device.type != "cpu" for t in tensors):
+            self._staging_warned = True
+            if self.is_root:
+                import os
+
+                os.write(2, b"hpcopt: warning: MPI is not CUDA-aware; staging device buffers through host memory\n")
+        hosts = [self.staging.to_host(t, slot=f"arg{i}") for i, t in enumerate(tensors)]
+        self._in_staging = True
+        try:
+            return collective(*hosts)
+        finally:
+            self._in_staging = False
 
     # -- buffers -------------------------------------------------------------
 
@@ -122,8 +293,10 @@ class Communicator:
         if not tensor.is_contiguous():
             raise ValueError("collectives need a contiguous tensor")
         if tensor.device.type != "cpu":
-            # Device buffers (CUDA-aware MPI or host staging) arrive with the GPU path.
-            raise NotImplementedError("collectives on device tensors are not supported yet")
+            # Reached with a CUDA-aware MPI (or a world of one): mpi4py reads the device
+            # memory through __cuda_array_interface__.  Never cached: every call synchronises.
+            _synchronize(tensor)
+            return tensor.detach()
         array = tensor.detach().numpy()
         if cache:
             if len(self._views) >= 16:
@@ -144,10 +317,17 @@ class Communicator:
 
         ``reuse`` (default) marks ``buffer`` as long-lived, so its MPI view is cached.
         """
+        if self._needs_staging(buffer):
+            host = self._staged(lambda staged: self.allreduce_(staged, op), buffer)
+            self.staging.to_device(host, buffer)
+            return buffer
         array = self._buffer(buffer, cache=reuse)
         if self.size > 1:
             start = time.perf_counter()
-            self._comm.Allreduce(self._in_place, array, self._ops[op])
+            if self.collective_timeout > 0:
+                self._wait(self._comm.Iallreduce(self._in_place, array, self._ops[op]), "allreduce", array.nbytes)
+            else:
+                self._comm.Allreduce(self._in_place, array, self._ops[op])
             self.stats.record("allreduce", array.nbytes, time.perf_counter() - start)
         else:
             self.stats.record("allreduce", array.nbytes, 0.0)
@@ -161,8 +341,16 @@ class Communicator:
 
     def bcast_(self, buffer: torch.Tensor, root: int = 0) -> torch.Tensor:
         """Broadcast ``buffer`` from ``root`` in place; returns it."""
+        if self._needs_staging(buffer):
+            host = self._staged(lambda staged: self.bcast_(staged, root), buffer)
+            self.staging.to_device(host, buffer)
+            return buffer
         array = self._buffer(buffer)
-        if self.size > 1:
+        if self.size > 1 and self.collective_timeout > 0:
+            start = time.perf_counter()
+            self._wait(self._comm.Ibcast(array, root), "bcast", array.nbytes)
+            self.stats.record("bcast", array.nbytes, time.perf_counter() - start)
+        elif self.size > 1:
             self._timed("bcast", array.nbytes, self._comm.Bcast, array, root)
         else:
             self.stats.record("bcast", array.nbytes, 0.0)
@@ -174,13 +362,22 @@ class Communicator:
             raise ValueError(f"allgatherv needs one count per rank, got {len(counts)} for {self.size}")
         if local.numel() != counts[self.rank]:
             raise ValueError(f"rank {self.rank} holds {local.numel()} elements, counts say {counts[self.rank]}")
+        if self._needs_staging(local):
+            # Not a hot path (start-up and diagnostics): the gathered result is a fresh tensor.
+            gathered = self._staged(lambda staged: self.allgatherv(staged, counts), local)
+            return gathered.to(local.device, non_blocking=False)
         out = torch.empty(sum(counts), dtype=local.dtype, device=local.device)
         send = self._buffer(local.contiguous())
         recv = self._buffer(out)
         displs = [0]
         for c in counts[:-1]:
             displs.append(displs[-1] + c)
-        if self.size > 1:
+        if self.size > 1 and self.collective_timeout > 0:
+            start = time.perf_counter()
+            request = self._comm.Iallgatherv(send, [recv, list(counts), displs, None])
+            self._wait(request, "allgatherv", recv.nbytes)
+            self.stats.record("allgatherv", recv.nbytes, time.perf_counter() - start)
+        elif self.size > 1:
             self._timed("allgatherv", recv.nbytes, self._comm.Allgatherv, send, [recv, list(counts), displs, None])
         else:
             recv[:] = send
@@ -196,12 +393,68 @@ class Communicator:
         return self._comm.allgather(obj) if self.size > 1 else [obj]
 
     def barrier(self) -> None:
-        if self.size > 1:
+        if self.size > 1 and self.collective_timeout > 0:
+            self._wait(self._comm.Ibarrier(), "barrier", 0)
+        elif self.size > 1:
             self._comm.Barrier()
+
+    # -- watchdog and failure notices ------------------------------------------
+
+    def _wait(self, request: Any, op: str, nbytes: int) -> None:
+        """Complete a non-blocking collective or raise :class:`AbortError` at the deadline."""
+        self._collectives += 1
+        start = time.perf_counter()
+        deadline = start + self.collective_timeout
+        next_notice_check = start + _NOTICE_INTERVAL
+        while not request.Test():
+            now = time.perf_counter()
+            if now >= next_notice_check:
+                next_notice_check = now + _NOTICE_INTERVAL
+                self._raise_on_notice()
+                if now >= deadline:
+                    raise AbortError(
+                        f"rank {self.rank}: {op} of {nbytes} bytes (collective #{self._collectives} of this rank) "
+                        f"did not complete within --collective-timeout {self.collective_timeout:g}s; another rank "
+                        "is stalled or dead, aborting the job"
+                    )
+            if now - start > _SPIN_SECONDS:
+                time.sleep(_YIELD_SECONDS)
+
+    def _raise_on_notice(self) -> None:
+        if self.rank != 0:
+            return
+        status = self._mpi.Status()
+        if self._comm.iprobe(source=self._mpi.ANY_SOURCE, tag=FAILURE_TAG, status=status):
+            source = status.Get_source()
+            message = self._comm.recv(source=source, tag=FAILURE_TAG)
+            raise AbortError(f"rank {source} failed: {message}")
+
+    def notify_failure(self, error: BaseException) -> None:
+        """Tell rank 0 that this rank is about to die of ``error`` (watchdog on only).
+
+        Rank 0 receives the notice while waiting in its next collective, closes its run
+        log as failed and aborts the job.  This rank waits for the notice to be received
+        (synchronous send) and then up to ``collective_timeout`` for that abort, so the
+        log is closed before ``python -m mpi4py`` aborts the job from here.  Without the
+        watchdog, or on rank 0 (which closes its own log), this does nothing.
+        """
+        if self.size == 1 or self.rank == 0 or self.collective_timeout <= 0:
+            return
+        text = "".join(traceback.format_exception_only(error)).strip()
+        request = self._comm.issend(text, dest=0, tag=FAILURE_TAG)
+        deadline = time.perf_counter() + self.collective_timeout
+        while not request.Test() and time.perf_counter() < deadline:
+            time.sleep(1e-3)
+        while time.perf_counter() < deadline:
+            time.sleep(1e-2)  # rank 0 is closing its log; its MPI_Abort ends this process
 
     def split(self, color: int, key: int | None = None) -> Communicator:
         """A sub-communicator of the ranks sharing ``color`` (ordered by ``key``, default rank)."""
         return Communicator(self._comm.Split(color, self.rank if key is None else key))
+
+    def split_shared(self) -> Communicator:
+        """The ranks of this node (``Split_type(COMM_TYPE_SHARED)``), ordered by rank."""
+        return Communicator(self._comm.Split_type(self._mpi.COMM_TYPE_SHARED, key=self.rank))
 
     def agree(self, error: HpcoptError | None) -> None:
         """Make a local input error everybody's error.

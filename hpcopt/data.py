@@ -31,6 +31,11 @@ class GlobalBatches:
     def __init__(self, num_samples: int, batch_size: int, seed: int, rank: int, world_size: int) -> None:
         if batch_size <= 0:
             raise ConfigError(f"--batch-size must be positive, got {batch_size}")
+        if world_size > num_samples:
+            raise ConfigError(
+                f"{world_size} ranks but only {num_samples} training samples: every rank needs at least one "
+                "sample per batch; use fewer ranks or more data"
+            )
         if batch_size > num_samples:
             raise ConfigError(f"--batch-size {batch_size} exceeds the {num_samples} training samples")
         if batch_size % world_size != 0:

@@ -26,3 +26,12 @@ class OutputError(HpcoptError):
 
 class NonFiniteError(HpcoptError):
     """A loss or gradient is NaN/Inf where the algorithm cannot recover."""
+
+
+class AbortError(HpcoptError):
+    """Another rank stalled or failed: the other ranks cannot be reached cleanly.
+
+    Raised on the rank that noticed (a collective past ``--collective-timeout``, or a
+    failure notice from another rank).  The CLI prints the line and calls
+    ``MPI_Abort`` instead of returning, since the other ranks may never return.
+    """

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from hpcopt import faults
 from hpcopt.comm import Communicator, PackedBuffer
 from hpcopt.curvature import CurvatureKind, CurvatureOperator, LocalObjective
 from hpcopt.flat import FlatParameters
@@ -64,6 +65,7 @@ class DistributedObjective:
         self.weight = 1.0
         self.noise_seed = 0
         self.evaluations = 0  # local forward passes, for cost accounting
+        self.step = 0  # 1-based global step, set by the trainer (fault injection only)
 
     @property
     def numel(self) -> int:
@@ -100,16 +102,19 @@ class DistributedObjective:
         """f_r at the current parameters (trial evaluation: BN statistics untouched)."""
         self.evaluations += 1
         with self._same_noise(), _frozen_batchnorm_stats(self.model):
-            return self.local.value()
+            value = self.local.value()
+        return faults.inject("trial", self.comm.rank, self.step, value)  # type: ignore[return-value]
 
     def local_value_and_grad(self) -> tuple[float, torch.Tensor]:
         """f_r and g_r at the current parameters; g_r is ``flat.grad`` (no copy)."""
         self.evaluations += 1
         with self._same_noise():
-            return self.local.value_and_grad()
+            value, grad = self.local.value_and_grad()
+        return faults.inject("gradient", self.comm.rank, self.step, value), grad  # type: ignore[return-value]
 
     def local_curvature(self, kind: CurvatureKind, damping: float = 0.0) -> CurvatureOperator:
         """The local curvature operator B_r at the current parameters."""
+        faults.inject("curvature", self.comm.rank, self.step)
         with self._same_noise():
             return self.local.curvature(kind, damping=damping)
 

@@ -21,15 +21,18 @@ from typing import Any
 import torch
 
 import hpcopt
+from hpcopt import checkpoint
 from hpcopt.comm import Communicator
 from hpcopt.config import require, to_dict
+from hpcopt.consistency import check_same_on_every_rank, run_signature
 from hpcopt.data import GlobalBatches, contiguous_slice
+from hpcopt.device import resolve_kind, select_device
 from hpcopt.errors import HpcoptError
 from hpcopt.flat import FlatParameters
 from hpcopt.objective import DistributedObjective
 from hpcopt.optimizers import make_config, make_optimizer
 from hpcopt.problems import make_problem
-from hpcopt.problems.base import Problem
+from hpcopt.problems.base import Dataset, Problem
 from hpcopt.runlog import EvaluationRecord, IterationRecord, RunLog
 
 
@@ -50,7 +53,20 @@ class TrainConfig:
         threads: torch threads per rank (1: one rank per core is the MPI way).
         eval_every: evaluate every this many epochs (1).
         max_steps: stop after this many outer iterations (None: no limit).
+        time_limit: stop at the first evaluation after this many seconds (None: no limit).
+        target: stop at the first evaluation whose metric reaches this value
+            (≤ for errors, ≥ for accuracies; None: train all epochs).
         quiet: no progress lines.
+        checkpoint_every: write a checkpoint every this many steps (0: only at the
+            last step, and only when ``checkpoint`` is given).
+        checkpoint: checkpoint file; ``None`` → ``<out>.ckpt`` when ``checkpoint_every``
+            is set (see :mod:`hpcopt.checkpoint`).
+        resume: continue from this checkpoint (same rank count and options; ``epochs``
+            and ``max_steps`` count from the start of the original run).
+        collective_timeout: seconds a collective may wait before the job is aborted
+            (0: no watchdog; see :mod:`hpcopt.comm`).
+        device: ``auto`` (CUDA if torch sees a GPU, else CPU), ``cpu`` or ``cuda``
+            (one GPU per rank by local rank; see :mod:`hpcopt.device`).
     """
 
     problem: str = "poisson2d"
@@ -65,14 +81,27 @@ class TrainConfig:
     threads: int = 1
     eval_every: int = 1
     max_steps: int | None = None
+    time_limit: float | None = None
+    target: float | None = None
     quiet: bool = False
+    checkpoint_every: int = 0
+    checkpoint: str | None = None
+    resume: str | None = None
+    collective_timeout: float = 0.0
+    device: str = "auto"
 
     def validate(self) -> None:
         require(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
         require(self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
         require(self.eval_every >= 1, f"--eval-every must be >= 1, got {self.eval_every}")
         require(self.max_steps is None or self.max_steps >= 1, "--max-steps must be >= 1")
+        require(self.time_limit is None or self.time_limit > 0, "--time-limit must be > 0")
         require(self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
+        require(self.checkpoint_every >= 0, f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
+        require(
+            math.isfinite(self.collective_timeout) and self.collective_timeout >= 0,
+            f"--collective-timeout must be >= 0 seconds, got {self.collective_timeout}",
+        )
 
 
 @dataclass
@@ -105,9 +134,34 @@ def evaluate(problem: Problem, model: torch.nn.Module, flat: FlatParameters, com
     return problem.eval_metrics(sums)
 
 
+def _stop_reason(
+    cfg: TrainConfig, problem: Problem, metrics: dict[str, float], elapsed: float, comm: Communicator
+) -> str:
+    """Why training should stop after this evaluation ("" to go on); identical on every rank."""
+    value = metrics[problem.metric_name]
+    if cfg.target is not None and (value >= cfg.target if problem.metric_higher_is_better else value <= cfg.target):
+        return f"{problem.metric_name} {value:.4g} reached the target {cfg.target:g}"
+    if cfg.time_limit is not None:
+        # Clocks differ between ranks: the slowest rank's decides, so all stop together.
+        slowest = comm.allreduce_scalars([elapsed], op="max")[0]
+        if slowest >= cfg.time_limit:
+            return f"time limit {cfg.time_limit:g}s reached"
+    return ""
+
+
+def _move_data(problem: Problem, device: torch.device) -> None:
+    """Put the training and validation sets on the compute device (once, before training)."""
+    for name in ("train", "val"):
+        data = getattr(problem, name)
+        setattr(problem, name, Dataset(data.inputs.to(device), data.targets.to(device)))
+
+
 def _setup(cfg: TrainConfig, optimizer_options: dict[str, Any], problem_options: dict[str, Any], comm: Communicator):  # type: ignore[no-untyped-def]
     """Everything that can fail on bad input, done before any collective."""
     cfg.validate()
+    # --device cuda without a GPU, or a bad HPCOPT_CUDA_AWARE, fails here on every rank.
+    if resolve_kind(cfg.device) == "cuda":
+        _ = comm.cuda_aware
     optimizer_config = make_config(cfg.optimizer, optimizer_options)
     if cfg.out is not None:
         RunLog.check_path(cfg.out, overwrite=cfg.overwrite)
@@ -117,6 +171,35 @@ def _setup(cfg: TrainConfig, optimizer_options: dict[str, Any], problem_options:
     torch.manual_seed(cfg.seed)  # identical initial parameters on every rank
     model = problem.build_model(cfg.model)
     return optimizer_config, problem, batches, model
+
+
+def _checkpointing(  # type: ignore[no-untyped-def]
+    cfg: TrainConfig, optimizer_config: Any, problem: Problem, batch_size: int, model: Any, comm: Communicator
+):
+    """What must match to resume, the checkpoint path and the validated resume state (no collectives)."""
+    compat = checkpoint.compat_fields(
+        problem=cfg.problem,
+        model=cfg.model or problem.default_model,
+        optimizer=cfg.optimizer,
+        seed=cfg.seed,
+        batch_size=batch_size,
+        optimizer_config=to_dict(optimizer_config),
+        problem_options=getattr(problem, "options", {}),
+        num_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
+    )
+    path = cfg.checkpoint or (checkpoint.default_path(cfg.out) if cfg.checkpoint_every else None)
+    require(not cfg.checkpoint_every or path is not None, "--checkpoint-every needs --checkpoint PATH or --out")
+    if path is not None:
+        checkpoint.check_path(path, overwrite=cfg.overwrite, resume=cfg.resume)
+    state = None
+    if cfg.resume is not None:
+        state = checkpoint.load(cfg.resume)
+        checkpoint.check_resumable(state, cfg.resume, compat, comm.size)
+        require(
+            cfg.max_steps is None or state["step"] < cfg.max_steps,
+            f"checkpoint {cfg.resume} is at step {state['step']}; --max-steps {cfg.max_steps} leaves nothing to do",
+        )
+    return compat, path, state
 
 
 def train(
@@ -133,14 +216,33 @@ def train(
     error: HpcoptError | None = None
     try:
         optimizer_config, problem, batches, model = _setup(cfg, optimizer_options, problem_options, comm)
+        compat, checkpoint_path, resume = _checkpointing(
+            cfg, optimizer_config, problem, batches.batch_size, model, comm
+        )
     except HpcoptError as exc:
         error = exc
     comm.agree(error)
 
+    device = select_device(cfg.device, comm)
+    if device.device.type != "cpu":
+        model.to(device.device)
+        _move_data(problem, device.device)
     model.train()
     flat = FlatParameters(model)
     objective = DistributedObjective(problem, flat, comm)
     optimizer = make_optimizer(cfg.optimizer, objective, optimizer_config)
+    comm.collective_timeout = cfg.collective_timeout
+    if resume is not None:
+        checkpoint.restore(resume, flat=flat, optimizer=optimizer, rank=comm.rank)
+    config_json = json.dumps(
+        {"train": to_dict(cfg), "optimizer": to_dict(optimizer_config), "problem": problem_options}, default=str
+    )
+    check_same_on_every_rank(comm, run_signature(config_json, flat.data, len(problem.train), len(problem.val)))
+    checkpointer = (
+        None
+        if checkpoint_path is None
+        else checkpoint.Checkpointer(checkpoint_path, cfg.checkpoint_every, comm, compat, cfg.out)
+    )
     say = (lambda text: print(text, flush=True)) if comm.is_root and not cfg.quiet else (lambda text: None)
 
     attributes = {
@@ -160,6 +262,11 @@ def train(
         "hostnames": sorted(set(comm.hostnames())),
         "git_sha": _git_sha(),
         "command": " ".join(sys.argv),
+        "resumed_from": cfg.resume or "",
+        "resumed_at_step": resume["step"] if resume is not None else 0,
+        "device": str(device.device),
+        "gpu_model": device.gpu_model,
+        "cuda_aware_mpi": comm.cuda_aware if device.device.type == "cuda" else False,
     }
     log = RunLog(cfg.out, enabled=comm.is_root and cfg.out is not None, overwrite=cfg.overwrite)
     metric_names = [problem.metric_name]
@@ -168,22 +275,30 @@ def train(
         f"{flat.numel} parameters), {comm.size} rank(s), global batch {batches.batch_size}, "
         f"{batches.batches_per_epoch} steps/epoch"
     )
+    if device.device.type == "cuda":
+        say(f"{device.describe(comm.size)}; MPI {'is' if comm.cuda_aware else 'is not'} CUDA-aware")
     with log:
         log.open(attributes, metric_names=metric_names)
         start = time.perf_counter()
         comm_seconds_at_start = comm.stats.seconds
         losses: list[float] = []
         metrics: dict[str, float] = {}
-        step = 0
+        step = resume["step"] if resume is not None else 0
+        first_epoch = resume["epoch"] if resume is not None else 1
         epoch = 0
         done = False
-        for epoch in range(1, cfg.epochs + 1):
+        for epoch in range(first_epoch, cfg.epochs + 1):
             epoch_losses: list[float] = []
-            for index in batches.epoch(epoch - 1):
+            if resume is not None and epoch == first_epoch:
+                epoch_losses = [float(x) for x in resume["epoch_losses"]]
+            for batch_index, index in enumerate(batches.epoch(epoch - 1)):
+                if batch_index < len(epoch_losses):
+                    continue  # done before the checkpoint this run resumed from
                 shard = problem.train.subset(index)
                 objective.set_batch(
                     shard.inputs, shard.targets, batches.batch_size, noise_seed=cfg.seed * 1_000_003 + step
                 )
+                objective.step = step + 1
                 calls0, bytes0, seconds0 = comm.stats.totals()
                 result = optimizer.step()
                 calls1, bytes1, seconds1 = comm.stats.totals()
@@ -205,11 +320,24 @@ def train(
                         comm_time=seconds1 - seconds0,
                     )
                 )
-                if cfg.max_steps is not None and step >= cfg.max_steps:
+                stopping = cfg.max_steps is not None and step >= cfg.max_steps
+                last = stopping or (epoch == cfg.epochs and batch_index == batches.batches_per_epoch - 1)
+                if checkpointer is not None and checkpointer.due(step, last):
+                    checkpointer.save(
+                        step=step,
+                        epoch=epoch,
+                        batch_in_epoch=len(epoch_losses),
+                        epoch_losses=epoch_losses,
+                        flat=flat,
+                        optimizer=optimizer,
+                        log_rows=log.num_iterations,
+                    )
+                if stopping:
                     done = True
                     break
             if epoch % cfg.eval_every == 0 or epoch == cfg.epochs or done:
-                metrics = evaluate(problem, model, flat, comm)
+                with optimizer.evaluation_parameters():  # e.g. Neumann's w − μm, not the displaced w
+                    metrics = evaluate(problem, model, flat, comm)
                 train_loss = sum(epoch_losses) / max(len(epoch_losses), 1)
                 elapsed = time.perf_counter() - start
                 log.log_evaluation(
@@ -227,6 +355,10 @@ def train(
                     f"{problem.metric_name} {metrics[problem.metric_name]:.4g}  radius {radius:.3g}  "
                     f"time {elapsed:.1f}s"
                 )
+                stop = _stop_reason(cfg, problem, metrics, elapsed, comm)
+                if stop:
+                    say(f"stopping: {stop}")
+                    done = True
             if done:
                 break
         wall = time.perf_counter() - start
@@ -241,12 +373,14 @@ def train(
         f"{nbytes / max(step, 1) / 4 / flat.numel:.2f}n floats/step moved by rank 0"
         + (f"; run log {cfg.out}" if cfg.out else "")
     )
+    with optimizer.evaluation_parameters():
+        final_parameters = flat.clone()
     return TrainResult(
         steps=step,
         epochs=epoch,
         final_loss=losses[-1] if losses else math.nan,
         metrics=metrics,
         wall_time=wall,
-        parameters=flat.clone(),
+        parameters=final_parameters,
         losses=losses,
     )

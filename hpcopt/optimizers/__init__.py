@@ -10,13 +10,17 @@ from hpcopt.errors import ConfigError
 from hpcopt.objective import DistributedObjective
 from hpcopt.optimizers.adam import Adam, AdamConfig
 from hpcopt.optimizers.apts_d import APTSD, APTSDConfig
+from hpcopt.optimizers.apts_p import APTSP, APTSPConfig
 from hpcopt.optimizers.base import Optimizer, StepResult
+from hpcopt.optimizers.hessian_free import HessianFree, HFConfig
+from hpcopt.optimizers.neumann import Neumann, NeumannConfig
+from hpcopt.optimizers.nlcg import NLCG, NLCGConfig
 from hpcopt.optimizers.sgd import SGD, SGDConfig
 
-OPTIMIZERS: dict[str, type[Optimizer]] = {cls.name: cls for cls in (APTSD, SGD, Adam)}
+OPTIMIZERS: dict[str, type[Optimizer]] = {cls.name: cls for cls in (APTSD, APTSP, SGD, Adam, HessianFree, NLCG, Neumann)}
 
 # Names taken by optimizers that later versions add; asking for one is a clear error.
-RESERVED = ("apts-p", "apts-ip", "hf", "nlcg", "neumann")
+RESERVED = ("apts-ip",)
 
 
 def optimizer_class(name: str) -> type[Optimizer]:
@@ -39,11 +43,19 @@ def make_optimizer(name: str, objective: DistributedObjective, config: Any) -> O
 
 __all__ = [
     "APTSD",
+    "APTSP",
+    "NLCG",
     "OPTIMIZERS",
     "SGD",
     "APTSDConfig",
+    "APTSPConfig",
     "Adam",
     "AdamConfig",
+    "HFConfig",
+    "HessianFree",
+    "NLCGConfig",
+    "Neumann",
+    "NeumannConfig",
     "Optimizer",
     "SGDConfig",
     "StepResult",

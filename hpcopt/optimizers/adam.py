@@ -62,3 +62,11 @@ class Adam(Optimizer):
         with torch.no_grad():
             self.flat.data.add_(update, alpha=-step_size)
         return StepResult(loss=loss, step_norm=step_size * float(update.norm()))
+
+    def state_dict(self) -> dict:  # type: ignore[type-arg]
+        return {**super().state_dict(), "exp_avg": self.exp_avg.clone(), "exp_avg_sq": self.exp_avg_sq.clone()}
+
+    def load_state_dict(self, state) -> None:  # type: ignore[no-untyped-def]
+        super().load_state_dict(state)  # ``steps`` drives the bias correction
+        self.exp_avg.copy_(state["exp_avg"])
+        self.exp_avg_sq.copy_(state["exp_avg_sq"])

@@ -21,10 +21,13 @@ scalar (losses, predicted reductions) is packed into those buffers.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from hpcopt import faults
 from hpcopt.config import require
 from hpcopt.curvature import parse_curvature
 from hpcopt.errors import NonFiniteError
@@ -145,6 +148,19 @@ class APTSD(Optimizer):
         self.combined = objective.comm_buffer()
         self.world_size = objective.comm.size
 
+    def state_dict(self) -> dict[str, Any]:
+        # The local solver is reset every outer iteration; only the global one carries memory.
+        return {
+            **super().state_dict(),
+            "radius": self.radius,
+            "global_solver": self.global_solver.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.radius = float(state["radius"])
+        self.global_solver.load_state_dict(dict(state["global_solver"]))
+
     # -- local phase (no communication) ---------------------------------------
 
     def _local_phase(
@@ -161,6 +177,7 @@ class APTSD(Optimizer):
         model_value = loss_local  # f̃_r(θ_k) = f_r(θ_k)
         local_radius = ball
         self.local_solver.reset()
+        faults.inject("local_solve", objective.comm.rank, objective.step)
         counts = {"local_accepted": 0, "local_rejected": 0}
         for iteration in range(cfg.local_iterations):
             room = ball - float(step_r.norm())
@@ -213,6 +230,31 @@ class APTSD(Optimizer):
 
         return matvec
 
+    def _combined_step(
+        self, theta_k: torch.Tensor, loss_local: float, grad_local: torch.Tensor, grad: torch.Tensor
+    ) -> tuple[torch.Tensor, float, float, float, dict[str, float]]:
+        """Local phase and combination: one allreduce of [s_r; pred_r].
+
+        Returns ``(s, pred, ‖s‖, ‖s‖ before the rounding guard, counts)``; the hook that
+        the parameter-decomposed variant (APTS-P) overrides.
+        """
+        step_r, pred_r, counts = self._local_phase(theta_k, loss_local, grad_local, grad)
+        combined = self.combined
+        combined.vector.copy_(step_r)
+        combined.scalars[0] = pred_r
+        self.objective.comm.allreduce_(combined.data)
+        step = combined.vector.clone()
+        pred = float(combined.scalars[0])
+        if self.config.combine == "average":
+            step.div_(self.world_size)
+            pred /= self.world_size
+        step_norm = combined_norm = float(step.norm())
+        if step_norm > self.radius:
+            # Σ‖s_r‖ ≤ Δ by construction; guard against rounding only.
+            step.mul_(self.radius / step_norm)
+            step_norm = self.radius
+        return step, pred, step_norm, combined_norm, dict(counts)
+
     # -- one outer iteration ----------------------------------------------------
 
     def step(self) -> StepResult:
@@ -231,22 +273,7 @@ class APTSD(Optimizer):
             )
         grad = grad_view.clone()
 
-        # Local phase and combination: one allreduce of [s_r; pred_r].
-        step_r, pred_r, counts = self._local_phase(theta_k, loss_local, grad_local, grad)
-        combined = self.combined
-        combined.vector.copy_(step_r)
-        combined.scalars[0] = pred_r
-        objective.comm.allreduce_(combined.data)
-        step = combined.vector.clone()
-        pred = float(combined.scalars[0])
-        if cfg.combine == "average":
-            step.div_(self.world_size)
-            pred /= self.world_size
-        step_norm = combined_norm = float(step.norm())
-        if step_norm > self.radius:
-            # Σ‖s_r‖ ≤ Δ by construction; guard against rounding only.
-            step.mul_(self.radius / step_norm)
-            step_norm = self.radius
+        step, pred, step_norm, combined_norm, counts = self._combined_step(theta_k, loss_local, grad_local, grad)
 
         # Trial point; the trial gradient rides along when the global pass needs it.
         self.flat.copy_(theta_k + step)

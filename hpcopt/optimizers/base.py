@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import abc
+import contextlib
 import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -46,3 +48,25 @@ class Optimizer(abc.ABC):
     @abc.abstractmethod
     def step(self) -> StepResult:
         """One outer iteration on the current batch."""
+
+    @contextlib.contextmanager
+    def evaluation_parameters(self) -> Iterator[None]:
+        """Temporarily hold the parameters the method stands for (evaluation, final model).
+
+        Most methods iterate on the model itself and do nothing here; a method whose
+        iterate is displaced (Neumann: w stands for w − μm) sets the model's
+        parameters for the duration of the ``with`` block and restores them after.
+        """
+        yield
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a restart needs besides the parameters (tensors are copies).
+
+        Subclasses extend it; values are tensors, numbers, strings and lists/dicts of
+        them, so ``torch.load(..., weights_only=True)`` reads a checkpoint back.
+        """
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned, bit for bit."""
+        self.steps = int(state["steps"])

@@ -70,3 +70,12 @@ class SGD(Optimizer):
             self.flat.data.add_(direction, alpha=-cfg.lr)
         self.steps += 1
         return StepResult(loss=loss, step_norm=cfg.lr * float(direction.norm()))
+
+    def state_dict(self) -> dict:  # type: ignore[type-arg]
+        buffer = self.momentum_buffer
+        return {**super().state_dict(), "momentum_buffer": None if buffer is None else buffer.clone()}
+
+    def load_state_dict(self, state) -> None:  # type: ignore[no-untyped-def]
+        super().load_state_dict(state)
+        if self.momentum_buffer is not None:
+            self.momentum_buffer.copy_(state["momentum_buffer"])

@@ -10,16 +10,22 @@ from collections.abc import Callable, Mapping
 from functools import partial
 
 from hpcopt.errors import ConfigError
+from hpcopt.problems.allen_cahn import AllenCahnProblem, AllenCahnTimeProblem
 from hpcopt.problems.base import Dataset, Problem
 from hpcopt.problems.mnist import MnistProblem
 from hpcopt.problems.poisson import PoissonProblem
 from hpcopt.problems.synthetic import LogisticProblem, QuadraticProblem
+from hpcopt.problems.tinyshakespeare import TinyShakespeareProblem
 
 #: Problem name -> constructor taking ``data_dir``, ``seed`` and ``options`` keywords.
 PROBLEMS: dict[str, Callable[..., Problem]] = {
     "mnist": MnistProblem,
     "poisson1d": partial(PoissonProblem, dim=1),
     "poisson2d": partial(PoissonProblem, dim=2),
+    "poisson3d": partial(PoissonProblem, dim=3),
+    "allen-cahn": AllenCahnProblem,
+    "allen-cahn-time": AllenCahnTimeProblem,
+    "tinyshakespeare": TinyShakespeareProblem,
     "quadratic": QuadraticProblem,
     "logistic": LogisticProblem,
 }

@@ -79,6 +79,29 @@ class LSR1Operator:
         self._gamma = 1.0
         self._m_inv = torch.zeros(0, 0, dtype=torch.float64)
 
+    def state_dict(self) -> dict[str, object]:
+        """Pairs, Gram matrices, gamma and ``M^{-1}`` as copies (restored bit for bit)."""
+        return {
+            "s": [v.clone() for v in self._s],
+            "y": [v.clone() for v in self._y],
+            "ss": self._ss.clone(),
+            "sy": self._sy.clone(),
+            "gamma": self._gamma,
+            "m_inv": self._m_inv.clone(),
+        }
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        """Restore what :meth:`state_dict` returned; ``M^{-1}`` is copied, not recomputed."""
+        s_list, y_list = list(state["s"]), list(state["y"])  # type: ignore[call-overload]
+        if len(s_list) != len(y_list) or len(s_list) > self.memory:
+            raise ConfigError(f"lsr1 state holds {len(s_list)} pairs, more than memory={self.memory}")
+        self._s = [v.clone() for v in s_list]
+        self._y = [v.clone() for v in y_list]
+        self._ss = state["ss"].clone()  # type: ignore[attr-defined]
+        self._sy = state["sy"].clone()  # type: ignore[attr-defined]
+        self._gamma = float(state["gamma"])  # type: ignore[arg-type]
+        self._m_inv = state["m_inv"].clone()  # type: ignore[attr-defined]
+
     @property
     def size(self) -> int:
         """Number of stored pairs."""

@@ -71,6 +71,14 @@ class SubproblemSolver(Protocol):
         """Forget quasi-Newton memory, if any."""
         ...
 
+    def state_dict(self) -> dict[str, object]:
+        """What a checkpoint must keep of the solver between steps (copies)."""
+        ...
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        ...
+
 
 def _from_steihaug(result: SteihaugResult) -> SubproblemResult:
     return SubproblemResult(result.step, result.pred, result.exit.value, result.iterations)
@@ -109,6 +117,12 @@ class CauchySolver:
     def reset(self) -> None:
         """No memory: nothing to do."""
 
+    def state_dict(self) -> dict[str, object]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        """No memory: nothing to restore."""
+
 
 class SteihaugSolver:
     """Steihaug-Toint truncated CG on the curvature product passed to :meth:`solve`.
@@ -144,6 +158,14 @@ class SteihaugSolver:
 
     def reset(self) -> None:
         """Forget the last negative-curvature direction."""
+        self.negative_curvature_direction = None
+
+    def state_dict(self) -> dict[str, object]:
+        # The negative-curvature direction belongs to the last solve, not to the state.
+        return {}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        """No memory: nothing to restore."""
         self.negative_curvature_direction = None
 
 
@@ -186,6 +208,12 @@ class LSR1Solver:
     def reset(self) -> None:
         """Forget all pairs."""
         self.operator.reset()
+
+    def state_dict(self) -> dict[str, object]:
+        return self.operator.state_dict()
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.operator.load_state_dict(state)
 
 
 def make_subproblem_solver(

@@ -1,0 +1,154 @@
+"""Strong scaling on this machine, the α–β model beside it, and its extrapolation to 1024 ranks.
+
+Run: ``python benchmarks/scaling.py --data-dir ../shared/datasets/mnist [--outdir runs/scaling] [--report-only]``
+
+1. ``hpcopt jobs local``: strong scaling 1 → 2 ranks (one thread per rank) of APTS-D and
+   SGD on the MNIST ``cnn`` at global batch 2000, ``--max-steps`` steps per point;
+2. ``hpcopt analyze --calibrate``'s sweep: MPI_Allreduce timed on 2 ranks, α and β fitted;
+3. the model (profile from each 1-rank log, network from step 2) against the measured
+   1- and 2-rank times;
+4. predicted strong- and weak-scaling efficiency at 64 and 1024 ranks on a 25 GB/s,
+   2 µs network for APTS-D, SGD (profiles from the logs) and HF (a synthetic profile,
+   no HF optimizer yet: one allreduce of (n + k) floats per Krylov iteration, 20 per
+   outer step, plus the gradient; compute = gradient + 20 Hessian-vector products on a
+   10 % curvature batch at 2 gradients each, i.e. 5 gradient costs), figure ``model.png``;
+5. ``hpcopt analyze --plot`` figures of the sweep (``curves.png``, ``scaling.png``).
+
+Times are medians per outer iteration (start-up step excluded).  The machine has two
+cores shared with other work, so 1 → 2 ranks measures contention as much as scaling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from hpcopt.analysis import format_table, load_run
+from hpcopt.jobs import SweepSpec, run_local
+from hpcopt.perfmodel import CollectiveProfile, Network, calibrate, predict
+from hpcopt.plots import plot_predictions
+from hpcopt.scaling import find_sweeps, iteration_times, report, scaling_rows
+
+OPTIMIZERS = ("apts-d", "sgd")
+HF_CG_ITERATIONS = 20
+HF_COMPUTE_IN_GRADIENTS = 1 + HF_CG_ITERATIONS * 2 * 0.1
+TARGET = Network(2e-6, 25e9, "auto")
+# One evaluation, at the end: every timed step is a training step.
+TRAIN_ARGS = ["--model", "cnn", "--epochs", "10", "--eval-every", "10"]
+RANKS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
+
+
+def run_sweeps(args: argparse.Namespace) -> None:
+    for optimizer in OPTIMIZERS:
+        spec = SweepSpec(
+            study="strong",
+            ranks=[1, 2],
+            batch_size=2000,
+            problem="mnist",
+            optimizer=optimizer,
+            outdir=str(args.outdir),
+            threads=1,
+            train_args=[*TRAIN_ARGS, "--data-dir", args.data_dir, "--max-steps", str(args.steps)],
+        )
+        run_local(spec, timeout=900)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default="../shared/datasets/mnist")
+    parser.add_argument("--outdir", type=Path, default=Path("runs/scaling"))
+    parser.add_argument("--steps", type=int, default=6, help="outer iterations per point")
+    parser.add_argument("--report-only", action="store_true", help="use the logs already in --outdir")
+    args = parser.parse_args()
+    if not args.report_only:
+        run_sweeps(args)
+    runs = [load_run(path) for path in sorted(args.outdir.glob("strong-*-local.h5"))]
+    if not runs:
+        sys.exit(f"no run logs in {args.outdir}; run without --report-only first")
+    sweeps = [sweep for sweep in find_sweeps(runs) if sweep.study == "strong"]
+
+    print("== measured strong scaling (this machine: 2 cores, shared with other work) ==")
+    print(
+        format_table(
+            scaling_rows(sweeps),
+            [
+                "optimizer",
+                "ranks",
+                "iter_time",
+                "speedup",
+                "efficiency",
+                "comm_fraction",
+                "bytes_per_iter",
+                "final_metric",
+            ],
+        )
+    )
+
+    local, samples = calibrate(2)
+    print(f"== allreduce calibration on 2 ranks: {local.describe()} ==")
+    print("".join(f"  {int(b):>10d} B  {s * 1e6:9.1f} µs\n" for _, b, s in samples))
+
+    rows, profiles = [], {}
+    for sweep in sweeps:
+        profile = CollectiveProfile.from_run(sweep.runs[0])
+        profiles[profile.name] = profile
+        for run, prediction in zip(sweep.runs, predict(profile, local, sweep.ranks, "strong")):
+            measured = float(np.median(iteration_times(run)))
+            rows.append(
+                {
+                    "optimizer": profile.name,
+                    "ranks": prediction.ranks,
+                    "measured_s": measured,
+                    "model_s": prediction.time,
+                    "model_comm_s": prediction.comm,
+                    "model/measured": prediction.time / measured,
+                }
+            )
+    print("== model (calibrated network) vs measurement, time per iteration ==")
+    print(format_table(rows))
+
+    sgd = profiles["sgd"]
+    calls_per_step = sgd.calls  # gradient allreduce + a few scalars
+    message = sgd.bytes / max(sgd.calls, 1.0)
+    profiles["hf (synthetic)"] = CollectiveProfile(
+        "hf (synthetic)",
+        calls=calls_per_step + HF_CG_ITERATIONS,
+        bytes=sgd.bytes + HF_CG_ITERATIONS * message,
+        compute=sgd.compute * HF_COMPUTE_IN_GRADIENTS,
+        ref_ranks=sgd.ref_ranks,
+    )
+    extrapolation, curves = [], {}
+    for study in ("strong", "weak"):
+        for name, profile in profiles.items():
+            predictions = predict(profile, TARGET, RANKS, study)
+            curves[f"{name} {study}"] = [(p.ranks, p.efficiency) for p in predictions]
+            by_ranks = {p.ranks: p for p in predictions}
+            extrapolation.append(
+                {
+                    "study": study,
+                    "optimizer": name,
+                    "calls/iter": profile.calls,
+                    "MB/iter": profile.bytes / 1e6,
+                    "compute_s@1": profile.compute * profile.ref_ranks,
+                    "eff@2": by_ranks[2].efficiency,
+                    "eff@64": by_ranks[64].efficiency,
+                    "eff@1024": by_ranks[1024].efficiency,
+                }
+            )
+    print(f"== predicted efficiency, {TARGET.describe()} (compute per rank from the 1-rank logs) ==")
+    print(format_table(extrapolation))
+    figure = plot_predictions(
+        curves,
+        args.outdir / "model.png",
+        title=f"α–β model, {TARGET.describe()}; MNIST cnn, global batch 2000 (strong) / 2000 per rank (weak)",
+    )
+    print(f"figure: {figure}")
+    model_rows = report(runs, plot=str(args.outdir), network=local)
+    print(model_rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,416 @@
+"""Distributed Hessian-free (Newton–Krylov) with negative-curvature steps (ALGORITHMS.md §4).
+
+One outer iteration on the global batch B = ∪ B_r (every rank holds the whole model):
+
+1. ``[g; f]`` at θ_k — one allreduce(n+1).
+2. A curvature operator ``B`` (Gauss–Newton or Hessian) linearised at θ_k on the
+   curvature sub-batch C ⊂ B (``curvature_fraction`` of the rows).  The
+   distributed product is ``Bv = Σ_r w_r B_r v`` with ``w_r = |C_r|/|C|``: one
+   allreduce(n) per product and nothing else, because every Krylov vector is
+   replicated and all inner products are local (the k of allreduce(n+k) is 0).
+3. A Krylov solve: ``cg`` (Martens), ``bicgstab`` (He et al.) or ``steihaug``
+   (trust region of §0, no damping).
+4. A step chosen from the Newton-type candidate (after backtracking over the CG
+   iterates and an Armijo line search, or the trust-region test) and, when a
+   direction with ``dᵀBd < 0`` was met, a line-searched step along ±d; the one that
+   lowers f more is taken.  Each trial value is one allreduce of one scalar.
+
+The curvature sub-batch is ``strided`` by default *(ours)*: global row p of the
+batch is used when ``⌈(p+1)·fraction⌉ > ⌈p·fraction⌉``, so C is the same set of
+rows whatever the number of ranks and the run is rank-count invariant.  ``head``
+(each rank's first ``fraction`` of its shard, as in He et al.) is cheaper to slice
+but makes C depend on P.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from hpcopt.config import require
+from hpcopt.curvature import CurvatureKind, CurvatureOperator, LocalObjective, parse_curvature
+from hpcopt.errors import NonFiniteError
+from hpcopt.hf_krylov import HFSolveResult, bicgstab, martens_cg
+from hpcopt.krylov import steihaug_cg
+from hpcopt.objective import DistributedObjective
+from hpcopt.optimizers.base import Optimizer, StepResult
+from hpcopt.trust_region import RadiusPolicy, decide
+
+SOLVERS = ("cg", "bicgstab", "steihaug")
+SAMPLINGS = ("strided", "head")
+
+
+@dataclass
+class HFConfig:
+    """Options of ``--optimizer hf``.
+
+    Attributes:
+        solver: ``cg`` (Martens: SPD system, warm start, backtracking, Armijo),
+            ``bicgstab`` (indefinite (H+λI)p = −g) or ``steihaug`` (trust region) (cg).
+        curvature: ``ggn`` (Gauss–Newton, PSD) or ``hessian`` (ggn).
+        curvature_fraction: share of the global batch used for curvature products (0.1).
+        curvature_sampling: ``strided`` (rank-count invariant) or ``head`` (strided).
+        damping: initial Levenberg–Marquardt λ; 0 disables damping and its adaptation (1.0).
+        adapt_damping: ρ < 0.25 → λ·damping_inc, ρ > 0.75 → λ·damping_dec (on).
+        damping_inc: 1.5.  damping_dec: 2/3.
+        damping_min: 1e-6.  damping_max: 1e6.
+        max_iterations: curvature products per Krylov solve (50).
+        rtol: stop the solve when ‖r‖ ≤ rtol·‖g‖ (1e-8).
+        progress_tol: Martens' relative-progress threshold ε (5e-4).
+        warm_start: CG/BiCGSTAB start from this multiple of the previous solution (0.95; 0 = cold).
+        backtrack_iterates: evaluate f on the stored CG iterates and keep the best (on).
+        armijo: sufficient-decrease constant c of the line searches (1e-2).
+        line_search_shrink: step factor per backtracking trial (0.8).
+        line_search_max: trials per line search (20).
+        negative_curvature: try steps along directions with dᵀBd < 0 (on).
+        curvature_step_scale: the ±d line search starts at length scale·|κ|, κ = dᵀBd/‖d‖² (1.0).
+        curvature_step_max: cap on that initial length (10.0).
+        radius, radius_min, radius_max, eta1, eta2, gamma_inc, gamma_dec: trust region of
+            ``steihaug`` (1.0, 1e-6, 100.0, 0.25, 0.75, 2.0, 0.5) *(ours)*.
+    """
+
+    solver: str = "cg"
+    curvature: str = "ggn"
+    curvature_fraction: float = 0.1
+    curvature_sampling: str = "strided"
+    damping: float = 1.0
+    adapt_damping: bool = True
+    damping_inc: float = 1.5
+    damping_dec: float = 2.0 / 3.0
+    damping_min: float = 1e-6
+    damping_max: float = 1e6
+    max_iterations: int = 50
+    rtol: float = 1e-8
+    progress_tol: float = 5e-4
+    warm_start: float = 0.95
+    backtrack_iterates: bool = True
+    armijo: float = 1e-2
+    line_search_shrink: float = 0.8
+    line_search_max: int = 20
+    negative_curvature: bool = True
+    curvature_step_scale: float = 1.0
+    curvature_step_max: float = 10.0
+    radius: float = 1.0
+    radius_min: float = 1e-6
+    radius_max: float = 100.0
+    eta1: float = 0.25
+    eta2: float = 0.75
+    gamma_inc: float = 2.0
+    gamma_dec: float = 0.5
+
+    def validate(self) -> None:
+        require(self.solver in SOLVERS, f"hf: unknown solver '{self.solver}' (choose from {', '.join(SOLVERS)})")
+        parse_curvature(self.curvature)
+        require(
+            0 < self.curvature_fraction <= 1, f"hf: curvature_fraction must be in (0, 1], got {self.curvature_fraction}"
+        )
+        require(
+            self.curvature_sampling in SAMPLINGS,
+            f"hf: curvature_sampling must be one of {', '.join(SAMPLINGS)}, got '{self.curvature_sampling}'",
+        )
+        require(self.damping >= 0, f"hf: damping must be >= 0, got {self.damping}")
+        require(
+            self.damping_inc >= 1 and 0 < self.damping_dec <= 1, "hf: need damping_inc >= 1 and 0 < damping_dec <= 1"
+        )
+        require(0 < self.damping_min <= self.damping_max, "hf: need 0 < damping_min <= damping_max")
+        require(self.max_iterations >= 1, f"hf: max_iterations must be >= 1, got {self.max_iterations}")
+        require(self.rtol >= 0 and self.progress_tol >= 0, "hf: rtol and progress_tol must be >= 0")
+        require(0 <= self.warm_start <= 1, f"hf: warm_start must be in [0, 1], got {self.warm_start}")
+        require(0 < self.armijo < 1, f"hf: armijo must be in (0, 1), got {self.armijo}")
+        require(0 < self.line_search_shrink < 1, "hf: line_search_shrink must be in (0, 1)")
+        require(self.line_search_max >= 1, "hf: line_search_max must be >= 1")
+        require(self.curvature_step_scale > 0 and self.curvature_step_max > 0, "hf: curvature step sizes must be > 0")
+        require(
+            0 < self.radius_min <= self.radius <= self.radius_max,
+            f"hf: need 0 < radius_min <= radius <= radius_max, got {self.radius_min}, {self.radius}, {self.radius_max}",
+        )
+        self.policy().validate()
+
+    def policy(self) -> RadiusPolicy:
+        return RadiusPolicy(
+            eta1=self.eta1,
+            eta2=self.eta2,
+            gamma_inc=self.gamma_inc,
+            gamma_dec=self.gamma_dec,
+            radius_min=self.radius_min,
+            radius_max=self.radius_max,
+        )
+
+
+def curvature_rows(
+    local_size: int, offset: int, global_size: int, fraction: float, sampling: str
+) -> tuple[torch.Tensor, int]:
+    """This rank's curvature rows (indices into its shard) and the global count |C|.
+
+    ``offset`` is the position of the shard's first row in the global batch.
+    """
+    if sampling == "head":
+        count = max(1, math.ceil(fraction * local_size)) if local_size else 0
+        return torch.arange(count), round(count * global_size / max(local_size, 1))
+    positions = torch.arange(offset, offset + local_size, dtype=torch.float64)
+    selected = torch.ceil((positions + 1) * fraction) > torch.ceil(positions * fraction)
+    everywhere = torch.arange(global_size, dtype=torch.float64)
+    total = int((torch.ceil((everywhere + 1) * fraction) > torch.ceil(everywhere * fraction)).sum())
+    return torch.nonzero(selected).flatten(), total
+
+
+class DistributedCurvature:
+    """``v ↦ (Σ_r w_r B_r v) + λv``: one allreduce(n) per product, nothing else.
+
+    It also watches every product for negative curvature: the Rayleigh quotient
+    ``κ = vᵀBv/vᵀv`` of the undamped B (local dots of replicated vectors) and the
+    most negative direction met so far are kept, so any Krylov solver reports
+    negative curvature without knowing about it.
+
+    Attributes:
+        products: collectives (products) taken so far.
+        negative_direction: the vector with the most negative κ, or None.
+        negative_curvature: that κ (0.0 when none).
+    """
+
+    def __init__(
+        self, objective: DistributedObjective, local: CurvatureOperator | None, weight: float, damping: float
+    ) -> None:
+        self.objective = objective
+        self.local = local
+        self.weight = weight
+        self.damping = damping
+        self.buffer = objective.comm_buffer(scalars=0)
+        self.products = 0
+        self.negative_direction: torch.Tensor | None = None
+        self.negative_curvature = 0.0
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        vector = self.buffer.vector
+        if self.local is None:
+            vector.zero_()  # no curvature rows on this rank
+        else:
+            torch.mul(self.local(v), self.weight, out=vector)
+        self.objective.comm.allreduce_(self.buffer.data)
+        self.products += 1
+        product = vector.clone()
+        vv = float(torch.dot(v, v))
+        vbv = float(torch.dot(v, product))
+        # Relative threshold: a PSD operator may show -1e-9-sized quotients by rounding.
+        if vv > 0 and vbv < -1e-6 * math.sqrt(vv) * float(product.norm()):
+            kappa = vbv / vv
+            if kappa < self.negative_curvature:
+                self.negative_curvature = kappa
+                self.negative_direction = v.detach().clone()
+        if self.damping:
+            product.add_(v, alpha=self.damping)
+        return product
+
+
+class HessianFree(Optimizer):
+    name = "hf"
+    config_class = HFConfig
+
+    def __init__(self, objective: DistributedObjective, config: HFConfig) -> None:
+        super().__init__(objective, config)
+        self.kind: CurvatureKind = parse_curvature(config.curvature)
+        self.damping = config.damping
+        self.radius = config.radius if config.solver == "steihaug" else math.nan
+        self.policy = config.policy()
+        self.previous: torch.Tensor | None = None
+        self.newton_steps = 0
+        self.curvature_steps = 0
+        self.evaluations = 0
+
+    # -- pieces -----------------------------------------------------------------
+
+    def curvature_operator(self, damping: float) -> DistributedCurvature:
+        """The distributed damped curvature at the current parameters, on the curvature sub-batch."""
+        cfg = self.config
+        objective = self.objective
+        local_objective = objective.local
+        local_size = int(local_objective.inputs.shape[0])
+        global_size = round(local_size / objective.weight) if objective.weight > 0 else 0
+        size = objective.comm.size
+        sampling = cfg.curvature_sampling if local_size * size == global_size else "head"
+        rows, total = curvature_rows(
+            local_size, objective.comm.rank * local_size, global_size, cfg.curvature_fraction, sampling
+        )
+        self.curvature_rows = total
+        local: CurvatureOperator | None = None
+        if len(rows):
+            if len(rows) < local_size:
+                local_objective = LocalObjective(
+                    self.flat,
+                    objective.problem.forward,
+                    objective.problem.criterion,
+                    local_objective.inputs[rows],
+                    local_objective.targets[rows],
+                )
+            # The same dropout mask on every evaluation of this batch, whatever the RNG did before.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(objective.noise_seed)
+                local = local_objective.curvature(self.kind)
+        return DistributedCurvature(objective, local, len(rows) / max(total, 1), damping)
+
+    def _value_at(self, theta: torch.Tensor, step: torch.Tensor) -> float:
+        self.flat.copy_(theta + step)
+        self.evaluations += 1
+        value = self.objective.value()
+        return value if math.isfinite(value) else math.inf
+
+    def _armijo(
+        self,
+        theta: torch.Tensor,
+        loss: float,
+        direction: torch.Tensor,
+        slope: float,
+        curvature: float,
+        t: float,
+        first_value: float | None = None,
+    ) -> tuple[float, float]:
+        """Backtrack t until f(θ+t·d) ≤ f + c·(t·slope + ½t²·curvature); returns (t, f) or (0, f)."""
+        cfg = self.config
+        value = first_value if first_value is not None else self._value_at(theta, t * direction)
+        for trial in range(cfg.line_search_max):
+            if value <= loss + cfg.armijo * (t * slope + 0.5 * t * t * min(curvature, 0.0)):
+                return t, value
+            if trial == cfg.line_search_max - 1:
+                break
+            t *= cfg.line_search_shrink
+            value = self._value_at(theta, t * direction)
+        return 0.0, loss
+
+    def _curvature_candidate(
+        self, theta: torch.Tensor, loss: float, grad: torch.Tensor, matvec: DistributedCurvature
+    ) -> tuple[torch.Tensor, float] | None:
+        """A line-searched step along ±d for the most negative-curvature direction met."""
+        d = matvec.negative_direction
+        if not self.config.negative_curvature or d is None:
+            return None
+        unit = d / d.norm()
+        slope = float(torch.dot(grad, unit))
+        if slope > 0:
+            unit.neg_()
+            slope = -slope
+        kappa = matvec.negative_curvature
+        length = min(self.config.curvature_step_scale * abs(kappa), self.config.curvature_step_max)
+        t, value = self._armijo(theta, loss, unit, slope, kappa, length)
+        if t == 0.0:
+            return None
+        return t * unit, value
+
+    # -- one outer iteration ----------------------------------------------------
+
+    def step(self) -> StepResult:
+        cfg = self.config
+        theta = self.flat.clone()
+        evaluations_before = self.evaluations
+        loss, grad_view = self.objective.value_and_grad()
+        if not math.isfinite(loss):
+            raise NonFiniteError(
+                f"hf: the mini-batch loss is {loss} at step {self.steps}; a Newton step cannot start from a "
+                "non-finite value (lower the damping's floor or check the data)"
+            )
+        grad = grad_view.clone()
+        damping = 0.0 if cfg.solver == "steihaug" else self.damping
+        matvec = self.curvature_operator(damping)
+        extras: dict[str, object] = {"damping": self.damping, "curvature_rows": self.curvature_rows}
+        candidates: list[tuple[str, torch.Tensor, float]] = []
+        ratio = math.nan
+        radius_before = self.radius
+        if cfg.solver == "steihaug":
+            tr = steihaug_cg(matvec, grad, self.radius, rtol=None, max_iter=cfg.max_iterations)
+            step_norm = float(tr.step.norm())
+            trial = self._value_at(theta, tr.step)
+            decision = decide(self.policy, self.radius, loss, trial, tr.pred, step_norm)
+            self.radius = decision.radius
+            ratio = decision.ratio
+            if decision.accepted:
+                candidates.append(("newton", tr.step, trial))
+            extras.update(solver_exit=str(tr.exit), krylov_iterations=tr.iterations, pred=tr.pred)
+        else:
+            x0 = None
+            if self.previous is not None and cfg.warm_start > 0:
+                x0 = cfg.warm_start * self.previous
+            solve = martens_cg if cfg.solver == "cg" else bicgstab
+            options = {"progress_tol": cfg.progress_tol} if cfg.solver == "cg" else {}
+            result: HFSolveResult = solve(
+                matvec,
+                grad,
+                x0=x0,
+                max_iter=cfg.max_iterations,
+                rtol=cfg.rtol,
+                **options,  # type: ignore[operator]
+            )
+            if bool(torch.isfinite(result.step).all()):
+                self.previous = result.step.clone()
+            else:
+                self.previous = None
+            extras.update(solver_exit=result.exit, krylov_iterations=result.iterations)
+            newton = self._newton_candidate(theta, loss, grad, result)
+            ratio = newton[3]
+            if newton[0] is not None:
+                candidates.append(("newton", newton[0], newton[1]))
+            extras["line_search_t"] = newton[2]
+        curvature = self._curvature_candidate(theta, loss, grad, matvec)
+        if curvature is not None:
+            candidates.append(("curvature", *curvature))
+        extras["negative_curvature"] = matvec.negative_curvature
+        chosen = min(candidates, key=lambda c: c[2]) if candidates else None
+        if chosen is not None and chosen[2] < loss:
+            self.flat.copy_(theta + chosen[1])
+            step_norm = float(chosen[1].norm())
+            if chosen[0] == "newton":
+                self.newton_steps += 1
+            else:
+                self.curvature_steps += 1
+            extras["chosen"] = chosen[0]
+            accepted = True
+        else:
+            self.flat.copy_(theta)  # bit-identical θ_k
+            step_norm = 0.0
+            extras["chosen"] = "none"
+            accepted = False
+        self.steps += 1
+        extras.update(
+            curvature_products=matvec.products,
+            value_evaluations=self.evaluations - evaluations_before,
+            newton_steps=self.newton_steps,
+            curvature_steps=self.curvature_steps,
+        )
+        return StepResult(
+            loss=loss, radius=radius_before, step_norm=step_norm, ratio=ratio, accepted=accepted, extras=extras
+        )
+
+    def _newton_candidate(
+        self, theta: torch.Tensor, loss: float, grad: torch.Tensor, result: HFSolveResult
+    ) -> tuple[torch.Tensor | None, float, float, float]:
+        """Backtracking over iterates, ρ and the damping update, Armijo: (step, f, t, ρ)."""
+        cfg = self.config
+        # Martens: from the last iterate backwards, keep going while f keeps falling.
+        iterates = result.stored if (cfg.solver == "cg" and cfg.backtrack_iterates and result.stored) else []
+        if iterates:
+            best = iterates[-1]
+            best_value = self._value_at(theta, best.step)
+            for candidate in reversed(iterates[:-1]):
+                value = self._value_at(theta, candidate.step)
+                if value >= best_value:
+                    break
+                best, best_value = candidate, value
+            step, model_value, value = best.step, best.model_value, best_value
+        else:
+            step, model_value = result.step, result.model_value
+            value = self._value_at(theta, step) if bool(torch.isfinite(step).all()) else math.inf
+        # ρ against the undamped model: m(p) = m_λ(p) − ½λ‖p‖².
+        pred = -(model_value - 0.5 * self.damping * float(torch.dot(step, step)))
+        ratio = (loss - value) / pred if pred > 0 and math.isfinite(pred) and math.isfinite(value) else math.nan
+        if cfg.adapt_damping and self.damping > 0:
+            if not math.isfinite(ratio) or ratio < 0.25:
+                self.damping = min(cfg.damping_max, self.damping * cfg.damping_inc)
+            elif ratio > 0.75:
+                self.damping = max(cfg.damping_min, self.damping * cfg.damping_dec)
+        slope = float(torch.dot(grad, step))
+        if not (slope < 0 and math.isfinite(slope)):
+            return None, math.inf, 0.0, ratio  # not a descent direction (indefinite system)
+        t, value = self._armijo(theta, loss, step, slope, 0.0, 1.0, first_value=value)
+        if t == 0.0:
+            return None, math.inf, 0.0, ratio
+        return t * step, value, t, ratio

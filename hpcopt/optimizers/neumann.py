@@ -1,0 +1,148 @@
+"""The Neumann optimizer (ALGORITHMS.md §6; Krishnan, Xiao & Saurous, ICLR 2018).
+
+Data-parallel with one allreduce(n+1) of ``[g; loss]`` per step; the state
+(m, v) is replicated.  The mini-batch Newton system is solved by a Neumann series
+whose Hessian-vector products are replaced by gradients at displaced points, so
+the stored parameters w are *displaced*: the model the method stands for is
+``w − μ·m``, and evaluation, checkpoints and the final model use that
+(:meth:`Neumann.evaluation_parameters`).
+
+Per step t (gradient ĝ at the stored w), after ``warmup_steps`` of plain SGD:
+
+* at a reset (the first step after warm-up, then after K steps, K doubling):
+  ``m ← −η ĝ``;
+* otherwise ``d = ĝ + (α‖w−v‖² − β/‖w−v‖²)·(w−v)/‖w−v‖``, ``m ← μ m − η d``,
+  ``w ← w + μ m − η d``, ``v ← w + γ(v − w)``.
+
+``d``'s extra term is the gradient of the cubic-plus-repulsive regulariser
+``α/3‖w−v‖³ + β/‖w−v‖`` (:func:`regularizer`).  μ = clip(1 − 1/(1+e), μ_min, μ_max)
+and η = lr/(1 + e) with e the epochs since warm-up; ``epoch_steps`` says how many
+steps an "epoch" of these schedules is, since an optimizer does not see the data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from hpcopt.config import require
+from hpcopt.objective import DistributedObjective
+from hpcopt.optimizers.base import Optimizer, StepResult
+from hpcopt.optimizers.sgd import check_finite_loss
+
+
+@dataclass
+class NeumannConfig:
+    """Options of ``--optimizer neumann`` (constants from the paper; only lr is meant to be tuned).
+
+    Attributes:
+        lr: learning-rate scale η₀ (0.01).
+        alpha: cubic regulariser α (1e-7).
+        beta_scale: repulsive regulariser β = beta_scale·n, n = number of parameters (1e-5).
+        gamma: decay of the moving anchor v (0.99).
+        mu_min, mu_max: clip of the momentum μ (0.5, 0.9).
+        epoch_steps: steps per "epoch" of the schedules below (100; set it to the data's).
+        warmup_epochs: epochs of plain SGD first (5).
+        reset_epochs: first reset period K in epochs; K doubles after each reset (10).
+    """
+
+    lr: float = 0.01
+    alpha: float = 1e-7
+    beta_scale: float = 1e-5
+    gamma: float = 0.99
+    mu_min: float = 0.5
+    mu_max: float = 0.9
+    epoch_steps: int = 100
+    warmup_epochs: float = 5.0
+    reset_epochs: float = 10.0
+
+    def validate(self) -> None:
+        require(self.lr > 0, f"neumann: lr must be > 0, got {self.lr}")
+        require(self.alpha >= 0 and self.beta_scale >= 0, "neumann: alpha and beta_scale must be >= 0")
+        require(0 <= self.gamma < 1, f"neumann: gamma must be in [0, 1), got {self.gamma}")
+        require(0 <= self.mu_min <= self.mu_max < 1, "neumann: need 0 <= mu_min <= mu_max < 1")
+        require(self.epoch_steps >= 1, f"neumann: epoch_steps must be >= 1, got {self.epoch_steps}")
+        require(self.warmup_epochs >= 0, "neumann: warmup_epochs must be >= 0")
+        require(self.reset_epochs > 0, "neumann: reset_epochs must be > 0")
+
+    @property
+    def warmup_steps(self) -> int:
+        return round(self.warmup_epochs * self.epoch_steps)
+
+    def schedule(self, step: int) -> tuple[float, float]:
+        """(η, μ) at step ``step`` (0-based) after the warm-up."""
+        epochs = max(step - self.warmup_steps, 0) / self.epoch_steps
+        mu = min(max(1.0 - 1.0 / (1.0 + epochs), self.mu_min), self.mu_max)
+        return self.lr / (1.0 + epochs), mu
+
+
+def regularizer(w: torch.Tensor, v: torch.Tensor, alpha: float, beta: float) -> tuple[float, torch.Tensor]:
+    """Value ``α/3‖w−v‖³ + β/‖w−v‖`` and its gradient in w; (0, 0) when w = v."""
+    diff = w - v
+    distance = float(diff.norm())
+    if distance == 0.0 or not math.isfinite(distance):
+        return 0.0, torch.zeros_like(w)
+    value = alpha / 3.0 * distance**3 + beta / distance
+    return value, diff * ((alpha * distance**2 - beta / distance**2) / distance)
+
+
+class Neumann(Optimizer):
+    name = "neumann"
+    config_class = NeumannConfig
+
+    def __init__(self, objective: DistributedObjective, config: NeumannConfig) -> None:
+        super().__init__(objective, config)
+        self.m = torch.zeros_like(self.flat.data)
+        self.v: torch.Tensor | None = None
+        self.mu = 0.0  # the μ of the current displacement w = (w − μm) + μm
+        self.beta = config.beta_scale * self.flat.numel
+        self.period = max(1, round(config.reset_epochs * config.epoch_steps))
+        self.next_reset = config.warmup_steps
+        self.resets = 0
+
+    @contextlib.contextmanager
+    def evaluation_parameters(self) -> Iterator[None]:
+        """Temporarily set the parameters to w − μm, the model this method stands for."""
+        saved = self.flat.clone()
+        self.flat.copy_(saved - self.mu * self.m)
+        try:
+            yield
+        finally:
+            self.flat.copy_(saved)
+
+    def step(self) -> StepResult:
+        cfg = self.config
+        loss, grad = self.objective.value_and_grad()
+        check_finite_loss(self.name, loss, self.steps)
+        w = self.flat.data
+        phase = "sgd"
+        eta, mu = cfg.schedule(self.steps)
+        with torch.no_grad():
+            if self.steps < cfg.warmup_steps:
+                w.add_(grad, alpha=-cfg.lr)
+                step_norm = cfg.lr * float(grad.norm())
+            elif self.steps == self.next_reset:
+                if self.v is None:
+                    self.v = w.clone()
+                self.m = grad * -eta
+                self.mu = mu
+                self.next_reset += self.period
+                self.period *= 2
+                self.resets += 1
+                phase, step_norm = "reset", 0.0
+            else:
+                assert self.v is not None
+                _, reg_grad = regularizer(w, self.v, cfg.alpha, self.beta)
+                d = grad + reg_grad
+                self.m.mul_(mu).add_(d, alpha=-eta)
+                update = self.m * mu - d * eta
+                w.add_(update)
+                self.v.sub_(w).mul_(cfg.gamma).add_(w)
+                self.mu = mu
+                phase, step_norm = "neumann", float(update.norm())
+        self.steps += 1
+        return StepResult(loss=loss, step_norm=step_norm, extras={"phase": phase, "eta": eta, "mu": mu})

@@ -1,0 +1,164 @@
+"""Preconditioned nonlinear conjugate gradients (ALGORITHMS.md §5; Adya et al.).
+
+Data-parallel with one allreduce(n+1) of ``[g; loss]`` per step; all state (the
+diagonal preconditioner h, the previous gradient, direction and step) is
+replicated, so every rank computes the same step from the same reduced values.
+
+Per step, with s the previous step and y = g_k − g_{k−1}:
+
+1. diagonal BFGS: if yᵀs > 1e-8 and sᵀdiag(h)s > 1e-8,
+   ``h ← |h − (h∘s)²/(sᵀdiag(h)s) + (y∘y)/(yᵀs)|``; h₀ = 1, M = 1/(h + 1e-8);
+2. r = −g, z = M∘r; Fletcher–Reeves β = rₖᵀzₖ / rₖ₋₁ᵀzₖ₋₁ or Polak–Ribière
+   β = (rₖᵀzₖ − rₖᵀzₖ₋₁)/rₖ₋₁ᵀzₖ₋₁, clipped to [0, beta_max]; d = z + β d_{k−1};
+3. θ ← θ + lr(t)·c·d, with c from the loss-average heuristic and lr(t) a linear
+   warm-up followed by step decay.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from hpcopt.config import require
+from hpcopt.objective import DistributedObjective
+from hpcopt.optimizers.base import Optimizer, StepResult
+from hpcopt.optimizers.sgd import check_finite_loss
+
+BETAS = ("fr", "pr")
+
+# Loss-average heuristic *(ours where §5 leaves the numbers open)*: the EMA ratio
+# thresholds above 1.01 and the matching shrink factors, mildest first.
+_SHRINK = ((1.05, 0.975), (1.1, 0.9), (1.5, 0.75), (math.inf, 0.5))
+
+
+@dataclass
+class NLCGConfig:
+    """Options of ``--optimizer nlcg``.
+
+    Attributes:
+        lr: base step size (0.1).
+        beta: ``fr`` (Fletcher–Reeves) or ``pr`` (Polak–Ribière) (fr).
+        beta_max: upper clip of β; 0 gives preconditioned gradient descent (1.0).
+        precondition: diagonal-BFGS preconditioner; off means M = I (on).
+        warmup_steps: linear warm-up of lr over this many steps (0 = none) (0).
+        decay_every: multiply lr by decay_factor every this many steps (0 = never) (0).
+        decay_factor: 0.1.
+        loss_average: the loss-average step heuristic for c (on).
+        ema: EMA factor of the loss (0.7).
+        check_every: compare the loss EMA with its value this many steps before (5).
+        c_grow: factor of c when the loss fell (ratio < 1.01) (1.05); c is capped at 1.
+        c_min: floor of c (1e-4).
+    """
+
+    lr: float = 0.1
+    beta: str = "fr"
+    beta_max: float = 1.0
+    precondition: bool = True
+    warmup_steps: int = 0
+    decay_every: int = 0
+    decay_factor: float = 0.1
+    loss_average: bool = True
+    ema: float = 0.7
+    check_every: int = 5
+    c_grow: float = 1.05
+    c_min: float = 1e-4
+
+    def validate(self) -> None:
+        require(self.lr > 0, f"nlcg: lr must be > 0, got {self.lr}")
+        require(self.beta in BETAS, f"nlcg: beta must be one of {', '.join(BETAS)}, got '{self.beta}'")
+        require(0 <= self.beta_max <= 1, f"nlcg: beta_max must be in [0, 1], got {self.beta_max}")
+        require(self.warmup_steps >= 0 and self.decay_every >= 0, "nlcg: warmup_steps and decay_every must be >= 0")
+        require(0 < self.decay_factor <= 1, f"nlcg: decay_factor must be in (0, 1], got {self.decay_factor}")
+        require(0 <= self.ema < 1, f"nlcg: ema must be in [0, 1), got {self.ema}")
+        require(self.check_every >= 1, f"nlcg: check_every must be >= 1, got {self.check_every}")
+        require(self.c_grow >= 1 and 0 < self.c_min <= 1, "nlcg: need c_grow >= 1 and 0 < c_min <= 1")
+
+    def learning_rate(self, step: int) -> float:
+        """lr(t) for the t-th step (0-based)."""
+        lr = self.lr
+        if self.warmup_steps and step < self.warmup_steps:
+            lr *= (step + 1) / self.warmup_steps
+        if self.decay_every:
+            lr *= self.decay_factor ** (step // self.decay_every)
+        return lr
+
+
+def diagonal_bfgs_update(h: torch.Tensor, s: torch.Tensor, y: torch.Tensor) -> bool:
+    """``h ← |h − (h∘s)²/(sᵀdiag(h)s) + (y∘y)/(yᵀs)|`` in place when both curvatures exceed 1e-8."""
+    ys = float(torch.dot(y, s))
+    hs = h * s
+    shs = float(torch.dot(s, hs))
+    if not (ys > 1e-8 and shs > 1e-8):
+        return False
+    h.sub_(hs * hs / shs).add_(y * y / ys).abs_()
+    return True
+
+
+class NLCG(Optimizer):
+    name = "nlcg"
+    config_class = NLCGConfig
+
+    def __init__(self, objective: DistributedObjective, config: NLCGConfig) -> None:
+        super().__init__(objective, config)
+        self.h = torch.ones_like(self.flat.data)
+        self.prev_grad: torch.Tensor | None = None
+        self.prev_z: torch.Tensor | None = None
+        self.prev_rz = 0.0
+        self.direction: torch.Tensor | None = None
+        self.prev_step: torch.Tensor | None = None
+        self.c = 1.0
+        self.loss_ema: float | None = None
+        self.ema_history: list[float] = []
+
+    def _update_c(self, loss: float) -> None:
+        cfg = self.config
+        self.loss_ema = loss if self.loss_ema is None else cfg.ema * self.loss_ema + (1 - cfg.ema) * loss
+        self.ema_history.append(self.loss_ema)
+        if len(self.ema_history) <= cfg.check_every or (len(self.ema_history) - 1) % cfg.check_every:
+            return
+        before = self.ema_history[-1 - cfg.check_every]
+        self.ema_history = self.ema_history[-cfg.check_every - 1 :]
+        ratio = self.loss_ema / before if before > 0 else 1.0
+        if ratio < 1.01:
+            self.c = min(1.0, self.c * cfg.c_grow)
+            return
+        factor = next(f for bound, f in _SHRINK if ratio < bound)
+        self.c = max(cfg.c_min, self.c * factor)
+
+    def step(self) -> StepResult:
+        cfg = self.config
+        loss, grad_view = self.objective.value_and_grad()
+        check_finite_loss(self.name, loss, self.steps)
+        grad = grad_view.clone()
+        updated = False
+        if cfg.precondition and self.prev_grad is not None and self.prev_step is not None:
+            updated = diagonal_bfgs_update(self.h, self.prev_step, grad - self.prev_grad)
+        residual = -grad
+        z = residual / (self.h + 1e-8) if cfg.precondition else residual.clone()
+        rz = float(torch.dot(residual, z))
+        beta = 0.0
+        if self.direction is not None and self.prev_z is not None and self.prev_rz > 0:
+            if cfg.beta == "fr":
+                beta = rz / self.prev_rz
+            else:
+                beta = (rz - float(torch.dot(residual, self.prev_z))) / self.prev_rz
+            beta = min(max(beta, 0.0), cfg.beta_max) if math.isfinite(beta) else 0.0
+            direction = z.add(self.direction, alpha=beta)
+        else:
+            direction = z
+        if cfg.loss_average:
+            self._update_c(loss)
+        lr = cfg.learning_rate(self.steps)
+        step = direction * (lr * self.c)
+        with torch.no_grad():
+            self.flat.data.add_(step)
+        self.prev_grad, self.prev_z, self.prev_rz = grad, z, rz
+        self.direction, self.prev_step = direction, step
+        self.steps += 1
+        return StepResult(
+            loss=loss,
+            step_norm=float(step.norm()),
+            extras={"beta": beta, "c": self.c, "lr": lr, "preconditioner_updated": updated},
+        )
