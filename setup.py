@@ -16,6 +16,9 @@ setup(
     long_description_content_type="text/markdown",
     license="BSD-3-Clause",
     packages=find_packages(include=["hpcopt", "hpcopt.*"]),
+    # The CUDA sources are compiled at run time (hpcopt/kernels/cuda.py looks here when
+    # they are not beside the package, i.e. after a non-editable install).
+    data_files=[("share/hpcopt/kernels", sorted(str(p.relative_to(here)) for p in (here / "kernels").glob("*.cu*")))],
     python_requires=">=3.11",
     # torch is deliberately unpinned here: the Makefile installs torch==2.13.0 (a CPU
     # wheel) first, and cluster users bring the build that matches their nodes.

@@ -24,9 +24,13 @@ def _train_parser(sub: Any) -> None:
         help="train a model with a distributed optimizer",
         description="Train under MPI: mpiexec -n P python -m mpi4py -m hpcopt train …",
     )
-    p.add_argument("--problem", help="poisson1d, poisson2d, mnist, quadratic, logistic (default poisson2d)")
+    p.add_argument(
+        "--problem",
+        help="poisson1d|2d|3d, allen-cahn, allen-cahn-time, mnist, tinyshakespeare, quadratic, logistic "
+        "(default poisson2d)",
+    )
     p.add_argument("--model", help="model name (default: the problem's)")
-    p.add_argument("--optimizer", help="apts-d, sgd, adam (default apts-d)")
+    p.add_argument("--optimizer", help="apts-d, apts-p, apts-ip, hf, nlcg, neumann, sgd, adam (default apts-d)")
     p.add_argument("--data-dir", dest="data_dir", help="directory with the dataset files")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", dest="batch_size", type=int, help="global mini-batch size")

@@ -219,6 +219,32 @@ class HostStaging:
         self.seconds += time.perf_counter() - start
 
 
+class PointToPointRequest:
+    """A pending ``isend``/``irecv``: keeps its tensor alive and counts the message on ``wait()``.
+
+    Counted like the collectives, under ``send`` and ``recv`` (payload bytes, and the
+    seconds spent posting plus waiting).
+    """
+
+    def __init__(self, stats: CommStats, op: str, nbytes: int, request: Any, tensor: torch.Tensor, posted: float):
+        self._stats = stats
+        self._op = op
+        self._nbytes = nbytes
+        self._request = request
+        self.tensor = tensor
+        self._posted = posted
+        self._done = False
+
+    def wait(self) -> torch.Tensor:
+        """Complete the message (once; later calls return at once); returns the tensor."""
+        if not self._done:
+            start = time.perf_counter()
+            self._request.Wait()
+            self._stats.record(self._op, self._nbytes, self._posted + time.perf_counter() - start)
+            self._done = True
+        return self.tensor
+
+
 class Communicator:
     """Collectives on flat torch tensors over an MPI communicator.
 
@@ -384,6 +410,38 @@ class Communicator:
             self.stats.record("allgatherv", recv.nbytes, 0.0)
         return out
 
+    # -- point-to-point on tensors (pipeline stages) -----------------------------
+
+    def _p2p_buffer(self, tensor: torch.Tensor) -> Any:
+        if tensor.device.type != "cpu" and not self.cuda_aware:
+            raise NotImplementedError("point-to-point messages of device tensors need a CUDA-aware MPI")
+        return self._buffer(tensor)
+
+    def send_(self, tensor: torch.Tensor, dest: int, tag: int = 0) -> None:
+        """Blocking send of a contiguous ``tensor`` to ``dest``."""
+        array = self._p2p_buffer(tensor)
+        self._timed("send", array.nbytes, self._comm.Send, array, dest, tag)
+
+    def recv_(self, tensor: torch.Tensor, source: int, tag: int = 0) -> torch.Tensor:
+        """Blocking receive into a contiguous ``tensor`` (its shape and dtype must match the send); returns it."""
+        array = self._p2p_buffer(tensor)
+        self._timed("recv", array.nbytes, self._comm.Recv, array, source, tag)
+        return tensor
+
+    def isend(self, tensor: torch.Tensor, dest: int, tag: int = 0) -> PointToPointRequest:
+        """Non-blocking send; ``tensor`` must not change until the request's ``wait()`` returns."""
+        array = self._p2p_buffer(tensor)
+        start = time.perf_counter()
+        request = self._comm.Isend(array, dest, tag)
+        return PointToPointRequest(self.stats, "send", array.nbytes, request, tensor, time.perf_counter() - start)
+
+    def irecv(self, tensor: torch.Tensor, source: int, tag: int = 0) -> PointToPointRequest:
+        """Non-blocking receive into ``tensor``; valid after the request's ``wait()``."""
+        array = self._p2p_buffer(tensor)
+        start = time.perf_counter()
+        request = self._comm.Irecv(array, source, tag)
+        return PointToPointRequest(self.stats, "recv", array.nbytes, request, tensor, time.perf_counter() - start)
+
     # -- Python objects (start-up, errors, metadata; never on a hot path) ------
 
     def bcast_object(self, obj: Any, root: int = 0) -> Any:
@@ -404,7 +462,9 @@ class Communicator:
         """Complete a non-blocking collective or raise :class:`AbortError` at the deadline."""
         self._collectives += 1
         start = time.perf_counter()
-        deadline = start + self.collective_timeout
+        # Rank 0 owns the run log, so it should be the one that detects a stall and
+        # closes the log as failed before aborting: the other ranks wait twice as long.
+        deadline = start + self.collective_timeout * (1 if self.rank == 0 else 2)
         next_notice_check = start + _NOTICE_INTERVAL
         while not request.Test():
             now = time.perf_counter()

@@ -82,7 +82,12 @@ class ParameterDecomposition:
 
     @classmethod
     def build(
-        cls, names: Sequence[str], sizes: Sequence[int], world_size: int, mode: str = "auto", max_imbalance: float = 1.25
+        cls,
+        names: Sequence[str],
+        sizes: Sequence[int],
+        world_size: int,
+        mode: str = "auto",
+        max_imbalance: float = 1.25,
     ) -> ParameterDecomposition:
         """Assign the parameter tensors ``names``/``sizes`` (flat order) to ``world_size`` ranks.
 

@@ -72,9 +72,12 @@ def plot_curves(runs: Sequence[Run], outdir: str | Path) -> Path:
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
-    if any(len(run.iterations.get("loss", ())) and np.nanmin(run.iterations["loss"]) > 0 for run in runs):
-        axes[0, 0].set_yscale("log")
-        axes[0, 1].set_yscale("log")
+    losses = [run.iterations["loss"] for run in runs if len(run.iterations.get("loss", ()))]
+    if losses:
+        low, high = min(np.nanmin(loss) for loss in losses), max(np.nanmax(loss) for loss in losses)
+        if low > 0 and high / low > 10:  # log scale only when the loss spans a decade
+            axes[0, 0].set_yscale("log")
+            axes[0, 1].set_yscale("log")
     fig.suptitle("training curves")
     return _save(fig, Path(outdir) / "curves.png")
 
@@ -115,6 +118,7 @@ def plot_scaling(
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
+    ax_speed.set_yscale("log", base=2)
     ax_eff.set_ylim(0, 1.1)
     fig.suptitle("scaling: median time per iteration")
     return _save(fig, Path(outdir) / "scaling.png")
@@ -130,12 +134,14 @@ def plot_predictions(
     """Predicted efficiency against ranks (log scale), one line per label; measured points as markers."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    # One colour per optimizer (the label minus its last word, the study); weak scaling dashed.
     colours: dict[str, str] = {}
     for label, points in curves.items():
-        (line,) = ax.plot([p for p, _ in points], [e for _, e in points], label=f"{label} (model)")
-        colours[label] = line.get_color()
+        colour = colours.setdefault(label.rsplit(" ", 1)[0], f"C{len(colours)}")
+        style = "--" if label.endswith(" weak") else "-"
+        ax.plot([p for p, _ in points], [e for _, e in points], style, color=colour, label=f"{label} (model)")
     for label, points in (measured or {}).items():
-        colour = colours.get(label.split(" (")[0])
+        colour = colours.get(label.rsplit(" ", 1)[0])
         ax.plot([p for p, _ in points], [e for _, e in points], "o", color=colour, label=f"{label} (measured)")
     ax.axhline(1.0, color="black", linestyle=":", label="ideal")
     ax.set_xscale("log", base=2)

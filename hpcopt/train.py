@@ -30,7 +30,7 @@ from hpcopt.device import resolve_kind, select_device
 from hpcopt.errors import HpcoptError
 from hpcopt.flat import FlatParameters
 from hpcopt.objective import DistributedObjective
-from hpcopt.optimizers import make_config, make_optimizer
+from hpcopt.optimizers import make_config, make_optimizer, optimizer_class
 from hpcopt.problems import make_problem
 from hpcopt.problems.base import Dataset, Problem
 from hpcopt.runlog import EvaluationRecord, IterationRecord, RunLog
@@ -167,7 +167,10 @@ def _setup(cfg: TrainConfig, optimizer_options: dict[str, Any], problem_options:
         RunLog.check_path(cfg.out, overwrite=cfg.overwrite)
     problem = make_problem(cfg.problem, data_dir=cfg.data_dir, seed=cfg.seed, options=problem_options)
     batch_size = cfg.batch_size if cfg.batch_size is not None else min(problem.default_batch_size, len(problem.train))
-    batches = GlobalBatches(len(problem.train), batch_size, cfg.seed, comm.rank, comm.size)
+    # A model-parallel optimizer (APTS-IP: one pipeline stage per rank) gives every rank the whole batch.
+    model_parallel = getattr(optimizer_class(cfg.optimizer), "model_parallel", False)
+    replica, replicas = (0, 1) if model_parallel else (comm.rank, comm.size)
+    batches = GlobalBatches(len(problem.train), batch_size, cfg.seed, replica, replicas)
     torch.manual_seed(cfg.seed)  # identical initial parameters on every rank
     model = problem.build_model(cfg.model)
     return optimizer_config, problem, batches, model
@@ -228,16 +231,29 @@ def train(
         model.to(device.device)
         _move_data(problem, device.device)
     model.train()
-    flat = FlatParameters(model)
-    objective = DistributedObjective(problem, flat, comm)
-    optimizer = make_optimizer(cfg.optimizer, objective, optimizer_config)
+    optimizer_cls = optimizer_class(cfg.optimizer)
+    model_parallel = getattr(optimizer_cls, "model_parallel", False)
+    if model_parallel:
+        # The optimizer cuts the model and keeps this rank's part (APTS-IP); the whole
+        # model, identical on every rank until now, is what the cross-rank check sees.
+        require(resume is None and checkpoint_path is None, f"{cfg.optimizer}: checkpoints are not supported")
+        signature_parameters = torch.cat([p.detach().flatten() for p in model.parameters()])
+        optimizer = optimizer_cls.build(problem, model, comm, optimizer_config)  # type: ignore[attr-defined]
+        flat, objective, model = optimizer.flat, optimizer.objective, optimizer.flat.model
+    else:
+        flat = FlatParameters(model)
+        objective = DistributedObjective(problem, flat, comm)
+        optimizer = make_optimizer(cfg.optimizer, objective, optimizer_config)
+        signature_parameters = flat.data
     comm.collective_timeout = cfg.collective_timeout
     if resume is not None:
         checkpoint.restore(resume, flat=flat, optimizer=optimizer, rank=comm.rank)
     config_json = json.dumps(
         {"train": to_dict(cfg), "optimizer": to_dict(optimizer_config), "problem": problem_options}, default=str
     )
-    check_same_on_every_rank(comm, run_signature(config_json, flat.data, len(problem.train), len(problem.val)))
+    check_same_on_every_rank(
+        comm, run_signature(config_json, signature_parameters, len(problem.train), len(problem.val))
+    )
     checkpointer = (
         None
         if checkpoint_path is None
@@ -268,6 +284,8 @@ def train(
         "gpu_model": device.gpu_model,
         "cuda_aware_mpi": comm.cuda_aware if device.device.type == "cuda" else False,
     }
+    # Optimizer-specific facts (APTS-P's block imbalance, APTS-IP's per-rank parameter bytes).
+    attributes.update(getattr(optimizer, "run_attributes", dict)())
     log = RunLog(cfg.out, enabled=comm.is_root and cfg.out is not None, overwrite=cfg.overwrite)
     metric_names = [problem.metric_name]
     say(
@@ -337,7 +355,10 @@ def train(
                     break
             if epoch % cfg.eval_every == 0 or epoch == cfg.epochs or done:
                 with optimizer.evaluation_parameters():  # e.g. Neumann's w − μm, not the displaced w
-                    metrics = evaluate(problem, model, flat, comm)
+                    if model_parallel:
+                        metrics = optimizer.evaluate(problem)  # type: ignore[attr-defined]
+                    else:
+                        metrics = evaluate(problem, model, flat, comm)
                 train_loss = sum(epoch_losses) / max(len(epoch_losses), 1)
                 elapsed = time.perf_counter() - start
                 log.log_evaluation(

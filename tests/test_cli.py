@@ -43,7 +43,6 @@ def bad_idx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     [
         (["--problem", "cifar"], "unknown problem 'cifar'"),
         (["--optimizer", "lbfgs", "--problem", "logistic"], "unknown optimizer 'lbfgs'"),
-        (["--optimizer", "hf", "--problem", "logistic"], "not implemented in this version"),
         (["--problem", "mnist", "--data-dir", "/nonexistent/mnist"], "/nonexistent/mnist"),
         ([*FAST, "--batch-size", "75"], "not divisible by the 2 ranks"),
         ([*FAST, "--out", "/etc/hostname/run.h5"], "/etc/hostname"),

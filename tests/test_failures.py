@@ -8,7 +8,6 @@ turns a hang into a test failure instead of a stuck CI job.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -57,7 +56,7 @@ def test_exception_on_one_rank_ends_every_rank_and_marks_the_log_failed(ranks: i
     assert _log(out) == (b"failed", [1, 2])
 
 
-@pytest.mark.parametrize("ranks", [2, 4])
+@pytest.mark.parametrize("ranks", [2])  # the 4-rank abort path is the one above, minus the notice
 def test_without_watchdog_mpi4py_aborts_every_rank(ranks: int, tmp_path: Path) -> None:
     out = tmp_path / "run.h5"
     result = _run(ranks, ["--out", str(out)], f"rank={ranks - 1},step=3,where=local_solve")
@@ -83,26 +82,27 @@ def test_stalled_rank_is_named_by_the_watchdog_and_the_job_aborts(ranks: int, tm
 @pytest.mark.parametrize("ranks", [2, 4])
 def test_sigkill_of_all_ranks_leaves_a_readable_log_with_every_flushed_row(ranks: int, tmp_path: Path) -> None:
     out = tmp_path / "run.h5"
-    # Every rank stops inside step 6, so rows 1..5 are flushed and nothing else moves.
+    # Every rank pauses inside step 6 (rows 1..5 are flushed), then SIGKILLs itself.
     process = subprocess.Popen(
         _command(ranks, ["--out", str(out)]),
-        env=_env("step=6,where=gradient,kind=hang,seconds=60"),
+        env=_env("step=6,where=gradient,kind=hang,seconds=4;step=6,where=gradient,kind=sigkill"),
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        start_new_session=True,  # its own process group, so the kill reaches every rank
     )
     try:
         rows: list[int] = []
         deadline = time.monotonic() + DEADLINE
-        while time.monotonic() < deadline and len(rows) < 5:
+        while time.monotonic() < deadline and len(rows) < 5 and process.poll() is None:
             time.sleep(0.2)
             try:
                 status, rows = _log(out)  # a second process reading the live log
             except (OSError, KeyError):
                 continue  # not created yet
         assert rows == [1, 2, 3, 4, 5] and status == b"running"
+        assert process.wait(timeout=DEADLINE) != 0
     finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
+        if process.poll() is None:
+            process.kill()
+            process.wait()
     assert _log(out) == (b"running", [1, 2, 3, 4, 5])

@@ -274,9 +274,11 @@ def _run(options: dict, comm: Communicator):
 @pytest.mark.parametrize(
     "options",
     [
-        {"solver": "cg", "curvature": "ggn", "curvature_fraction": 0.25},
-        {"solver": "bicgstab", "curvature": "hessian", "curvature_fraction": 0.5},
-        {"solver": "steihaug", "curvature": "hessian"},
+        # Tolerances above float32 noise: a solve iterated into rounding noise amplifies the
+        # different summation orders of 1, 2 and 4 ranks.
+        {"solver": "cg", "curvature": "ggn", "curvature_fraction": 0.25, "rtol": 1e-3, "max_iterations": 10},
+        {"solver": "bicgstab", "curvature": "hessian", "curvature_fraction": 0.5, "rtol": 1e-3, "max_iterations": 10},
+        {"solver": "steihaug", "curvature": "hessian", "max_iterations": 10},
     ],
 )
 def test_rank_invariance_against_the_single_process_run(options: dict) -> None:

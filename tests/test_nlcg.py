@@ -42,7 +42,7 @@ def _reference(problem, theta: torch.Tensor, steps: int, lr: float, beta_rule: s
     h = torch.ones_like(theta)
     prev_grad = prev_step = prev_z = prev_direction = None
     prev_rz = 0.0
-    betas = []
+    betas, raw_betas = [], []
     for _ in range(steps):
         grad = design.T @ (design @ theta - targets) / len(targets)
         if prev_grad is not None:
@@ -54,16 +54,18 @@ def _reference(problem, theta: torch.Tensor, steps: int, lr: float, beta_rule: s
         z = r / (h + 1e-8)
         rz = float(r @ z)
         if prev_direction is None:
-            beta, direction = 0.0, z
+            raw = beta = 0.0
+            direction = z
         else:
-            beta = rz / prev_rz if beta_rule == "fr" else (rz - float(r @ prev_z)) / prev_rz
-            beta = min(max(beta, 0.0), beta_max)
+            raw = rz / prev_rz if beta_rule == "fr" else (rz - float(r @ prev_z)) / prev_rz
+            beta = min(max(raw, 0.0), beta_max)
             direction = z + beta * prev_direction
         betas.append(beta)
+        raw_betas.append(raw)
         step = lr * direction
         theta = theta + step
         prev_grad, prev_step, prev_z, prev_rz, prev_direction = grad, step, z, rz, direction
-    return theta, betas, h
+    return theta, betas, raw_betas, h
 
 
 @pytest.mark.mpi(min_size=1)
@@ -72,14 +74,16 @@ def test_matches_the_float64_reference(beta: str, beta_max: float) -> None:
     # beta_max = 0 clips β to 0: preconditioned gradient descent, d = M∘(−g).
     _, problem, flat, optimizer = _setup(lr=0.3, beta=beta, beta_max=beta_max, loss_average=False)
     start = flat.clone()
-    betas = [optimizer.step().extras["beta"] for _ in range(8)]
-    expected, expected_betas, expected_h = _reference(problem, start, 8, 0.3, beta, beta_max)
+    extras = [optimizer.step().extras for _ in range(8)]
+    betas = [e["beta"] for e in extras]
+    expected, expected_betas, expected_raw, expected_h = _reference(problem, start, 8, 0.3, beta, beta_max)
     torch.testing.assert_close(flat.data.double(), expected, rtol=2e-4, atol=1e-5)
     torch.testing.assert_close(torch.tensor(betas), torch.tensor(expected_betas), rtol=2e-3, atol=1e-4)
+    raw = torch.tensor([e["beta_raw"] for e in extras])
+    torch.testing.assert_close(raw, torch.tensor(expected_raw, dtype=raw.dtype), rtol=2e-3, atol=1e-4)
+    assert raw.abs().max() > 0.01  # the formula is exercised, not only the preconditioner
     if beta_max == 0.0:
         assert betas == [0.0] * 8
-    else:
-        assert max(betas) > 0.0  # the test exercises β, not only the preconditioner
     # h is only updated from the step before the last gradient: compare after 8 updates.
     assert not torch.allclose(expected_h, torch.ones_like(expected_h))
 

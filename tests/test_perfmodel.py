@@ -79,3 +79,14 @@ def test_network_validation_and_json(tmp_path) -> None:  # type: ignore[no-untyp
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(DataError, match="cannot read network"):
         Network.from_json(tmp_path / "bad.json")
+
+
+@pytest.mark.timeout(120)
+def test_calibrate_under_mpiexec() -> None:
+    from hpcopt.perfmodel import calibrate
+
+    network, samples = calibrate(2, sizes=(16, 65_536, 1_048_576), repeats=3)
+    assert [(ranks, nbytes) for ranks, nbytes, _ in samples] == [(2, 64.0), (2, 262_144.0), (2, 4_194_304.0)]
+    assert all(seconds > 0 for _, _, seconds in samples)
+    # Shared memory on one machine: somewhere between 1 MB/s and 1 TB/s, latency under 10 ms.
+    assert 1e6 < network.bandwidth < 1e12 and 0 <= network.latency < 1e-2

@@ -382,10 +382,22 @@ def test_logistic_separable_data_is_a_clear_error() -> None:
 
 
 def test_make_problem_errors_and_option_parsing() -> None:
-    assert list(PROBLEMS) == ["mnist", "poisson1d", "poisson2d", "quadratic", "logistic"]
+    assert list(PROBLEMS) == [
+        "mnist",
+        "poisson1d",
+        "poisson2d",
+        "poisson3d",
+        "allen-cahn",
+        "allen-cahn-time",
+        "tinyshakespeare",
+        "quadratic",
+        "logistic",
+    ]
     with pytest.raises(ConfigError) as info:
         make_problem("x")
-    choices = "mnist, poisson1d, poisson2d, quadratic, logistic"
+    choices = (
+        "mnist, poisson1d, poisson2d, poisson3d, allen-cahn, allen-cahn-time, tinyshakespeare, quadratic, logistic"
+    )
     assert str(info.value) == f"unknown problem 'x' (choose from {choices})"
     unknown = r"unknown option 'widht' for problem 'poisson1d' \(choose from .*width"
     with pytest.raises(ConfigError, match=unknown):

@@ -60,7 +60,7 @@ def test_steady_reference_solves_the_discrete_problem_and_converges() -> None:
 
 
 def test_time_reference_matches_initial_boundary_and_self_convergence() -> None:
-    x, t, u = time_reference(201, 400, 0.01, 1.0, save_every=40)
+    x, _, u = time_reference(201, 400, 0.01, 1.0, save_every=40)
     assert np.allclose(u[0], 1 - 2 * x) and np.all(u[:, 0] == 1.0) and np.all(u[:, -1] == -1.0)
     _, _, fine = time_reference(401, 1600, 0.01, 1.0, save_every=160)
     assert np.abs(fine[:, ::2] - u).max() < 2e-2  # first order in time

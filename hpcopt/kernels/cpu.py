@@ -20,7 +20,8 @@ from torch import Tensor
 
 def dot64(a: Tensor, b: Tensor) -> float:
     """``a'b`` accumulated in float64 (the kernels' reduction precision)."""
-    return float(torch.dot(a.to(torch.float64), b.to(torch.float64)))
+    a64 = a.to(torch.float64)
+    return float(torch.dot(a64, a64 if b is a else b.to(torch.float64)))
 
 
 def neumann_coefficient(distance_sq: float, alpha: float, beta: float) -> float:

@@ -10,6 +10,7 @@ from hpcopt.errors import ConfigError
 from hpcopt.objective import DistributedObjective
 from hpcopt.optimizers.adam import Adam, AdamConfig
 from hpcopt.optimizers.apts_d import APTSD, APTSDConfig
+from hpcopt.optimizers.apts_ip import APTSIP, APTSIPConfig
 from hpcopt.optimizers.apts_p import APTSP, APTSPConfig
 from hpcopt.optimizers.base import Optimizer, StepResult
 from hpcopt.optimizers.hessian_free import HessianFree, HFConfig
@@ -17,10 +18,12 @@ from hpcopt.optimizers.neumann import Neumann, NeumannConfig
 from hpcopt.optimizers.nlcg import NLCG, NLCGConfig
 from hpcopt.optimizers.sgd import SGD, SGDConfig
 
-OPTIMIZERS: dict[str, type[Optimizer]] = {cls.name: cls for cls in (APTSD, APTSP, SGD, Adam, HessianFree, NLCG, Neumann)}
+OPTIMIZERS: dict[str, type[Optimizer]] = {
+    cls.name: cls for cls in (APTSD, APTSP, APTSIP, SGD, Adam, HessianFree, NLCG, Neumann)
+}
 
 # Names taken by optimizers that later versions add; asking for one is a clear error.
-RESERVED = ("apts-ip",)
+RESERVED: tuple[str, ...] = ()
 
 
 def optimizer_class(name: str) -> type[Optimizer]:
@@ -43,11 +46,13 @@ def make_optimizer(name: str, objective: DistributedObjective, config: Any) -> O
 
 __all__ = [
     "APTSD",
+    "APTSIP",
     "APTSP",
     "NLCG",
     "OPTIMIZERS",
     "SGD",
     "APTSDConfig",
+    "APTSIPConfig",
     "APTSPConfig",
     "Adam",
     "AdamConfig",

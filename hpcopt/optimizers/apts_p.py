@@ -163,6 +163,8 @@ class APTSP(APTSD):
                 step.mul_(self.radius / step_norm)
                 step_norm = self.radius
         else:
-            step_norm = combined_norm = max(float(step[self.decomposition.owned(r)].norm()) for r in range(self.world_size))
+            step_norm = combined_norm = max(
+                float(step[self.decomposition.owned(r)].norm()) for r in range(self.world_size)
+            )
         counts["imbalance"] = self.decomposition.imbalance
         return step, pred, step_norm, combined_norm, counts

@@ -138,13 +138,13 @@ class NLCG(Optimizer):
         residual = -grad
         z = residual / (self.h + 1e-8) if cfg.precondition else residual.clone()
         rz = float(torch.dot(residual, z))
-        beta = 0.0
+        beta = raw_beta = 0.0
         if self.direction is not None and self.prev_z is not None and self.prev_rz > 0:
             if cfg.beta == "fr":
-                beta = rz / self.prev_rz
+                raw_beta = rz / self.prev_rz
             else:
-                beta = (rz - float(torch.dot(residual, self.prev_z))) / self.prev_rz
-            beta = min(max(beta, 0.0), cfg.beta_max) if math.isfinite(beta) else 0.0
+                raw_beta = (rz - float(torch.dot(residual, self.prev_z))) / self.prev_rz
+            beta = min(max(raw_beta, 0.0), cfg.beta_max) if math.isfinite(raw_beta) else 0.0
             direction = z.add(self.direction, alpha=beta)
         else:
             direction = z
@@ -160,5 +160,5 @@ class NLCG(Optimizer):
         return StepResult(
             loss=loss,
             step_norm=float(step.norm()),
-            extras={"beta": beta, "c": self.c, "lr": lr, "preconditioner_updated": updated},
+            extras={"beta": beta, "beta_raw": raw_beta, "c": self.c, "lr": lr, "preconditioner_updated": updated},
         )

@@ -285,7 +285,9 @@ class AllenCahnTimeProblem(_AllenCahnBase):
         t_val = torch.from_numpy(t)
         u_val = torch.from_numpy(u[:, ::x_refine])  # (time, x)
         grid_t, grid_x = torch.meshgrid(t_val, x_val, indexing="ij")
-        inputs = torch.stack([grid_x.reshape(-1), grid_t.reshape(-1), torch.ones(grid_x.numel(), dtype=torch.float64)], 1)
+        inputs = torch.stack(
+            [grid_x.reshape(-1), grid_t.reshape(-1), torch.ones(grid_x.numel(), dtype=torch.float64)], 1
+        )
         self.val = Dataset(inputs.to(torch.float32), u_val.reshape(-1).to(torch.float32))
 
     def residual(self, net: Net, points: Tensor) -> Tensor:

@@ -35,7 +35,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hpcopt.errors import ConfigError, DataError
@@ -122,7 +122,9 @@ class Head(nn.Module):
 def transformer(vocab: int, context: int, embed: int, heads: int, layers: int) -> nn.Sequential:
     """The causal character model as a flat ``nn.Sequential`` (see the module docstring)."""
     model = nn.Sequential(
-        TokenEmbedding(vocab, context, embed), *(Block(embed, heads, context) for _ in range(layers)), Head(embed, vocab)
+        TokenEmbedding(vocab, context, embed),
+        *(Block(embed, heads, context) for _ in range(layers)),
+        Head(embed, vocab),
     )
     # GPT-2 style initialisation: small weights, so untrained logits are near zero and
     # the initial loss is near ln(vocab).

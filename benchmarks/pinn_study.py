@@ -1,0 +1,149 @@
+"""PINN study: APTS variants at P ranks vs Adam and L-BFGS at equal wall time.
+
+Every method gets the same wall-clock budget on the same full-batch problem and is
+scored by the validation relative L2 error against the exact (Poisson) or
+finite-difference reference (Allen–Cahn) solution.
+
+* APTS-D and APTS-P run as ``mpiexec -n P python -m hpcopt train ... --time-limit``
+  (one step per epoch: the batch is the whole collocation set); APTS-D also with
+  the second-order global pass (``global_solver=steihaug, curvature=ggn``).
+* Adam runs in one process through ``hpcopt train`` (one rank), at several lrs.
+* L-BFGS is ``torch.optim.LBFGS`` (strong Wolfe, history 50) in one process.
+
+APTS-IP is not in the table: a PINN's forward differentiates the network w.r.t.
+its inputs, which the activation pipeline does not carry.
+
+Usage::
+
+    python benchmarks/pinn_study.py --budget 60 --ranks 2
+    python benchmarks/pinn_study.py --budget 20 --problems poisson2d --adam-lrs 1e-3
+
+Timings depend on the machine's load; the table says what was measured in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+PROBLEMS = {
+    "poisson2d": ["--set", "problem.interior=1024", "--set", "problem.boundary=1024"],
+    "allen-cahn": [],
+}
+APTS_RUNS = {
+    "apts-d": ("apts-d", []),
+    "apts-d+ggn": (
+        "apts-d",
+        ["--set", "global_solver=steihaug", "--set", "curvature=ggn", "--set", "max_cg_iterations=50"],
+    ),
+    "apts-p": ("apts-p", []),
+    "apts-p+ggn": (
+        "apts-p",
+        ["--set", "global_solver=steihaug", "--set", "curvature=ggn", "--set", "max_cg_iterations=50"],
+    ),
+}
+_DONE = re.compile(r"done: (\d+) steps.* in ([\d.]+)s; final val_rel_l2_error ([\d.eE+-]+|nan)")
+
+
+def _train(problem: str, optimizer: str, extra: list[str], ranks: int, budget: float) -> tuple[float, int, float]:
+    """``(relative L2 error, steps, seconds)`` of one ``hpcopt train`` run."""
+    args = [
+        "-m",
+        "mpi4py",
+        "-m",
+        "hpcopt",
+        "train",
+        "--problem",
+        problem,
+        "--optimizer",
+        optimizer,
+        "--epochs",
+        "1000000",
+        "--time-limit",
+        str(budget),
+        *PROBLEMS[problem],
+        *extra,
+    ]
+    command = [sys.executable, *args]
+    if ranks > 1:
+        command = [str(BIN / "mpiexec"), "-n", str(ranks), *command]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=budget * 3 + 120)
+    match = _DONE.search(out.stdout)
+    if match is None:
+        raise RuntimeError(f"{optimizer} on {problem} failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+    return float(match.group(3)), int(match.group(1)), float(match.group(2))
+
+
+def _lbfgs(problem_name: str, budget: float) -> tuple[float, int, float]:
+    from hpcopt.problems import make_problem
+
+    options = {k.split("=")[0].removeprefix("problem."): int(k.split("=")[1]) for k in PROBLEMS[problem_name][1::2]}
+    problem = make_problem(problem_name, options=options)
+    torch.manual_seed(0)
+    model = problem.build_model()
+    optimizer = torch.optim.LBFGS(
+        model.parameters(), lr=1.0, history_size=50, max_iter=20, line_search_fn="strong_wolfe"
+    )
+    data = problem.train
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = problem.criterion(problem.forward(model, data.inputs), data.targets)
+        loss.backward()
+        return loss
+
+    start = time.perf_counter()
+    steps = 0
+    while time.perf_counter() - start < budget:
+        optimizer.step(closure)
+        steps += optimizer.defaults["max_iter"]
+    elapsed = time.perf_counter() - start
+    error = problem.eval_metrics(problem.eval_sums(model, problem.val))["val_rel_l2_error"]
+    return error, steps, elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budget", type=float, default=60.0, help="wall-clock seconds per method (60)")
+    parser.add_argument("--ranks", type=int, default=2, help="P for the APTS runs (2)")
+    parser.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
+    parser.add_argument("--methods", nargs="+", default=[*APTS_RUNS, "adam", "lbfgs"])
+    parser.add_argument("--adam-lrs", nargs="+", type=float, default=[1e-3, 3e-3, 1e-2])
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    rows: list[tuple[str, str, float, int, float]] = []
+    for problem in args.problems:
+        for method in args.methods:
+            if method in APTS_RUNS:
+                name, extra = APTS_RUNS[method]
+                rows.append(
+                    (problem, f"{method} P={args.ranks}", *_train(problem, name, extra, args.ranks, args.budget))
+                )
+            elif method == "adam":
+                for lr in args.adam_lrs:
+                    result = _train(problem, "adam", ["--set", f"lr={lr}"], 1, args.budget)
+                    rows.append((problem, f"adam lr={lr:g}", *result))
+            elif method == "lbfgs":
+                rows.append((problem, "L-BFGS (1 process)", *_lbfgs(problem, args.budget)))
+            print(f"  {rows[-1][0]:<11} {rows[-1][1]:<22} {rows[-1][2]:.3e}", file=sys.stderr, flush=True)
+
+    print(f"\nPINN study: budget {args.budget:g}s per method (stops at the first evaluation after it)")
+    print(f"{'problem':<11} {'method':<22} {'rel L2 error':>12} {'steps':>7} {'seconds':>8}")
+    for problem, method, error, steps, seconds in rows:
+        print(f"{problem:<11} {method:<22} {error:>12.3e} {steps:>7d} {seconds:>8.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""A ``nn.Sequential`` cut into pipeline stages, one per rank, with micro-batched forward/backward.
+
+Rank r holds stage r: a run of consecutive layers, balanced by parameter count
+(:func:`stage_bounds`).  No rank holds another stage's parameters.  Activations go
+forward r → r+1 and their gradients back r+1 → r as point-to-point messages
+(``Communicator.isend``/``recv_``), each a small int64 shape header followed by the
+payload.  The batch is split into micro-batches (GPipe schedule: all forwards, then
+all backwards), so stage r+1 works on micro-batch m while stage r computes m+1.
+
+The loss is computed on the last stage only; every criterion is a mean over rows,
+so micro-batch m contributes ``criterion(...) · |m|/|B|`` and the stage gradients
+accumulate to exactly the full-batch gradient.
+
+For the local phase of APTS-IP (ALGORITHMS.md §3) a gradient pass caches, per
+stage, the stage's input (detached) and — except on the last stage — the gradient
+of the loss w.r.t. the stage's output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from hpcopt.comm import Communicator, PointToPointRequest
+from hpcopt.decomposition import linear_partition
+from hpcopt.errors import ConfigError
+from hpcopt.flat import FlatParameters
+
+FORWARD_TAG = 11
+BACKWARD_TAG = 12
+_HEADER = 8  # int64 slots: ndim, then up to 7 dimensions
+
+Criterion = Callable[[Tensor, Tensor], Tensor]
+
+
+def stage_bounds(model: nn.Sequential, stages: int) -> list[int]:
+    """Layer cut points ``0 = b_0 < … < b_stages = len(model)`` balanced by parameter count.
+
+    Layers without parameters (activations, flatten) join the stage of the layer
+    before them (the first stage for leading ones), so every stage owns parameters.
+
+    Raises:
+        ConfigError: fewer layers with parameters than stages.
+    """
+    counts = [sum(p.numel() for p in layer.parameters() if p.requires_grad) for layer in model]
+    holders = [i for i, c in enumerate(counts) if c > 0]
+    if len(holders) < stages:
+        raise ConfigError(
+            f"apts-ip: the model has {len(holders)} layers with parameters, too few for {stages} pipeline stages"
+        )
+    cuts = linear_partition([counts[i] for i in holders], stages)
+    return [0] + [holders[c] for c in cuts[1:-1]] + [len(model)]
+
+
+def _parameter_bytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+class Pipeline:
+    """This rank's stage of ``model`` and the messages that connect it to its neighbours.
+
+    Args:
+        model: the whole model, built identically on every rank (same seed).  Only
+            this rank's layers are kept; drop every other reference to ``model`` so
+            that the other stages' parameters are freed.
+        comm: one rank per stage.
+        micro_batches: micro-batches per pass (capped by the batch size).
+    """
+
+    def __init__(self, model: nn.Module, comm: Communicator, micro_batches: int = 4) -> None:
+        if not isinstance(model, nn.Sequential):
+            raise ConfigError("apts-ip: the model must be an nn.Sequential to be cut into stages")
+        self.comm = comm
+        self.stage = comm.rank
+        self.stages = comm.size
+        self.first = self.stage == 0
+        self.last = self.stage == self.stages - 1
+        self.micro_batches = micro_batches
+        self.bounds = stage_bounds(model, self.stages)
+        self.model_parameter_bytes = _parameter_bytes(model)
+        self.model_numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        layers = list(model)[self.bounds[self.stage] : self.bounds[self.stage + 1]]
+        self.module = nn.Sequential(*layers)
+        self.module.train(model.training)
+        self.flat = FlatParameters(self.module)
+        self.stage_inputs: Tensor | None = None
+        self.output_grads: Tensor | None = None
+
+    @property
+    def parameter_bytes(self) -> int:
+        """Bytes of the parameters this rank holds (its stage's only)."""
+        return _parameter_bytes(self.module)
+
+    # -- messages ---------------------------------------------------------------
+
+    def _isend(self, tensor: Tensor, dest: int, tag: int) -> list[PointToPointRequest]:
+        header = torch.zeros(_HEADER, dtype=torch.int64)
+        header[0] = tensor.dim()
+        header[1 : 1 + tensor.dim()] = torch.tensor(tensor.shape, dtype=torch.int64)
+        payload = tensor.detach().contiguous()
+        return [self.comm.isend(header, dest, tag), self.comm.isend(payload, dest, tag)]
+
+    def _recv(self, source: int, tag: int) -> Tensor:
+        header = self.comm.recv_(torch.zeros(_HEADER, dtype=torch.int64), source, tag)
+        shape = header[1 : 1 + int(header[0])].tolist()
+        return self.comm.recv_(torch.empty(shape, dtype=self.flat.dtype, device=self.flat.device), source, tag)
+
+    # -- passes -----------------------------------------------------------------
+
+    def run(self, inputs: Tensor, targets: Tensor, criterion: Criterion, *, backward: bool) -> float:
+        """One pass over the batch; returns the loss on the last stage (0.0 elsewhere).
+
+        With ``backward``, ``flat.grad`` holds this stage's gradient block afterwards and
+        ``stage_inputs`` / ``output_grads`` the caches of the local phase.  Without it, the
+        pass is value-only (trial points) and the caches are left alone.
+        """
+        rows = inputs.shape[0]
+        chunks = torch.arange(rows).tensor_split(min(self.micro_batches, rows))
+        pending: list[PointToPointRequest] = []
+        saved: list[tuple[Tensor, Tensor]] = []
+        loss_total = 0.0
+        with torch.set_grad_enabled(backward):
+            for chunk in chunks:
+                x = inputs[chunk] if self.first else self._recv(self.stage - 1, FORWARD_TAG)
+                if backward and not self.first:
+                    x.requires_grad_()
+                out = self.module(x)
+                if self.last:
+                    out = criterion(out, targets[chunk]) * (len(chunk) / rows)
+                    loss_total += float(out.detach())
+                else:
+                    pending += self._isend(out, self.stage + 1, FORWARD_TAG)
+                if backward:
+                    saved.append((x, out))
+        if backward:
+            self.flat.zero_grad()
+            grads: list[Tensor] = []
+            for x, out in reversed(saved):
+                if self.last:
+                    out.backward()
+                else:
+                    grad_out = self._recv(self.stage + 1, BACKWARD_TAG)
+                    out.backward(grad_out)
+                    grads.append(grad_out)
+                if not self.first:
+                    pending += self._isend(x.grad, self.stage - 1, BACKWARD_TAG)
+            self.stage_inputs = torch.cat([x.detach() for x, _ in saved])
+            self.output_grads = None if self.last else torch.cat(grads[::-1])
+        for request in pending:
+            request.wait()
+        return loss_total
+
+    def outputs(self, inputs: Tensor) -> Tensor:
+        """The model's outputs for ``inputs`` on every rank (evaluation; not a hot path)."""
+        with torch.no_grad():
+            x = inputs if self.first else self._recv(self.stage - 1, FORWARD_TAG)
+            out = self.module(x)
+            if not self.last:
+                for request in self._isend(out, self.stage + 1, FORWARD_TAG):
+                    request.wait()
+        shape = self.comm.bcast_object(tuple(out.shape) if self.last else None, root=self.stages - 1)
+        result = out if self.last else torch.empty(shape, dtype=self.flat.dtype, device=self.flat.device)
+        return self.comm.bcast_(result.contiguous(), root=self.stages - 1)
