@@ -156,3 +156,17 @@ def test_config_rejects_bad_values() -> None:
         with pytest.raises(ConfigError):
             make_config("apts-d", bad)
     assert make_config("apts-d", {}) == APTSDConfig()
+
+
+@pytest.mark.mpi(min_size=1)
+def test_apts_d_learns_mnist() -> None:
+    from tests.conftest import mnist_dir
+
+    data = str(mnist_dir())
+    result = train(
+        TrainConfig(problem="mnist", model="mlp", data_dir=data, epochs=3, batch_size=500, quiet=True),
+        {},
+        {"limit": 2000},
+    )
+    assert result.losses[-1] < 0.5 * result.losses[0]
+    assert result.metrics["val_accuracy"] >= 0.7, result.metrics  # chance: 0.1; P = 4 is the slowest
