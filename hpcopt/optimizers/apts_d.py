@@ -109,25 +109,11 @@ class APTSDConfig:
         self.local_policy(1.0).validate()
 
     def global_policy(self) -> RadiusPolicy:
-        return RadiusPolicy(
-            eta1=self.eta1,
-            eta2=self.eta2,
-            gamma_inc=self.gamma_inc,
-            gamma_dec=self.gamma_dec,
-            radius_min=self.radius_min,
-            radius_max=self.radius_max,
-        )
+        return RadiusPolicy.from_options(self)
 
     def local_policy(self, local_radius: float) -> RadiusPolicy:
         # The local radius lives inside the ball Δ/P; its floor is relative to it.
-        return RadiusPolicy(
-            eta1=self.local_eta1,
-            eta2=self.local_eta2,
-            gamma_inc=self.local_gamma_inc,
-            gamma_dec=self.local_gamma_dec,
-            radius_min=1e-3 * local_radius,
-            radius_max=local_radius,
-        )
+        return RadiusPolicy.from_options(self, "local_", radius_min=1e-3 * local_radius, radius_max=local_radius)
 
 
 class APTSD(Optimizer):

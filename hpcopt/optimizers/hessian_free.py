@@ -129,14 +129,7 @@ class HFConfig:
         self.policy().validate()
 
     def policy(self) -> RadiusPolicy:
-        return RadiusPolicy(
-            eta1=self.eta1,
-            eta2=self.eta2,
-            gamma_inc=self.gamma_inc,
-            gamma_dec=self.gamma_dec,
-            radius_min=self.radius_min,
-            radius_max=self.radius_max,
-        )
+        return RadiusPolicy.from_options(self)
 
 
 def curvature_rows(

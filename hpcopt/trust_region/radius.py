@@ -61,6 +61,17 @@ class RadiusPolicy:
             raise ConfigError(f"radius policy expand_fraction must be in (0, 1], got {self.expand_fraction}")
 
     @classmethod
+    def from_options(cls, options: object, prefix: str = "", **overrides: float) -> RadiusPolicy:
+        """The policy named by an optimizer config's fields ``{prefix}eta1``, ``{prefix}gamma_inc``, ….
+
+        Fields the config lacks keep their defaults; ``overrides`` win over both
+        (e.g. the local ball's ``radius_min``/``radius_max``).
+        """
+        values = {f.name: getattr(options, prefix + f.name) for f in fields(cls) if hasattr(options, prefix + f.name)}
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
     def local_defaults(cls) -> RadiusPolicy:
         """Defaults of the local (per-rank) solves of APTS: eta 0.3/0.7, x1.5, x0.6."""
         return cls(eta1=0.3, eta2=0.7, gamma_inc=1.5, gamma_dec=0.6)
