@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import copy
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
+
 from hpcopt.objective import DistributedObjective
+
+
+def _copied(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    return copy.deepcopy(value)
 
 
 @dataclass
@@ -59,14 +68,23 @@ class Optimizer(abc.ABC):
         """
         yield
 
+    #: Attributes (besides ``steps``) that a restart needs; tensors are saved as copies.
+    state_attributes: ClassVar[tuple[str, ...]] = ()
+
     def state_dict(self) -> dict[str, Any]:
         """Everything a restart needs besides the parameters (tensors are copies).
 
-        Subclasses extend it; values are tensors, numbers, strings and lists/dicts of
-        them, so ``torch.load(..., weights_only=True)`` reads a checkpoint back.
+        Subclasses list plain attributes in ``state_attributes`` or extend this; values
+        are tensors, numbers, strings, ``None`` and lists/dicts of them, so
+        ``torch.load(..., weights_only=True)`` reads a checkpoint back.
         """
-        return {"steps": self.steps}
+        state: dict[str, Any] = {"steps": self.steps}
+        for name in self.state_attributes:
+            state[name] = _copied(getattr(self, name))
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned, bit for bit."""
         self.steps = int(state["steps"])
+        for name in self.state_attributes:
+            setattr(self, name, _copied(state[name]))

@@ -200,6 +200,7 @@ class DistributedCurvature:
 class HessianFree(Optimizer):
     name = "hf"
     config_class = HFConfig
+    state_attributes = ("damping", "radius", "previous", "newton_steps", "curvature_steps")
 
     def __init__(self, objective: DistributedObjective, config: HFConfig) -> None:
         super().__init__(objective, config)

@@ -93,6 +93,7 @@ def regularizer(w: torch.Tensor, v: torch.Tensor, alpha: float, beta: float) -> 
 class Neumann(Optimizer):
     name = "neumann"
     config_class = NeumannConfig
+    state_attributes = ("m", "v", "mu", "next_reset", "resets", "period")
 
     def __init__(self, objective: DistributedObjective, config: NeumannConfig) -> None:
         super().__init__(objective, config)

@@ -99,6 +99,7 @@ def diagonal_bfgs_update(h: torch.Tensor, s: torch.Tensor, y: torch.Tensor) -> b
 class NLCG(Optimizer):
     name = "nlcg"
     config_class = NLCGConfig
+    state_attributes = ("h", "prev_grad", "prev_z", "prev_rz", "direction", "prev_step", "c", "loss_ema", "ema_history")
 
     def __init__(self, objective: DistributedObjective, config: NLCGConfig) -> None:
         super().__init__(objective, config)
