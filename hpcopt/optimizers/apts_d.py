@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -33,87 +33,42 @@ from hpcopt.curvature import parse_curvature
 from hpcopt.errors import NonFiniteError
 from hpcopt.krylov import MatVec
 from hpcopt.objective import DistributedObjective
+from hpcopt.optimizers.apts_options import SOLVERS, APTSOptions
 from hpcopt.optimizers.base import Optimizer, StepResult
-from hpcopt.trust_region import RadiusPolicy, decide, make_subproblem_solver
-
-SOLVERS = ("cauchy", "steihaug", "lsr1")
+from hpcopt.trust_region import decide, make_subproblem_solver
 
 
 @dataclass
-class APTSDConfig:
-    """Options of ``--optimizer apts-d`` (defaults: ALGORITHMS.md §0–§1).
+class APTSDConfig(APTSOptions):
+    """Options of ``--optimizer apts-d``: those of :class:`APTSOptions` and
 
     Attributes:
-        radius: initial global trust-region radius Δ₀ (0.1).
-        radius_min: lower bound Δ_min (1e-3).
-        radius_max: upper bound Δ_max (2.0).
-        eta1: accept when ρ ≥ eta1 (0.25).
-        eta2: expand when ρ > eta2 and ‖s‖ ≥ 0.9Δ (0.75).
-        gamma_inc: expansion factor (1.2).
-        gamma_dec: shrink factor (0.9).
-        local_iterations: L, local TR iterations per outer iteration (3).
-        local_solver: ``cauchy``, ``steihaug`` or ``lsr1`` (lsr1).
-        local_eta1, local_eta2, local_gamma_inc, local_gamma_dec: local radius
-            policy (0.3, 0.7, 1.5, 0.6).
         foc: first-order-consistency term in the local model (on).
         global_passes: G, TR iterations on the global f after the combination (1).
         global_solver: ``cauchy``, ``steihaug`` or ``lsr1`` (lsr1).
-        memory: L-SR1 memory (5).
-        curvature: products for ``steihaug``: ``hessian`` or ``ggn`` (hessian).
-        max_cg_iterations: cap on Steihaug CG iterations (20).
         combine: ``sum`` (§1: local radius Δ/P, s = Σ s_r, pred = Σ pred_r) or
             ``average`` *(ours)*: local radius Δ, s and pred are the means over ranks.
             The sum sees only 1/P of the curvature of each local step, so its ratio
             degrades as Δ grows; the average keeps ‖s‖ ≤ Δ without that bias.
     """
 
-    radius: float = 0.1
-    radius_min: float = 1e-3
-    radius_max: float = 2.0
-    eta1: float = 0.25
-    eta2: float = 0.75
-    gamma_inc: float = 1.2
-    gamma_dec: float = 0.9
-    local_iterations: int = 3
-    local_solver: str = "lsr1"
-    local_eta1: float = 0.3
-    local_eta2: float = 0.7
-    local_gamma_inc: float = 1.5
-    local_gamma_dec: float = 0.6
+    option_prefix: ClassVar[str] = "apts-d"
+
     foc: bool = True
     global_passes: int = 1
     global_solver: str = "lsr1"
-    memory: int = 5
-    curvature: str = "hessian"
-    max_cg_iterations: int = 20
     combine: str = "sum"
 
     def validate(self) -> None:
-        require(self.radius > 0, f"apts-d: radius must be > 0, got {self.radius}")
+        super().validate()
+        name = self.option_prefix
+        require(self.global_passes >= 0, f"{name}: global_passes must be >= 0, got {self.global_passes}")
+        require(self.local_iterations + self.global_passes > 0, f"{name}: local_iterations + global_passes is 0")
         require(
-            0 < self.radius_min <= self.radius <= self.radius_max,
-            f"apts-d: need 0 < radius_min <= radius <= radius_max, got {self.radius_min}, "
-            f"{self.radius}, {self.radius_max}",
+            self.global_solver in SOLVERS,
+            f"{name}: unknown global_solver '{self.global_solver}' (choose from {', '.join(SOLVERS)})",
         )
-        require(self.local_iterations >= 0, f"apts-d: local_iterations must be >= 0, got {self.local_iterations}")
-        require(self.global_passes >= 0, f"apts-d: global_passes must be >= 0, got {self.global_passes}")
-        require(self.local_iterations + self.global_passes > 0, "apts-d: local_iterations + global_passes is 0")
-        for name in ("local_solver", "global_solver"):
-            value = getattr(self, name)
-            require(value in SOLVERS, f"apts-d: unknown {name} '{value}' (choose from {', '.join(SOLVERS)})")
-        require(self.memory >= 1, f"apts-d: memory must be >= 1, got {self.memory}")
-        require(self.max_cg_iterations >= 1, "apts-d: max_cg_iterations must be >= 1")
-        require(self.combine in ("sum", "average"), f"apts-d: combine must be sum or average, got '{self.combine}'")
-        parse_curvature(self.curvature)
-        self.global_policy().validate()
-        self.local_policy(1.0).validate()
-
-    def global_policy(self) -> RadiusPolicy:
-        return RadiusPolicy.from_options(self)
-
-    def local_policy(self, local_radius: float) -> RadiusPolicy:
-        # The local radius lives inside the ball Δ/P; its floor is relative to it.
-        return RadiusPolicy.from_options(self, "local_", radius_min=1e-3 * local_radius, radius_max=local_radius)
+        require(self.combine in ("sum", "average"), f"{name}: combine must be sum or average, got '{self.combine}'")
 
 
 class APTSD(Optimizer):

@@ -38,69 +38,34 @@ from hpcopt.comm import Communicator
 from hpcopt.config import require
 from hpcopt.curvature import LocalObjective, parse_curvature
 from hpcopt.errors import ConfigError, NonFiniteError
+from hpcopt.optimizers.apts_options import APTSOptions
 from hpcopt.optimizers.base import Optimizer, StepResult
 from hpcopt.optimizers.local_tr import LocalModel, local_trust_region
 from hpcopt.pipeline import Pipeline
 from hpcopt.problems.base import Problem
-from hpcopt.trust_region import RadiusPolicy, decide, make_subproblem_solver
-
-SOLVERS = ("cauchy", "steihaug", "lsr1")
+from hpcopt.trust_region import decide, make_subproblem_solver
 
 
 @dataclass
-class APTSIPConfig:
-    """Options of ``--optimizer apts-ip`` (radius and local-solver defaults as APTS-D, §0).
+class APTSIPConfig(APTSOptions):
+    """Options of ``--optimizer apts-ip``: those of :class:`APTSOptions` and
 
     Attributes:
-        radius, radius_min, radius_max: Δ₀, Δ_min, Δ_max (0.1, 1e-3, 2.0).
-        eta1, eta2, gamma_inc, gamma_dec: global radius policy (0.25, 0.75, 1.2, 0.9).
-        local_iterations: L (3).
-        local_solver: ``cauchy``, ``steihaug`` or ``lsr1`` (lsr1).
-        local_eta1, local_eta2, local_gamma_inc, local_gamma_dec: (0.3, 0.7, 1.5, 0.6).
-        memory: L-SR1 memory (5).
-        curvature: products for ``steihaug``: ``hessian`` or ``ggn`` (hessian; the
-            linearised loss of inner stages has no Gauss–Newton curvature).
-        max_cg_iterations: Steihaug CG cap (20).
         micro_batches: micro-batches per pipelined pass (4).
+
+    ``curvature=ggn`` is of little use here: the linearised loss of inner stages
+    has no Gauss–Newton curvature.
     """
 
-    radius: float = 0.1
-    radius_min: float = 1e-3
-    radius_max: float = 2.0
-    eta1: float = 0.25
-    eta2: float = 0.75
-    gamma_inc: float = 1.2
-    gamma_dec: float = 0.9
-    local_iterations: int = 3
-    local_solver: str = "lsr1"
-    local_eta1: float = 0.3
-    local_eta2: float = 0.7
-    local_gamma_inc: float = 1.5
-    local_gamma_dec: float = 0.6
-    memory: int = 5
-    curvature: str = "hessian"
-    max_cg_iterations: int = 20
+    option_prefix: ClassVar[str] = "apts-ip"
+
     micro_batches: int = 4
 
     def validate(self) -> None:
-        require(
-            0 < self.radius_min <= self.radius <= self.radius_max,
-            f"apts-ip: need 0 < radius_min <= radius <= radius_max, got {self.radius_min}, "
-            f"{self.radius}, {self.radius_max}",
-        )
-        require(self.local_iterations >= 1, f"apts-ip: local_iterations must be >= 1, got {self.local_iterations}")
-        require(self.local_solver in SOLVERS, f"apts-ip: unknown local_solver '{self.local_solver}'")
-        require(self.memory >= 1 and self.max_cg_iterations >= 1, "apts-ip: memory and max_cg_iterations must be >= 1")
-        require(self.micro_batches >= 1, f"apts-ip: micro_batches must be >= 1, got {self.micro_batches}")
-        parse_curvature(self.curvature)
-        self.global_policy().validate()
-        self.local_policy(1.0).validate()
-
-    def global_policy(self) -> RadiusPolicy:
-        return RadiusPolicy.from_options(self)
-
-    def local_policy(self, ball: float) -> RadiusPolicy:
-        return RadiusPolicy.from_options(self, "local_", radius_min=1e-3 * ball, radius_max=ball)
+        super().validate()
+        name = self.option_prefix
+        require(self.local_iterations >= 1, f"{name}: local_iterations must be >= 1, got {self.local_iterations}")
+        require(self.micro_batches >= 1, f"{name}: micro_batches must be >= 1, got {self.micro_batches}")
 
 
 class PipelineObjective:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -49,6 +50,8 @@ class APTSPConfig(APTSDConfig):
         norm: ``2`` (local radius Δ/√P, ‖s‖₂ ≤ Δ) or ``inf`` (local radius Δ,
             max_r ‖s_r‖₂ ≤ Δ) (2).
     """
+
+    option_prefix: ClassVar[str] = "apts-p"
 
     blocks: str = "auto"
     max_imbalance: float = 1.25
