@@ -27,6 +27,10 @@ a ``Test`` loop with a deadline: a collective that does not complete in time rai
 :class:`AbortError` naming the operation and the rank, and rank 0 additionally
 watches for failure notices (:meth:`Communicator.notify_failure`) from other ranks
 while it waits.  The pickle-based object collectives stay blocking (start-up only).
+
+Sub-communicators (:meth:`Communicator.split`) report to the communicator they were
+split from: the same counters, host staging and watchdog setting, and failure notices
+still go to rank 0 of the world.
 """
 
 from __future__ import annotations
@@ -252,21 +256,24 @@ class Communicator:
         mpi_comm: an ``mpi4py.MPI.Comm``; ``None`` means ``MPI.COMM_WORLD``.
     """
 
-    def __init__(self, mpi_comm: Any | None = None) -> None:
+    def __init__(self, mpi_comm: Any | None = None, *, parent: Communicator | None = None) -> None:
         mpi = _mpi()
         self._mpi = mpi
         self._comm = mpi.COMM_WORLD if mpi_comm is None else mpi_comm
         self.rank: int = self._comm.Get_rank()
         self.size: int = self._comm.Get_size()
-        self.stats = CommStats()
+        # A sub-communicator (split) reports to the communicator it was split from: one
+        # set of counters per rank, so the run log's per-step traffic includes what goes
+        # over sub-communicators, and one watchdog setting and failure-notice channel.
+        self._parent = parent
+        self.stats = CommStats() if parent is None else parent.stats
         self._ops = {"sum": mpi.SUM, "max": mpi.MAX, "min": mpi.MIN}
         self._in_place = mpi.IN_PLACE
         self._views: dict[int, tuple[torch.Tensor, Any]] = {}
-        #: Seconds a collective may take before the watchdog aborts (0: no watchdog).
-        self.collective_timeout = 0.0
+        self._collective_timeout = 0.0
         self._collectives = 0
         #: Device buffers that MPI cannot read go through this (see the module docstring).
-        self.staging = HostStaging()
+        self.staging = HostStaging() if parent is None else parent.staging
         #: Stage CPU tensors too (tests of the staging path on machines without a GPU).
         self.force_staging = False
         self._cuda_aware: bool | None = None
@@ -278,8 +285,27 @@ class Communicator:
         return self.rank == 0
 
     @property
+    def _top(self) -> Communicator:
+        # The communicator every split descends from (the world): it owns the failure notices.
+        return self if self._parent is None else self._parent._top
+
+    @property
+    def collective_timeout(self) -> float:
+        """Seconds a collective may take before the watchdog aborts (0: no watchdog).
+
+        Set on the world communicator; sub-communicators split from it follow it.
+        """
+        return self._top._collective_timeout
+
+    @collective_timeout.setter
+    def collective_timeout(self, seconds: float) -> None:
+        self._top._collective_timeout = seconds
+
+    @property
     def cuda_aware(self) -> bool:
         """Whether device buffers go to MPI directly (asked once, on first use)."""
+        if self._parent is not None:
+            return self._parent.cuda_aware
         if self._cuda_aware is None:
             self._cuda_aware = cuda_aware_mpi()
         return self._cuda_aware
@@ -293,9 +319,10 @@ class Communicator:
 
     def _staged(self, collective: Any, *tensors: torch.Tensor) -> Any:
         """Run ``collective`` on host copies of ``tensors``; returns the host results."""
-        if not self._staging_warned and any(t.device.type != "cpu" for t in tensors):
-            self._staging_warned = True
-            if self.is_root:
+        top = self._top  # one warning per job, whichever communicator stages first
+        if not top._staging_warned and any(t.device.type != "cpu" for t in tensors):
+            top._staging_warned = True
+            if top.is_root:
                 import os
 
                 os.write(2, b"hpcopt: warning: MPI is not CUDA-aware; staging device buffers through host memory\n")
@@ -464,7 +491,7 @@ class Communicator:
         start = time.perf_counter()
         # Rank 0 owns the run log, so it should be the one that detects a stall and
         # closes the log as failed before aborting: the other ranks wait twice as long.
-        deadline = start + self.collective_timeout * (1 if self.rank == 0 else 2)
+        deadline = start + self.collective_timeout * (1 if self._top.rank == 0 else 2)
         next_notice_check = start + _NOTICE_INTERVAL
         while not request.Test():
             now = time.perf_counter()
@@ -481,6 +508,10 @@ class Communicator:
                 time.sleep(_YIELD_SECONDS)
 
     def _raise_on_notice(self) -> None:
+        if self._parent is not None:
+            # Notices travel on the world communicator (notify_failure is called on it).
+            self._top._raise_on_notice()
+            return
         if self.rank != 0:
             return
         status = self._mpi.Status()
@@ -509,12 +540,15 @@ class Communicator:
             time.sleep(1e-2)  # rank 0 is closing its log; its MPI_Abort ends this process
 
     def split(self, color: int, key: int | None = None) -> Communicator:
-        """A sub-communicator of the ranks sharing ``color`` (ordered by ``key``, default rank)."""
-        return Communicator(self._comm.Split(color, self.rank if key is None else key))
+        """A sub-communicator of the ranks sharing ``color`` (ordered by ``key``, default rank).
+
+        It shares this communicator's counters, host staging and watchdog setting.
+        """
+        return Communicator(self._comm.Split(color, self.rank if key is None else key), parent=self)
 
     def split_shared(self) -> Communicator:
-        """The ranks of this node (``Split_type(COMM_TYPE_SHARED)``), ordered by rank."""
-        return Communicator(self._comm.Split_type(self._mpi.COMM_TYPE_SHARED, key=self.rank))
+        """The ranks of this node (``Split_type(COMM_TYPE_SHARED)``), ordered by rank (shares counters as ``split``)."""
+        return Communicator(self._comm.Split_type(self._mpi.COMM_TYPE_SHARED, key=self.rank), parent=self)
 
     def agree(self, error: HpcoptError | None) -> None:
         """Make a local input error everybody's error.

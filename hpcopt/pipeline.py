@@ -14,11 +14,16 @@ accumulate to exactly the full-batch gradient.
 For the local phase of APTS-IP (ALGORITHMS.md §3) a gradient pass caches, per
 stage, the stage's input (detached) and — except on the last stage — the gradient
 of the loss w.r.t. the stage's output.
+
+With data parallelism on top, the P ranks form ``stages × replicas``
+(:class:`PipelineLayout`): each replica is a whole pipeline, and a :class:`Pipeline`
+is given the communicator of its replica's stages only.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -54,6 +59,58 @@ def stage_bounds(model: nn.Sequential, stages: int) -> list[int]:
     return [0] + [holders[c] for c in cuts[1:-1]] + [len(model)]
 
 
+@dataclass(frozen=True)
+class PipelineLayout:
+    """Which pipeline stage and which replica each of ``world_size`` ranks is.
+
+    Rank ``p = replica · stages + stage``: replica r is the block of consecutive ranks
+    ``[r·S, (r+1)·S)``.  Consecutive ranks usually share a node, so the per-micro-batch
+    activation messages stay on it, while the once-per-step replica averaging (one
+    stage's parameters) is what crosses nodes *(ours)*.  Computed from the world size
+    and the option alone, so it is the same on every rank without communication.
+
+    Attributes:
+        world_size: number of ranks P.
+        replicas: number of pipeline replicas R (data parallelism); stages S = P / R.
+    """
+
+    world_size: int
+    replicas: int
+
+    def __post_init__(self) -> None:
+        # Raised before any collective, and alike on every rank (it depends on P and R only).
+        if self.replicas < 1:
+            raise ConfigError(f"apts-ip: replicas must be >= 1, got {self.replicas}")
+        if self.replicas > self.world_size:
+            raise ConfigError(
+                f"apts-ip: replicas={self.replicas} exceeds the {self.world_size} ranks "
+                "(every replica needs at least one pipeline stage)"
+            )
+        if self.world_size % self.replicas != 0:
+            raise ConfigError(
+                f"apts-ip: {self.world_size} ranks cannot form replicas={self.replicas} pipelines of equal length "
+                f"(stages = ranks / replicas must be a whole number; divisors of {self.world_size}: "
+                f"{', '.join(str(d) for d in range(1, self.world_size + 1) if self.world_size % d == 0)})"
+            )
+
+    @property
+    def stages(self) -> int:
+        return self.world_size // self.replicas
+
+    def stage_of(self, rank: int) -> int:
+        return rank % self.stages
+
+    def replica_of(self, rank: int) -> int:
+        return rank // self.stages
+
+    def rank_of(self, stage: int, replica: int) -> int:
+        return replica * self.stages + stage
+
+    def assignment(self) -> list[tuple[int, int]]:
+        """``(stage, replica)`` of every rank, in rank order (recorded in the run log)."""
+        return [(self.stage_of(p), self.replica_of(p)) for p in range(self.world_size)]
+
+
 def _parameter_bytes(module: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
@@ -65,7 +122,8 @@ class Pipeline:
         model: the whole model, built identically on every rank (same seed).  Only
             this rank's layers are kept; drop every other reference to ``model`` so
             that the other stages' parameters are freed.
-        comm: one rank per stage.
+        comm: one rank per stage, ranked by stage (the pipeline communicator of one
+            replica; the whole world when there is one replica).
         micro_batches: micro-batches per pass (capped by the batch size).
     """
 

@@ -167,9 +167,18 @@ def _setup(cfg: TrainConfig, optimizer_options: dict[str, Any], problem_options:
         RunLog.check_path(cfg.out, overwrite=cfg.overwrite)
     problem = make_problem(cfg.problem, data_dir=cfg.data_dir, seed=cfg.seed, options=problem_options)
     batch_size = cfg.batch_size if cfg.batch_size is not None else min(problem.default_batch_size, len(problem.train))
-    # A model-parallel optimizer (APTS-IP: one pipeline stage per rank) gives every rank the whole batch.
-    model_parallel = getattr(optimizer_class(cfg.optimizer), "model_parallel", False)
-    replica, replicas = (0, 1) if model_parallel else (comm.rank, comm.size)
+    optimizer_cls = optimizer_class(cfg.optimizer)
+    if getattr(optimizer_cls, "model_parallel", False):
+        # APTS-IP: all stages of a pipeline replica share the replica's shard of the batch
+        # (the whole batch with one replica); a bad stages × replicas layout raises here.
+        replica, replicas = optimizer_cls.data_shard(optimizer_config, comm.rank, comm.size)  # type: ignore[attr-defined]
+        require(
+            batch_size % replicas == 0,
+            f"{cfg.optimizer}: --batch-size {batch_size} is not divisible by replicas={replicas} "
+            "(each pipeline replica takes an equal shard)",
+        )
+    else:
+        replica, replicas = comm.rank, comm.size
     batches = GlobalBatches(len(problem.train), batch_size, cfg.seed, replica, replicas)
     torch.manual_seed(cfg.seed)  # identical initial parameters on every rank
     model = problem.build_model(cfg.model)
