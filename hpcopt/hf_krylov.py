@@ -11,6 +11,10 @@ local and costs no communication.
 * :func:`bicgstab` -- van der Vorst's BiCGSTAB for the indefinite system
   ``(H + λI) p = −g`` (He et al.).  It takes two products per iteration; each
   counts as one entry of ``products``.
+
+:func:`martens_cg` takes an optional fused-kernel backend for its CG step (see
+:mod:`hpcopt.krylov`); BiCGSTAB's updates (``p ← r + β(p − ωv)``, ``x += αp + ωs``)
+match none of the kernels, so it stays on torch ops.
 """
 
 from __future__ import annotations
@@ -18,11 +22,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from hpcopt.errors import ConfigError
-from hpcopt.krylov import Dot, MatVec, default_dot
+from hpcopt.krylov import Dot, MatVec, cg_step_, check_kernels, default_dot
+
+if TYPE_CHECKING:
+    from hpcopt.kernels import Kernels
 
 StoppingRule = Callable[[int, list[float]], bool]
 
@@ -80,6 +88,7 @@ def martens_cg(
     rtol: float = 1e-8,
     progress_tol: float = 5e-4,
     store_ratio: float = 1.3,
+    kernels: Kernels | None = None,
 ) -> HFSolveResult:
     """Approximately minimise ``m(p) = gᵀp + ½pᵀAp`` (``A = matvec``, SPD) by CG.
 
@@ -90,9 +99,13 @@ def martens_cg(
 
     The model value needs no extra product: with ``r = −g − Ap``,
     ``m(p) = ½ pᵀ(g − r)``.
+
+    ``kernels`` (default ``None``: plain torch) fuses ``p += αd``, ``r −= αAd`` and
+    ``‖r‖²`` into one pass; it needs the default ``dot`` (its sum is local).
     """
     if grad.dim() != 1:
         raise ConfigError("grad must be a flat 1-D tensor")
+    check_kernels(kernels, dot)
     if max_iter < 1 or rtol < 0 or progress_tol < 0 or store_ratio <= 1:
         raise ConfigError(
             f"martens_cg: need max_iter >= 1, rtol >= 0, progress_tol >= 0, store_ratio > 1; "
@@ -130,10 +143,8 @@ def martens_cg(
             exit_reason = "nonpositive_curvature"
             break
         alpha = rr / curvature
-        x.add_(direction, alpha=alpha)
-        residual.add_(a_direction, alpha=-alpha)
+        rr_new = cg_step_(x, residual, direction, a_direction, alpha, dot=dot, kernels=kernels)
         iterations += 1
-        rr_new = dot(residual, residual)
         value = 0.5 * dot(x, grad - residual)
         values.append(value)
         if not (math.isfinite(rr_new) and math.isfinite(value)):
@@ -152,6 +163,7 @@ def martens_cg(
         if iterations > window and value < 0 and (value - values[iterations - window]) / value < window * progress_tol:
             exit_reason = "progress"
             break
+        # Nothing to sum here: the fused direction kernel would only add a host sync.
         direction.mul_(rr_new / rr).add_(residual)
         rr = rr_new
     if not stored or stored[-1].iteration != iterations:

@@ -11,7 +11,8 @@ for the local runner), so ``hpcopt analyze OUTDIR/*.h5`` tabulates the sweep eit
 Templates (Python string templates, below): ``cpu`` places ``ranks_per_node`` ranks on
 each node with ``--cpus-per-task`` cores each and sets the OpenMP/torch thread count to
 match (``hpcopt train --threads``); ``gpu`` places one rank per GPU and binds rank
-``SLURM_LOCALID`` to GPU ``SLURM_LOCALID`` through ``CUDA_VISIBLE_DEVICES``.  Both
+``SLURM_LOCALID`` to GPU ``SLURM_LOCALID`` through ``CUDA_VISIBLE_DEVICES`` and trains
+with ``--device cuda``.  Both
 launch ``srun --mpi=pmi2 python -m mpi4py -m hpcopt train …``; the launcher is the
 shell variable ``HPCOPT_LAUNCH`` (``srun --mpi=pmix`` or ``mpirun -n $SLURM_NTASKS``
 where PMI2 is missing), documented in ``jobs/README.md``.
@@ -70,8 +71,8 @@ _GPU_TEMPLATE = """\
 #!/bin/bash
 # hpcopt ${study}-scaling point: ${ranks} rank(s) = GPUs, global batch ${global_batch} (GPU template).
 # Rendered by: hpcopt jobs render; submit with: sbatch ${script}
-# One MPI rank per GPU.  hpcopt train has no --device option yet: pass device options
-# through after "--" on the render command line; they are appended to the train line.
+# One MPI rank per GPU, trained with --device cuda (a rank without a GPU stops with an
+# error instead of silently training on the CPU); a --device after "--" overrides it.
 #SBATCH --job-name=${name}
 #SBATCH --nodes=${nodes}
 #SBATCH --ntasks=${ranks}
@@ -95,7 +96,7 @@ RUN_LOG=${outdir}/${name}-$${SLURM_JOB_ID}.h5
 # SLURM_LOCALID under srun; MPI_LOCALRANKID (MPICH hydra) or OMPI_COMM_WORLD_LOCAL_RANK under mpirun.
 $$LAUNCH bash -c 'export CUDA_VISIBLE_DEVICES=$${SLURM_LOCALID:-$${MPI_LOCALRANKID:-$${OMPI_COMM_WORLD_LOCAL_RANK:-0}}}
 exec "$$@"' hpcopt-rank \\
-    ${python} -m mpi4py -m hpcopt train ${train_args} \\
+    ${python} -m mpi4py -m hpcopt train --device cuda ${train_args} \\
     --threads "$$OMP_NUM_THREADS" --out "$$RUN_LOG" --overwrite --quiet
 """
 

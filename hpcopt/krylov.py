@@ -6,6 +6,15 @@ quasi-Newton product) and ``dot(a, b)`` as plain callables; in distributed use
 through ``dot`` and nothing calls ``torch.dot`` or ``torch.norm`` directly.
 Vectors are flat 1-D tensors; results keep the dtype and device of the input.
 
+Fused vector updates: :func:`cg` and :func:`steihaug_cg` take an optional
+``kernels`` backend (:mod:`hpcopt.kernels`).  With it, the CG step
+(``x += αp``, ``r −= αAp`` and the new ``r'r``) is one pass, and Steihaug's
+direction update also returns ``d'd`` and ``s'd``.  Those sums are this rank's,
+so kernels are accepted only with the local :func:`default_dot`: every caller in
+hpcopt solves with replicated vectors, where the local sum is the whole sum.
+Without ``kernels`` (the default, and what optimizers use on CPU) the updates are
+the plain torch operations below and every sum goes through ``dot``.
+
 Contents:
 
 * :func:`cg` -- conjugate gradients for symmetric positive definite systems.
@@ -20,10 +29,14 @@ import enum
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from hpcopt.errors import ConfigError
+
+if TYPE_CHECKING:
+    from hpcopt.kernels import Kernels
 
 MatVec = Callable[[torch.Tensor], torch.Tensor]
 Dot = Callable[[torch.Tensor, torch.Tensor], float]
@@ -45,6 +58,36 @@ def _norm(v: torch.Tensor, dot: Dot) -> float:
 def _check_vector(name: str, v: torch.Tensor) -> None:
     if not isinstance(v, torch.Tensor) or v.dim() != 1:
         raise ConfigError(f"{name} must be a flat 1-D tensor")
+
+
+def check_kernels(kernels: Kernels | None, dot: Dot) -> None:
+    """Refuse fused kernels next to a custom ``dot``: their sums are local, ``dot`` may not be."""
+    if kernels is not None and dot is not default_dot:
+        raise ConfigError(
+            "fused kernels return this rank's partial sums; pass kernels only with the local default dot "
+            "(replicated vectors), not with a custom or distributed dot"
+        )
+
+
+def cg_step_(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    direction: torch.Tensor,
+    product: torch.Tensor,
+    alpha: float,
+    *,
+    dot: Dot,
+    kernels: Kernels | None,
+) -> float:
+    """``x += α·direction``, ``residual −= α·product``; returns the new ``residual'residual``.
+
+    One fused pass with ``kernels``; otherwise two torch updates and one ``dot``.
+    """
+    if kernels is None:
+        x.add_(direction, alpha=alpha)
+        residual.add_(product, alpha=-alpha)
+        return dot(residual, residual)
+    return kernels.cg_step_(x, residual, direction, product, alpha)
 
 
 @dataclass
@@ -74,6 +117,7 @@ def cg(
     atol: float = 0.0,
     max_iter: int | None = None,
     callback: Callable[[int, torch.Tensor], None] | None = None,
+    kernels: Kernels | None = None,
 ) -> CGResult:
     """Solve ``A x = rhs`` for symmetric positive definite ``A`` by conjugate gradients.
 
@@ -88,12 +132,15 @@ def cg(
         max_iter: Iteration limit (default ``2 * n``: exact arithmetic needs ``n``,
             rounding may need a few more).
         callback: Called as ``callback(iteration, x)`` after every iteration.
+        kernels: Fused vector updates (default ``None``: plain torch); needs the
+            default ``dot`` (see the module docstring).
 
     Returns:
         A :class:`CGResult`.  If ``A`` shows non-positive or non-finite curvature
         along a search direction, CG stops there with ``converged=False``.
     """
     _check_vector("rhs", rhs)
+    check_kernels(kernels, dot)
     if rtol < 0 or atol < 0:
         raise ConfigError(f"cg tolerances must be non-negative, got rtol={rtol}, atol={atol}")
     n = rhs.numel()
@@ -119,10 +166,8 @@ def cg(
         if not math.isfinite(curvature) or curvature <= 0.0:
             break
         alpha = rr / curvature
-        x.add_(direction, alpha=alpha)
-        residual.add_(a_direction, alpha=-alpha)
+        rr_new = cg_step_(x, residual, direction, a_direction, alpha, dot=dot, kernels=kernels)
         iterations += 1
-        rr_new = dot(residual, residual)
         if callback is not None:
             callback(iterations, x)
         if not math.isfinite(rr_new):
@@ -131,6 +176,7 @@ def cg(
         converged = math.sqrt(max(rr_new, 0.0)) <= tolerance
         beta = rr_new / rr
         rr = rr_new
+        # Nothing to sum here: the fused direction kernel would only add a host sync.
         direction.mul_(beta).add_(residual)
     residual_norm = math.sqrt(rr) if math.isfinite(rr) and rr >= 0 else float("nan")
     return CGResult(solution=x, iterations=iterations, residual_norm=residual_norm, converged=converged)
@@ -190,6 +236,7 @@ def steihaug_cg(
     dot: Dot = default_dot,
     rtol: float | None = None,
     max_iter: int | None = None,
+    kernels: Kernels | None = None,
 ) -> SteihaugResult:
     """Approximately minimise ``m(s) = g's + 1/2 s'Bs`` subject to ``||s|| <= radius``.
 
@@ -207,6 +254,9 @@ def steihaug_cg(
         rtol: Relative residual tolerance; default ``None`` means the superlinear
             rule ``||r|| <= min(0.5, sqrt(||g||)) * ||g||``.
         max_iter: Limit on matrix-vector products (default ``min(n, 250)``).
+        kernels: Fused vector updates (default ``None``: plain torch); needs the
+            default ``dot``.  With them the direction pass also sums ``d'd`` and
+            ``s'd`` exactly, and those replace the recurrences below.
 
     Returns:
         A :class:`SteihaugResult`.  ``g = 0`` gives the zero step with ``pred = 0``
@@ -219,6 +269,7 @@ def steihaug_cg(
     only when a boundary step is taken, so that the step lands on the sphere.
     """
     _check_vector("grad", grad)
+    check_kernels(kernels, dot)
     if not math.isfinite(radius) or radius <= 0.0:
         raise ConfigError(f"trust-region radius must be finite and > 0, got {radius}")
     n = grad.numel()
@@ -239,10 +290,12 @@ def steihaug_cg(
     rel = min(0.5, math.sqrt(grad_norm)) if rtol is None else rtol
     tolerance = rel * grad_norm
 
-    # residual = g + B s is kept by the CG recurrence, so B s = residual - g is known
-    # without an extra product, and pred = -(g's + 1/2 s'Bs) = -1/2 (g + residual)'s.
-    residual = grad.clone()
-    direction = -grad
+    # residual = -(g + B s), the CG residual of B s = -g (the sign the fused CG step
+    # expects), is kept by the recurrence, so B s = -(residual + g) is known without an
+    # extra product, and pred = -(g's + 1/2 s'Bs) = -1/2 (g - residual)'s.  Negation is
+    # exact, so this gives the same bits as tracking g + B s.
+    residual = -grad
+    direction = residual.clone()
     ss, sd, dd = 0.0, 0.0, rr
     iterations = 0
     exit_reason = SteihaugExit.MAX_ITERS
@@ -264,21 +317,19 @@ def steihaug_cg(
             else:
                 exit_reason = SteihaugExit.BOUNDARY
             ss, sd, dd = dot(step, step), dot(step, direction), dot(direction, direction)
-            slope = dot(residual, direction)
-            # Model change along the line: m(s + tau d) - m(s) = tau r'd + 1/2 tau^2 d'Bd.
+            slope = -dot(residual, direction)
+            # Model change along the line: m(s + tau d) - m(s) = tau (g + Bs)'d + 1/2 tau^2 d'Bd.
             roots = _boundary_roots(ss, sd, dd, radius)
             tau = min(roots, key=lambda t: t * slope + 0.5 * t * t * curvature)
             step.add_(direction, alpha=tau)
-            residual.add_(b_direction, alpha=tau)
+            residual.add_(b_direction, alpha=-tau)
             break
-        step.add_(direction, alpha=alpha)
-        residual.add_(b_direction, alpha=alpha)
-        rr_new = dot(residual, residual)
+        rr_new = cg_step_(step, residual, direction, b_direction, alpha, dot=dot, kernels=kernels)
         if not math.isfinite(rr_new):
             exit_reason = SteihaugExit.NONFINITE
             # Undo the update so the returned step is the last sane iterate.
             step.add_(direction, alpha=-alpha)
-            residual.add_(b_direction, alpha=-alpha)
+            residual.add_(b_direction, alpha=alpha)
             break
         if math.sqrt(rr_new) <= tolerance:
             exit_reason = SteihaugExit.CONVERGED
@@ -288,9 +339,13 @@ def steihaug_cg(
         dd = rr_new + beta * beta * dd
         ss = ss_next
         rr = rr_new
-        direction.mul_(beta).sub_(residual)
+        if kernels is None:
+            direction.mul_(beta).add_(residual)
+        else:
+            # The same pass sums d'd and s'd of the new direction: exact values at no extra read.
+            dd, sd = kernels.cg_direction_(direction, residual, step, beta)
 
-    pred = -0.5 * (dot(grad, step) + dot(residual, step))
+    pred = -0.5 * (dot(grad, step) - dot(residual, step))
     if not math.isfinite(pred):
         pred = float("nan")
     return SteihaugResult(step, pred, exit_reason, iterations, negative_direction)

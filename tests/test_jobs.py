@@ -47,6 +47,7 @@ def test_render_cpu_sweep(tmp_path: Path, study: str, batches: list[int]) -> Non
         assert "srun --mpi=pmi2" in text and "-m mpi4py -m hpcopt train" in text
         assert "RUN_LOG=" + str(tmp_path) + f"/{study}-sgd-P{ranks}-$" + "{SLURM_JOB_ID}.h5" in text
         assert '--threads "$OMP_NUM_THREADS"' in text
+        assert "--device" not in text  # CPU jobs keep train's default (auto)
         # Valid bash, every template placeholder filled.
         assert subprocess.run(["bash", "-n", str(path)], check=False).returncode == 0
         assert "${study}" not in text and "$$" not in text
@@ -61,6 +62,8 @@ def test_render_gpu_binds_one_gpu_per_rank(tmp_path: Path) -> None:
     assert "#SBATCH --nodes=2\n" in text and "#SBATCH --gpus-per-node=4\n" in text
     assert "CUDA_VISIBLE_DEVICES=${SLURM_LOCALID:-${MPI_LOCALRANKID:-" in text
     assert "--batch-size 512 --x" in text  # extra args pass through
+    # The GPU jobs train on the GPU; a --device after "--" comes later on the line and wins.
+    assert "-m hpcopt train --device cuda --batch-size 512 --x" in text
     assert subprocess.run(["bash", "-n", str(tmp_path / "strong-default-P8.sbatch")], check=False).returncode == 0
 
 

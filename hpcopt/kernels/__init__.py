@@ -12,6 +12,13 @@ Both compute the same functions (see ``kernels/README.md``); the test suite
 compares them on a GPU and compares the twins with float64 references everywhere.
 The kernels compute local quantities only; reductions over ranks stay in
 :mod:`hpcopt.comm`.
+
+``fused_backend(device)`` is what the optimizers call, once, on the device of the
+flat parameters: the CUDA kernels where they exist, else ``None``, meaning "keep
+the plain torch code".  The twins are not used on the hot paths by default: the
+plain code is what the CPU results (bit-exact restarts, rank invariance) were
+established with, and the twins' float64 sums would change the last bits.
+Tests inject :class:`CpuKernels` explicitly to run the fused code paths on CPU.
 """
 
 from __future__ import annotations
@@ -26,7 +33,9 @@ from hpcopt.kernels.cuda import CudaKernels, import_cupy
 
 _warned = False
 
-__all__ = ["CpuKernels", "CudaKernels", "dot64", "neumann_coefficient", "select_backend"]
+Kernels = CpuKernels | CudaKernels
+
+__all__ = ["CpuKernels", "CudaKernels", "Kernels", "dot64", "fused_backend", "neumann_coefficient", "select_backend"]
 
 
 def select_backend(device: torch.device | str, *, require_cuda_kernels: bool = False) -> CpuKernels | CudaKernels:
@@ -53,4 +62,22 @@ def select_backend(device: torch.device | str, *, require_cuda_kernels: bool = F
             _warned = True
             sys.stderr.write("hpcopt: CuPy not installed; GPU vector updates use unfused torch ops\n")
         return CpuKernels()
+    return CudaKernels(device)
+
+
+def fused_backend(device: torch.device | str) -> CudaKernels | None:
+    """The kernels the optimizers' hot paths use for parameters on ``device``, or ``None``.
+
+    ``None`` (CPU parameters, or CUDA without CuPy) keeps the plain torch code:
+    on CPU the twins would only repeat it with float64 sums, and on a GPU without
+    CuPy they are the same unfused torch ops.  Unlike :func:`select_backend` it
+    writes nothing: every rank calls it, and rank 0 reports the choice.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    try:
+        import_cupy()
+    except ConfigError:
+        return None
     return CudaKernels(device)

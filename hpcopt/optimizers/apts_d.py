@@ -80,11 +80,13 @@ class APTSD(Optimizer):
         self.radius = config.radius
         self.policy = config.global_policy()
         self.curvature = parse_curvature(config.curvature)
+        # Both solves run on replicated (global) or rank-private (local) vectors, so the
+        # fused kernels' local sums are the sums the solvers need.
         self.local_solver = make_subproblem_solver(
-            config.local_solver, memory=config.memory, max_iter=config.max_cg_iterations
+            config.local_solver, memory=config.memory, max_iter=config.max_cg_iterations, kernels=self.kernels
         )
         self.global_solver = make_subproblem_solver(
-            config.global_solver, memory=config.memory, max_iter=config.max_cg_iterations
+            config.global_solver, memory=config.memory, max_iter=config.max_cg_iterations, kernels=self.kernels
         )
         self.combined = objective.comm_buffer()
         self.world_size = objective.comm.size
@@ -129,7 +131,7 @@ class APTSD(Optimizer):
             if not (result.pred > 0 and math.isfinite(result.pred)):
                 break  # stationary local model: nothing to gain from further iterations
             trial = step_r + result.step
-            self.flat.copy_(theta_k + trial)
+            self.move_to(theta_k, trial)
             last = iteration == cfg.local_iterations - 1
             trial_grad: torch.Tensor | None = None
             if last and self.local_solver.name != "lsr1":  # only L-SR1 learns from the last gradient
@@ -156,7 +158,7 @@ class APTSD(Optimizer):
 
     def _local_matvec(self, theta_k: torch.Tensor, step_r: torch.Tensor) -> MatVec:
         # The FOC term is linear, so f̃_r has the curvature of f_r at the current local point.
-        self.flat.copy_(theta_k + step_r)
+        self.move_to(theta_k, step_r)
         return self.objective.local_curvature(self.curvature)
 
     def _global_matvec(self) -> MatVec:
@@ -217,7 +219,7 @@ class APTSD(Optimizer):
         step, pred, step_norm, combined_norm, counts = self._combined_step(theta_k, loss_local, grad_local, grad)
 
         # Trial point; the trial gradient rides along when the global pass needs it.
-        self.flat.copy_(theta_k + step)
+        self.move_to(theta_k, step)
         trial_grad: torch.Tensor | None = None
         if cfg.global_passes > 0:
             trial_loss, trial_grad_view = objective.value_and_grad()
@@ -242,7 +244,7 @@ class APTSD(Optimizer):
             if not (result.pred > 0 and math.isfinite(result.pred)):
                 break
             theta = self.flat.clone()
-            self.flat.copy_(theta + result.step)
+            self.move_to(theta, result.step)
             if g_pass < cfg.global_passes - 1:
                 pass_loss, pass_grad_view = objective.value_and_grad()
                 pass_grad: torch.Tensor | None = pass_grad_view.clone()

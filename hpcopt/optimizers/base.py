@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from hpcopt.kernels import Kernels, fused_backend
 from hpcopt.objective import DistributedObjective
 
 
@@ -43,6 +44,11 @@ class Optimizer(abc.ABC):
 
     Subclasses set ``name`` and ``config_class`` and implement :meth:`step`,
     which is called once per global mini-batch after ``objective.set_batch``.
+
+    ``kernels`` is the fused-kernel backend of the hot vector updates, chosen once
+    here from the device of the flat parameters (:func:`hpcopt.kernels.fused_backend`):
+    the CUDA kernels on a GPU with CuPy, else ``None`` (the plain torch code).  A
+    test may set it to :class:`~hpcopt.kernels.CpuKernels` to run the fused paths on CPU.
     """
 
     name: ClassVar[str]
@@ -53,10 +59,19 @@ class Optimizer(abc.ABC):
         self.config = config
         self.flat = objective.flat
         self.steps = 0
+        self.kernels: Kernels | None = fused_backend(self.flat.data.device)
 
     @abc.abstractmethod
     def step(self) -> StepResult:
         """One outer iteration on the current batch."""
+
+    def move_to(self, theta: torch.Tensor, step: torch.Tensor) -> None:
+        """Set the parameters to the trial point ``θ + s`` (one fused pass with ``kernels``)."""
+        if self.kernels is None:
+            self.flat.copy_(theta + step)
+            return
+        with torch.no_grad():
+            self.kernels.tr_trial(self.flat.data, theta, step)
 
     @contextlib.contextmanager
     def evaluation_parameters(self) -> Iterator[None]:

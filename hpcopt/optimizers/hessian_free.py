@@ -15,6 +15,10 @@ One outer iteration on the global batch B = ∪ B_r (every rank holds the whole 
    direction with ``dᵀBd < 0`` was met, a line-searched step along ±d; the one that
    lowers f more is taken.  Each trial value is one allreduce of one scalar.
 
+Vector updates go through ``self.kernels`` where there is a fused backend (GPU):
+Martens' CG and Steihaug's CG fuse their steps, and every trial point θ + s is
+one ``tr_trial`` pass; BiCGSTAB stays on torch ops.
+
 The curvature sub-batch is ``strided`` by default *(ours)*: global row p of the
 batch is used when ``⌈(p+1)·fraction⌉ > ⌈p·fraction⌉``, so C is the same set of
 rows whatever the number of ranks and the run is rank-count invariant.  ``head``
@@ -245,7 +249,7 @@ class HessianFree(Optimizer):
         return DistributedCurvature(objective, local, len(rows) / max(total, 1), damping)
 
     def _value_at(self, theta: torch.Tensor, step: torch.Tensor) -> float:
-        self.flat.copy_(theta + step)
+        self.move_to(theta, step)
         self.evaluations += 1
         value = self.objective.value()
         return value if math.isfinite(value) else math.inf
@@ -311,7 +315,7 @@ class HessianFree(Optimizer):
         ratio = math.nan
         radius_before = self.radius
         if cfg.solver == "steihaug":
-            tr = steihaug_cg(matvec, grad, self.radius, rtol=None, max_iter=cfg.max_iterations)
+            tr = steihaug_cg(matvec, grad, self.radius, rtol=None, max_iter=cfg.max_iterations, kernels=self.kernels)
             step_norm = float(tr.step.norm())
             trial = self._value_at(theta, tr.step)
             decision = decide(self.policy, self.radius, loss, trial, tr.pred, step_norm)
@@ -325,7 +329,8 @@ class HessianFree(Optimizer):
             if self.previous is not None and cfg.warm_start > 0:
                 x0 = cfg.warm_start * self.previous
             solve = martens_cg if cfg.solver == "cg" else bicgstab
-            options = {"progress_tol": cfg.progress_tol} if cfg.solver == "cg" else {}
+            # BiCGSTAB's updates match no fused kernel; Martens' CG fuses its step.
+            options = {"progress_tol": cfg.progress_tol, "kernels": self.kernels} if cfg.solver == "cg" else {}
             result: HFSolveResult = solve(
                 matvec,
                 grad,
@@ -350,7 +355,7 @@ class HessianFree(Optimizer):
         extras["negative_curvature"] = matvec.negative_curvature
         chosen = min(candidates, key=lambda c: c[2]) if candidates else None
         if chosen is not None and chosen[2] < loss:
-            self.flat.copy_(theta + chosen[1])
+            self.move_to(theta, chosen[1])
             step_norm = float(chosen[1].norm())
             if chosen[0] == "newton":
                 self.newton_steps += 1

@@ -18,6 +18,12 @@ Per step t (gradient ĝ at the stored w), after ``warmup_steps`` of plain SGD:
 ``α/3‖w−v‖³ + β/‖w−v‖`` (:func:`regularizer`).  μ = clip(1 − 1/(1+e), μ_min, μ_max)
 and η = lr/(1 + e) with e the epochs since warm-up; ``epoch_steps`` says how many
 steps an "epoch" of these schedules is, since an optimizer does not see the data.
+
+With a fused-kernel backend (``self.kernels``: CUDA kernels on a GPU with CuPy) a
+Neumann step is two passes, ``sq_distance`` (‖w−v‖²) and ``neumann_update`` (m, w
+and v in place), plus one ``sq_distance`` against a copy of w for the logged step
+norm; without one (CPU) the plain torch code runs.  The sums are local, which is
+all there is: the state is replicated.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from hpcopt.config import require
+from hpcopt.kernels import Kernels, neumann_coefficient
 from hpcopt.objective import DistributedObjective
 from hpcopt.optimizers.base import Optimizer, StepResult
 from hpcopt.optimizers.sgd import check_finite_loss
@@ -104,6 +111,7 @@ class Neumann(Optimizer):
         self.period = max(1, round(config.reset_epochs * config.epoch_steps))
         self.next_reset = config.warmup_steps
         self.resets = 0
+        self._w_before: torch.Tensor | None = None  # scratch of the fused step's norm, not state
 
     @contextlib.contextmanager
     def evaluation_parameters(self) -> Iterator[None]:
@@ -135,6 +143,11 @@ class Neumann(Optimizer):
                 self.period *= 2
                 self.resets += 1
                 phase, step_norm = "reset", 0.0
+            elif self.kernels is not None:
+                assert self.v is not None
+                step_norm = self._fused_update(self.kernels, w, self.v, grad, eta, mu)
+                self.mu = mu
+                phase = "neumann"
             else:
                 assert self.v is not None
                 _, reg_grad = regularizer(w, self.v, cfg.alpha, self.beta)
@@ -147,3 +160,17 @@ class Neumann(Optimizer):
                 phase, step_norm = "neumann", float(update.norm())
         self.steps += 1
         return StepResult(loss=loss, step_norm=step_norm, extras={"phase": phase, "eta": eta, "mu": mu})
+
+    def _fused_update(
+        self, kernels: Kernels, w: torch.Tensor, v: torch.Tensor, grad: torch.Tensor, eta: float, mu: float
+    ) -> float:
+        """The Neumann update of m, w, v in one fused pass; returns ‖Δw‖."""
+        cfg = self.config
+        distance_sq = kernels.sq_distance(w, v)
+        # As in regularizer(): no repulsive term at w = v or at a non-finite distance.
+        coef = neumann_coefficient(distance_sq, cfg.alpha, self.beta) if math.isfinite(distance_sq) else 0.0
+        if self._w_before is None:
+            self._w_before = torch.empty_like(w)
+        self._w_before.copy_(w)
+        kernels.neumann_update_(w, v, self.m, grad, coef, eta, mu, cfg.gamma)
+        return math.sqrt(kernels.sq_distance(w, self._w_before))

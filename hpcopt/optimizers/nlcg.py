@@ -12,6 +12,12 @@ Per step, with s the previous step and y = g_k − g_{k−1}:
    β = (rₖᵀzₖ − rₖᵀzₖ₋₁)/rₖ₋₁ᵀzₖ₋₁, clipped to [0, beta_max]; d = z + β d_{k−1};
 3. θ ← θ + lr(t)·c·d, with c from the loss-average heuristic and lr(t) a linear
    warm-up followed by step decay.
+
+With a fused-kernel backend (``self.kernels``: CUDA kernels on a GPU with CuPy)
+steps 1–3 are three passes over the state, updated in place: ``nlcg_dots``
+(yᵀs, sᵀdiag(h)s), ``nlcg_precondition`` (h and z with rᵀz and rᵀz_prev) and
+``nlcg_step`` (d, s, θ and sᵀs).  Their sums are local, which is all there is:
+the state is replicated.  Without a backend (CPU) the plain torch code runs.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from hpcopt.config import require
+from hpcopt.kernels import Kernels
 from hpcopt.objective import DistributedObjective
 from hpcopt.optimizers.base import Optimizer, StepResult
 from hpcopt.optimizers.sgd import check_finite_loss
@@ -96,6 +103,13 @@ def diagonal_bfgs_update(h: torch.Tensor, s: torch.Tensor, y: torch.Tensor) -> b
     return True
 
 
+def clipped_beta(kind: str, rz: float, rz_cross: float, prev_rz: float, beta_max: float) -> tuple[float, float]:
+    """``(β clipped to [0, beta_max], raw β)``; ``rz_cross`` = rₖᵀzₖ₋₁ (used by ``pr`` only)."""
+    raw_beta = rz / prev_rz if kind == "fr" else (rz - rz_cross) / prev_rz
+    beta = min(max(raw_beta, 0.0), beta_max) if math.isfinite(raw_beta) else 0.0
+    return beta, raw_beta
+
+
 class NLCG(Optimizer):
     name = "nlcg"
     config_class = NLCGConfig
@@ -129,6 +143,8 @@ class NLCG(Optimizer):
         self.c = max(cfg.c_min, self.c * factor)
 
     def step(self) -> StepResult:
+        if self.kernels is not None:
+            return self._fused_step(self.kernels)
         cfg = self.config
         loss, grad_view = self.objective.value_and_grad()
         check_finite_loss(self.name, loss, self.steps)
@@ -141,11 +157,8 @@ class NLCG(Optimizer):
         rz = float(torch.dot(residual, z))
         beta = raw_beta = 0.0
         if self.direction is not None and self.prev_z is not None and self.prev_rz > 0:
-            if cfg.beta == "fr":
-                raw_beta = rz / self.prev_rz
-            else:
-                raw_beta = (rz - float(torch.dot(residual, self.prev_z))) / self.prev_rz
-            beta = min(max(raw_beta, 0.0), cfg.beta_max) if math.isfinite(raw_beta) else 0.0
+            cross = float(torch.dot(residual, self.prev_z)) if cfg.beta == "pr" else 0.0
+            beta, raw_beta = clipped_beta(cfg.beta, rz, cross, self.prev_rz, cfg.beta_max)
             direction = z.add(self.direction, alpha=beta)
         else:
             direction = z
@@ -161,5 +174,58 @@ class NLCG(Optimizer):
         return StepResult(
             loss=loss,
             step_norm=float(step.norm()),
+            extras={"beta": beta, "beta_raw": raw_beta, "c": self.c, "lr": lr, "preconditioner_updated": updated},
+        )
+
+    # -- the same step through fused kernels --------------------------------------
+
+    def _state_buffers(self) -> tuple[bool, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The in-place state ``(had a previous step, g_prev, z, d, s)``, allocated on the first fused step.
+
+        The plain path leaves ``direction`` and ``prev_z`` as one tensor after a β = 0
+        step (d = z); in-place kernels need them apart, so such a pair is split.
+        """
+        had_previous = self.prev_grad is not None and self.prev_step is not None
+        zeros = self.flat.data.new_zeros
+        n = self.flat.data.numel()
+        self.prev_grad = zeros(n) if self.prev_grad is None else self.prev_grad
+        self.prev_z = zeros(n) if self.prev_z is None else self.prev_z
+        self.direction = zeros(n) if self.direction is None else self.direction
+        self.prev_step = zeros(n) if self.prev_step is None else self.prev_step
+        if self.direction is self.prev_z:
+            self.direction = self.direction.clone()
+        return had_previous, self.prev_grad, self.prev_z, self.direction, self.prev_step
+
+    def _fused_step(self, kernels: Kernels) -> StepResult:
+        cfg = self.config
+        loss, grad = self.objective.value_and_grad()
+        check_finite_loss(self.name, loss, self.steps)
+        had_previous, grad_prev, z, direction, step = self._state_buffers()
+        updated = False
+        if cfg.precondition:
+            ys, shs = kernels.nlcg_dots(step, grad, grad_prev, self.h) if had_previous else (0.0, 0.0)
+            updated = had_previous and ys > 1e-8 and shs > 1e-8
+            rz, cross = kernels.nlcg_precondition_(self.h, z, grad, grad_prev, step, ys, shs, update=updated)
+        else:
+            # M = I has nothing to fuse: z = r, and rᵀz_prev is needed before z is overwritten.
+            residual = -grad
+            cross = float(torch.dot(residual, z))
+            z.copy_(residual)
+            rz = float(torch.dot(residual, z))
+        beta = raw_beta = 0.0
+        if had_previous and self.prev_rz > 0:
+            beta, raw_beta = clipped_beta(cfg.beta, rz, cross, self.prev_rz, cfg.beta_max)
+        if cfg.loss_average:
+            self._update_c(loss)
+        lr = cfg.learning_rate(self.steps)
+        with torch.no_grad():
+            # β = 0 restarts the direction: d ← z + 0·d, d being zeros or a finite previous d.
+            ss = kernels.nlcg_step_(self.flat.data, direction, step, z, beta, lr * self.c)
+        grad_prev.copy_(grad)  # grad is a view of the collective's buffer, reused next step
+        self.prev_rz = rz
+        self.steps += 1
+        return StepResult(
+            loss=loss,
+            step_norm=math.sqrt(ss),
             extras={"beta": beta, "beta_raw": raw_beta, "c": self.c, "lr": lr, "preconditioner_updated": updated},
         )

@@ -9,19 +9,24 @@ Three interchangeable solvers share the :class:`SubproblemSolver` protocol:
   through :meth:`SubproblemSolver.update`.
 
 Optimizers choose one with :func:`make_subproblem_solver` and never branch on it.
+The two CG-based solvers pass an optional fused-kernel backend on to
+:func:`hpcopt.krylov.steihaug_cg`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 
 from hpcopt.errors import ConfigError
 from hpcopt.krylov import Dot, MatVec, SteihaugResult, default_dot, steihaug_cg
 from hpcopt.trust_region.lsr1 import LSR1Operator
+
+if TYPE_CHECKING:
+    from hpcopt.kernels import Kernels
 
 SOLVER_NAMES = ("cauchy", "steihaug", "lsr1")
 
@@ -132,16 +137,24 @@ class SteihaugSolver:
         max_iter: Limit on curvature products per solve (default ``None``:
             ``min(n, 250)``, see :func:`hpcopt.krylov.steihaug_cg`).
         rtol: Relative residual tolerance (default ``None``: ``min(0.5, sqrt(||g||))``).
+        kernels: Fused vector updates (default ``None``: plain torch); needs the default ``dot``.
     """
 
     name = "steihaug"
     needs_matvec = True
     has_memory = False
 
-    def __init__(self, dot: Dot = default_dot, max_iter: int | None = None, rtol: float | None = None) -> None:
+    def __init__(
+        self,
+        dot: Dot = default_dot,
+        max_iter: int | None = None,
+        rtol: float | None = None,
+        kernels: Kernels | None = None,
+    ) -> None:
         self.dot = dot
         self.max_iter = max_iter
         self.rtol = rtol
+        self.kernels = kernels
         #: Direction of negative curvature found by the last solve, else ``None``.
         self.negative_curvature_direction: torch.Tensor | None = None
 
@@ -149,7 +162,9 @@ class SteihaugSolver:
         """Run truncated CG on ``matvec``, which is required."""
         if matvec is None:
             raise ConfigError("the steihaug subproblem solver needs a curvature product (matvec)")
-        result = steihaug_cg(matvec, grad, radius, dot=self.dot, rtol=self.rtol, max_iter=self.max_iter)
+        result = steihaug_cg(
+            matvec, grad, radius, dot=self.dot, rtol=self.rtol, max_iter=self.max_iter, kernels=self.kernels
+        )
         self.negative_curvature_direction = result.negative_curvature_direction
         return _from_steihaug(result)
 
@@ -179,6 +194,7 @@ class LSR1Solver:
             exact arithmetic needs at most ``memory + 1``, since ``B - gamma I`` has rank
             ``memory``).
         skip_tol: SR1 skip tolerance (default 1e-8).
+        kernels: Fused vector updates of the CG (default ``None``: plain torch).
     """
 
     name = "lsr1"
@@ -191,14 +207,18 @@ class LSR1Solver:
         memory: int = 5,
         max_iter: int | None = None,
         skip_tol: float = 1e-8,
+        kernels: Kernels | None = None,
     ) -> None:
         self.dot = dot
         self.max_iter = max_iter
+        self.kernels = kernels
         self.operator = LSR1Operator(memory=memory, dot=dot, skip_tol=skip_tol)
 
     def solve(self, grad: torch.Tensor, radius: float, matvec: MatVec | None = None) -> SubproblemResult:
         """Run truncated CG on the SR1 operator; ``matvec`` is ignored."""
-        result = steihaug_cg(self.operator.matvec, grad, radius, dot=self.dot, max_iter=self.max_iter)
+        result = steihaug_cg(
+            self.operator.matvec, grad, radius, dot=self.dot, max_iter=self.max_iter, kernels=self.kernels
+        )
         return _from_steihaug(result)
 
     def update(self, step: torch.Tensor, grad_change: torch.Tensor) -> None:
@@ -217,7 +237,12 @@ class LSR1Solver:
 
 
 def make_subproblem_solver(
-    name: str, *, dot: Dot = default_dot, memory: int = 5, max_iter: int | None = None
+    name: str,
+    *,
+    dot: Dot = default_dot,
+    memory: int = 5,
+    max_iter: int | None = None,
+    kernels: Kernels | None = None,
 ) -> SubproblemSolver:
     """Build a subproblem solver by name.
 
@@ -226,6 +251,7 @@ def make_subproblem_solver(
         dot: Inner product for all solvers (default :func:`hpcopt.krylov.default_dot`).
         memory: SR1 pairs kept by ``lsr1`` (default 5).
         max_iter: CG iteration limit for ``steihaug`` and ``lsr1`` (default ``None``).
+        kernels: Fused vector updates for ``steihaug`` and ``lsr1`` (default ``None``).
 
     Raises:
         ConfigError: For an unknown name.
@@ -233,7 +259,7 @@ def make_subproblem_solver(
     if name == "cauchy":
         return CauchySolver(dot=dot)
     if name == "steihaug":
-        return SteihaugSolver(dot=dot, max_iter=max_iter)
+        return SteihaugSolver(dot=dot, max_iter=max_iter, kernels=kernels)
     if name == "lsr1":
-        return LSR1Solver(dot=dot, memory=memory, max_iter=max_iter)
+        return LSR1Solver(dot=dot, memory=memory, max_iter=max_iter, kernels=kernels)
     raise ConfigError(f"unknown subproblem solver {name!r} (choose from {', '.join(SOLVER_NAMES)})")
