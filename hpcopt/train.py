@@ -31,6 +31,7 @@ from hpcopt.errors import HpcoptError
 from hpcopt.flat import FlatParameters
 from hpcopt.objective import DistributedObjective
 from hpcopt.optimizers import make_config, make_optimizer, optimizer_class
+from hpcopt.optimizers.base import Optimizer
 from hpcopt.problems import make_problem
 from hpcopt.problems.base import Dataset, Problem
 from hpcopt.runlog import EvaluationRecord, IterationRecord, RunLog
@@ -147,6 +148,12 @@ def _stop_reason(
         if slowest >= cfg.time_limit:
             return f"time limit {cfg.time_limit:g}s reached"
     return ""
+
+
+def _kernels_name(optimizer: Optimizer) -> str:
+    """``cuda`` when the optimizer runs the fused CUDA kernels, else ``torch`` (CPU, or a GPU without CuPy)."""
+    kernels = getattr(optimizer, "kernels", None)
+    return "torch" if kernels is None else str(kernels.name)
 
 
 def _move_data(problem: Problem, device: torch.device) -> None:
@@ -292,6 +299,8 @@ def train(
         "device": str(device.device),
         "gpu_model": device.gpu_model,
         "cuda_aware_mpi": comm.cuda_aware if device.device.type == "cuda" else False,
+        # Which vector updates the hot paths run: the CUDA kernels of kernels/*.cu or plain torch.
+        "kernels": _kernels_name(optimizer),
     }
     # Optimizer-specific facts (APTS-P's block imbalance, APTS-IP's per-rank parameter bytes).
     attributes.update(getattr(optimizer, "run_attributes", dict)())
@@ -303,7 +312,10 @@ def train(
         f"{batches.batches_per_epoch} steps/epoch"
     )
     if device.device.type == "cuda":
-        say(f"{device.describe(comm.size)}; MPI {'is' if comm.cuda_aware else 'is not'} CUDA-aware")
+        say(
+            f"{device.describe(comm.size)}; MPI {'is' if comm.cuda_aware else 'is not'} CUDA-aware; "
+            f"vector updates: {attributes['kernels']}"
+        )
     with log:
         log.open(attributes, metric_names=metric_names)
         start = time.perf_counter()

@@ -159,15 +159,17 @@ def test_run_log_records_the_device(tmp_path: Path) -> None:
         assert f.attrs["device"] == "cpu"
         assert f.attrs["gpu_model"] == ""
         assert not bool(f.attrs["cuda_aware_mpi"])
+        assert f.attrs["kernels"] == "torch"  # CPU parameters: the plain torch vector updates
 
 
 @needs_gpu
-def test_two_rank_gpu_apts_d_run_equals_cpu_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("optimizer", ["apts-d", "hf"])
+def test_two_rank_gpu_run_equals_cpu_run(tmp_path: Path, optimizer: str) -> None:
     h5py = pytest.importorskip("h5py")
     losses = {}
     for device in ("cpu", "cuda"):
         out = tmp_path / f"{device}.h5"
-        args = ["train", "--problem", "poisson2d", "--optimizer", "apts-d", "--device", device, "--quiet"]
+        args = ["train", "--problem", "poisson2d", "--optimizer", optimizer, "--device", device, "--quiet"]
         done = run_hpcopt([*args, "--epochs", "3", "--out", str(out)], ranks=2, timeout=300)
         assert done.returncode == 0, done.stderr
         with h5py.File(out, "r") as f:
