@@ -17,7 +17,12 @@ and lists/dicts of them, so it loads with ``torch.load(..., weights_only=True)``
 * ``log``: the run log path and how many iteration rows it held.  A resumed run
   writes a *new* run log (``--out``) whose ``step`` column continues at
   ``step + 1``; its attributes ``resumed_from`` and ``resumed_at_step`` link it to
-  the first.
+  the first;
+* ``pipeline`` (APTS-IP only, where each rank holds one stage): ``stages``,
+  ``replicas``, ``stage_bounds`` (the layer cuts) and ``buffers`` (one whole-model
+  dict per replica).  ``parameters`` is then the *whole* model's vector, gathered
+  from the stages of replica 0 (the replicas of a stage are bit-identical), and
+  ``buffers`` is replica 0's; on resume every rank takes its stage's slice.
 
 Writing is atomic: rank 0 saves to ``<path>.tmp-<pid>``, fsyncs, and renames onto
 ``path`` with ``os.replace``, so a crash at any moment leaves either the previous
@@ -26,7 +31,8 @@ rank's error through ``comm.agree``.
 
 Resuming needs the rank count the checkpoint was written with: the data shards,
 the per-rank RNG states and APTS-D's local models (radius Δ/P) all depend on it.
-A different count is refused with a clear message rather than re-sharded silently.
+A different count is refused with a clear message rather than re-sharded silently;
+so is, for APTS-IP, a different stages × replicas layout at the same count.
 """
 
 from __future__ import annotations
@@ -141,14 +147,42 @@ def compat_fields(
     }
 
 
-def check_resumable(state: Mapping[str, Any], path: str, compat: Mapping[str, Any], world_size: int) -> None:
-    """Refuse a checkpoint written by another rank count or another configuration."""
+#: The entries of a checkpoint's ``pipeline`` that a resumed APTS-IP run must match.
+LAYOUT_KEYS = ("stages", "replicas", "stage_bounds")
+
+
+def _describe_layout(layout: Mapping[str, Any]) -> str:
+    return f"{layout['stages']} stages x {layout['replicas']} replicas (layer cuts {list(layout['stage_bounds'])})"
+
+
+def check_resumable(
+    state: Mapping[str, Any],
+    path: str,
+    compat: Mapping[str, Any],
+    world_size: int,
+    layout: Mapping[str, Any] | None = None,
+) -> None:
+    """Refuse a checkpoint written by another rank count, pipeline layout or configuration.
+
+    ``layout`` is this run's APTS-IP layout (:data:`LAYOUT_KEYS`; ``None`` for the
+    data-parallel optimizers, whose checkpoints have no ``pipeline`` entry).
+    """
+    saved_layout = state.get("pipeline")
     if state["world_size"] != world_size:
+        replicas = f" --set replicas={saved_layout['replicas']}" if saved_layout is not None else ""
         raise ConfigError(
             f"checkpoint {path} was written by {state['world_size']} ranks; this run has {world_size}. "
-            f"Resume with mpiexec -n {state['world_size']} (data shards, per-rank RNG states and the "
+            f"Resume with mpiexec -n {state['world_size']}{replicas} (data shards, per-rank RNG states and the "
             "local trust regions depend on the rank count)"
         )
+    # Checked before the options, whose difference (replicas) would only show as JSON text.
+    if layout is not None and saved_layout is not None:
+        if any(saved_layout[key] != layout[key] for key in LAYOUT_KEYS):
+            raise ConfigError(
+                f"checkpoint {path} was written by a pipeline of {_describe_layout(saved_layout)}; this run has "
+                f"{_describe_layout(layout)}. Resume with --set replicas={saved_layout['replicas']} "
+                "(each rank restores its own stage's parameters, buffers and RNG state)"
+            )
     for key, value in compat.items():
         saved = state["compat"].get(key)
         if saved != value:
@@ -165,16 +199,24 @@ class Checkpointer:
         comm: the training communicator.
         compat: :func:`compat_fields` of this run.
         log_path: the run log, recorded for provenance.
+        layout: APTS-IP's :data:`LAYOUT_KEYS` (``None``: the parameters are whole on every rank).
     """
 
     def __init__(
-        self, path: str, every: int, comm: Communicator, compat: Mapping[str, Any], log_path: str | None
+        self,
+        path: str,
+        every: int,
+        comm: Communicator,
+        compat: Mapping[str, Any],
+        log_path: str | None,
+        layout: Mapping[str, Any] | None = None,
     ) -> None:
         self.path = path
         self.every = every
         self.comm = comm
         self.compat = dict(compat)
         self.log_path = log_path or ""
+        self.layout = None if layout is None else {key: layout[key] for key in LAYOUT_KEYS}
         self.seconds = 0.0
         self.written = 0
 
@@ -192,11 +234,18 @@ class Checkpointer:
         optimizer: Any,
         log_rows: int,
     ) -> None:
-        """Collective: gather the RNG states, write on rank 0, agree on success."""
+        """Collective: gather the RNG states (and APTS-IP's stages), write on rank 0, agree on success."""
         start = time.perf_counter()
         rng_states = self.comm.allgather_object(torch.get_rng_state())
+        # APTS-IP: each rank holds one stage, so the whole model exists only once gathered.
+        gathered = optimizer.gather_model() if self.layout is not None else None
         error: HpcoptError | None = None
         if self.comm.is_root:
+            if gathered is None:
+                parameters = flat.clone()
+                replica_buffers = [{name: buffer.clone() for name, buffer in flat.model.named_buffers()}]
+            else:
+                parameters, replica_buffers = gathered
             state = {
                 "format": FORMAT,
                 "version": VERSION,
@@ -206,12 +255,14 @@ class Checkpointer:
                 "epoch": epoch,
                 "batch_in_epoch": batch_in_epoch,
                 "epoch_losses": list(epoch_losses),
-                "parameters": flat.clone(),
-                "buffers": {name: buffer.clone() for name, buffer in flat.model.named_buffers()},
+                "parameters": parameters,
+                "buffers": replica_buffers[0],
                 "optimizer": optimizer.state_dict(),
                 "rng": rng_states,
                 "log": {"path": self.log_path, "iterations": log_rows},
             }
+            if self.layout is not None:
+                state["pipeline"] = {**self.layout, "buffers": replica_buffers}
             try:
                 atomic_save(state, self.path, step=step)
             except OSError as exc:
@@ -222,11 +273,18 @@ class Checkpointer:
 
 
 def restore(state: Mapping[str, Any], *, flat: Any, optimizer: Any, rank: int) -> None:
-    """Put parameters, buffers, optimizer state and this rank's RNG state back (no communication)."""
-    flat.copy_(state["parameters"])
-    buffers = dict(flat.model.named_buffers())
-    with torch.no_grad():
-        for name, value in state["buffers"].items():
-            buffers[name].copy_(value)
+    """Put parameters, buffers, optimizer state and this rank's RNG state back (no communication).
+
+    For APTS-IP (a ``pipeline`` entry) the optimizer takes its stage's slice of the
+    whole model and its replica's buffers.
+    """
+    if "pipeline" in state:
+        optimizer.load_model(state["parameters"], state["pipeline"]["buffers"])
+    else:
+        flat.copy_(state["parameters"])
+        buffers = dict(flat.model.named_buffers())
+        with torch.no_grad():
+            for name, value in state["buffers"].items():
+                buffers[name].copy_(value)
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"][rank])

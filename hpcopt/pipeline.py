@@ -22,7 +22,7 @@ is given the communicator of its replica's stages only.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -139,6 +139,12 @@ class Pipeline:
         self.bounds = stage_bounds(model, self.stages)
         self.model_parameter_bytes = _parameter_bytes(model)
         self.model_numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        # Every stage's parameter count, from the whole model before it is dropped: a
+        # checkpoint gathers and splits the whole flat vector without asking the other ranks.
+        self.stage_numels = [
+            sum(p.numel() for layer in model[start:end] for p in layer.parameters() if p.requires_grad)
+            for start, end in zip(self.bounds[:-1], self.bounds[1:])
+        ]
         layers = list(model)[self.bounds[self.stage] : self.bounds[self.stage + 1]]
         self.module = nn.Sequential(*layers)
         self.module.train(model.training)
@@ -150,6 +156,29 @@ class Pipeline:
     def parameter_bytes(self) -> int:
         """Bytes of the parameters this rank holds (its stage's only)."""
         return _parameter_bytes(self.module)
+
+    # -- the whole model's coordinates (checkpoints) -------------------------------
+
+    @property
+    def model_slice(self) -> slice:
+        """This stage's part of the whole model's flat parameter vector (stages in order)."""
+        start = sum(self.stage_numels[: self.stage])
+        return slice(start, start + self.stage_numels[self.stage])
+
+    def _model_name(self, name: str) -> str:
+        # The stage is nn.Sequential(*layers): its layer i is layer bounds[stage] + i of the model.
+        index, _, rest = name.partition(".")
+        return f"{self.bounds[self.stage] + int(index)}.{rest}"
+
+    def model_buffers(self) -> dict[str, Tensor]:
+        """This stage's buffers (copies, on the CPU) under their names in the whole model."""
+        return {self._model_name(name): buffer.detach().cpu().clone() for name, buffer in self.module.named_buffers()}
+
+    def load_model_buffers(self, buffers: Mapping[str, Tensor]) -> None:
+        """Copy this stage's buffers out of a whole-model ``name → tensor`` mapping."""
+        with torch.no_grad():
+            for name, buffer in self.module.named_buffers():
+                buffer.copy_(buffers[self._model_name(name)])
 
     # -- messages ---------------------------------------------------------------
 

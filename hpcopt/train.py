@@ -195,7 +195,11 @@ def _setup(cfg: TrainConfig, optimizer_options: dict[str, Any], problem_options:
 def _checkpointing(  # type: ignore[no-untyped-def]
     cfg: TrainConfig, optimizer_config: Any, problem: Problem, batch_size: int, model: Any, comm: Communicator
 ):
-    """What must match to resume, the checkpoint path and the validated resume state (no collectives)."""
+    """What must match to resume, the checkpoint path, the validated resume state and APTS-IP's layout.
+
+    No collectives.  The layout (stages, replicas, layer cuts) is ``None`` for the
+    data-parallel optimizers and when the run neither writes nor reads a checkpoint.
+    """
     compat = checkpoint.compat_fields(
         problem=cfg.problem,
         model=cfg.model or problem.default_model,
@@ -210,15 +214,19 @@ def _checkpointing(  # type: ignore[no-untyped-def]
     require(not cfg.checkpoint_every or path is not None, "--checkpoint-every needs --checkpoint PATH or --out")
     if path is not None:
         checkpoint.check_path(path, overwrite=cfg.overwrite, resume=cfg.resume)
+    optimizer_cls = optimizer_class(cfg.optimizer)
+    layout = None
+    if getattr(optimizer_cls, "model_parallel", False) and (path is not None or cfg.resume is not None):
+        layout = optimizer_cls.checkpoint_layout(optimizer_config, model, comm.size)  # type: ignore[attr-defined]
     state = None
     if cfg.resume is not None:
         state = checkpoint.load(cfg.resume)
-        checkpoint.check_resumable(state, cfg.resume, compat, comm.size)
+        checkpoint.check_resumable(state, cfg.resume, compat, comm.size, layout)
         require(
             cfg.max_steps is None or state["step"] < cfg.max_steps,
             f"checkpoint {cfg.resume} is at step {state['step']}; --max-steps {cfg.max_steps} leaves nothing to do",
         )
-    return compat, path, state
+    return compat, path, state, layout
 
 
 def train(
@@ -235,7 +243,7 @@ def train(
     error: HpcoptError | None = None
     try:
         optimizer_config, problem, batches, model = _setup(cfg, optimizer_options, problem_options, comm)
-        compat, checkpoint_path, resume = _checkpointing(
+        compat, checkpoint_path, resume, layout = _checkpointing(
             cfg, optimizer_config, problem, batches.batch_size, model, comm
         )
     except HpcoptError as exc:
@@ -252,7 +260,6 @@ def train(
     if model_parallel:
         # The optimizer cuts the model and keeps this rank's part (APTS-IP); the whole
         # model, identical on every rank until now, is what the cross-rank check sees.
-        require(resume is None and checkpoint_path is None, f"{cfg.optimizer}: checkpoints are not supported")
         signature_parameters = torch.cat([p.detach().flatten() for p in model.parameters()])
         optimizer = optimizer_cls.build(problem, model, comm, optimizer_config)  # type: ignore[attr-defined]
         flat, objective, model = optimizer.flat, optimizer.objective, optimizer.flat.model
@@ -273,7 +280,7 @@ def train(
     checkpointer = (
         None
         if checkpoint_path is None
-        else checkpoint.Checkpointer(checkpoint_path, cfg.checkpoint_every, comm, compat, cfg.out)
+        else checkpoint.Checkpointer(checkpoint_path, cfg.checkpoint_every, comm, compat, cfg.out, layout)
     )
     say = (lambda text: print(text, flush=True)) if comm.is_root and not cfg.quiet else (lambda text: None)
 

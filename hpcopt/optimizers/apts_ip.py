@@ -42,6 +42,7 @@ forward-mode tangents sent through the pipeline as well.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -206,6 +207,10 @@ class APTSIP(Optimizer):
     config_class = APTSIPConfig
     #: Built by :meth:`build` from the whole model; each rank keeps one stage.
     model_parallel: ClassVar[bool] = True
+    # The radius is all that an outer iteration hands to the next: the local solver is
+    # reset at the start of every local phase, and the pipeline's caches (stage inputs,
+    # output gradients) are rebuilt by each step's gradient pass before they are read.
+    state_attributes: ClassVar[tuple[str, ...]] = ("radius",)
 
     @classmethod
     def layout(cls, config: APTSIPConfig, world_size: int) -> PipelineLayout:
@@ -225,6 +230,26 @@ class APTSIP(Optimizer):
         """
         layout = cls.layout(config, world_size)
         return layout.replica_of(rank), layout.replicas
+
+    @classmethod
+    def checkpoint_layout(cls, config: APTSIPConfig, model: nn.Module, world_size: int) -> dict[str, Any]:
+        """What a checkpoint records of the layout and a resumed run must match (no communication).
+
+        ``stages``, ``replicas`` and ``stage_bounds`` (the layer cuts), computed from the
+        whole model as :meth:`build` will cut it.
+
+        Raises:
+            ConfigError: as :meth:`build` for a bad layout, a model that is not an
+                ``nn.Sequential`` or one with too few layers.
+        """
+        layout = cls.layout(config, world_size)
+        if not isinstance(model, nn.Sequential):
+            raise ConfigError("apts-ip: the model must be an nn.Sequential to be cut into stages")
+        return {
+            "stages": layout.stages,
+            "replicas": layout.replicas,
+            "stage_bounds": stage_bounds(model, layout.stages),
+        }
 
     @classmethod
     def build(cls, problem: Problem, model: nn.Module, comm: Communicator, config: APTSIPConfig) -> APTSIP:
@@ -287,6 +312,46 @@ class APTSIP(Optimizer):
             "apts_ip_parameter_bytes": self.comm.allgather_object(self.pipeline.parameter_bytes),
             "apts_ip_model_parameter_bytes": self.pipeline.model_parameter_bytes,
         }
+
+    def gather_model(self) -> tuple[Tensor, list[dict[str, Tensor]]]:
+        """Collective over the world: the whole model's flat parameters and every replica's buffers.
+
+        Returns, on every rank, the flat vector in the whole model's parameter order and,
+        per replica, a ``name → tensor`` dict of the whole model's buffers (names as in
+        the unsplit model).  Not a hot path: it runs once per checkpoint.
+        """
+        layout, world, pipeline = self.layout, self.comm, self.pipeline
+        # The replicas of a stage hold bit-identical parameters (every decision is taken
+        # from the same allreduced scalars), so replica 0's stages — ranks 0 … S−1, in
+        # stage order — make up the whole vector; the other replicas send nothing.
+        counts = [
+            pipeline.stage_numels[layout.stage_of(rank)] if layout.replica_of(rank) == 0 else 0
+            for rank in range(world.size)
+        ]
+        mine = self.flat.data if layout.replica_of(world.rank) == 0 else self.flat.data[:0]
+        parameters = world.allgatherv(mine, counts)
+        # Buffers (batch-norm statistics) are computed from each replica's own shard and may
+        # differ between replicas, so every replica's are kept; they are small.
+        per_rank = world.allgather_object(pipeline.model_buffers())
+        buffers: list[dict[str, Tensor]] = [{} for _ in range(layout.replicas)]
+        for rank, stage_buffers in enumerate(per_rank):
+            buffers[layout.replica_of(rank)].update(stage_buffers)
+        return parameters, buffers
+
+    def load_model(self, parameters: Tensor, buffers: Sequence[Mapping[str, Tensor]]) -> None:
+        """Take this rank's stage out of :meth:`gather_model`'s result (no communication).
+
+        Raises:
+            ConfigError: the vector or the buffer list does not fit this layout.
+        """
+        expected = sum(self.pipeline.stage_numels)
+        if parameters.numel() != expected or len(buffers) != self.layout.replicas:
+            raise ConfigError(
+                f"apts-ip: a checkpoint of {parameters.numel()} parameters and {len(buffers)} replicas' buffers "
+                f"does not fit this model of {expected} parameters in {self.layout.replicas} replicas"
+            )
+        self.flat.copy_(parameters[self.pipeline.model_slice])
+        self.pipeline.load_model_buffers(buffers[self.layout.replica_of(self.comm.rank)])
 
     def evaluate(self, problem: Problem) -> dict[str, float]:
         """Validation metrics through the pipeline (outputs broadcast from the last stage).
