@@ -4,14 +4,13 @@ Every method gets the same wall-clock budget on the same full-batch problem and 
 scored by the validation relative L2 error against the exact (Poisson) or
 finite-difference reference (Allen–Cahn) solution.
 
-* APTS-D and APTS-P run as ``mpiexec -n P python -m hpcopt train ... --time-limit``
-  (one step per epoch: the batch is the whole collocation set); APTS-D also with
-  the second-order global pass (``global_solver=steihaug, curvature=ggn``).
+* APTS-D, APTS-P and APTS-IP run as ``mpiexec -n P python -m hpcopt train ... --time-limit``
+  (one step per epoch: the batch is the whole collocation set); APTS-D and APTS-P
+  also with the second-order global pass (``global_solver=steihaug, curvature=ggn``).
+  APTS-IP cuts the network into P pipeline stages that pass Taylor-mode jets of the
+  activations (``hpcopt/jets.py``), so P is at most the model's 4 linear layers.
 * Adam runs in one process through ``hpcopt train`` (one rank), at several lrs.
 * L-BFGS is ``torch.optim.LBFGS`` (strong Wolfe, history 50) in one process.
-
-APTS-IP is not in the table: a PINN's forward differentiates the network w.r.t.
-its inputs, which the activation pipeline does not carry.
 
 Usage::
 
@@ -51,6 +50,7 @@ APTS_RUNS = {
         "apts-p",
         ["--set", "global_solver=steihaug", "--set", "curvature=ggn", "--set", "max_cg_iterations=50"],
     ),
+    "apts-ip": ("apts-ip", []),
 }
 _DONE = re.compile(r"done: (\d+) steps.* in ([\d.]+)s; final val_rel_l2_error ([\d.eE+-]+|nan)")
 

@@ -15,6 +15,11 @@ For the local phase of APTS-IP (ALGORITHMS.md §3) a gradient pass caches, per
 stage, the stage's input (detached) and — except on the last stage — the gradient
 of the loss w.r.t. the stage's output.
 
+What crosses the stages is a :class:`Payload`: the activations themselves
+(:class:`Activations`, for problems whose forward is the network), or for a PINN the
+Taylor-mode jet of the activations (:class:`JetPayload`, :mod:`hpcopt.jets`), since
+its loss differentiates the network w.r.t. its inputs and no rank holds the network.
+
 With data parallelism on top, the P ranks form ``stages × replicas``
 (:class:`PipelineLayout`): each replica is a whole pipeline, and a :class:`Pipeline`
 is given the communicator of its replica's stages only.
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -32,12 +38,65 @@ from hpcopt.comm import Communicator, PointToPointRequest
 from hpcopt.decomposition import linear_partition
 from hpcopt.errors import ConfigError
 from hpcopt.flat import FlatParameters
+from hpcopt.jets import apply_to_jet, input_jet, scalar_jet
+from hpcopt.problems.base import JetProblem
 
 FORWARD_TAG = 11
 BACKWARD_TAG = 12
 _HEADER = 8  # int64 slots: ndim, then up to 7 dimensions
 
 Criterion = Callable[[Tensor, Tensor], Tensor]
+Net = Callable[[Tensor], Tensor]
+
+
+class Payload(Protocol):
+    """How a batch enters the first stage, crosses each stage and leaves the last one."""
+
+    def encode(self, inputs: Tensor) -> Tensor:
+        """The first stage's input tensor for input rows ``inputs`` (batch first)."""
+        ...
+
+    def apply(self, net: Net, tensor: Tensor) -> Tensor:
+        """A stage's output tensor; ``net`` is the stage (or a functional stand-in for it)."""
+        ...
+
+    def decode(self, tensor: Tensor, inputs: Tensor) -> Tensor:
+        """The last stage's output tensor as the problem's outputs, which the criterion scores."""
+        ...
+
+
+class Activations:
+    """The plain pipeline: the inputs are the first activations and the last ones are the outputs."""
+
+    def encode(self, inputs: Tensor) -> Tensor:
+        return inputs
+
+    def apply(self, net: Net, tensor: Tensor) -> Tensor:
+        return net(tensor)
+
+    def decode(self, tensor: Tensor, inputs: Tensor) -> Tensor:
+        del inputs
+        return tensor
+
+
+class JetPayload:
+    """A PINN's pipeline: jets ``(batch, 1 + 2d, width)`` of the activations cross the stages.
+
+    The layers must act on the last dimension (``pinn-mlp``'s linear and tanh layers
+    do), and the last stage's width must be 1 (the scalar ``u``).
+    """
+
+    def __init__(self, problem: JetProblem) -> None:
+        self.problem = problem
+
+    def encode(self, inputs: Tensor) -> Tensor:
+        return input_jet(self.problem.jet_points(inputs))
+
+    def apply(self, net: Net, tensor: Tensor) -> Tensor:
+        return apply_to_jet(net, tensor)
+
+    def decode(self, tensor: Tensor, inputs: Tensor) -> Tensor:
+        return self.problem.outputs_from_jet(scalar_jet(tensor), inputs)
 
 
 def stage_bounds(model: nn.Sequential, stages: int) -> list[int]:
@@ -125,9 +184,13 @@ class Pipeline:
         comm: one rank per stage, ranked by stage (the pipeline communicator of one
             replica; the whole world when there is one replica).
         micro_batches: micro-batches per pass (capped by the batch size).
+        payload: what crosses the stages in :meth:`run` (default: the activations).
+            :meth:`outputs` always sends plain activations: evaluation needs values only.
     """
 
-    def __init__(self, model: nn.Module, comm: Communicator, micro_batches: int = 4) -> None:
+    def __init__(
+        self, model: nn.Module, comm: Communicator, micro_batches: int = 4, payload: Payload | None = None
+    ) -> None:
         if not isinstance(model, nn.Sequential):
             raise ConfigError("apts-ip: the model must be an nn.Sequential to be cut into stages")
         self.comm = comm
@@ -136,6 +199,7 @@ class Pipeline:
         self.first = self.stage == 0
         self.last = self.stage == self.stages - 1
         self.micro_batches = micro_batches
+        self.payload: Payload = Activations() if payload is None else payload
         self.bounds = stage_bounds(model, self.stages)
         self.model_parameter_bytes = _parameter_bytes(model)
         self.model_numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -204,18 +268,19 @@ class Pipeline:
         pass is value-only (trial points) and the caches are left alone.
         """
         rows = inputs.shape[0]
+        payload = self.payload
         chunks = torch.arange(rows).tensor_split(min(self.micro_batches, rows))
         pending: list[PointToPointRequest] = []
         saved: list[tuple[Tensor, Tensor]] = []
         loss_total = 0.0
         with torch.set_grad_enabled(backward):
             for chunk in chunks:
-                x = inputs[chunk] if self.first else self._recv(self.stage - 1, FORWARD_TAG)
+                x = payload.encode(inputs[chunk]) if self.first else self._recv(self.stage - 1, FORWARD_TAG)
                 if backward and not self.first:
                     x.requires_grad_()
-                out = self.module(x)
+                out = payload.apply(self.module, x)
                 if self.last:
-                    out = criterion(out, targets[chunk]) * (len(chunk) / rows)
+                    out = criterion(payload.decode(out, inputs[chunk]), targets[chunk]) * (len(chunk) / rows)
                     loss_total += float(out.detach())
                 else:
                     pending += self._isend(out, self.stage + 1, FORWARD_TAG)

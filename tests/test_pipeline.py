@@ -142,13 +142,6 @@ def test_apts_ip_decisions_agree_and_the_loss_decreases(tmp_path) -> None:
     assert all(optimizer.run_attributes()["apts_ip_parameter_bytes"])
 
 
-def test_apts_ip_rejects_pinns() -> None:
-    comm = Communicator()
-    problem = make_problem("poisson1d", options={"interior": 8})
-    with pytest.raises(ConfigError, match="forward"):
-        APTSIP.build(problem, problem.build_model(), comm, make_config("apts-ip", {}))
-
-
 # -- data parallelism on top: stages × replicas ---------------------------------------
 
 

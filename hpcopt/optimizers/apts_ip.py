@@ -34,15 +34,18 @@ outer iteration is:
    every rank decides alike from the same scalars, so the replicas of a stage keep
    identical parameters.
 
-The problem's forward must be the network itself (``forward(net, x) == net(x)``): a
-PINN's forward differentiates the network w.r.t. its inputs, which would need
-forward-mode tangents sent through the pipeline as well.
+The problem's forward must be the network itself (``forward(net, x) == net(x)``), or
+the problem must be a :class:`~hpcopt.problems.base.JetProblem` (the PINNs): its
+forward differentiates the network w.r.t. its inputs, so the stages pass Taylor-mode
+jets of the activations (:class:`~hpcopt.pipeline.JetPayload`) — ``1 + 2d`` times an
+activation for inputs in ``R^d`` — and the last stage turns the jet of ``u`` into the
+PDE residuals.  The local phase maps the cached stage inputs through the same payload.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -57,8 +60,8 @@ from hpcopt.errors import ConfigError, NonFiniteError
 from hpcopt.optimizers.apts_options import APTSOptions
 from hpcopt.optimizers.base import Optimizer, StepResult
 from hpcopt.optimizers.local_tr import LocalModel, local_trust_region
-from hpcopt.pipeline import Pipeline, PipelineLayout, stage_bounds
-from hpcopt.problems.base import Problem
+from hpcopt.pipeline import JetPayload, Payload, Pipeline, PipelineLayout, stage_bounds
+from hpcopt.problems.base import JetProblem, Problem
 from hpcopt.trust_region import decide, make_subproblem_solver
 
 
@@ -198,8 +201,14 @@ def _linearised_loss(outputs: Tensor, output_grads: Tensor) -> Tensor:
     return (outputs * output_grads).sum()
 
 
-def _network(net: Any, inputs: Tensor) -> Tensor:
-    return net(inputs)
+def _stage_forward(payload: Payload, rows: Tensor | None) -> Callable[[Any, Tensor], Tensor]:
+    """The local phase's forward of a stage: the payload's map, decoded on the last stage (``rows``)."""
+
+    def forward(net: Any, stage_inputs: Tensor) -> Tensor:
+        out = payload.apply(net, stage_inputs)
+        return out if rows is None else payload.decode(out, rows)
+
+    return forward
 
 
 class APTSIP(Optimizer):
@@ -261,29 +270,33 @@ class APTSIP(Optimizer):
         Raises:
             ConfigError: on every rank alike and before any collective — a bad layout, not
                 a Sequential, too few layers for the stages, dropout, or a problem whose
-                forward is not the network itself.
+                forward is not the network itself and that is no ``JetProblem``.
         """
         layout = cls.layout(config, comm.size)
         if any(isinstance(m, nn.modules.dropout._DropoutNd) for m in model.modules()):
             raise ConfigError("apts-ip: models with dropout are not supported")
-        probe = problem.train.subset(slice(0, 2))
-        try:
-            with torch.no_grad():
-                plain = torch.allclose(problem.forward(model, probe.inputs), model(probe.inputs))
-        except (RuntimeError, ValueError, TypeError):
-            plain = False
-        if not plain:
-            raise ConfigError(
-                f"apts-ip: problem '{problem.name}' transforms the network's output (e.g. a PINN residual); "
-                "the pipeline needs forward(net, x) == net(x)"
-            )
+        payload: Payload | None = None
+        if isinstance(problem, JetProblem):
+            payload = JetPayload(problem)
+        else:
+            probe = problem.train.subset(slice(0, 2))
+            try:
+                with torch.no_grad():
+                    plain = torch.allclose(problem.forward(model, probe.inputs), model(probe.inputs))
+            except (RuntimeError, ValueError, TypeError):
+                plain = False
+            if not plain:
+                raise ConfigError(
+                    f"apts-ip: problem '{problem.name}' transforms the network's output and offers no jet "
+                    "(outputs_from_jet); the pipeline needs forward(net, x) == net(x)"
+                )
         if not isinstance(model, nn.Sequential):
             raise ConfigError("apts-ip: the model must be an nn.Sequential to be cut into stages")
         stage_bounds(model, layout.stages)  # too few layers: raise here, before the splits
         stage, replica = layout.stage_of(comm.rank), layout.replica_of(comm.rank)
         pipeline_comm = comm.split(replica, key=stage)
         replica_comm = comm.split(stage, key=replica)
-        pipeline = Pipeline(model, pipeline_comm, config.micro_batches)
+        pipeline = Pipeline(model, pipeline_comm, config.micro_batches, payload)
         return cls(PipelineObjective(problem, pipeline, comm, replica_comm, layout), config)
 
     def __init__(self, objective: PipelineObjective, config: APTSIPConfig) -> None:
@@ -373,11 +386,14 @@ class APTSIP(Optimizer):
         objective: PipelineObjective = self.objective  # type: ignore[assignment]
         assert pipeline.stage_inputs is not None and objective.targets is not None
         if pipeline.last:
+            # The cached stage inputs are the micro-batches in order, i.e. the rows of objective.inputs.
+            forward = _stage_forward(pipeline.payload, objective.inputs)
             return LocalObjective(
-                self.flat, _network, objective.problem.criterion, pipeline.stage_inputs, objective.targets
+                self.flat, forward, objective.problem.criterion, pipeline.stage_inputs, objective.targets
             )
         assert pipeline.output_grads is not None
-        return LocalObjective(self.flat, _network, _linearised_loss, pipeline.stage_inputs, pipeline.output_grads)
+        forward = _stage_forward(pipeline.payload, None)
+        return LocalObjective(self.flat, forward, _linearised_loss, pipeline.stage_inputs, pipeline.output_grads)
 
     def _local_phase(self, theta_k: Tensor, grad: Tensor, correction: Tensor | None) -> tuple[Tensor, dict[str, int]]:
         """L local iterations from θ_k; ``correction = g_s − g_{s,r}`` is the FOC term (None: no replicas)."""

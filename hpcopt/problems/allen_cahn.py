@@ -31,6 +31,7 @@ Options (steady / time):
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Callable, Mapping
 
@@ -41,6 +42,7 @@ from torch import Tensor, nn
 from torch.func import jvp
 
 from hpcopt.errors import ConfigError
+from hpcopt.jets import ScalarJet
 from hpcopt.problems import models
 from hpcopt.problems.base import Dataset, Net, Problem, as_sums, evaluation_mode, resolve_options
 from hpcopt.problems.poisson import laplacian
@@ -142,6 +144,18 @@ class _AllenCahnBase(Problem):
     def criterion(self, outputs: Tensor, targets: Tensor) -> Tensor:
         return torch.mean((outputs - targets) ** 2)
 
+    def jet_points(self, inputs: Tensor) -> Tensor:
+        return inputs[:, : self.dim]
+
+    def outputs_from_jet(self, jet: ScalarJet, inputs: Tensor) -> Tensor:
+        """``forward``'s outputs from the jet of ``u`` (the pipelined path of APTS-IP)."""
+        is_value = inputs[:, self.dim] > 0.5
+        return torch.where(is_value, jet.value, self.residual_from_jet(jet))
+
+    @abc.abstractmethod
+    def residual_from_jet(self, jet: ScalarJet) -> Tensor:
+        """The PDE residual at every row, from ``u``, ``∂_i u`` and ``∂_i² u`` (axis 0 is x)."""
+
     def eval_sums(self, net: Net, data: Dataset) -> Tensor:
         """``[Σ (u - u_ref)², Σ u_ref², count]`` over validation rows (all value rows)."""
         squared_error, squared_target = 0.0, 0.0
@@ -213,6 +227,10 @@ class AllenCahnProblem(_AllenCahnBase):
         """``-D u'' + u³ - u`` at ``points`` ``(n, 1)``."""
         value = net(points).squeeze(-1)
         return -self.diffusion * laplacian(net, points) + value**3 - value
+
+    def residual_from_jet(self, jet: ScalarJet) -> Tensor:
+        value = jet.value
+        return -self.diffusion * jet.second[:, 0] + value**3 - value
 
     def forward(self, net: Net, inputs: Tensor) -> Tensor:
         points = inputs[:, :1]
@@ -304,6 +322,11 @@ class AllenCahnTimeProblem(_AllenCahnBase):
         u_xx = jvp(slope_x, (points,), (e_x,))[1]
         value, u_t, u_xx = value.squeeze(-1), u_t.squeeze(-1), u_xx.squeeze(-1)
         return u_t - self.diffusion * u_xx + value**3 - value
+
+    def residual_from_jet(self, jet: ScalarJet) -> Tensor:
+        # Axis 1 is t: its first derivative is u_t (the jet's u_tt and u_x go unused).
+        value = jet.value
+        return jet.first[:, 1] - self.diffusion * jet.second[:, 0] + value**3 - value
 
     def forward(self, net: Net, inputs: Tensor) -> Tensor:
         points = inputs[:, :2]

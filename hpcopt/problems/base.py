@@ -13,11 +13,13 @@ import abc
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
 from hpcopt.errors import ConfigError
+from hpcopt.jets import ScalarJet
 
 Net = Callable[[Tensor], Tensor]
 
@@ -170,6 +172,24 @@ class Problem(abc.ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}: {len(self.train)} train, {len(self.val)} val>"
+
+
+@runtime_checkable
+class JetProblem(Protocol):
+    """A problem whose outputs depend on the network only through ``u``, ``∂_i u`` and ``∂_i² u``.
+
+    PINNs implement it so that a pipeline of stages (APTS-IP), in which no rank holds
+    the whole network, can still evaluate them: the stages carry the jet of ``u``
+    (:mod:`hpcopt.jets`) and the last stage turns it into the outputs.
+    """
+
+    def jet_points(self, inputs: Tensor) -> Tensor:
+        """The points ``(n, d)`` the network is evaluated at, out of input rows (flags dropped)."""
+        ...
+
+    def outputs_from_jet(self, jet: ScalarJet, inputs: Tensor) -> Tensor:
+        """What ``forward(net, inputs)`` returns, from the jet of ``u = net`` at ``jet_points(inputs)``."""
+        ...
 
 
 def as_sums(*values: float | Tensor) -> Tensor:

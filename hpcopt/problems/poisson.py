@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.func import jvp, vmap
 
 from hpcopt.errors import ConfigError
+from hpcopt.jets import ScalarJet
 from hpcopt.problems import models
 from hpcopt.problems.base import Dataset, Net, Problem, as_sums, evaluation_mode, resolve_options
 
@@ -131,6 +132,14 @@ class PoissonProblem(Problem):
         # Both branches are computed for every row: torch.where keeps this free of
         # data-dependent control flow, which vmap and jvp cannot trace through.
         return torch.where(is_value, value, -laplacian(net, points))
+
+    def jet_points(self, inputs: Tensor) -> Tensor:
+        return inputs[:, : self.dim]
+
+    def outputs_from_jet(self, jet: ScalarJet, inputs: Tensor) -> Tensor:
+        """``forward``'s outputs from ``u`` and ``∂_i² u`` (the pipelined path of APTS-IP)."""
+        is_value = inputs[:, self.dim] > 0.5
+        return torch.where(is_value, jet.value, -jet.second.sum(dim=1))
 
     def criterion(self, outputs: Tensor, targets: Tensor) -> Tensor:
         return torch.mean((outputs - targets) ** 2)
