@@ -2,16 +2,15 @@
 
 Run: ``python benchmarks/scaling.py --data-dir ../shared/datasets/mnist [--outdir runs/scaling] [--report-only]``
 
-1. ``hpcopt jobs local``: strong scaling 1 → 2 ranks (one thread per rank) of APTS-D and
-   SGD on the MNIST ``cnn`` at global batch 2000, ``--max-steps`` steps per point;
+1. ``hpcopt jobs local``: strong scaling 1 → 2 ranks (one thread per rank) of APTS-D,
+   SGD and HF (defaults: Martens CG on Gauss–Newton products) on the MNIST ``cnn`` at
+   global batch 2000, ``--max-steps`` steps per point;
 2. ``hpcopt analyze --calibrate``'s sweep: MPI_Allreduce timed on 2 ranks, α and β fitted;
 3. the model (profile from each 1-rank log, network from step 2) against the measured
    1- and 2-rank times;
 4. predicted strong- and weak-scaling efficiency at 64 and 1024 ranks on a 25 GB/s,
-   2 µs network for APTS-D, SGD (profiles from the logs) and HF (a synthetic profile,
-   no HF optimizer yet: one allreduce of (n + k) floats per Krylov iteration, 20 per
-   outer step, plus the gradient; compute = gradient + 20 Hessian-vector products on a
-   10 % curvature batch at 2 gradients each, i.e. 5 gradient costs), figure ``model.png``;
+   2 µs network for the three (collective profiles and compute from their 1-rank logs),
+   figure ``model.png``;
 5. ``hpcopt analyze --plot`` figures of the sweep (``curves.png``, ``scaling.png``).
 
 Times are medians per outer iteration (start-up step excluded).  The machine has two
@@ -33,10 +32,7 @@ from hpcopt.perfmodel import CollectiveProfile, Network, calibrate, predict
 from hpcopt.plots import plot_predictions
 from hpcopt.scaling import find_sweeps, iteration_times, report, scaling_rows
 
-OPTIMIZERS = ("apts-d", "sgd")
-HF_CG_ITERATIONS = 20
-HF_EXTRA_SCALARS = 8  # k: dot products fused into the same message
-HF_COMPUTE_IN_GRADIENTS = 1 + HF_CG_ITERATIONS * 2 * 0.1
+OPTIMIZERS = ("apts-d", "sgd", "hf")
 TARGET = Network(2e-6, 25e9, "auto")
 # One evaluation, at the end: every timed step is a training step.
 TRAIN_ARGS = ["--model", "cnn", "--epochs", "10", "--eval-every", "10"]
@@ -112,16 +108,6 @@ def main() -> None:
     print("== model (calibrated network) vs measurement, time per iteration ==")
     print(format_table(rows))
 
-    # HF: the gradient allreduce of SGD's step plus one allreduce of (n + k) floats per CG iteration.
-    sgd = profiles["sgd"]
-    n = int(next(run for run in runs if run.attributes.get("optimizer") == "sgd").attributes["num_parameters"])
-    profiles["hf (synthetic)"] = CollectiveProfile(
-        "hf (synthetic)",
-        calls=sgd.calls + HF_CG_ITERATIONS,
-        bytes=sgd.bytes + HF_CG_ITERATIONS * 4.0 * (n + HF_EXTRA_SCALARS),
-        compute=sgd.compute * HF_COMPUTE_IN_GRADIENTS,
-        ref_ranks=sgd.ref_ranks,
-    )
     measured: dict[str, list[tuple[int, float]]] = {}
     for row in scaling_rows(sweeps):
         measured.setdefault(f"{row['optimizer']} strong", []).append((int(row["ranks"]), float(row["efficiency"])))
@@ -154,7 +140,7 @@ def main() -> None:
             curves,
             args.outdir / f"model{suffix}.png",
             title=f"α–β model, {TARGET.describe()}; MNIST cnn, compute {what}\n"
-            "strong: global batch 2000; weak: 2000 per rank; hf: synthetic profile",
+            "strong: global batch 2000; weak: 2000 per rank; profiles from the 1-rank logs",
             measured=measured if speed == 1 else None,
         )
         print(f"figure: {figure}\n")

@@ -1,0 +1,109 @@
+"""TinyShakespeare at P ranks: APTS-D and APTS-IP against Adam at equal wall time.
+
+Run: ``python benchmarks/lm_study.py [--data-dir DIR] [--budget 120] [--ranks 2] [--runs NAME,…]``
+
+Every configuration is one ``mpiexec -n P python -m mpi4py -m hpcopt train
+--problem tinyshakespeare … --time-limit BUDGET`` job writing an HDF5 run log
+into ``--outdir``; ``--report-only`` re-prints the table from those logs.  A run
+stops at the first evaluation after the budget, so every method gets the same
+wall time (up to one evaluation period).  Adam runs data-parallel at three
+learning rates and the best one is the reference; APTS-D runs data-parallel
+with its defaults, APTS-IP cuts the transformer into P pipeline stages.
+
+Columns: final and best validation loss (nats per character), the ratio of the
+best validation loss to Adam's best (the issue's goal: ≤ 1.10), outer steps,
+wall time, and traffic (bytes rank 0 moved per step over 4n).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from hpcopt.analysis import load_run
+
+REPO = Path(__file__).resolve().parents[1]
+
+# name: (optimizer, --set options)
+RUNS: dict[str, tuple[str, dict[str, object]]] = {
+    "apts-d": ("apts-d", {}),
+    "apts-ip": ("apts-ip", {}),
+    "adam.lr1e-3": ("adam", {"lr": 1e-3}),
+    "adam.lr3e-3": ("adam", {"lr": 3e-3}),
+    "adam.lr1e-2": ("adam", {"lr": 1e-2}),
+}
+
+
+def launch(name: str, args: argparse.Namespace) -> None:
+    optimizer, options = RUNS[name]
+    out = Path(args.outdir) / f"{name}.h5"
+    command = [str(Path(sys.executable).parent / "mpiexec"), "-n", str(args.ranks), sys.executable, "-m", "mpi4py"]
+    command += ["-m", "hpcopt", "train", "--problem", "tinyshakespeare", "--data-dir", args.data_dir]
+    command += ["--optimizer", optimizer, "--batch-size", str(args.batch_size), "--epochs", "100000"]
+    command += ["--time-limit", str(args.budget), "--seed", str(args.seed), "--out", str(out), "--overwrite"]
+    command += ["--set", f"problem.train_windows={args.train_windows}", "--quiet"]
+    for key, value in options.items():
+        command += ["--set", f"{key}={value}"]
+    print(f"== {name}: {' '.join(command[6:])}", flush=True)
+    subprocess.run(command, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def report(names: list[str], outdir: Path) -> None:
+    rows: dict[str, tuple[float, float, int, float, float]] = {}
+    for name in names:
+        path = outdir / f"{name}.h5"
+        if not path.exists():
+            print(f"{name:<14} (no run log)")
+            continue
+        run = load_run(path)
+        val = np.asarray(run.evaluations.get("val_loss", []), dtype=float)
+        if len(val) == 0:
+            print(f"{name:<14} (no evaluation; status {run.status})")
+            continue
+        wall = float(np.asarray(run.evaluations["wall_time"], dtype=float)[-1])
+        steps = len(run.iterations["loss"])
+        n = int(run.attributes["num_parameters"])
+        traffic = float(np.mean(run.iterations["comm_bytes"])) / (4 * n)
+        rows[name] = (float(val[-1]), float(np.nanmin(val)), steps, wall, traffic)
+    adam = [best for name, (_f, best, *_rest) in rows.items() if name.startswith("adam")]
+    adam_best = min(adam) if adam else float("nan")
+    header = f"{'run':<14}{'val':>8}{'best':>8}{'/Adam':>7}{'steps':>7}{'wall s':>8}{'traffic':>9}"
+    print(header)
+    print("-" * len(header))
+    for name, (final, best, steps, wall, traffic) in rows.items():
+        print(f"{name:<14}{final:>8.3f}{best:>8.3f}{best / adam_best:>7.3f}{steps:>7}{wall:>8.0f}{traffic:>8.2f}n")
+    print(
+        f"(val: nats per character; an untrained model scores ln 65 = {np.log(65):.3f}; /Adam: best over Adam's best)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default=str(REPO.parent / "shared/datasets/tinyshakespeare"))
+    parser.add_argument("--outdir", default="runs/lm_study")
+    parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of: {', '.join(RUNS)}")
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--budget", type=float, default=120.0, help="seconds of training per run")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--train-windows", type=int, default=2560, help="windows per epoch (evaluation period)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args()
+    names = [n for n in args.runs.split(",") if n]
+    unknown = [n for n in names if n not in RUNS]
+    if unknown:
+        parser.error(f"unknown runs {unknown}; choose from {list(RUNS)}")
+    Path(args.outdir).mkdir(parents=True, exist_ok=True)
+    if not args.report_only:
+        for name in names:
+            launch(name, args)
+    report(names, Path(args.outdir))
+
+
+if __name__ == "__main__":
+    main()
