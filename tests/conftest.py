@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -33,3 +34,16 @@ def run_hpcopt(args: list[str], *, ranks: int = 1, timeout: float = 120, cwd: Pa
     return subprocess.run(
         command, capture_output=True, text=True, timeout=timeout, cwd=cwd or REPO, env=env, check=False
     )
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread per rank for the test (use with ``pytest.mark.usefixtures``).
+
+    hpcopt runs one rank per core; on a loaded machine torch's thread pool makes the
+    tiny ops of the multi-rank tests up to 100x slower.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -21,7 +21,7 @@ from hpcopt.errors import ConfigError
 from hpcopt.problems import make_problem
 from hpcopt.train import TrainConfig, TrainResult, train
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_thread")]
 
 # A 3-block transformer has 5 layers with parameters (enough for 4 stages), LayerNorms,
 # and a causal-mask buffer in every block, so the buffers' whole-model names are exercised.
@@ -29,15 +29,6 @@ LM_OPTIONS = {"context": 16, "train_windows": 12, "val_windows": 4, "embed": 16,
 # 3 steps per epoch: the restart after step 5 is in the middle of epoch 2.
 BATCH_SIZE = 4
 FIRST, TOTAL = 5, 8
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # One thread per rank: on a loaded machine torch's thread pool makes tiny ops 100x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _shared_dir(comm: Communicator, tmp_path: Path) -> Path:

@@ -21,16 +21,7 @@ from hpcopt.pipeline import Pipeline, PipelineLayout, stage_bounds
 from hpcopt.problems import make_problem
 from hpcopt.train import TrainConfig, train
 
-pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # One thread per rank: on a loaded machine torch's thread pool makes tiny ops 100x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("one_thread")]
 
 
 def _model() -> nn.Sequential:

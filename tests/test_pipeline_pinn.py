@@ -22,7 +22,7 @@ from hpcopt.problems import make_problem
 from hpcopt.problems.base import Dataset, JetProblem, Net, Problem
 from hpcopt.problems.synthetic import QuadraticProblem
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_thread")]
 
 # Small collocation sets: the checks are of exactness, not of accuracy.
 _OPTIONS: dict[str, dict[str, object]] = {
@@ -31,15 +31,6 @@ _OPTIONS: dict[str, dict[str, object]] = {
     "allen-cahn": {"interior": 40, "boundary": 2, "val_grid": 33},
     "allen-cahn-time": {"interior": 40, "boundary": 8, "initial": 8, "val_grid": 5},
 }
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # One thread per rank: on a loaded machine torch's thread pool makes tiny ops 100x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _derivatives(net: Callable[[Tensor], Tensor], points: Tensor) -> tuple[Tensor, Tensor, Tensor]:
