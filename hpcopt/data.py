@@ -6,6 +6,11 @@ batch b is rows ``[b·B, (b+1)·B)`` of it, and rank r takes the contiguous slic
 therefore the same at any rank count, which is what makes runs at 1, 2 and 4 ranks
 comparable step for step.  A trailing partial batch is dropped so that every step
 sees a batch of the same size.
+
+Spatial sharding (``shard=spatial``, the thesis' PINN variant of APTS-D): with a
+``sort_key`` (a spatial coordinate per sample), each global batch is ordered by it
+before the ranks take their contiguous slices, so rank r owns the r-th interval of
+that coordinate.  The global batch, and hence the global objective, is unchanged.
 """
 
 from __future__ import annotations
@@ -26,9 +31,19 @@ class GlobalBatches:
         seed: the run's seed.
         rank: this rank.
         world_size: number of ranks P.
+        sort_key: optional per-sample key (e.g. the x coordinate of a collocation
+            point); each global batch is ordered by it before it is sliced.
     """
 
-    def __init__(self, num_samples: int, batch_size: int, seed: int, rank: int, world_size: int) -> None:
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        sort_key: torch.Tensor | None = None,
+    ) -> None:
         if batch_size <= 0:
             raise ConfigError(f"--batch-size must be positive, got {batch_size}")
         if world_size > num_samples:
@@ -49,6 +64,9 @@ class GlobalBatches:
         self.rank = rank
         self.world_size = world_size
         self.shard_size = batch_size // world_size
+        if sort_key is not None and sort_key.shape != (num_samples,):
+            raise ConfigError(f"sort_key needs one value per sample ({num_samples}), got shape {tuple(sort_key.shape)}")
+        self.sort_key = None if sort_key is None else sort_key.detach().cpu()
 
     @property
     def batches_per_epoch(self) -> int:
@@ -62,8 +80,12 @@ class GlobalBatches:
         """Indices of this rank's shard of each global batch of ``epoch``."""
         order = self.permutation(epoch)
         for batch in range(self.batches_per_epoch):
-            start = batch * self.batch_size + self.rank * self.shard_size
-            yield order[start : start + self.shard_size]
+            rows = order[batch * self.batch_size : (batch + 1) * self.batch_size]
+            if self.sort_key is not None:
+                # Stable, so equal keys keep the seed's order: the shards stay reproducible.
+                rows = rows[torch.sort(self.sort_key[rows], stable=True).indices]
+            start = self.rank * self.shard_size
+            yield rows[start : start + self.shard_size]
 
 
 def contiguous_slice(num_rows: int, rank: int, world_size: int) -> slice:

@@ -150,6 +150,19 @@ def _stop_reason(
     return ""
 
 
+def _spatial_key(cfg: TrainConfig, optimizer_config: Any, problem: Problem) -> torch.Tensor | None:
+    """The first coordinate of every training point when ``--set shard=spatial``, else ``None``."""
+    if getattr(optimizer_config, "shard", "batch") != "spatial":
+        return None
+    jet_points = getattr(problem, "jet_points", None)
+    require(
+        jet_points is not None,
+        f"{cfg.optimizer}: shard=spatial needs a PINN problem (collocation points with coordinates); "
+        f"'{cfg.problem}' has none",
+    )
+    return jet_points(problem.train.inputs)[:, 0]
+
+
 def _kernels_name(optimizer: Optimizer) -> str:
     """``cuda`` when the optimizer runs the fused CUDA kernels, else ``torch`` (CPU, or a GPU without CuPy)."""
     kernels = getattr(optimizer, "kernels", None)
@@ -186,7 +199,9 @@ def _setup(cfg: TrainConfig, optimizer_options: dict[str, Any], problem_options:
         )
     else:
         replica, replicas = comm.rank, comm.size
-    batches = GlobalBatches(len(problem.train), batch_size, cfg.seed, replica, replicas)
+    batches = GlobalBatches(
+        len(problem.train), batch_size, cfg.seed, replica, replicas, _spatial_key(cfg, optimizer_config, problem)
+    )
     torch.manual_seed(cfg.seed)  # identical initial parameters on every rank
     model = problem.build_model(cfg.model)
     return optimizer_config, problem, batches, model

@@ -50,6 +50,9 @@ class APTSDConfig(APTSOptions):
             ``average`` *(ours)*: local radius Δ, s and pred are the means over ranks.
             The sum sees only 1/P of the curvature of each local step, so its ratio
             degrades as Δ grows; the average keeps ‖s‖ ≤ Δ without that bias.
+        shard: how the ranks split each global batch: ``batch`` (contiguous slices of
+            the shuffled batch) or ``spatial`` (PINNs: the batch ordered by the first
+            coordinate, so each rank owns an interval of x; the thesis' PINN variant).
     """
 
     option_prefix: ClassVar[str] = "apts-d"
@@ -58,6 +61,7 @@ class APTSDConfig(APTSOptions):
     global_passes: int = 1
     global_solver: str = "lsr1"
     combine: str = "sum"
+    shard: str = "batch"
 
     def validate(self) -> None:
         super().validate()
@@ -69,6 +73,7 @@ class APTSDConfig(APTSOptions):
             f"{name}: unknown global_solver '{self.global_solver}' (choose from {', '.join(SOLVERS)})",
         )
         require(self.combine in ("sum", "average"), f"{name}: combine must be sum or average, got '{self.combine}'")
+        require(self.shard in ("batch", "spatial"), f"{name}: shard must be batch or spatial, got '{self.shard}'")
 
 
 class APTSD(Optimizer):
