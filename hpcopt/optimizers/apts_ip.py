@@ -309,8 +309,10 @@ class APTSIP(Optimizer):
         self.radius = config.radius
         self.policy = config.global_policy()
         self.curvature = parse_curvature(config.curvature)
+        # The local solve works on this stage's block only (rank-private vectors), so the
+        # fused kernels' local sums are the sums it needs.
         self.local_solver = make_subproblem_solver(
-            config.local_solver, memory=config.memory, max_iter=config.max_cg_iterations
+            config.local_solver, memory=config.memory, max_iter=config.max_cg_iterations, kernels=self.kernels
         )
         self._scalars = torch.zeros(3, dtype=torch.float64)
 
