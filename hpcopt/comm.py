@@ -35,6 +35,7 @@ still go to rank 0 of the world.
 
 from __future__ import annotations
 
+import os
 import time
 import traceback
 from collections.abc import Sequence
@@ -49,9 +50,13 @@ from hpcopt.errors import AbortError, HpcoptError
 FAILURE_TAG = 7077
 # While waiting on a collective: spin on Test for this long, then yield the core
 # between Tests (ranks often share cores), and look for failure notices this often.
+# Yield, not sleep: a non-blocking collective only progresses inside Test, so a
+# sleep between Tests stretches every pipelined chunk of a large message by the
+# sleep (measured: +11 % per APTS-D step of a 390k-parameter CNN with a 50 us sleep).
+# sched_yield returns at once when no other process wants the core, like MPI's own spin.
 _SPIN_SECONDS = 1e-3
-_YIELD_SECONDS = 5e-5
 _NOTICE_INTERVAL = 5e-3
+_yield_core = getattr(os, "sched_yield", lambda: time.sleep(0))
 
 
 def _mpi() -> Any:
@@ -514,7 +519,7 @@ class Communicator:
                         "is stalled or dead, aborting the job"
                     )
             if now - start > _SPIN_SECONDS:
-                time.sleep(_YIELD_SECONDS)
+                _yield_core()
 
     def _raise_on_notice(self) -> None:
         if self._parent is not None:
