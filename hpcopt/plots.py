@@ -32,6 +32,16 @@ def _pyplot() -> Any:
     return plt
 
 
+def _efficiency_top(ax: Any, floor: float) -> float:
+    """Upper y limit of an efficiency axis: ``floor``, or more when a point lies above it.
+
+    Measured efficiencies can exceed 1 (cache effects, or an algorithm whose work per
+    iteration depends on P); a fixed limit would cut them off the figure.
+    """
+    highest = max((float(np.nanmax(line.get_ydata())) for line in ax.get_lines() if len(line.get_ydata())), default=0.0)
+    return max(floor, 1.05 * highest)
+
+
 def _save(fig: Any, path: Path) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -119,7 +129,7 @@ def plot_scaling(
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
     ax_speed.set_yscale("log", base=2)
-    ax_eff.set_ylim(0, 1.1)
+    ax_eff.set_ylim(0, _efficiency_top(ax_eff, 1.1))
     fig.suptitle("scaling: median time per iteration")
     return _save(fig, Path(outdir) / "scaling.png")
 
@@ -145,7 +155,7 @@ def plot_predictions(
         ax.plot([p for p, _ in points], [e for _, e in points], "o", color=colour, label=f"{label} (measured)")
     ax.axhline(1.0, color="black", linestyle=":", label="ideal")
     ax.set_xscale("log", base=2)
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, _efficiency_top(ax, 1.05))
     ax.set_xlabel("MPI ranks")
     ax.set_ylabel("parallel efficiency")
     ax.set_title(title, fontsize=10)

@@ -406,7 +406,8 @@ def train(
                 elapsed = time.perf_counter() - start
                 log.log_evaluation(
                     EvaluationRecord(
-                        epoch=float(epoch),
+                        # Fractional when a stop criterion ended the epoch early, as in `iterations/epoch`.
+                        epoch=(epoch - 1) + len(epoch_losses) / batches.batches_per_epoch,
                         wall_time=elapsed,
                         train_loss=train_loss,
                         val_loss=metrics["val_loss"],
