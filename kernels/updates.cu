@@ -7,7 +7,8 @@
 // nlcg_step:         d <- z + beta d;  s <- step_size d;  theta <- theta + s;  partial sums of s's.
 // sq_distance:       partial sums of ||w - v||^2 (Neumann's displacement norm).
 // neumann_update:    d = g + coef (w - v);  m <- mu m - eta d;  w <- w + mu m - eta d;
-//                    v <- w + gamma (v - w)  (coef from ||w - v||, computed by the caller).
+//                    v <- w + gamma (v - w)  (coef from ||w - v||, computed by the caller);
+//                    partial sums of ||w_new - w||^2 (the step norm the optimizer logs).
 // tr_trial:          trial <- theta + s;  partial sums of s's.
 #include "common.cuh"
 
@@ -82,7 +83,9 @@ __device__ void sq_distance(const T* __restrict__ w, const T* __restrict__ v, lo
 
 template <typename T>
 __device__ void neumann_update(T* __restrict__ w, T* __restrict__ v, T* __restrict__ m, const T* __restrict__ g,
-                               T coef, T eta, T mu, T gamma, long long n) {
+                               T coef, T eta, T mu, T gamma, long long n, double* __restrict__ partials) {
+    __shared__ double scratch[HPCOPT_WARPS];
+    double dww = 0.0;
     HPCOPT_GRID_STRIDE(i, n) {
         const T wi = w[i];
         const T vi = v[i];
@@ -92,7 +95,10 @@ __device__ void neumann_update(T* __restrict__ w, T* __restrict__ v, T* __restri
         m[i] = m_new;
         w[i] = w_new;
         v[i] = w_new + gamma * (vi - w_new);
+        const double step = (double)w_new - (double)wi;
+        dww += step * step;
     }
+    hpcopt_store_partial(dww, 0, partials, scratch);
 }
 
 template <typename T>
@@ -126,8 +132,8 @@ __device__ void tr_trial(T* __restrict__ trial, const T* __restrict__ theta, con
         sq_distance<T>(w, v, n, partials);                                                                     \
     }                                                                                                          \
     extern "C" __global__ void neumann_update_##suffix(T* w, T* v, T* m, const T* g, T coef, T eta, T mu,      \
-                                                       T gamma, long long n) {                                 \
-        neumann_update<T>(w, v, m, g, coef, eta, mu, gamma, n);                                                \
+                                                       T gamma, long long n, double* partials) {               \
+        neumann_update<T>(w, v, m, g, coef, eta, mu, gamma, n, partials);                                      \
     }                                                                                                          \
     extern "C" __global__ void tr_trial_##suffix(T* trial, const T* theta, const T* s, long long n,            \
                                                  double* partials) {                                           \

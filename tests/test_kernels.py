@@ -180,10 +180,11 @@ def test_neumann_update_matches_the_formula(same_point: bool) -> None:
     else:
         norm = np.sqrt(dist2)
         assert coef == pytest.approx((alpha * norm**2 - beta / norm**2) / norm, rel=1e-12)
-    twin.neumann_update_(t_w, t_v, t_m, t_g, coef, eta, mu, gamma)
+    step_sq = twin.neumann_update_(t_w, t_v, t_m, t_g, coef, eta, mu, gamma)
     d = g + coef * (w - v)
     m_new = mu * m - eta * d
     w_new = w + mu * m_new - eta * d
+    assert step_sq == pytest.approx(float((w_new - w) @ (w_new - w)), rel=1e-10)
     np.testing.assert_allclose(t_m.numpy(), m_new, rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(t_w.numpy(), w_new, rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(t_v.numpy(), w_new + gamma * (v - w_new), rtol=1e-12, atol=1e-15)
@@ -270,9 +271,8 @@ def test_cuda_kernels_equal_their_twins(dtype: torch.dtype, n: int) -> None:
     out_c = twin.nlcg_step_(cpu[1], cpu[2], cpu[7], cpu[4], 0.5, 0.01)
     check("nlcg_step", out_c, gpu.nlcg_step_(dev[1], dev[2], dev[7], dev[4], 0.5, 0.01), [1, 2, 7])
     check("sq_distance", twin.sq_distance(cpu[0], cpu[1]), gpu.sq_distance(dev[0], dev[1]), [])
-    twin.neumann_update_(cpu[0], cpu[1], cpu[2], cpu[5], 0.01, 0.1, 0.9, 0.99)
-    gpu.neumann_update_(dev[0], dev[1], dev[2], dev[5], 0.01, 0.1, 0.9, 0.99)
-    check("neumann_update", None, None, [0, 1, 2])
+    out_c = twin.neumann_update_(cpu[0], cpu[1], cpu[2], cpu[5], 0.01, 0.1, 0.9, 0.99)
+    check("neumann_update", out_c, gpu.neumann_update_(dev[0], dev[1], dev[2], dev[5], 0.01, 0.1, 0.9, 0.99), [0, 1, 2])
     cpu[7].fill_(float("nan"))
     dev[7].fill_(float("nan"))
     check("tr_trial", twin.tr_trial(cpu[7], cpu[0], cpu[1]), gpu.tr_trial(dev[7], dev[0], dev[1]), [7])

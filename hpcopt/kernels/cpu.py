@@ -115,12 +115,18 @@ class CpuKernels:
 
     def neumann_update_(
         self, w: Tensor, v: Tensor, m: Tensor, g: Tensor, coef: float, eta: float, mu: float, gamma: float
-    ) -> None:
-        """``d = g + coef(w−v)``; ``m ← μm − ηd``; ``w ← w + μm − ηd``; ``v ← w + γ(v − w)``."""
+    ) -> float:
+        """``d = g + coef(w−v)``; ``m ← μm − ηd``; ``w ← w + μm − ηd``; ``v ← w + γ(v − w)``.
+
+        Returns the local ``‖w_new − w‖²`` (the step norm the optimizer logs).
+        """
         d = g + coef * (w - v)
         m.mul_(mu).sub_(eta * d)
+        w_old = w.clone()
         w.add_(mu * m).sub_(eta * d)
         v.copy_(w + gamma * (v - w))
+        step = w.to(torch.float64) - w_old.to(torch.float64)
+        return float(step.dot(step))
 
     # -- trust region ------------------------------------------------------------
 

@@ -231,13 +231,13 @@ class CudaKernels:
 
     def neumann_update_(
         self, w: Tensor, v: Tensor, m: Tensor, g: Tensor, coef: float, eta: float, mu: float, gamma: float
-    ) -> None:
+    ) -> float:
         import numpy as np
 
         n, dtype = w.numel(), w.dtype
         scalars = tuple(self._scalar(dtype, value) for value in (coef, eta, mu, gamma))
         args = (*map(self._array, (w, v, m, g)), *scalars, np.int64(n))
-        self._launch("updates.cu", f"neumann_update_{_suffix(dtype)}", n, args, 0)
+        return self._launch("updates.cu", f"neumann_update_{_suffix(dtype)}", n, args, 1)[0]
 
     def tr_trial(self, trial: Tensor, theta: Tensor, s: Tensor) -> float:
         import numpy as np

@@ -21,8 +21,8 @@ steps an "epoch" of these schedules is, since an optimizer does not see the data
 
 With a fused-kernel backend (``self.kernels``: CUDA kernels on a GPU with CuPy) a
 Neumann step is two passes, ``sq_distance`` (‖w−v‖²) and ``neumann_update`` (m, w
-and v in place), plus one ``sq_distance`` against a copy of w for the logged step
-norm; without one (CPU) the plain torch code runs.  The sums are local, which is
+and v in place, and ‖Δw‖² for the logged step norm); without one (CPU) the plain
+torch code runs.  The sums are local, which is
 all there is: the state is replicated.
 """
 
@@ -111,7 +111,6 @@ class Neumann(Optimizer):
         self.period = max(1, round(config.reset_epochs * config.epoch_steps))
         self.next_reset = config.warmup_steps
         self.resets = 0
-        self._w_before: torch.Tensor | None = None  # scratch of the fused step's norm, not state
 
     @contextlib.contextmanager
     def evaluation_parameters(self) -> Iterator[None]:
@@ -169,8 +168,4 @@ class Neumann(Optimizer):
         distance_sq = kernels.sq_distance(w, v)
         # As in regularizer(): no repulsive term at w = v or at a non-finite distance.
         coef = neumann_coefficient(distance_sq, cfg.alpha, self.beta) if math.isfinite(distance_sq) else 0.0
-        if self._w_before is None:
-            self._w_before = torch.empty_like(w)
-        self._w_before.copy_(w)
-        kernels.neumann_update_(w, v, self.m, grad, coef, eta, mu, cfg.gamma)
-        return math.sqrt(kernels.sq_distance(w, self._w_before))
+        return math.sqrt(kernels.neumann_update_(w, v, self.m, grad, coef, eta, mu, cfg.gamma))
