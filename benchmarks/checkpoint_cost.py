@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from hpcopt import checkpoint
-from hpcopt.comm import Communicator
-from hpcopt.data import GlobalBatches
-from hpcopt.flat import FlatParameters
-from hpcopt.objective import DistributedObjective
+from hpcopt.comm.communicator import Communicator
+from hpcopt.distributed.data_parallel import DistributedObjective
+from hpcopt.distributed.sharding import GlobalBatches
+from hpcopt.log import checkpoint
+from hpcopt.numerics.flat import FlatParameters
 from hpcopt.optimizers import APTSD, make_config
 from hpcopt.problems import make_problem
 

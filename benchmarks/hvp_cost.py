@@ -28,14 +28,14 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from hpcopt.curvature import (
+from hpcopt.numerics.curvature import (
     DEFAULT_HESSIAN,
     CurvatureKind,
     CurvatureOperator,
     LocalObjective,
     _ForwardOverReverseHVP,
 )
-from hpcopt.flat import FlatParameters
+from hpcopt.numerics.flat import FlatParameters
 
 LINEARIZE = "hvp-forward (linearize)"
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from hpcopt.comm import Communicator
-from hpcopt.flat import FlatParameters
-from hpcopt.hf_krylov import martens_cg
-from hpcopt.objective import DistributedObjective
+from hpcopt.comm.communicator import Communicator
+from hpcopt.distributed.data_parallel import DistributedObjective
+from hpcopt.numerics.flat import FlatParameters
+from hpcopt.numerics.krylov.martens import martens_cg
 from hpcopt.optimizers import HessianFree, make_config
 from hpcopt.problems import make_problem
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hpcopt.analysis import load_run
+from hpcopt.analysis.tables import load_run
 
 # name: (optimizer, --set options); the learning rates of the baselines are swept.
 METHODS: dict[str, tuple[str, dict]] = {

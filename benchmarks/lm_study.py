@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hpcopt.analysis import load_run
+from hpcopt.analysis.tables import load_run
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hpcopt.analysis import load_run
+from hpcopt.analysis.tables import load_run
 
 CNN = {"model": "cnn", "batch": 2000}
 SMALL = {"model": "cnn-small", "batch": 128}

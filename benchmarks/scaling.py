@@ -26,11 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from hpcopt.analysis import format_table, load_run
-from hpcopt.jobs import SweepSpec, run_local
-from hpcopt.perfmodel import CollectiveProfile, Network, calibrate, predict
-from hpcopt.plots import plot_predictions
-from hpcopt.scaling import find_sweeps, iteration_times, report, scaling_rows
+from hpcopt.analysis.perfmodel import CollectiveProfile, Network, calibrate, predict
+from hpcopt.analysis.plots import plot_predictions
+from hpcopt.analysis.scaling import find_sweeps, iteration_times, report, scaling_rows
+from hpcopt.analysis.tables import format_table, load_run
+from hpcopt.jobs.render import SweepSpec, run_local
 
 OPTIMIZERS = ("apts-d", "sgd", "hf")
 TARGET = Network(2e-6, 25e9, "auto")

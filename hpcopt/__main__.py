@@ -1,5 +1,5 @@
 """``python -m hpcopt`` (under MPI: ``mpiexec -n P python -m mpi4py -m hpcopt train …``)."""
 
-from hpcopt.cli import entry_point
+from hpcopt.cli.main import entry_point
 
 entry_point()

@@ -6,12 +6,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from hpcopt.config import build_config
+from hpcopt.distributed.data_parallel import DistributedObjective
 from hpcopt.errors import ConfigError
-from hpcopt.objective import DistributedObjective
 from hpcopt.optimizers.adam import Adam, AdamConfig
-from hpcopt.optimizers.apts_d import APTSD, APTSDConfig
-from hpcopt.optimizers.apts_ip import APTSIP, APTSIPConfig
-from hpcopt.optimizers.apts_p import APTSP, APTSPConfig
+from hpcopt.optimizers.apts.apts_d import APTSD, APTSDConfig
+from hpcopt.optimizers.apts.apts_ip import APTSIP, APTSIPConfig
+from hpcopt.optimizers.apts.apts_p import APTSP, APTSPConfig
 from hpcopt.optimizers.base import Optimizer, StepResult
 from hpcopt.optimizers.hessian_free import HessianFree, HFConfig
 from hpcopt.optimizers.neumann import Neumann, NeumannConfig

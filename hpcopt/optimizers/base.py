@@ -12,8 +12,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from hpcopt.distributed.data_parallel import DistributedObjective
 from hpcopt.kernels import Kernels, fused_backend
-from hpcopt.objective import DistributedObjective
 
 
 def _copied(value: Any) -> Any:

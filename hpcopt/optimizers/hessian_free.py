@@ -34,13 +34,13 @@ from dataclasses import dataclass
 import torch
 
 from hpcopt.config import require
-from hpcopt.curvature import CurvatureKind, CurvatureOperator, LocalObjective, parse_curvature
+from hpcopt.distributed.data_parallel import DistributedObjective
 from hpcopt.errors import NonFiniteError
-from hpcopt.hf_krylov import HFSolveResult, bicgstab, martens_cg
-from hpcopt.krylov import steihaug_cg
-from hpcopt.objective import DistributedObjective
+from hpcopt.numerics.curvature import CurvatureKind, CurvatureOperator, LocalObjective, parse_curvature
+from hpcopt.numerics.krylov.cg import steihaug_cg
+from hpcopt.numerics.krylov.martens import HFSolveResult, bicgstab, martens_cg
+from hpcopt.numerics.trust_region import RadiusPolicy, decide
 from hpcopt.optimizers.base import Optimizer, StepResult
-from hpcopt.trust_region import RadiusPolicy, decide
 
 SOLVERS = ("cg", "bicgstab", "steihaug")
 SAMPLINGS = ("strided", "head")

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import torch
 
 from hpcopt.config import require
+from hpcopt.distributed.data_parallel import DistributedObjective
 from hpcopt.kernels import Kernels
-from hpcopt.objective import DistributedObjective
 from hpcopt.optimizers.base import Optimizer, StepResult
 from hpcopt.optimizers.sgd import check_finite_loss
 

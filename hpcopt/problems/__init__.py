@@ -10,10 +10,10 @@ from collections.abc import Callable, Mapping
 from functools import partial
 
 from hpcopt.errors import ConfigError
-from hpcopt.problems.allen_cahn import AllenCahnProblem, AllenCahnTimeProblem
 from hpcopt.problems.base import Dataset, Problem
-from hpcopt.problems.mnist import MnistProblem
-from hpcopt.problems.poisson import PoissonProblem
+from hpcopt.problems.mnist.problem import MnistProblem
+from hpcopt.problems.pinn.allen_cahn import AllenCahnProblem, AllenCahnTimeProblem
+from hpcopt.problems.pinn.poisson import PoissonProblem
 from hpcopt.problems.synthetic import LogisticProblem, QuadraticProblem
 from hpcopt.problems.tinyshakespeare import TinyShakespeareProblem
 

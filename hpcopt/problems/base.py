@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from hpcopt.errors import ConfigError
-from hpcopt.jets import ScalarJet
+from hpcopt.numerics.jets import ScalarJet
 
 Net = Callable[[Tensor], Tensor]
 
@@ -180,7 +180,7 @@ class JetProblem(Protocol):
 
     PINNs implement it so that a pipeline of stages (APTS-IP), in which no rank holds
     the whole network, can still evaluate them: the stages carry the jet of ``u``
-    (:mod:`hpcopt.jets`) and the last stage turns it into the outputs.
+    (:mod:`hpcopt.numerics.jets`) and the last stage turns it into the outputs.
     """
 
     def jet_points(self, inputs: Tensor) -> Tensor:

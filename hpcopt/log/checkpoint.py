@@ -1,0 +1,290 @@
+"""Checkpoint and restart of ``hpcopt train``: everything that makes k + m steps bit-exact.
+
+A checkpoint is one ``torch.save`` of a dict holding only tensors, numbers, strings
+and lists/dicts of them, so it loads with ``torch.load(..., weights_only=True)``:
+
+* ``format``, ``version``, ``world_size`` and ``compat`` — what must match to resume
+  (problem, model, optimizer, seed, global batch size, optimizer and problem
+  options, parameter count);
+* ``step`` (global steps done), ``epoch`` (1-based epoch of the last step),
+  ``batch_in_epoch`` (batches of that epoch done) and ``epoch_losses`` (their losses,
+  for the epoch's mean train loss): the data-loader position.  Batches depend only
+  on ``(seed, epoch)``, so skipping ``batch_in_epoch`` batches restores the order;
+* ``parameters`` (the flat vector) and ``buffers`` (batch-norm statistics);
+* ``optimizer``: :meth:`hpcopt.optimizers.base.Optimizer.state_dict`;
+* ``rng``: every rank's torch CPU generator state, gathered to rank 0 (rank r
+  restores entry r);
+* ``log``: the run log path and how many iteration rows it held.  A resumed run
+  writes a *new* run log (``--out``) whose ``step`` column continues at
+  ``step + 1``; its attributes ``resumed_from`` and ``resumed_at_step`` link it to
+  the first;
+* ``pipeline`` (APTS-IP only, where each rank holds one stage): ``stages``,
+  ``replicas``, ``stage_bounds`` (the layer cuts) and ``buffers`` (one whole-model
+  dict per replica).  ``parameters`` is then the *whole* model's vector, gathered
+  from the stages of replica 0 (the replicas of a stage are bit-identical), and
+  ``buffers`` is replica 0's; on resume every rank takes its stage's slice.
+
+Writing is atomic: rank 0 saves to ``<path>.tmp-<pid>``, fsyncs, and renames onto
+``path`` with ``os.replace``, so a crash at any moment leaves either the previous
+checkpoint or the new one, never a torn file.  A write error on rank 0 becomes every
+rank's error through ``comm.agree``.
+
+Resuming needs the rank count the checkpoint was written with: the data shards,
+the per-rank RNG states and APTS-D's local models (radius Δ/P) all depend on it.
+A different count is refused with a clear message rather than re-sharded silently;
+so is, for APTS-IP, a different stages × replicas layout at the same count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from hpcopt.comm.communicator import Communicator
+from hpcopt.errors import ConfigError, HpcoptError, OutputError
+from hpcopt.testing import faults
+
+FORMAT = "hpcopt-checkpoint"
+VERSION = 1
+
+
+def default_path(out: str | None) -> str | None:
+    """The checkpoint beside the run log: ``<out>.ckpt`` (``None`` without a log)."""
+    return None if out is None else f"{out}.ckpt"
+
+
+def check_path(path: str, *, overwrite: bool, resume: str | None) -> None:
+    """Raise :class:`OutputError` unless a checkpoint can be written at ``path``.
+
+    An existing file is refused unless ``overwrite`` is set or it is the checkpoint
+    being resumed (continuing a run keeps replacing its own checkpoint).
+    """
+    if not path:
+        raise OutputError("checkpoint path is empty")
+    if os.path.isdir(path):
+        raise OutputError(f"checkpoint path {path} is a directory; give a file name")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise OutputError(f"cannot write checkpoint {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write checkpoint {path}: directory {parent} is not writable")
+    same_as_resume = resume is not None and os.path.abspath(resume) == os.path.abspath(path)
+    if os.path.lexists(path) and not overwrite and not same_as_resume:
+        raise OutputError(f"checkpoint {path} already exists; choose another path or allow overwriting it")
+
+
+def atomic_save(state: Mapping[str, Any], path: str, *, step: int = 0) -> None:
+    """``torch.save(state)`` to a temporary file, fsync, then ``os.replace`` onto ``path``."""
+    temporary = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(temporary, "wb") as handle:
+            torch.save(dict(state), handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        faults.inject("checkpoint", 0, step)  # tests: a crash between write and rename
+        os.replace(temporary, path)
+    except BaseException:
+        # Whatever happened, the previous checkpoint at `path` is untouched.
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise
+    try:
+        directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(directory)  # make the rename itself durable
+    except OSError:
+        pass
+    finally:
+        os.close(directory)
+
+
+def load(path: str) -> dict[str, Any]:
+    """Read a checkpoint (weights-only unpickling); any problem is a one-line :class:`ConfigError`."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many kinds for a torn or foreign file
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"checkpoint {path} cannot be read (truncated or not a checkpoint): {first_line}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ConfigError(f"{path} is not an hpcopt checkpoint")
+    if state.get("version") != VERSION:
+        raise ConfigError(f"checkpoint {path} has format version {state.get('version')}; this hpcopt reads {VERSION}")
+    return state
+
+
+def compat_fields(
+    *,
+    problem: str,
+    model: str,
+    optimizer: str,
+    seed: int,
+    batch_size: int,
+    optimizer_config: Mapping[str, Any],
+    problem_options: Mapping[str, Any],
+    num_parameters: int,
+) -> dict[str, Any]:
+    """What a resumed run must share with the checkpointed one (options as JSON text)."""
+    return {
+        "problem": problem,
+        "model": model,
+        "optimizer": optimizer,
+        "seed": seed,
+        "batch_size": batch_size,
+        "optimizer_config": json.dumps(dict(optimizer_config), sort_keys=True),
+        "problem_options": json.dumps(dict(problem_options), sort_keys=True, default=str),
+        "num_parameters": num_parameters,
+    }
+
+
+#: The entries of a checkpoint's ``pipeline`` that a resumed APTS-IP run must match.
+LAYOUT_KEYS = ("stages", "replicas", "stage_bounds")
+
+
+def _describe_layout(layout: Mapping[str, Any]) -> str:
+    return f"{layout['stages']} stages x {layout['replicas']} replicas (layer cuts {list(layout['stage_bounds'])})"
+
+
+def check_resumable(
+    state: Mapping[str, Any],
+    path: str,
+    compat: Mapping[str, Any],
+    world_size: int,
+    layout: Mapping[str, Any] | None = None,
+) -> None:
+    """Refuse a checkpoint written by another rank count, pipeline layout or configuration.
+
+    ``layout`` is this run's APTS-IP layout (:data:`LAYOUT_KEYS`; ``None`` for the
+    data-parallel optimizers, whose checkpoints have no ``pipeline`` entry).
+    """
+    saved_layout = state.get("pipeline")
+    if state["world_size"] != world_size:
+        replicas = f" --set replicas={saved_layout['replicas']}" if saved_layout is not None else ""
+        raise ConfigError(
+            f"checkpoint {path} was written by {state['world_size']} ranks; this run has {world_size}. "
+            f"Resume with mpiexec -n {state['world_size']}{replicas} (data shards, per-rank RNG states and the "
+            "local trust regions depend on the rank count)"
+        )
+    # Checked before the options, whose difference (replicas) would only show as JSON text.
+    if layout is not None and saved_layout is not None:
+        if any(saved_layout[key] != layout[key] for key in LAYOUT_KEYS):
+            raise ConfigError(
+                f"checkpoint {path} was written by a pipeline of {_describe_layout(saved_layout)}; this run has "
+                f"{_describe_layout(layout)}. Resume with --set replicas={saved_layout['replicas']} "
+                "(each rank restores its own stage's parameters, buffers and RNG state)"
+            )
+    for key, value in compat.items():
+        saved = state["compat"].get(key)
+        if saved != value:
+            raise ConfigError(f"checkpoint {path} was written with {key}={saved}; this run has {key}={value}")
+
+
+class Checkpointer:
+    """Writes the training state every ``every`` steps (and at the last step) to ``path``.
+
+    Args:
+        path: checkpoint file (replaced atomically each time).
+        every: steps between checkpoints (0: only when the run stops at ``max_steps``
+            or at the end of its last epoch).
+        comm: the training communicator.
+        compat: :func:`compat_fields` of this run.
+        log_path: the run log, recorded for provenance.
+        layout: APTS-IP's :data:`LAYOUT_KEYS` (``None``: the parameters are whole on every rank).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        every: int,
+        comm: Communicator,
+        compat: Mapping[str, Any],
+        log_path: str | None,
+        layout: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.path = path
+        self.every = every
+        self.comm = comm
+        self.compat = dict(compat)
+        self.log_path = log_path or ""
+        self.layout = None if layout is None else {key: layout[key] for key in LAYOUT_KEYS}
+        self.seconds = 0.0
+        self.written = 0
+
+    def due(self, step: int, last: bool) -> bool:
+        return last or (self.every > 0 and step % self.every == 0)
+
+    def save(
+        self,
+        *,
+        step: int,
+        epoch: int,
+        batch_in_epoch: int,
+        epoch_losses: list[float],
+        flat: Any,
+        optimizer: Any,
+        log_rows: int,
+    ) -> None:
+        """Collective: gather the RNG states (and APTS-IP's stages), write on rank 0, agree on success."""
+        start = time.perf_counter()
+        rng_states = self.comm.allgather_object(torch.get_rng_state())
+        # APTS-IP: each rank holds one stage, so the whole model exists only once gathered.
+        gathered = optimizer.gather_model() if self.layout is not None else None
+        error: HpcoptError | None = None
+        if self.comm.is_root:
+            if gathered is None:
+                parameters = flat.clone()
+                replica_buffers = [{name: buffer.clone() for name, buffer in flat.model.named_buffers()}]
+            else:
+                parameters, replica_buffers = gathered
+            state = {
+                "format": FORMAT,
+                "version": VERSION,
+                "world_size": self.comm.size,
+                "compat": self.compat,
+                "step": step,
+                "epoch": epoch,
+                "batch_in_epoch": batch_in_epoch,
+                "epoch_losses": list(epoch_losses),
+                "parameters": parameters,
+                "buffers": replica_buffers[0],
+                "optimizer": optimizer.state_dict(),
+                "rng": rng_states,
+                "log": {"path": self.log_path, "iterations": log_rows},
+            }
+            if self.layout is not None:
+                state["pipeline"] = {**self.layout, "buffers": replica_buffers}
+            try:
+                atomic_save(state, self.path, step=step)
+            except OSError as exc:
+                error = OutputError(f"cannot write checkpoint {self.path}: {exc.strerror or exc}")
+        self.comm.agree(error)
+        self.written += 1
+        self.seconds += time.perf_counter() - start
+
+
+def restore(state: Mapping[str, Any], *, flat: Any, optimizer: Any, rank: int) -> None:
+    """Put parameters, buffers, optimizer state and this rank's RNG state back (no communication).
+
+    For APTS-IP (a ``pipeline`` entry) the optimizer takes its stage's slice of the
+    whole model and its replica's buffers.
+    """
+    if "pipeline" in state:
+        optimizer.load_model(state["parameters"], state["pipeline"]["buffers"])
+    else:
+        flat.copy_(state["parameters"])
+        buffers = dict(flat.model.named_buffers())
+        with torch.no_grad():
+            for name, value in state["buffers"].items():
+                buffers[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"][rank])

@@ -1,0 +1,32 @@
+"""Trust-region building blocks: radius policy, subproblem solvers, L-SR1, reference loop.
+
+See ALGORITHMS.md §0.  Everything here works against ``matvec`` and ``dot`` callables
+and plain floats, so the same code runs serially and inside distributed optimizers.
+"""
+
+from hpcopt.numerics.trust_region.lsr1 import LSR1Operator
+from hpcopt.numerics.trust_region.radius import Decision, RadiusPolicy, decide
+from hpcopt.numerics.trust_region.reference_loop import IterationRecord, minimize_trust_region
+from hpcopt.numerics.trust_region.subproblem import (
+    CauchySolver,
+    LSR1Solver,
+    SteihaugSolver,
+    SubproblemResult,
+    SubproblemSolver,
+    make_subproblem_solver,
+)
+
+__all__ = [
+    "CauchySolver",
+    "Decision",
+    "IterationRecord",
+    "LSR1Operator",
+    "LSR1Solver",
+    "RadiusPolicy",
+    "SteihaugSolver",
+    "SubproblemResult",
+    "SubproblemSolver",
+    "decide",
+    "make_subproblem_solver",
+    "minimize_trust_region",
+]

@@ -1,0 +1,285 @@
+"""APTS-D: data-parallel additively preconditioned trust region (ALGORITHMS.md §1).
+
+One outer iteration on the global batch B = ∪ B_r:
+
+1. ``[g; f]`` at θ_k — one allreduce(n+1).
+2. Each rank builds the first-order-consistent local model
+   ``f̃_r(θ) = f_r(θ) + (g − g_r)ᵀ(θ − θ_k)`` (so ∇f̃_r(θ_k) = g) and runs L
+   trust-region iterations on it from θ_k, all inside the ball of radius Δ/P, with
+   no communication at all.
+3. ``[Σ s_r; Σ pred_r]`` — one allreduce(n+1).  Because every ‖s_r‖ ≤ Δ/P, the sum
+   obeys ‖s‖ ≤ Δ.
+4. The trial value f(θ_k + s) decides with the ratio test of §0.  With a global
+   pass the trial gradient rides in the same allreduce(n+1), since the pass needs
+   it when the step is accepted.
+5. Optional global pass: G trust-region iterations on f itself.
+
+Traffic per outer iteration: 2n floats without the global pass, 3n with one; every
+scalar (losses, predicted reductions) is packed into those buffers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from hpcopt.config import require
+from hpcopt.distributed.data_parallel import DistributedObjective
+from hpcopt.errors import NonFiniteError
+from hpcopt.numerics.curvature import parse_curvature
+from hpcopt.numerics.krylov.cg import MatVec
+from hpcopt.numerics.trust_region import decide, make_subproblem_solver
+from hpcopt.optimizers.apts.options import SOLVERS, APTSOptions
+from hpcopt.optimizers.base import Optimizer, StepResult
+from hpcopt.testing import faults
+
+
+@dataclass
+class APTSDConfig(APTSOptions):
+    """Options of ``--optimizer apts-d``: those of :class:`APTSOptions` and
+
+    Attributes:
+        foc: first-order-consistency term in the local model (on).
+        global_passes: G, TR iterations on the global f after the combination (1).
+        global_solver: ``cauchy``, ``steihaug`` or ``lsr1`` (lsr1).
+        combine: ``sum`` (§1: local radius Δ/P, s = Σ s_r, pred = Σ pred_r) or
+            ``average`` *(ours)*: local radius Δ, s and pred are the means over ranks.
+            The sum sees only 1/P of the curvature of each local step, so its ratio
+            degrades as Δ grows; the average keeps ‖s‖ ≤ Δ without that bias.
+        shard: how the ranks split each global batch: ``batch`` (contiguous slices of
+            the shuffled batch) or ``spatial`` (PINNs: the batch ordered by the first
+            coordinate, so each rank owns an interval of x; the thesis' PINN variant).
+    """
+
+    option_prefix: ClassVar[str] = "apts-d"
+
+    foc: bool = True
+    global_passes: int = 1
+    global_solver: str = "lsr1"
+    combine: str = "sum"
+    shard: str = "batch"
+
+    def validate(self) -> None:
+        super().validate()
+        name = self.option_prefix
+        require(self.global_passes >= 0, f"{name}: global_passes must be >= 0, got {self.global_passes}")
+        require(self.local_iterations + self.global_passes > 0, f"{name}: local_iterations + global_passes is 0")
+        require(
+            self.global_solver in SOLVERS,
+            f"{name}: unknown global_solver '{self.global_solver}' (choose from {', '.join(SOLVERS)})",
+        )
+        require(self.combine in ("sum", "average"), f"{name}: combine must be sum or average, got '{self.combine}'")
+        require(self.shard in ("batch", "spatial"), f"{name}: shard must be batch or spatial, got '{self.shard}'")
+
+
+class APTSD(Optimizer):
+    name = "apts-d"
+    config_class = APTSDConfig
+
+    def __init__(self, objective: DistributedObjective, config: APTSDConfig) -> None:
+        super().__init__(objective, config)
+        self.radius = config.radius
+        self.policy = config.global_policy()
+        self.curvature = parse_curvature(config.curvature)
+        # Both solves run on replicated (global) or rank-private (local) vectors, so the
+        # fused kernels' local sums are the sums the solvers need.
+        self.local_solver = make_subproblem_solver(
+            config.local_solver, memory=config.memory, max_iter=config.max_cg_iterations, kernels=self.kernels
+        )
+        self.global_solver = make_subproblem_solver(
+            config.global_solver, memory=config.memory, max_iter=config.max_cg_iterations, kernels=self.kernels
+        )
+        self.combined = objective.comm_buffer()
+        self.world_size = objective.comm.size
+
+    def state_dict(self) -> dict[str, Any]:
+        # The local solver is reset every outer iteration; only the global one carries memory.
+        return {
+            **super().state_dict(),
+            "radius": self.radius,
+            "global_solver": self.global_solver.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.radius = float(state["radius"])
+        self.global_solver.load_state_dict(dict(state["global_solver"]))
+
+    # -- local phase (no communication) ---------------------------------------
+
+    def _local_phase(
+        self, theta_k: torch.Tensor, loss_local: float, grad_local: torch.Tensor, grad: torch.Tensor
+    ) -> tuple[torch.Tensor, float, dict[str, int]]:
+        """L TR iterations on f̃_r inside the ball Δ/P; returns (s_r, pred_r, counts)."""
+        cfg = self.config
+        objective = self.objective
+        ball = self.radius / self.world_size if cfg.combine == "sum" else self.radius
+        policy = cfg.local_policy(ball)
+        correction = grad - grad_local if cfg.foc else torch.zeros_like(grad)
+        model_grad = grad.clone() if cfg.foc else grad_local.clone()
+        step_r = torch.zeros_like(theta_k)
+        model_value = loss_local  # f̃_r(θ_k) = f_r(θ_k)
+        local_radius = ball
+        self.local_solver.reset()
+        faults.inject("local_solve", objective.comm.rank, objective.step)
+        counts = {"local_accepted": 0, "local_rejected": 0}
+        for iteration in range(cfg.local_iterations):
+            room = ball - float(step_r.norm())
+            if room <= 1e-9 * ball:
+                break
+            matvec = self._local_matvec(theta_k, step_r) if self.local_solver.needs_matvec else None
+            result = self.local_solver.solve(model_grad, min(local_radius, room), matvec)
+            if not (result.pred > 0 and math.isfinite(result.pred)):
+                break  # stationary local model: nothing to gain from further iterations
+            trial = step_r + result.step
+            self.move_to(theta_k, trial)
+            last = iteration == cfg.local_iterations - 1
+            trial_grad: torch.Tensor | None = None
+            if last and self.local_solver.name != "lsr1":  # only L-SR1 learns from the last gradient
+                trial_loss = objective.local_value()
+            else:
+                trial_loss, raw_grad = objective.local_value_and_grad()
+                trial_grad = raw_grad + correction
+            trial_value = trial_loss + float(correction.dot(trial))
+            decision = decide(policy, local_radius, model_value, trial_value, result.pred, float(result.step.norm()))
+            if trial_grad is not None and math.isfinite(trial_value):
+                # SR1 learns from rejected trials too: (step, Δgradient) is a valid pair either way.
+                self.local_solver.update(result.step, trial_grad - model_grad)
+            if decision.accepted:
+                step_r = trial
+                model_value = trial_value
+                if trial_grad is not None:
+                    model_grad = trial_grad
+                counts["local_accepted"] += 1
+            else:
+                counts["local_rejected"] += 1
+            local_radius = decision.radius
+        self.flat.copy_(theta_k)
+        return step_r, loss_local - model_value, counts
+
+    def _local_matvec(self, theta_k: torch.Tensor, step_r: torch.Tensor) -> MatVec:
+        # The FOC term is linear, so f̃_r has the curvature of f_r at the current local point.
+        self.move_to(theta_k, step_r)
+        return self.objective.local_curvature(self.curvature)
+
+    def _global_matvec(self) -> MatVec:
+        # One allreduce per product: Σ_r w_r B_r v.
+        local = self.objective.local_curvature(self.curvature)
+        buffer = self.objective.comm_buffer(scalars=0)
+
+        def matvec(v: torch.Tensor) -> torch.Tensor:
+            torch.mul(local(v), self.objective.weight, out=buffer.vector)
+            self.objective.comm.allreduce_(buffer.data)
+            return buffer.vector.clone()
+
+        return matvec
+
+    def _combined_step(
+        self, theta_k: torch.Tensor, loss_local: float, grad_local: torch.Tensor, grad: torch.Tensor
+    ) -> tuple[torch.Tensor, float, float, float, dict[str, float]]:
+        """Local phase and combination: one allreduce of [s_r; pred_r].
+
+        Returns ``(s, pred, ‖s‖, ‖s‖ before the rounding guard, counts)``; the hook that
+        the parameter-decomposed variant (APTS-P) overrides.
+        """
+        step_r, pred_r, counts = self._local_phase(theta_k, loss_local, grad_local, grad)
+        combined = self.combined
+        combined.vector.copy_(step_r)
+        combined.scalars[0] = pred_r
+        self.objective.comm.allreduce_(combined.data)
+        step = combined.vector.clone()
+        pred = float(combined.scalars[0])
+        if self.config.combine == "average":
+            step.div_(self.world_size)
+            pred /= self.world_size
+        step_norm = combined_norm = float(step.norm())
+        if step_norm > self.radius:
+            # Σ‖s_r‖ ≤ Δ by construction; guard against rounding only.
+            step.mul_(self.radius / step_norm)
+            step_norm = self.radius
+        return step, pred, step_norm, combined_norm, dict(counts)
+
+    # -- one outer iteration ----------------------------------------------------
+
+    def step(self) -> StepResult:
+        cfg = self.config
+        objective = self.objective
+        radius_before = self.radius
+        theta_k = self.flat.clone()
+
+        loss_local, grad_local_view = objective.local_value_and_grad()
+        grad_local = grad_local_view.clone()
+        loss, grad_view = objective.reduce_value_and_grad(loss_local, grad_local)
+        if not math.isfinite(loss):
+            raise NonFiniteError(
+                f"apts-d: the loss at the current parameters is {loss} (step {self.steps}); "
+                "the trust region cannot recover from a non-finite starting value"
+            )
+        grad = grad_view.clone()
+
+        step, pred, step_norm, combined_norm, counts = self._combined_step(theta_k, loss_local, grad_local, grad)
+
+        # Trial point; the trial gradient rides along when the global pass needs it.
+        self.move_to(theta_k, step)
+        trial_grad: torch.Tensor | None = None
+        if cfg.global_passes > 0:
+            trial_loss, trial_grad_view = objective.value_and_grad()
+            trial_grad = trial_grad_view.clone()
+        else:
+            trial_loss = objective.value()
+        decision = decide(self.policy, self.radius, loss, trial_loss, pred, step_norm)
+        self.radius = decision.radius
+        if trial_grad is not None and math.isfinite(trial_loss) and step_norm > 0:
+            self.global_solver.update(step, trial_grad - grad)
+        if decision.accepted:
+            current_loss, current_grad = trial_loss, trial_grad
+        else:
+            self.flat.copy_(theta_k)  # bit-identical θ_k
+            current_loss, current_grad = loss, grad
+
+        global_accepted = 0
+        for g_pass in range(cfg.global_passes):
+            assert current_grad is not None
+            matvec = self._global_matvec() if self.global_solver.needs_matvec else None
+            result = self.global_solver.solve(current_grad, self.radius, matvec)
+            if not (result.pred > 0 and math.isfinite(result.pred)):
+                break
+            theta = self.flat.clone()
+            self.move_to(theta, result.step)
+            if g_pass < cfg.global_passes - 1:
+                pass_loss, pass_grad_view = objective.value_and_grad()
+                pass_grad: torch.Tensor | None = pass_grad_view.clone()
+            else:
+                pass_loss, pass_grad = objective.value(), None
+            pass_decision = decide(
+                self.policy, self.radius, current_loss, pass_loss, result.pred, float(result.step.norm())
+            )
+            self.radius = pass_decision.radius
+            if pass_grad is not None and math.isfinite(pass_loss):
+                self.global_solver.update(result.step, pass_grad - current_grad)
+            if pass_decision.accepted:
+                global_accepted += 1
+                current_loss, current_grad = pass_loss, pass_grad
+            else:
+                self.flat.copy_(theta)
+
+        self.steps += 1
+        counts["global_accepted"] = global_accepted
+        return StepResult(
+            loss=loss,
+            radius=radius_before,
+            step_norm=step_norm,
+            ratio=decision.ratio,
+            accepted=decision.accepted,
+            extras={
+                "pred": pred,
+                "combined_norm": combined_norm,
+                "trial_loss": trial_loss,
+                "reason": decision.reason,
+                **counts,
+            },
+        )

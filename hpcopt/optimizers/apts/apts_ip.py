@@ -1,0 +1,476 @@
+"""APTS-IP: layer (pipeline) decomposition with the model split across ranks (ALGORITHMS.md §3).
+
+The P ranks form ``S stages × R replicas`` (:class:`~hpcopt.distributed.pipeline.PipelineLayout`,
+``--set replicas=R``, default 1: pure model parallelism).  Each replica is a whole
+pipeline of S ranks (:class:`~hpcopt.distributed.pipeline.Pipeline`; rank ``replica·S + stage``)
+and takes the ``replica``-th contiguous shard B_r of every global batch B — the
+sharding rule of the data-parallel optimizers, so the sequence of global batches
+does not depend on the rank count.  Two sub-communicators are split from the world:
+the *pipeline* communicator of a replica (its S stages) and the *replica*
+communicator of a stage (that stage in all R replicas).  With w_r = |B_r|/|B|, one
+outer iteration is:
+
+1. Pipelined forward/backward on B_r: f_r on the last stage, the block g_{s,r} on each
+   stage, and the caches: stage input X_r and, except on the last stage, the output
+   gradient G_r = ∂f_r/∂(stage output).  With R > 1, one allreduce per stage over the
+   replica communicator of ``[w_r·g_{s,r} ; w_r·f_r ; w_r]`` gives the global block
+   g_s, f (last stage) and Σ w_r, which must be 1 (a check that the replicas were
+   given the shards of one batch).
+2. Local phase, no communication: L trust-region iterations (radius Δ/√S, so that
+   ‖s‖ ≤ Δ over the disjoint stages) on the stage's own parameters, from the cached
+   input, on
+   * the last stage: the shard loss ``f_r(stage(X_r; θ_s))``;
+   * other stages: the linearised downstream loss ``⟨G_r, stage(X_r; θ_s)⟩``;
+   plus, with R > 1, the first-order-consistency term ``(g_s − g_{s,r})ᵀ(θ − θ_k)`` of
+   APTS-D, so that every replica's local model has the global gradient g_s at θ_k.
+3. With R > 1, one allreduce per stage over the replica communicator of w_r·s_{s,r}:
+   the stage step s_s is the replicas' weighted average (still ‖s_s‖ ≤ Δ/√S, the ball
+   being convex), identical on every replica of the stage.
+4. One allreduce over the pipeline communicator of ``[f, −g_sᵀs_s, ‖s_s‖²]`` (f is
+   nonzero on the last stage only): every rank gets f, the first-order pred = −gᵀs,
+   and ‖s‖ — the same on every replica, whose inputs are identical.
+5. Trial point θ_k + s through every replica's pipeline on its shard (value only), one
+   scalar allreduce over the world of w_r·f_r(θ_k + s), ratio and radius as in §0 —
+   every rank decides alike from the same scalars, so the replicas of a stage keep
+   identical parameters.
+
+The problem's forward must be the network itself (``forward(net, x) == net(x)``), or
+the problem must be a :class:`~hpcopt.problems.base.JetProblem` (the PINNs): its
+forward differentiates the network w.r.t. its inputs, so the stages pass Taylor-mode
+jets of the activations (:class:`~hpcopt.distributed.pipeline.JetPayload`) — ``1 + 2d`` times an
+activation for inputs in ``R^d`` — and the last stage turns the jet of ``u`` into the
+PDE residuals.  The local phase maps the cached stage inputs through the same payload.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from hpcopt.comm.communicator import Communicator, PackedBuffer
+from hpcopt.config import require
+from hpcopt.distributed.pipeline import JetPayload, Payload, Pipeline, PipelineLayout, stage_bounds
+from hpcopt.distributed.sharding import contiguous_slice
+from hpcopt.errors import ConfigError, NonFiniteError
+from hpcopt.numerics.curvature import LocalObjective, parse_curvature
+from hpcopt.numerics.trust_region import decide, make_subproblem_solver
+from hpcopt.optimizers.apts.local_phase import LocalModel, local_trust_region
+from hpcopt.optimizers.apts.options import APTSOptions
+from hpcopt.optimizers.base import Optimizer, StepResult
+from hpcopt.problems.base import JetProblem, Problem
+
+
+@dataclass
+class APTSIPConfig(APTSOptions):
+    """Options of ``--optimizer apts-ip``: those of :class:`APTSOptions` and
+
+    Attributes:
+        micro_batches: micro-batches per pipelined pass (4).
+        replicas: R, pipeline replicas for data parallelism on top (1).  The P ranks
+            form P/R stages × R replicas (:class:`~hpcopt.distributed.pipeline.PipelineLayout`);
+            replica r takes the r-th contiguous shard of every global batch, and the
+            replicas of a stage average their gradients and steps, so they keep
+            identical parameters.  P must be divisible by R, the global batch size
+            too, and the model must have at least P/R layers with parameters.
+
+    ``curvature=ggn`` is of little use here: the linearised loss of inner stages
+    has no Gauss–Newton curvature.
+    """
+
+    option_prefix: ClassVar[str] = "apts-ip"
+
+    micro_batches: int = 4
+    replicas: int = 1
+
+    def validate(self) -> None:
+        super().validate()
+        name = self.option_prefix
+        require(self.local_iterations >= 1, f"{name}: local_iterations must be >= 1, got {self.local_iterations}")
+        require(self.micro_batches >= 1, f"{name}: micro_batches must be >= 1, got {self.micro_batches}")
+        require(self.replicas >= 1, f"{name}: replicas must be >= 1, got {self.replicas}")
+
+
+class PipelineObjective:
+    """This rank's stage, its replica's shard of the batch, and the collectives of APTS-IP.
+
+    ``set_batch`` has the signature of :class:`~hpcopt.distributed.data_parallel.DistributedObjective`'s:
+    with one replica, every rank is given the whole global batch; with R replicas, the
+    ranks of replica r are given its shard B_r (the same on every stage of the replica).
+
+    Args:
+        problem: the loss (``criterion``) and, for evaluation, the metrics.
+        pipeline: this rank's stage, over its replica's pipeline communicator.
+        world: all P ranks (the trial value is reduced over it).
+        replica_comm: this stage in every replica, ranked by replica.
+        layout: stages × replicas of ``world``.
+    """
+
+    def __init__(
+        self,
+        problem: Problem,
+        pipeline: Pipeline,
+        world: Communicator,
+        replica_comm: Communicator,
+        layout: PipelineLayout,
+    ) -> None:
+        self.problem = problem
+        self.pipeline = pipeline
+        self.comm = world
+        self.replica_comm = replica_comm
+        self.layout = layout
+        self.flat = pipeline.flat
+        self.inputs: Tensor | None = None
+        self.targets: Tensor | None = None
+        self.weight = 1.0
+        self.step = 0
+        dtype, device = self.flat.dtype, self.flat.device
+        self._packed = PackedBuffer(self.flat.numel, 2, dtype=dtype, device=device)
+        self._step = torch.zeros(self.flat.numel, dtype=dtype, device=device)
+        # With replicas f rides in the gradient buffer (flat dtype): the trial value is
+        # reduced in the same dtype, so that f(θ_k) and f(θ_k+s) are rounded alike.
+        self._trial = torch.zeros(1, dtype=torch.float64 if layout.replicas == 1 else dtype, device=device)
+
+    @property
+    def numel(self) -> int:
+        return self.flat.numel
+
+    @property
+    def replicated(self) -> bool:
+        return self.layout.replicas > 1
+
+    def set_batch(self, inputs: Tensor, targets: Tensor, global_size: int, noise_seed: int) -> None:
+        del noise_seed  # the pipelined models have no dropout (checked at build)
+        rows = inputs.shape[0]
+        if not self.replicated and rows != global_size:
+            raise ValueError("apts-ip: with one replica every rank must hold the whole global batch")
+        if not 0 < rows <= global_size:
+            raise ValueError(f"apts-ip: a shard of {rows} rows of a global batch of {global_size}")
+        self.inputs, self.targets = inputs, targets
+        self.weight = rows / global_size
+
+    def run(self, *, backward: bool) -> float:
+        """The shard loss on the last stage (0.0 elsewhere); see :meth:`Pipeline.run`."""
+        if self.inputs is None or self.targets is None:
+            raise RuntimeError("set_batch() must be called before evaluating the objective")
+        return self.pipeline.run(self.inputs, self.targets, self.problem.criterion, backward=backward)
+
+    def value_and_grad(self) -> tuple[float, Tensor]:
+        """Global f (last stage; 0.0 elsewhere) and this stage's global gradient block g_s.
+
+        ``flat.grad`` keeps the replica's own block g_{s,r} afterwards; the returned
+        block is a view of an internal buffer with replicas (``flat.grad`` without).
+        """
+        loss_part = self.run(backward=True)
+        grad = self.flat.grad
+        if not self.replicated:
+            return loss_part, grad
+        packed = self._packed
+        torch.mul(grad, self.weight, out=packed.vector)
+        packed.scalars[0] = self.weight * loss_part
+        packed.scalars[1] = self.weight
+        self.replica_comm.allreduce_(packed.data)
+        if abs(float(packed.scalars[1]) - 1.0) > 1e-5:
+            # The same sum on every rank (the weights depend on the replica only): all raise.
+            raise ValueError(
+                f"apts-ip: the replicas' shards add up to {float(packed.scalars[1]):.6g} of the global batch, "
+                "not 1: each replica must be given its own contiguous shard"
+            )
+        return float(packed.scalars[0]), packed.vector
+
+    def average_step(self, step: Tensor) -> Tensor:
+        """The replicas' weighted average of this stage's local steps (``step`` itself with one replica)."""
+        if not self.replicated:
+            return step
+        torch.mul(step, self.weight, out=self._step)
+        return self.replica_comm.allreduce_(self._step)
+
+    def value(self) -> float:
+        """Global f at the current parameters: one scalar allreduce over the world (trial points)."""
+        self._trial[0] = self.weight * self.run(backward=False)
+        self.comm.allreduce_(self._trial)
+        return float(self._trial[0])
+
+
+def _linearised_loss(outputs: Tensor, output_grads: Tensor) -> Tensor:
+    # ⟨G, out⟩: the first-order model of the loss downstream of an inner stage.
+    return (outputs * output_grads).sum()
+
+
+def _stage_forward(payload: Payload, rows: Tensor | None) -> Callable[[Any, Tensor], Tensor]:
+    """The local phase's forward of a stage: the payload's map, decoded on the last stage (``rows``)."""
+
+    def forward(net: Any, stage_inputs: Tensor) -> Tensor:
+        out = payload.apply(net, stage_inputs)
+        return out if rows is None else payload.decode(out, rows)
+
+    return forward
+
+
+class APTSIP(Optimizer):
+    name = "apts-ip"
+    config_class = APTSIPConfig
+    #: Built by :meth:`build` from the whole model; each rank keeps one stage.
+    model_parallel: ClassVar[bool] = True
+    # The radius is all that an outer iteration hands to the next: the local solver is
+    # reset at the start of every local phase, and the pipeline's caches (stage inputs,
+    # output gradients) are rebuilt by each step's gradient pass before they are read.
+    state_attributes: ClassVar[tuple[str, ...]] = ("radius",)
+
+    @classmethod
+    def layout(cls, config: APTSIPConfig, world_size: int) -> PipelineLayout:
+        """The stages × replicas of ``world_size`` ranks (no communication).
+
+        Raises:
+            ConfigError: ``world_size`` is not divisible by ``config.replicas``.
+        """
+        return PipelineLayout(world_size, config.replicas)
+
+    @classmethod
+    def data_shard(cls, config: APTSIPConfig, rank: int, world_size: int) -> tuple[int, int]:
+        """``(shard, shards)`` of the global batch that ``rank`` is given: its replica's.
+
+        Raises:
+            ConfigError: as :meth:`layout` (the training driver calls this before any collective).
+        """
+        layout = cls.layout(config, world_size)
+        return layout.replica_of(rank), layout.replicas
+
+    @classmethod
+    def checkpoint_layout(cls, config: APTSIPConfig, model: nn.Module, world_size: int) -> dict[str, Any]:
+        """What a checkpoint records of the layout and a resumed run must match (no communication).
+
+        ``stages``, ``replicas`` and ``stage_bounds`` (the layer cuts), computed from the
+        whole model as :meth:`build` will cut it.
+
+        Raises:
+            ConfigError: as :meth:`build` for a bad layout, a model that is not an
+                ``nn.Sequential`` or one with too few layers.
+        """
+        layout = cls.layout(config, world_size)
+        if not isinstance(model, nn.Sequential):
+            raise ConfigError("apts-ip: the model must be an nn.Sequential to be cut into stages")
+        return {
+            "stages": layout.stages,
+            "replicas": layout.replicas,
+            "stage_bounds": stage_bounds(model, layout.stages),
+        }
+
+    @classmethod
+    def build(cls, problem: Problem, model: nn.Module, comm: Communicator, config: APTSIPConfig) -> APTSIP:
+        """Cut ``model`` (identical on every rank) into P/R stages and keep this rank's.
+
+        Splits ``comm`` into this rank's pipeline and replica communicators (collective:
+        every rank of ``comm`` must call this).
+
+        Raises:
+            ConfigError: on every rank alike and before any collective — a bad layout, not
+                a Sequential, too few layers for the stages, dropout, or a problem whose
+                forward is not the network itself and that is no ``JetProblem``.
+        """
+        layout = cls.layout(config, comm.size)
+        if any(isinstance(m, nn.modules.dropout._DropoutNd) for m in model.modules()):
+            raise ConfigError("apts-ip: models with dropout are not supported")
+        payload: Payload | None = None
+        if isinstance(problem, JetProblem):
+            payload = JetPayload(problem)
+        else:
+            probe = problem.train.subset(slice(0, 2))
+            try:
+                with torch.no_grad():
+                    plain = torch.allclose(problem.forward(model, probe.inputs), model(probe.inputs))
+            except (RuntimeError, ValueError, TypeError):
+                plain = False
+            if not plain:
+                raise ConfigError(
+                    f"apts-ip: problem '{problem.name}' transforms the network's output and offers no jet "
+                    "(outputs_from_jet); the pipeline needs forward(net, x) == net(x)"
+                )
+        if not isinstance(model, nn.Sequential):
+            raise ConfigError("apts-ip: the model must be an nn.Sequential to be cut into stages")
+        stage_bounds(model, layout.stages)  # too few layers: raise here, before the splits
+        stage, replica = layout.stage_of(comm.rank), layout.replica_of(comm.rank)
+        pipeline_comm = comm.split(replica, key=stage)
+        replica_comm = comm.split(stage, key=replica)
+        pipeline = Pipeline(model, pipeline_comm, config.micro_batches, payload)
+        return cls(PipelineObjective(problem, pipeline, comm, replica_comm, layout), config)
+
+    def __init__(self, objective: PipelineObjective, config: APTSIPConfig) -> None:
+        if not isinstance(objective, PipelineObjective):
+            raise ConfigError("apts-ip holds one pipeline stage per rank: build it with APTSIP.build(...)")
+        super().__init__(objective, config)  # type: ignore[arg-type]
+        self.pipeline = objective.pipeline
+        self.comm = objective.comm
+        self.layout = objective.layout
+        self.radius = config.radius
+        self.policy = config.global_policy()
+        self.curvature = parse_curvature(config.curvature)
+        # The local solve works on this stage's block only (rank-private vectors), so the
+        # fused kernels' local sums are the sums it needs.
+        self.local_solver = make_subproblem_solver(
+            config.local_solver, memory=config.memory, max_iter=config.max_cg_iterations, kernels=self.kernels
+        )
+        self._scalars = torch.zeros(3, dtype=torch.float64)
+
+    def run_attributes(self) -> dict[str, object]:
+        """Run-log attributes: the layout, the stages and the parameter memory of every rank."""
+        return {
+            "num_parameters": self.pipeline.model_numel,
+            "apts_ip_stages": self.layout.stages,
+            "apts_ip_replicas": self.layout.replicas,
+            "apts_ip_layout": [list(item) for item in self.layout.assignment()],
+            "apts_ip_stage_bounds": self.pipeline.bounds,
+            "apts_ip_parameter_bytes": self.comm.allgather_object(self.pipeline.parameter_bytes),
+            "apts_ip_model_parameter_bytes": self.pipeline.model_parameter_bytes,
+        }
+
+    def gather_model(self) -> tuple[Tensor, list[dict[str, Tensor]]]:
+        """Collective over the world: the whole model's flat parameters and every replica's buffers.
+
+        Returns, on every rank, the flat vector in the whole model's parameter order and,
+        per replica, a ``name → tensor`` dict of the whole model's buffers (names as in
+        the unsplit model).  Not a hot path: it runs once per checkpoint.
+        """
+        layout, world, pipeline = self.layout, self.comm, self.pipeline
+        # The replicas of a stage hold bit-identical parameters (every decision is taken
+        # from the same allreduced scalars), so replica 0's stages — ranks 0 … S−1, in
+        # stage order — make up the whole vector; the other replicas send nothing.
+        counts = [
+            pipeline.stage_numels[layout.stage_of(rank)] if layout.replica_of(rank) == 0 else 0
+            for rank in range(world.size)
+        ]
+        mine = self.flat.data if layout.replica_of(world.rank) == 0 else self.flat.data[:0]
+        parameters = world.allgatherv(mine, counts)
+        # Buffers (batch-norm statistics) are computed from each replica's own shard and may
+        # differ between replicas, so every replica's are kept; they are small.
+        per_rank = world.allgather_object(pipeline.model_buffers())
+        buffers: list[dict[str, Tensor]] = [{} for _ in range(layout.replicas)]
+        for rank, stage_buffers in enumerate(per_rank):
+            buffers[layout.replica_of(rank)].update(stage_buffers)
+        return parameters, buffers
+
+    def load_model(self, parameters: Tensor, buffers: Sequence[Mapping[str, Tensor]]) -> None:
+        """Take this rank's stage out of :meth:`gather_model`'s result (no communication).
+
+        Raises:
+            ConfigError: the vector or the buffer list does not fit this layout.
+        """
+        expected = sum(self.pipeline.stage_numels)
+        if parameters.numel() != expected or len(buffers) != self.layout.replicas:
+            raise ConfigError(
+                f"apts-ip: a checkpoint of {parameters.numel()} parameters and {len(buffers)} replicas' buffers "
+                f"does not fit this model of {expected} parameters in {self.layout.replicas} replicas"
+            )
+        self.flat.copy_(parameters[self.pipeline.model_slice])
+        self.pipeline.load_model_buffers(buffers[self.layout.replica_of(self.comm.rank)])
+
+    def evaluate(self, problem: Problem) -> dict[str, float]:
+        """Validation metrics through the pipeline (outputs broadcast from the last stage).
+
+        With replicas, each replica evaluates its contiguous part of the validation set
+        and the sums are reduced over the replica communicator.
+        """
+        objective: PipelineObjective = self.objective  # type: ignore[assignment]
+        layout, data = self.layout, problem.val
+        if layout.replicas == 1 or len(data) < layout.replicas:
+            return problem.eval_metrics(problem.eval_sums(self.pipeline.outputs, data).to(torch.float64))
+        part = data.subset(contiguous_slice(len(data), layout.replica_of(self.comm.rank), layout.replicas))
+        sums = problem.eval_sums(self.pipeline.outputs, part).to(torch.float64)
+        objective.replica_comm.allreduce_(sums, reuse=False)
+        return problem.eval_metrics(sums)
+
+    def _local_objective(self) -> LocalObjective:
+        pipeline = self.pipeline
+        objective: PipelineObjective = self.objective  # type: ignore[assignment]
+        assert pipeline.stage_inputs is not None and objective.targets is not None
+        if pipeline.last:
+            # The cached stage inputs are the micro-batches in order, i.e. the rows of objective.inputs.
+            forward = _stage_forward(pipeline.payload, objective.inputs)
+            return LocalObjective(
+                self.flat, forward, objective.problem.criterion, pipeline.stage_inputs, objective.targets
+            )
+        assert pipeline.output_grads is not None
+        forward = _stage_forward(pipeline.payload, None)
+        return LocalObjective(self.flat, forward, _linearised_loss, pipeline.stage_inputs, pipeline.output_grads)
+
+    def _local_phase(self, theta_k: Tensor, grad: Tensor, correction: Tensor | None) -> tuple[Tensor, dict[str, int]]:
+        """L local iterations from θ_k; ``correction = g_s − g_{s,r}`` is the FOC term (None: no replicas)."""
+        cfg = self.config
+        flat = self.flat
+        local = self._local_objective()
+        ball = self.radius / math.sqrt(self.pipeline.stages)
+
+        def value(step: Tensor) -> float:
+            loss = local.value(theta_k + step)
+            return loss if correction is None else loss + float(correction.dot(step))
+
+        def value_and_grad(step: Tensor) -> tuple[float, Tensor]:
+            flat.copy_(theta_k + step)
+            loss, local_grad = local.value_and_grad()
+            if correction is None:
+                return loss, local_grad.clone()
+            return loss + float(correction.dot(step)), local_grad + correction
+
+        def curvature(step: Tensor) -> Any:
+            # The FOC term is linear: the curvature is the shard model's.
+            flat.copy_(theta_k + step)
+            return local.curvature(self.curvature)
+
+        result = local_trust_region(
+            LocalModel(value, value_and_grad, curvature),
+            self.local_solver,
+            cfg.local_policy(ball),
+            ball=ball,
+            iterations=cfg.local_iterations,
+            value0=local.value(theta_k),
+            grad0=grad,
+        )
+        flat.copy_(theta_k)
+        return result.step, {"local_accepted": result.accepted, "local_rejected": result.rejected}
+
+    def step(self) -> StepResult:
+        objective: PipelineObjective = self.objective  # type: ignore[assignment]
+        radius_before = self.radius
+        theta_k = self.flat.clone()
+        loss_part, global_grad = objective.value_and_grad()
+        grad = global_grad.clone()
+        # flat.grad is this replica's own block; the difference makes its local model first-order consistent.
+        correction = grad - self.flat.grad if objective.replicated else None
+        local_step, counts = self._local_phase(theta_k, grad, correction)
+        step = objective.average_step(local_step)
+
+        scalars = self._scalars
+        scalars[0] = loss_part
+        scalars[1] = -float(grad.double().dot(step.double()))
+        scalars[2] = float(step.double().dot(step.double()))
+        self.pipeline.comm.allreduce_(scalars)
+        loss, pred, step_norm = float(scalars[0]), float(scalars[1]), math.sqrt(float(scalars[2]))
+        if not math.isfinite(loss):
+            raise NonFiniteError(f"apts-ip: the loss at the current parameters is {loss} (step {self.steps})")
+
+        self.flat.copy_(theta_k + step)
+        trial_loss = objective.value()
+        decision = decide(self.policy, self.radius, loss, trial_loss, pred, step_norm)
+        self.radius = decision.radius
+        if not decision.accepted:
+            self.flat.copy_(theta_k)
+        self.steps += 1
+        return StepResult(
+            loss=loss,
+            radius=radius_before,
+            step_norm=step_norm,
+            ratio=decision.ratio,
+            accepted=decision.accepted,
+            extras={
+                "pred": pred,
+                "trial_loss": trial_loss,
+                "reason": decision.reason,
+                "stages": self.layout.stages,
+                "replicas": self.layout.replicas,
+                **counts,
+            },
+        )

@@ -1,0 +1,173 @@
+"""APTS-P: parameter-decomposed additively preconditioned trust region (ALGORITHMS.md §2).
+
+The model is replicated; its flat parameter vector is owned piecewise
+(:class:`~hpcopt.distributed.decomposition.ParameterDecomposition`: rank r owns the contiguous
+range C_r).  One outer iteration:
+
+1. ``[g; f]`` at θ_k — one allreduce(n+1), exactly as APTS-D.
+2. Rank r runs L trust-region iterations over its owned coordinates only (all
+   others frozen at θ_k) on its shard's first-order-consistent model
+   ``f̃_r(θ) = f_r(θ) + (g − g_r)ᵀ(θ − θ_k)``, whose gradient at θ_k restricted to C_r
+   is the global ``g|C_r``.  Local radius Δ/√P in the 2-norm (the blocks are
+   disjoint, so ‖s‖² = Σ‖s_r‖² ≤ Δ²), or Δ with ``norm = inf``.
+3. One Allgatherv of ``[s_r; pred_r]`` (n + P floats in all): the concatenation is
+   the step (the ranges are contiguous and in rank order) and the P trailing
+   scalars sum to pred — no allreduce of a zero-padded n-vector, and no separate
+   collective for pred.
+4. Trial point, ratio, radius update and the optional global pass: APTS-D's code.
+
+``norm = inf`` is the ∞-norm *over blocks*, ``max_r ‖s_r‖₂ ≤ Δ``: each rank solves
+in a 2-norm ball of radius Δ, and that block-max norm is what the radius expansion
+test compares with Δ *(ours)*.  (It also bounds the elementwise ∞-norm by Δ.)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from hpcopt.config import require
+from hpcopt.distributed.data_parallel import DistributedObjective
+from hpcopt.distributed.decomposition import BLOCK_MODES, ParameterDecomposition
+from hpcopt.numerics.krylov.cg import MatVec
+from hpcopt.optimizers.apts.apts_d import APTSD, APTSDConfig
+from hpcopt.optimizers.apts.local_phase import LocalModel, local_trust_region
+
+
+@dataclass
+class APTSPConfig(APTSDConfig):
+    """Options of ``--optimizer apts-p``: those of APTS-D (same defaults) plus the ones below.
+
+    ``combine`` must stay ``sum``: the blocks are disjoint, so the pieces concatenate.
+
+    Attributes:
+        blocks: ``auto`` (whole tensors when balanced within ``max_imbalance``, else
+            chunks), ``tensors`` or ``chunks`` (auto).
+        max_imbalance: max/mean owned elements accepted by ``auto`` for whole tensors (1.25).
+        norm: ``2`` (local radius Δ/√P, ‖s‖₂ ≤ Δ) or ``inf`` (local radius Δ,
+            max_r ‖s_r‖₂ ≤ Δ) (2).
+    """
+
+    option_prefix: ClassVar[str] = "apts-p"
+
+    blocks: str = "auto"
+    max_imbalance: float = 1.25
+    norm: str = "2"
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.combine == "sum", "apts-p: combine must be 'sum' (the owned blocks are concatenated)")
+        require(self.blocks in BLOCK_MODES, f"apts-p: blocks must be one of {', '.join(BLOCK_MODES)}")
+        require(self.max_imbalance >= 1.0, f"apts-p: max_imbalance must be >= 1, got {self.max_imbalance}")
+        require(self.norm in ("2", "inf"), f"apts-p: norm must be '2' or 'inf', got '{self.norm}'")
+
+
+class APTSP(APTSD):
+    name = "apts-p"
+    config_class = APTSPConfig
+
+    def __init__(self, objective: DistributedObjective, config: APTSPConfig) -> None:
+        super().__init__(objective, config)
+        comm = objective.comm
+        flat = objective.flat
+        self.decomposition = ParameterDecomposition.build(
+            flat.names, flat.sizes, comm.size, config.blocks, config.max_imbalance
+        )
+        self.decomposition.validate(comm)
+        self.owned = self.decomposition.owned(comm.rank)
+        # Each rank contributes [s_r (|C_r|); pred_r (1)]; these pick the two parts back out.
+        self._gather_counts = [count + 1 for count in self.decomposition.counts]
+        ends = torch.tensor(self._gather_counts).cumsum(0)
+        self._pred_positions = ends - 1
+        is_step = torch.ones(int(ends[-1]), dtype=torch.bool)
+        is_step[self._pred_positions] = False
+        self._step_positions = is_step.nonzero().squeeze(1)
+        self._send = torch.zeros(self._gather_counts[comm.rank], dtype=flat.dtype, device=flat.device)
+
+    @property
+    def imbalance(self) -> float:
+        return self.decomposition.imbalance
+
+    def run_attributes(self) -> dict[str, object]:
+        """Run-log attributes describing the decomposition."""
+        d = self.decomposition
+        return {"apts_p_blocks": d.mode, "apts_p_owned": d.counts, "apts_p_imbalance": d.imbalance}
+
+    # -- local phase on the owned block (no communication) -----------------------
+
+    def _block_local_phase(
+        self, theta_k: torch.Tensor, loss_local: float, grad_local: torch.Tensor, grad: torch.Tensor
+    ) -> tuple[torch.Tensor, float, dict[str, float]]:
+        cfg = self.config
+        objective = self.objective
+        flat = self.flat
+        owned = self.owned
+        ball = self.radius / math.sqrt(self.world_size) if cfg.norm == "2" else self.radius
+        correction = (grad - grad_local)[owned] if cfg.foc else torch.zeros_like(grad[owned])
+        grad0 = grad[owned] if cfg.foc else grad_local[owned]
+
+        def move_to(step: torch.Tensor) -> None:
+            flat.copy_(theta_k)
+            with torch.no_grad():
+                flat.data[owned].add_(step)
+
+        def value(step: torch.Tensor) -> float:
+            move_to(step)
+            return objective.local_value() + float(correction.dot(step))
+
+        def value_and_grad(step: torch.Tensor) -> tuple[float, torch.Tensor]:
+            move_to(step)
+            loss, full_grad = objective.local_value_and_grad()
+            return loss + float(correction.dot(step)), full_grad[owned] + correction
+
+        def curvature(step: torch.Tensor) -> MatVec:
+            # The FOC term is linear: the owned-block Hessian of f̃_r is that of f_r.
+            move_to(step)
+            operator = objective.local_curvature(self.curvature)
+            padded = torch.zeros_like(theta_k)
+
+            def matvec(v: torch.Tensor) -> torch.Tensor:
+                padded.zero_()
+                padded[owned] = v
+                return operator(padded)[owned]
+
+            return matvec
+
+        result = local_trust_region(
+            LocalModel(value, value_and_grad, curvature),
+            self.local_solver,
+            cfg.local_policy(ball),
+            ball=ball,
+            iterations=cfg.local_iterations,
+            value0=loss_local,
+            grad0=grad0,
+        )
+        flat.copy_(theta_k)
+        counts = {"local_accepted": result.accepted, "local_rejected": result.rejected}
+        return result.step, result.decrease, counts
+
+    # -- combination: one Allgatherv of [s_r; pred_r] -------------------------------
+
+    def _combined_step(
+        self, theta_k: torch.Tensor, loss_local: float, grad_local: torch.Tensor, grad: torch.Tensor
+    ) -> tuple[torch.Tensor, float, float, float, dict[str, float]]:
+        step_r, pred_r, counts = self._block_local_phase(theta_k, loss_local, grad_local, grad)
+        self._send[:-1] = step_r
+        self._send[-1] = pred_r
+        gathered = self.objective.comm.allgatherv(self._send, self._gather_counts)
+        step = gathered[self._step_positions]
+        pred = float(gathered[self._pred_positions].sum())
+        if self.config.norm == "2":
+            step_norm = combined_norm = float(step.norm())
+            if step_norm > self.radius:  # rounding guard only: Σ‖s_r‖² ≤ Δ²
+                step.mul_(self.radius / step_norm)
+                step_norm = self.radius
+        else:
+            step_norm = combined_norm = max(
+                float(step[self.decomposition.owned(r)].norm()) for r in range(self.world_size)
+            )
+        counts["imbalance"] = self.decomposition.imbalance
+        return step, pred, step_norm, combined_norm, counts

@@ -1,0 +1,83 @@
+"""Options shared by the APTS family (APTS-D, APTS-P, APTS-IP): the two radius policies.
+
+Each variant's config dataclass derives from :class:`APTSOptions` and adds only
+what is its own, so the documented defaults of §0 live in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from hpcopt.config import require
+from hpcopt.numerics.curvature import parse_curvature
+from hpcopt.numerics.trust_region import RadiusPolicy
+
+SOLVERS = ("cauchy", "steihaug", "lsr1")
+
+
+@dataclass
+class APTSOptions:
+    """Trust-region options common to the APTS variants (defaults: ALGORITHMS.md §0).
+
+    Attributes:
+        radius: initial global trust-region radius Δ₀ (0.1).
+        radius_min: lower bound Δ_min (1e-3).
+        radius_max: upper bound Δ_max (2.0).
+        eta1: accept when ρ ≥ eta1 (0.25).
+        eta2: expand when ρ > eta2 and ‖s‖ ≥ 0.9Δ (0.75).
+        gamma_inc: expansion factor (1.2).
+        gamma_dec: shrink factor (0.9).
+        local_iterations: L, local TR iterations per outer iteration (3).
+        local_solver: ``cauchy``, ``steihaug`` or ``lsr1`` (lsr1).
+        local_eta1, local_eta2, local_gamma_inc, local_gamma_dec: local radius
+            policy (0.3, 0.7, 1.5, 0.6).
+        memory: L-SR1 memory (5).
+        curvature: products for ``steihaug``: ``hessian`` or ``ggn`` (hessian).
+        max_cg_iterations: cap on Steihaug CG iterations (20).
+    """
+
+    option_prefix: ClassVar[str] = "apts"  # names the optimizer in error messages
+
+    radius: float = 0.1
+    radius_min: float = 1e-3
+    radius_max: float = 2.0
+    eta1: float = 0.25
+    eta2: float = 0.75
+    gamma_inc: float = 1.2
+    gamma_dec: float = 0.9
+    local_iterations: int = 3
+    local_solver: str = "lsr1"
+    local_eta1: float = 0.3
+    local_eta2: float = 0.7
+    local_gamma_inc: float = 1.5
+    local_gamma_dec: float = 0.6
+    memory: int = 5
+    curvature: str = "hessian"
+    max_cg_iterations: int = 20
+
+    def validate(self) -> None:
+        name = self.option_prefix
+        require(self.radius > 0, f"{name}: radius must be > 0, got {self.radius}")
+        require(
+            0 < self.radius_min <= self.radius <= self.radius_max,
+            f"{name}: need 0 < radius_min <= radius <= radius_max, got {self.radius_min}, "
+            f"{self.radius}, {self.radius_max}",
+        )
+        require(self.local_iterations >= 0, f"{name}: local_iterations must be >= 0, got {self.local_iterations}")
+        require(
+            self.local_solver in SOLVERS,
+            f"{name}: unknown local_solver '{self.local_solver}' (choose from {', '.join(SOLVERS)})",
+        )
+        require(self.memory >= 1, f"{name}: memory must be >= 1, got {self.memory}")
+        require(self.max_cg_iterations >= 1, f"{name}: max_cg_iterations must be >= 1")
+        parse_curvature(self.curvature)
+        self.global_policy().validate()
+        self.local_policy(1.0).validate()
+
+    def global_policy(self) -> RadiusPolicy:
+        return RadiusPolicy.from_options(self)
+
+    def local_policy(self, ball: float) -> RadiusPolicy:
+        # The local radius lives inside its ball (Δ/P or Δ/√P); its floor is relative to it.
+        return RadiusPolicy.from_options(self, "local_", radius_min=1e-3 * ball, radius_max=ball)

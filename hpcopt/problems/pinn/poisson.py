@@ -1,0 +1,165 @@
+"""Physics-informed network for the Poisson equation on the unit cube, in any dimension ``d``.
+
+Problem: ``-Laplace(u) = f`` on ``(0,1)^d`` with ``u = 0`` on the boundary and
+``f(x) = d * pi^2 * prod_i sin(pi x_i)``, whose exact solution is
+``u*(x) = prod_i sin(pi x_i)``.
+
+Rows of ``inputs`` are ``(x_1, ..., x_d, flag)``.  The flag says which quantity the
+row constrains: 1.0 -> the value ``u(x)`` (boundary rows, target 0; validation rows,
+target ``u*``), 0.0 -> the residual ``-Laplace(u)(x)`` (interior rows, target ``f(x)``).
+Keeping the selector in the data lets one ``forward`` serve any mix of rows, so ranks
+can take arbitrary slices of the training set.
+
+Options (defaults for d=1 / d=2 / d>=3):
+    interior (int, 200 / 2000 / 4000): interior collocation points, uniform random.
+    boundary (int, 2 / 400 / 200*d): boundary points, spread evenly over the 2d faces.
+    val_grid (int, 1001 / 101 / 21): validation grid points per axis (endpoints included).
+    width (int, 32), depth (int, 3): hidden units and hidden layers of ``pinn-mlp``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.func import jvp, vmap
+
+from hpcopt.errors import ConfigError
+from hpcopt.numerics.jets import ScalarJet
+from hpcopt.problems import models
+from hpcopt.problems.base import Dataset, Net, Problem, as_sums, evaluation_mode, resolve_options
+
+_DEFAULT_INTERIOR = {1: 200, 2: 2000}
+_DEFAULT_VAL_GRID = {1: 1001, 2: 101}
+
+
+def exact_solution(points: Tensor) -> Tensor:
+    """``u*(x) = prod_i sin(pi x_i)`` for points ``(n, d)``, shape ``(n,)``."""
+    return torch.sin(math.pi * points).prod(dim=-1)
+
+
+def source(points: Tensor) -> Tensor:
+    """Right-hand side ``f = -Laplace(u*) = d pi^2 u*`` for points ``(n, d)``, shape ``(n,)``."""
+    return points.shape[-1] * math.pi**2 * exact_solution(points)
+
+
+def laplacian(net: Net, points: Tensor) -> Tensor:
+    """``Laplace(u)`` at each row of ``points`` ``(n, d)`` for ``u = net`` mapping ``(n, d) -> (n, 1)``.
+
+    Each ``d^2 u / dx_i^2`` is a forward-over-forward ``jvp`` of the whole batch along
+    the unit vector ``e_i``, valid because the network treats rows independently (no
+    batch norm); ``vmap`` over the ``d`` axes runs them as one batched pass, which
+    measured ~1.4x faster than a Python loop over axes and faster than a per-point
+    Hessian.  Being plain ``torch.func``, it nests inside the optimizer's own
+    ``jvp``/``grad``/``vmap`` and supports ordinary double backward.
+    """
+    basis = torch.eye(points.shape[-1], dtype=points.dtype, device=points.device)
+
+    def second_derivative(axis: Tensor) -> Tensor:
+        direction = axis.expand_as(points)
+
+        def slope(at: Tensor) -> Tensor:
+            return jvp(net, (at,), (direction,))[1]
+
+        return jvp(slope, (points,), (direction,))[1].squeeze(-1)
+
+    return vmap(second_derivative)(basis).sum(dim=0)
+
+
+class PoissonProblem(Problem):
+    """PINN for ``-Laplace(u) = f`` on ``(0,1)^dim``; mean squared residual loss."""
+
+    metric_name = "val_rel_l2_error"
+    metric_higher_is_better = False
+    default_model = "pinn-mlp"
+    models = ("pinn-mlp",)
+
+    def __init__(
+        self, *, dim: int, data_dir: str | None = None, seed: int = 0, options: Mapping[str, object] | None = None
+    ) -> None:
+        del data_dir  # the data are generated
+        self.dim = dim
+        self.name = f"poisson{dim}d"
+        spec = {
+            "interior": (int, _DEFAULT_INTERIOR.get(dim, 4000)),
+            "boundary": (int, 2 if dim == 1 else 200 * dim),
+            "val_grid": (int, _DEFAULT_VAL_GRID.get(dim, 21)),
+            "width": (int, 32),
+            "depth": (int, 3),
+        }
+        opts = resolve_options(self.name, options, spec)
+        minimum = {"interior": 1, "boundary": 1, "val_grid": 2, "width": 1, "depth": 1}
+        for key, low in minimum.items():
+            if opts[key] < low:
+                raise ConfigError(f"problem '{self.name}' option {key}={opts[key]}: must be >= {low}")
+        self.width, self.depth = opts["width"], opts["depth"]
+        generator = torch.Generator().manual_seed(seed)
+        self.train = self._collocation(opts["interior"], opts["boundary"], generator)
+        self.val = self._grid(opts["val_grid"])
+        self.default_batch_size = len(self.train)
+
+    def _collocation(self, n_interior: int, n_boundary: int, generator: torch.Generator) -> Dataset:
+        dim = self.dim
+        interior = torch.rand(n_interior, dim, generator=generator, dtype=torch.float64)
+        boundary = torch.rand(n_boundary, dim, generator=generator, dtype=torch.float64)
+        # Point k lies on face k mod 2d, so the faces get equal shares (and 1-d gets both ends).
+        face = torch.arange(n_boundary) % (2 * dim)
+        boundary[torch.arange(n_boundary), face // 2] = (face % 2).to(torch.float64)
+        points = torch.cat([interior, boundary])
+        flag = torch.cat([torch.zeros(n_interior), torch.ones(n_boundary)]).to(torch.float64)
+        targets = torch.cat([source(interior), torch.zeros(n_boundary, dtype=torch.float64)])
+        # Shuffled so that contiguous per-rank slices each mix interior and boundary rows.
+        order = torch.randperm(len(points), generator=generator)
+        inputs = torch.cat([points, flag[:, None]], dim=1)[order]
+        return Dataset(inputs.to(torch.float32), targets[order].to(torch.float32))
+
+    def _grid(self, per_axis: int) -> Dataset:
+        axis = torch.linspace(0.0, 1.0, per_axis, dtype=torch.float64)
+        mesh = torch.meshgrid(*([axis] * self.dim), indexing="ij")
+        points = torch.stack([m.reshape(-1) for m in mesh], dim=1)
+        inputs = torch.cat([points, torch.ones(len(points), 1, dtype=torch.float64)], dim=1)
+        return Dataset(inputs.to(torch.float32), exact_solution(points).to(torch.float32))
+
+    def _make_model(self, name: str) -> nn.Module:
+        return models.pinn_mlp(self.dim, self.width, self.depth)
+
+    def forward(self, net: Net, inputs: Tensor) -> Tensor:
+        points = inputs[:, : self.dim]
+        is_value = inputs[:, self.dim] > 0.5
+        value = net(points).squeeze(-1)
+        # Both branches are computed for every row: torch.where keeps this free of
+        # data-dependent control flow, which vmap and jvp cannot trace through.
+        return torch.where(is_value, value, -laplacian(net, points))
+
+    def jet_points(self, inputs: Tensor) -> Tensor:
+        return inputs[:, : self.dim]
+
+    def outputs_from_jet(self, jet: ScalarJet, inputs: Tensor) -> Tensor:
+        """``forward``'s outputs from ``u`` and ``∂_i² u`` (the pipelined path of APTS-IP)."""
+        is_value = inputs[:, self.dim] > 0.5
+        return torch.where(is_value, jet.value, -jet.second.sum(dim=1))
+
+    def criterion(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return torch.mean((outputs - targets) ** 2)
+
+    def eval_sums(self, net: Net, data: Dataset) -> Tensor:
+        """``[sum (out - target)^2, sum target^2, count]``; on the grid, out = u and target = u*."""
+        squared_error, squared_target = 0.0, 0.0
+        with torch.no_grad(), evaluation_mode(net):
+            for chunk in data.chunks():
+                if bool((chunk.inputs[:, self.dim] > 0.5).all()):
+                    outputs = net(chunk.inputs[:, : self.dim]).squeeze(-1)  # no derivatives needed
+                else:
+                    outputs = self.forward(net, chunk.inputs)  # forward-mode jvp works under no_grad
+                targets = chunk.targets.to(torch.float64)
+                squared_error += torch.sum((outputs.to(torch.float64) - targets) ** 2).item()
+                squared_target += torch.sum(targets**2).item()
+        return as_sums(squared_error, squared_target, len(data))
+
+    def eval_metrics(self, sums: Tensor) -> dict[str, float]:
+        squared_error, squared_target, count = sums.tolist()
+        # An all-zero target would make the ratio undefined; fall back to the absolute error.
+        relative = math.sqrt(squared_error / (squared_target if squared_target > 0 else 1.0))
+        return {"val_loss": squared_error / max(count, 1.0), "val_rel_l2_error": relative}

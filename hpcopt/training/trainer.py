@@ -1,0 +1,451 @@
+"""The training driver behind ``hpcopt train``.
+
+Order of work, chosen so that bad input never hangs a job:
+
+1. every rank validates the options, the data and the output path on its own;
+2. one ``agree`` collective makes any rank's error every rank's error;
+3. only then do the run log, the model and the collectives of training start.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import hpcopt
+from hpcopt.comm.communicator import Communicator
+from hpcopt.config import require, to_dict
+from hpcopt.distributed.data_parallel import DistributedObjective
+from hpcopt.distributed.sharding import GlobalBatches, contiguous_slice
+from hpcopt.errors import HpcoptError
+from hpcopt.log import checkpoint
+from hpcopt.log.runlog import EvaluationRecord, IterationRecord, RunLog
+from hpcopt.numerics.flat import FlatParameters
+from hpcopt.optimizers import make_config, make_optimizer, optimizer_class
+from hpcopt.optimizers.base import Optimizer
+from hpcopt.problems import make_problem
+from hpcopt.problems.base import Dataset, Problem
+from hpcopt.training.device import resolve_kind, select_device
+from hpcopt.training.signature import check_same_on_every_rank, run_signature
+
+
+@dataclass
+class TrainConfig:
+    """Options of ``hpcopt train`` that are not the optimizer's.
+
+    Attributes:
+        problem: problem name (``poisson2d``).
+        model: model name; ``None`` → the problem's default.
+        optimizer: optimizer name (``apts-d``).
+        data_dir: directory of the dataset files (MNIST IDX files).
+        epochs: passes over the training set (10).
+        batch_size: global mini-batch size; ``None`` → the problem's default.
+        seed: seeds initialisation, batch order and dropout (0).
+        out: HDF5 run log path; ``None`` → no log.
+        overwrite: replace an existing run log.
+        threads: torch threads per rank (1: one rank per core is the MPI way).
+        eval_every: evaluate every this many epochs (1).
+        max_steps: stop after this many outer iterations (None: no limit).
+        time_limit: stop at the first evaluation after this many seconds (None: no limit).
+        target: stop at the first evaluation whose metric reaches this value
+            (≤ for errors, ≥ for accuracies; None: train all epochs).
+        quiet: no progress lines.
+        checkpoint_every: write a checkpoint every this many steps (0: only at the
+            last step, and only when ``checkpoint`` is given).
+        checkpoint: checkpoint file; ``None`` → ``<out>.ckpt`` when ``checkpoint_every``
+            is set (see :mod:`hpcopt.log.checkpoint`).
+        resume: continue from this checkpoint (same rank count and options; ``epochs``
+            and ``max_steps`` count from the start of the original run).
+        collective_timeout: seconds a collective may wait before the job is aborted
+            (0: no watchdog; see :mod:`hpcopt.comm.communicator`).
+        device: ``auto`` (CUDA if torch sees a GPU, else CPU), ``cpu`` or ``cuda``
+            (one GPU per rank by local rank; see :mod:`hpcopt.training.device`).
+    """
+
+    problem: str = "poisson2d"
+    model: str | None = None
+    optimizer: str = "apts-d"
+    data_dir: str | None = None
+    epochs: int = 10
+    batch_size: int | None = None
+    seed: int = 0
+    out: str | None = None
+    overwrite: bool = False
+    threads: int = 1
+    eval_every: int = 1
+    max_steps: int | None = None
+    time_limit: float | None = None
+    target: float | None = None
+    quiet: bool = False
+    checkpoint_every: int = 0
+    checkpoint: str | None = None
+    resume: str | None = None
+    collective_timeout: float = 0.0
+    device: str = "auto"
+
+    def validate(self) -> None:
+        require(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
+        require(self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
+        require(self.eval_every >= 1, f"--eval-every must be >= 1, got {self.eval_every}")
+        require(self.max_steps is None or self.max_steps >= 1, "--max-steps must be >= 1")
+        require(self.time_limit is None or self.time_limit > 0, "--time-limit must be > 0")
+        require(self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
+        require(self.checkpoint_every >= 0, f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
+        require(
+            math.isfinite(self.collective_timeout) and self.collective_timeout >= 0,
+            f"--collective-timeout must be >= 0 seconds, got {self.collective_timeout}",
+        )
+
+
+@dataclass
+class TrainResult:
+    """What a finished run returns (rank 0's view; identical on every rank)."""
+
+    steps: int
+    epochs: int
+    final_loss: float
+    metrics: dict[str, float]
+    wall_time: float
+    parameters: torch.Tensor
+    losses: list[float]
+
+
+def _git_sha() -> str:
+    try:
+        root = Path(__file__).resolve().parents[2]
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def evaluate(problem: Problem, model: torch.nn.Module, flat: FlatParameters, comm: Communicator) -> dict[str, float]:
+    """Validation metrics; each rank evaluates a contiguous slice and the sums are allreduced."""
+    part = problem.val.subset(contiguous_slice(len(problem.val), comm.rank, comm.size))
+    sums = problem.eval_sums(flat.functional(flat.data), part).to(torch.float64)
+    comm.allreduce_(sums, reuse=False)
+    return problem.eval_metrics(sums)
+
+
+def _stop_reason(
+    cfg: TrainConfig, problem: Problem, metrics: dict[str, float], elapsed: float, comm: Communicator
+) -> str:
+    """Why training should stop after this evaluation ("" to go on); identical on every rank."""
+    value = metrics[problem.metric_name]
+    if cfg.target is not None and (value >= cfg.target if problem.metric_higher_is_better else value <= cfg.target):
+        return f"{problem.metric_name} {value:.4g} reached the target {cfg.target:g}"
+    if cfg.time_limit is not None:
+        # Clocks differ between ranks: the slowest rank's decides, so all stop together.
+        slowest = comm.allreduce_scalars([elapsed], op="max")[0]
+        if slowest >= cfg.time_limit:
+            return f"time limit {cfg.time_limit:g}s reached"
+    return ""
+
+
+def _spatial_key(cfg: TrainConfig, optimizer_config: Any, problem: Problem) -> torch.Tensor | None:
+    """The first coordinate of every training point when ``--set shard=spatial``, else ``None``."""
+    if getattr(optimizer_config, "shard", "batch") != "spatial":
+        return None
+    jet_points = getattr(problem, "jet_points", None)
+    require(
+        jet_points is not None,
+        f"{cfg.optimizer}: shard=spatial needs a PINN problem (collocation points with coordinates); "
+        f"'{cfg.problem}' has none",
+    )
+    return jet_points(problem.train.inputs)[:, 0]
+
+
+def _kernels_name(optimizer: Optimizer) -> str:
+    """``cuda`` when the optimizer runs the fused CUDA kernels, else ``torch`` (CPU, or a GPU without CuPy)."""
+    kernels = getattr(optimizer, "kernels", None)
+    return "torch" if kernels is None else str(kernels.name)
+
+
+def _move_data(problem: Problem, device: torch.device) -> None:
+    """Put the training and validation sets on the compute device (once, before training)."""
+    for name in ("train", "val"):
+        data = getattr(problem, name)
+        setattr(problem, name, Dataset(data.inputs.to(device), data.targets.to(device)))
+
+
+def _setup(cfg: TrainConfig, optimizer_options: dict[str, Any], problem_options: dict[str, Any], comm: Communicator):  # type: ignore[no-untyped-def]
+    """Everything that can fail on bad input, done before any collective."""
+    cfg.validate()
+    # --device cuda without a GPU, or a bad HPCOPT_CUDA_AWARE, fails here on every rank.
+    if resolve_kind(cfg.device) == "cuda":
+        _ = comm.cuda_aware
+    optimizer_config = make_config(cfg.optimizer, optimizer_options)
+    if cfg.out is not None:
+        RunLog.check_path(cfg.out, overwrite=cfg.overwrite)
+    problem = make_problem(cfg.problem, data_dir=cfg.data_dir, seed=cfg.seed, options=problem_options)
+    batch_size = cfg.batch_size if cfg.batch_size is not None else min(problem.default_batch_size, len(problem.train))
+    optimizer_cls = optimizer_class(cfg.optimizer)
+    if getattr(optimizer_cls, "model_parallel", False):
+        # APTS-IP: all stages of a pipeline replica share the replica's shard of the batch
+        # (the whole batch with one replica); a bad stages × replicas layout raises here.
+        replica, replicas = optimizer_cls.data_shard(optimizer_config, comm.rank, comm.size)  # type: ignore[attr-defined]
+        require(
+            batch_size % replicas == 0,
+            f"{cfg.optimizer}: --batch-size {batch_size} is not divisible by replicas={replicas} "
+            "(each pipeline replica takes an equal shard)",
+        )
+    else:
+        replica, replicas = comm.rank, comm.size
+    batches = GlobalBatches(
+        len(problem.train), batch_size, cfg.seed, replica, replicas, _spatial_key(cfg, optimizer_config, problem)
+    )
+    torch.manual_seed(cfg.seed)  # identical initial parameters on every rank
+    model = problem.build_model(cfg.model)
+    return optimizer_config, problem, batches, model
+
+
+def _checkpointing(  # type: ignore[no-untyped-def]
+    cfg: TrainConfig, optimizer_config: Any, problem: Problem, batch_size: int, model: Any, comm: Communicator
+):
+    """What must match to resume, the checkpoint path, the validated resume state and APTS-IP's layout.
+
+    No collectives.  The layout (stages, replicas, layer cuts) is ``None`` for the
+    data-parallel optimizers and when the run neither writes nor reads a checkpoint.
+    """
+    compat = checkpoint.compat_fields(
+        problem=cfg.problem,
+        model=cfg.model or problem.default_model,
+        optimizer=cfg.optimizer,
+        seed=cfg.seed,
+        batch_size=batch_size,
+        optimizer_config=to_dict(optimizer_config),
+        problem_options=getattr(problem, "options", {}),
+        num_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
+    )
+    path = cfg.checkpoint or (checkpoint.default_path(cfg.out) if cfg.checkpoint_every else None)
+    require(not cfg.checkpoint_every or path is not None, "--checkpoint-every needs --checkpoint PATH or --out")
+    if path is not None:
+        checkpoint.check_path(path, overwrite=cfg.overwrite, resume=cfg.resume)
+    optimizer_cls = optimizer_class(cfg.optimizer)
+    layout = None
+    if getattr(optimizer_cls, "model_parallel", False) and (path is not None or cfg.resume is not None):
+        layout = optimizer_cls.checkpoint_layout(optimizer_config, model, comm.size)  # type: ignore[attr-defined]
+    state = None
+    if cfg.resume is not None:
+        state = checkpoint.load(cfg.resume)
+        checkpoint.check_resumable(state, cfg.resume, compat, comm.size, layout)
+        require(
+            cfg.max_steps is None or state["step"] < cfg.max_steps,
+            f"checkpoint {cfg.resume} is at step {state['step']}; --max-steps {cfg.max_steps} leaves nothing to do",
+        )
+    return compat, path, state, layout
+
+
+def train(
+    cfg: TrainConfig,
+    optimizer_options: dict[str, Any] | None = None,
+    problem_options: dict[str, Any] | None = None,
+    comm: Communicator | None = None,
+) -> TrainResult:
+    """Run one training job; raises :class:`HpcoptError` on bad input (on every rank)."""
+    comm = comm or Communicator()
+    optimizer_options = dict(optimizer_options or {})
+    problem_options = dict(problem_options or {})
+    torch.set_num_threads(cfg.threads)
+    error: HpcoptError | None = None
+    try:
+        optimizer_config, problem, batches, model = _setup(cfg, optimizer_options, problem_options, comm)
+        compat, checkpoint_path, resume, layout = _checkpointing(
+            cfg, optimizer_config, problem, batches.batch_size, model, comm
+        )
+    except HpcoptError as exc:
+        error = exc
+    comm.agree(error)
+
+    device = select_device(cfg.device, comm)
+    if device.device.type != "cpu":
+        model.to(device.device)
+        _move_data(problem, device.device)
+    model.train()
+    optimizer_cls = optimizer_class(cfg.optimizer)
+    model_parallel = getattr(optimizer_cls, "model_parallel", False)
+    if model_parallel:
+        # The optimizer cuts the model and keeps this rank's part (APTS-IP); the whole
+        # model, identical on every rank until now, is what the cross-rank check sees.
+        signature_parameters = torch.cat([p.detach().flatten() for p in model.parameters()])
+        optimizer = optimizer_cls.build(problem, model, comm, optimizer_config)  # type: ignore[attr-defined]
+        flat, objective, model = optimizer.flat, optimizer.objective, optimizer.flat.model
+    else:
+        flat = FlatParameters(model)
+        objective = DistributedObjective(problem, flat, comm)
+        optimizer = make_optimizer(cfg.optimizer, objective, optimizer_config)
+        signature_parameters = flat.data
+    comm.collective_timeout = cfg.collective_timeout
+    if resume is not None:
+        checkpoint.restore(resume, flat=flat, optimizer=optimizer, rank=comm.rank)
+    config_json = json.dumps(
+        {"train": to_dict(cfg), "optimizer": to_dict(optimizer_config), "problem": problem_options}, default=str
+    )
+    check_same_on_every_rank(
+        comm, run_signature(config_json, signature_parameters, len(problem.train), len(problem.val))
+    )
+    checkpointer = (
+        None
+        if checkpoint_path is None
+        else checkpoint.Checkpointer(checkpoint_path, cfg.checkpoint_every, comm, compat, cfg.out, layout)
+    )
+    say = (lambda text: print(text, flush=True)) if comm.is_root and not cfg.quiet else (lambda text: None)
+
+    attributes = {
+        "hpcopt_version": hpcopt.__version__,
+        "optimizer": cfg.optimizer,
+        "problem": cfg.problem,
+        "model": cfg.model or problem.default_model,
+        "world_size": comm.size,
+        "num_parameters": flat.numel,
+        "seed": cfg.seed,
+        "batch_size": batches.batch_size,
+        "config_json": json.dumps(
+            {"train": to_dict(cfg), "optimizer": to_dict(optimizer_config), "problem": problem_options}
+        ),
+        "mpi_library_version": comm.library_version(),
+        "torch_version": str(torch.__version__),
+        "hostnames": sorted(set(comm.hostnames())),
+        "git_sha": _git_sha(),
+        "command": " ".join(sys.argv),
+        "resumed_from": cfg.resume or "",
+        "resumed_at_step": resume["step"] if resume is not None else 0,
+        "device": str(device.device),
+        "gpu_model": device.gpu_model,
+        "cuda_aware_mpi": comm.cuda_aware if device.device.type == "cuda" else False,
+        # Which vector updates the hot paths run: the CUDA kernels of kernels/*.cu or plain torch.
+        "kernels": _kernels_name(optimizer),
+    }
+    # Optimizer-specific facts (APTS-P's block imbalance, APTS-IP's per-rank parameter bytes).
+    attributes.update(getattr(optimizer, "run_attributes", dict)())
+    log = RunLog(cfg.out, enabled=comm.is_root and cfg.out is not None, overwrite=cfg.overwrite)
+    metric_names = [problem.metric_name]
+    say(
+        f"hpcopt {hpcopt.__version__}: {cfg.optimizer} on {cfg.problem} ({attributes['model']}, "
+        f"{flat.numel} parameters), {comm.size} rank(s), global batch {batches.batch_size}, "
+        f"{batches.batches_per_epoch} steps/epoch"
+    )
+    if device.device.type == "cuda":
+        say(
+            f"{device.describe(comm.size)}; MPI {'is' if comm.cuda_aware else 'is not'} CUDA-aware; "
+            f"vector updates: {attributes['kernels']}"
+        )
+    with log:
+        log.open(attributes, metric_names=metric_names)
+        start = time.perf_counter()
+        comm_seconds_at_start = comm.stats.seconds
+        losses: list[float] = []
+        metrics: dict[str, float] = {}
+        step = resume["step"] if resume is not None else 0
+        first_epoch = resume["epoch"] if resume is not None else 1
+        epoch = 0
+        done = False
+        for epoch in range(first_epoch, cfg.epochs + 1):
+            epoch_losses: list[float] = []
+            if resume is not None and epoch == first_epoch:
+                epoch_losses = [float(x) for x in resume["epoch_losses"]]
+            for batch_index, index in enumerate(batches.epoch(epoch - 1)):
+                if batch_index < len(epoch_losses):
+                    continue  # done before the checkpoint this run resumed from
+                shard = problem.train.subset(index)
+                objective.set_batch(
+                    shard.inputs, shard.targets, batches.batch_size, noise_seed=cfg.seed * 1_000_003 + step
+                )
+                objective.step = step + 1
+                calls0, bytes0, seconds0 = comm.stats.totals()
+                result = optimizer.step()
+                calls1, bytes1, seconds1 = comm.stats.totals()
+                step += 1
+                losses.append(result.loss)
+                epoch_losses.append(result.loss)
+                log.log_iteration(
+                    IterationRecord(
+                        step=step,
+                        epoch=(epoch - 1) + len(epoch_losses) / batches.batches_per_epoch,
+                        loss=result.loss,
+                        radius=result.radius,
+                        step_norm=result.step_norm,
+                        ratio=result.ratio,
+                        accepted=result.accepted,
+                        wall_time=time.perf_counter() - start,
+                        comm_calls=calls1 - calls0,
+                        comm_bytes=bytes1 - bytes0,
+                        comm_time=seconds1 - seconds0,
+                    )
+                )
+                stopping = cfg.max_steps is not None and step >= cfg.max_steps
+                last = stopping or (epoch == cfg.epochs and batch_index == batches.batches_per_epoch - 1)
+                if checkpointer is not None and checkpointer.due(step, last):
+                    checkpointer.save(
+                        step=step,
+                        epoch=epoch,
+                        batch_in_epoch=len(epoch_losses),
+                        epoch_losses=epoch_losses,
+                        flat=flat,
+                        optimizer=optimizer,
+                        log_rows=log.num_iterations,
+                    )
+                if stopping:
+                    done = True
+                    break
+            if epoch % cfg.eval_every == 0 or epoch == cfg.epochs or done:
+                with optimizer.evaluation_parameters():  # e.g. Neumann's w − μm, not the displaced w
+                    if model_parallel:
+                        metrics = optimizer.evaluate(problem)  # type: ignore[attr-defined]
+                    else:
+                        metrics = evaluate(problem, model, flat, comm)
+                train_loss = sum(epoch_losses) / max(len(epoch_losses), 1)
+                elapsed = time.perf_counter() - start
+                log.log_evaluation(
+                    EvaluationRecord(
+                        # Fractional when a stop criterion ended the epoch early, as in `iterations/epoch`.
+                        epoch=(epoch - 1) + len(epoch_losses) / batches.batches_per_epoch,
+                        wall_time=elapsed,
+                        train_loss=train_loss,
+                        val_loss=metrics["val_loss"],
+                        metrics={k: v for k, v in metrics.items() if k != "val_loss"},
+                    )
+                )
+                radius = getattr(optimizer, "radius", math.nan)
+                say(
+                    f"epoch {epoch:4d}/{cfg.epochs}  loss {train_loss:.4e}  val_loss {metrics['val_loss']:.4e}  "
+                    f"{problem.metric_name} {metrics[problem.metric_name]:.4g}  radius {radius:.3g}  "
+                    f"time {elapsed:.1f}s"
+                )
+                stop = _stop_reason(cfg, problem, metrics, elapsed, comm)
+                if stop:
+                    say(f"stopping: {stop}")
+                    done = True
+            if done:
+                break
+        wall = time.perf_counter() - start
+        comm_seconds = comm.stats.seconds - comm_seconds_at_start
+        times = comm.allgather_object((wall - comm_seconds, comm_seconds))
+        log.set_rank_times([t[0] for t in times], [t[1] for t in times])
+
+    nbytes = comm.stats.bytes
+    say(
+        f"done: {step} steps, {epoch} epochs in {wall:.1f}s; final {problem.metric_name} "
+        f"{metrics.get(problem.metric_name, math.nan):.4g}, val_loss {metrics.get('val_loss', math.nan):.4e}; "
+        f"{nbytes / max(step, 1) / 4 / flat.numel:.2f}n floats/step moved by rank 0"
+        + (f"; run log {cfg.out}" if cfg.out else "")
+    )
+    with optimizer.evaluation_parameters():
+        final_parameters = flat.clone()
+    return TrainResult(
+        steps=step,
+        epochs=epoch,
+        final_loss=losses[-1] if losses else math.nan,
+        metrics=metrics,
+        wall_time=wall,
+        parameters=final_parameters,
+        losses=losses,
+    )

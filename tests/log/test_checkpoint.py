@@ -1,0 +1,142 @@
+"""Checkpoint and restart: k steps + restart + m steps is bit for bit k + m steps.
+
+The ``mpi`` tests run in-process at 1 rank (``pytest --with-mpi``) and under
+``mpiexec -n 2`` / ``-n 4``; the checkpoint directory is rank 0's ``tmp_path``,
+broadcast to the others.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from hpcopt.comm.communicator import Communicator
+from hpcopt.errors import ConfigError, HpcoptError
+from hpcopt.log import checkpoint
+from hpcopt.numerics.trust_region import LSR1Operator
+from hpcopt.testing import faults
+from hpcopt.testing.faults import InjectedFault
+from hpcopt.training.trainer import TrainConfig, train
+
+pytestmark = pytest.mark.timeout(60)
+
+PROBLEM = {"n": 400, "dim": 10}
+# 5 steps per epoch, so step 7 is in the middle of epoch 2: the restart must skip
+# the right batches of the right permutation.
+BASE = {"problem": "logistic", "epochs": 3, "batch_size": 80, "quiet": True}
+
+
+def _shared_dir(comm: Communicator, tmp_path: Path) -> Path:
+    return Path(comm.bcast_object(str(tmp_path)))
+
+
+# Options that make each optimizer's state non-trivial within 12 steps (Neumann: warm-up
+# ends at step 2 and its momentum resets every 4 steps, so the restart at 7 is mid-cycle).
+OPTIMIZER_OPTIONS: dict[str, dict[str, object]] = {
+    "neumann": {"epoch_steps": 2, "warmup_epochs": 1, "reset_epochs": 2},
+    "hf": {"max_iterations": 5},
+}
+
+
+def _train(comm: Communicator, optimizer: str, **options: object):  # type: ignore[no-untyped-def]
+    cfg = TrainConfig(**BASE, optimizer=optimizer, **options)  # type: ignore[arg-type]
+    return train(cfg, dict(OPTIMIZER_OPTIONS.get(optimizer, {})), dict(PROBLEM), comm=comm)
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("optimizer", ["apts-d", "apts-p", "adam", "sgd", "hf", "nlcg", "neumann"])
+def test_restart_is_bit_identical_to_an_uninterrupted_run(optimizer: str, tmp_path: Path) -> None:
+    comm = Communicator()
+    directory = _shared_dir(comm, tmp_path)
+    ckpt = str(directory / f"{optimizer}.ckpt")
+    full = _train(comm, optimizer, max_steps=12)
+    first = _train(comm, optimizer, max_steps=7, checkpoint=ckpt, out=str(directory / f"{optimizer}-a.h5"))
+    resumed = _train(comm, optimizer, max_steps=12, resume=ckpt, out=str(directory / f"{optimizer}-b.h5"))
+    assert first.steps == 7 and resumed.steps == 12
+    assert torch.equal(resumed.parameters, full.parameters)  # bit for bit
+    assert resumed.losses == full.losses[7:]
+    if comm.is_root:
+        # The resumed run writes a new log whose step numbering continues.
+        with h5py.File(directory / f"{optimizer}-b.h5", "r") as log:
+            np.testing.assert_array_equal(log["iterations/step"][:], np.arange(8, 13))
+            assert log["iterations/loss"][:].tolist() == full.losses[7:]
+            assert log.attrs["resumed_at_step"] == 7
+
+
+@pytest.mark.mpi(min_size=1)
+def test_apts_d_state_holds_radius_and_lsr1_memory(tmp_path: Path) -> None:
+    comm = Communicator()
+    directory = _shared_dir(comm, tmp_path)
+    ckpt = str(directory / "state.ckpt")
+    _train(comm, "apts-d", max_steps=4, checkpoint=ckpt, checkpoint_every=2)
+    state = checkpoint.load(ckpt)
+    assert state["step"] == 4 and state["world_size"] == comm.size
+    assert state["epoch"] == 1 and state["batch_in_epoch"] == 4 and len(state["epoch_losses"]) == 4
+    assert len(state["rng"]) == comm.size
+    optimizer_state = state["optimizer"]
+    assert optimizer_state["steps"] == 4 and optimizer_state["radius"] > 0
+    assert len(optimizer_state["global_solver"]["s"]) >= 1  # L-SR1 pairs were saved
+
+
+@pytest.mark.mpi(min_size=1)
+def test_resume_with_other_options_is_refused_on_every_rank(tmp_path: Path) -> None:
+    comm = Communicator()
+    directory = _shared_dir(comm, tmp_path)
+    ckpt = str(directory / "seed.ckpt")
+    _train(comm, "adam", max_steps=2, checkpoint=ckpt)
+    with pytest.raises(ConfigError, match="written with seed=0; this run has seed=1"):
+        _train(comm, "adam", max_steps=4, resume=ckpt, seed=1)
+    with pytest.raises(ConfigError, match="--max-steps 2 leaves nothing to do"):
+        _train(comm, "adam", max_steps=2, resume=ckpt)
+
+
+def test_resume_on_another_rank_count_is_refused() -> None:
+    state = {"world_size": 4, "compat": {"seed": 0}}
+    with pytest.raises(ConfigError, match=r"written by 4 ranks; this run has 2\. Resume with mpiexec -n 4"):
+        checkpoint.check_resumable(state, "run.ckpt", {"seed": 0}, world_size=2)
+
+
+def test_failure_between_write_and_rename_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "run.ckpt"
+    checkpoint.atomic_save({"format": checkpoint.FORMAT, "version": checkpoint.VERSION, "step": 1}, str(path))
+    faults.configure("where=checkpoint,step=2")  # dies after the temporary file is complete
+    try:
+        with pytest.raises(InjectedFault):
+            checkpoint.atomic_save(
+                {"format": checkpoint.FORMAT, "version": checkpoint.VERSION, "step": 2}, str(path), step=2
+            )
+    finally:
+        faults.configure(None)
+    assert checkpoint.load(str(path))["step"] == 1
+    assert os.listdir(tmp_path) == ["run.ckpt"]  # no temporary file left behind
+
+
+def test_truncated_or_foreign_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "run.ckpt"
+    checkpoint.atomic_save({"format": checkpoint.FORMAT, "version": checkpoint.VERSION}, str(path))
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(ConfigError, match="cannot be read"):
+        checkpoint.load(str(path))
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(ConfigError, match="not an hpcopt checkpoint"):
+        checkpoint.load(str(tmp_path / "other.pt"))
+    with pytest.raises(HpcoptError, match="does not exist"):
+        checkpoint.load(str(tmp_path / "missing.ckpt"))
+
+
+def test_lsr1_state_round_trip_is_exact() -> None:
+    generator = torch.Generator().manual_seed(0)
+    operator = LSR1Operator(memory=3)
+    for _ in range(5):
+        s = torch.randn(6, generator=generator, dtype=torch.float64)
+        operator.update(s, torch.randn(6, 6, generator=generator, dtype=torch.float64) @ s)
+    copy = LSR1Operator(memory=3)
+    copy.load_state_dict(operator.state_dict())
+    v = torch.randn(6, generator=generator, dtype=torch.float64)
+    assert torch.equal(copy.matvec(v), operator.matvec(v))
+    assert copy.gamma == operator.gamma and copy.size == operator.size

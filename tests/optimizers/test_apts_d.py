@@ -1,0 +1,172 @@
+"""APTS-D: the invariants of ALGORITHMS.md §1, each a failure seen in the published code.
+
+The multi-rank tests run under ``mpiexec -n 2`` and ``-n 4`` (``make test``); on one
+rank the same tests check the P = 1 case.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hpcopt.comm.communicator import Communicator
+from hpcopt.distributed.data_parallel import DistributedObjective
+from hpcopt.numerics.flat import FlatParameters
+from hpcopt.optimizers import APTSD, APTSDConfig, make_config
+from hpcopt.problems import make_problem
+from hpcopt.training.trainer import TrainConfig, train
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _setup(problem_name: str, options: dict, *, seed: int = 0, model: str | None = None, **apts: object):
+    comm = Communicator()
+    problem = make_problem(problem_name, seed=seed, options=options)
+    torch.manual_seed(seed)
+    net = problem.build_model(model)
+    flat = FlatParameters(net)
+    objective = DistributedObjective(problem, flat, comm)
+    shard_size = len(problem.train) // comm.size
+    shard = problem.train.subset(slice(comm.rank * shard_size, (comm.rank + 1) * shard_size))
+    objective.set_batch(shard.inputs, shard.targets, shard_size * comm.size, noise_seed=seed)
+    optimizer = APTSD(objective, make_config("apts-d", apts))
+    return comm, problem, flat, objective, optimizer
+
+
+def _all_equal(comm: Communicator, value: object) -> bool:
+    # repr: NaN ratios (rejected for pred <= 0) must compare equal to themselves.
+    return all(repr(v) == repr(value) for v in comm.allgather_object(value))
+
+
+@pytest.mark.mpi(min_size=1)
+def test_first_order_consistent_model_has_the_global_gradient() -> None:
+    # With FOC, every rank's first local Cauchy step is along −g (the global gradient),
+    # not along its own −g_r: the correction must change the gradient, not just the value.
+    comm, _, flat, objective, optimizer = _setup(
+        "logistic", {"n": 400, "dim": 10}, local_solver="cauchy", local_iterations=1, global_passes=0
+    )
+    theta = flat.clone()
+    loss_local, grad_local = objective.local_value_and_grad()
+    grad_local = grad_local.clone()
+    _, grad = objective.reduce_value_and_grad(loss_local, grad_local)
+    grad = grad.clone()
+    step_r, pred_r, _ = optimizer._local_phase(theta, loss_local, grad_local, grad)
+    ball = optimizer.radius / comm.size
+    expected = -ball * grad / grad.norm()
+    assert torch.allclose(step_r, expected, rtol=1e-5, atol=1e-7) or pred_r <= 0
+    assert torch.equal(flat.data, theta)  # the local phase leaves θ_k in place
+    if comm.size > 1:
+        # The local gradients differ, so without FOC the steps would differ from −g.
+        assert not torch.allclose(grad_local, grad, rtol=1e-3)
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("local_solver", ["cauchy", "lsr1", "steihaug"])
+def test_combined_step_never_exceeds_the_radius(local_solver: str) -> None:
+    _comm, _, _, _, optimizer = _setup(
+        "logistic",
+        {"n": 400, "dim": 10},
+        local_solver=local_solver,
+        radius=0.5,
+    )
+    for _ in range(8):
+        result = optimizer.step()
+        raw = result.extras["combined_norm"]
+        assert raw <= result.radius * (1 + 1e-5), f"‖Σ s_r‖ = {raw} > Δ = {result.radius}"
+
+
+@pytest.mark.mpi(min_size=1)
+def test_radius_grows_after_very_successful_steps() -> None:
+    # A well-conditioned quadratic far from its minimiser: every step is very
+    # successful and uses the whole radius, so Δ must expand from its small start.
+    _comm, _, _, _, optimizer = _setup("quadratic", {"n": 400, "dim": 5}, radius=0.01, global_passes=0)
+    radii = []
+    for _ in range(6):
+        result = optimizer.step()
+        radii.append(result.radius)
+        assert result.accepted
+    assert optimizer.radius > 0.01 * 1.2**3
+    assert radii == sorted(radii)
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("local_solver", ["steihaug", "lsr1"])
+def test_singular_or_indefinite_local_model_never_crashes(local_solver: str) -> None:
+    # All-zero weights make the ReLU MLP's Hessian singular (and the gradient of the
+    # hidden layers zero); a random MLP's Hessian is indefinite.  Neither may crash.
+    for zero in (True, False):
+        _comm, _problem, flat, _, optimizer = _setup(
+            "logistic",
+            {"n": 200, "dim": 6},
+            local_solver=local_solver,
+            global_solver=local_solver,
+        )
+        if zero:
+            flat.copy_(torch.zeros_like(flat.data))
+        for _ in range(3):
+            result = optimizer.step()
+            assert math.isfinite(result.loss)
+            assert torch.isfinite(flat.data).all()
+
+
+@pytest.mark.mpi(min_size=1)
+def test_every_decision_and_radius_is_identical_on_every_rank() -> None:
+    comm, _, flat, _, optimizer = _setup("logistic", {"n": 400, "dim": 10}, radius=1.0)
+    for _ in range(10):
+        result = optimizer.step()
+        decision = (result.accepted, result.ratio, result.radius, optimizer.radius)
+        assert _all_equal(comm, decision)
+        assert _all_equal(comm, flat.data.sum().item())
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("problem_name", ["quadratic", "logistic"])
+def test_apts_d_reaches_the_known_minimiser(problem_name: str) -> None:
+    problem = make_problem(problem_name, options={"n": 400, "dim": 5})
+    result = train(
+        TrainConfig(problem=problem_name, epochs=60, quiet=True),
+        {"radius": 1.0},
+        {"n": 400, "dim": 5},
+    )
+    exact = problem.exact_minimizer()
+    error = float((result.parameters.double() - exact).norm() / exact.norm())
+    assert error < 2e-3, f"relative distance to the minimiser {error:.2e}"
+
+
+@pytest.mark.mpi(min_size=1)
+def test_traffic_per_outer_iteration_is_packed() -> None:
+    # Without the global pass: [g; f] and [s; pred] (2n+2 floats) and the trial value (1);
+    # with one global pass the trial gradient rides with the trial value (3n+3) plus the
+    # pass's trial value (1).
+    comm, _, flat, _, optimizer = _setup("logistic", {"n": 400, "dim": 10})
+    n = flat.numel
+    for passes, floats in ((0, 2 * n + 3), (1, 3 * n + 4)):
+        optimizer.config.global_passes = passes
+        before = comm.stats.bytes
+        optimizer.step()
+        assert comm.stats.bytes - before == 4 * floats
+
+
+def test_config_rejects_bad_values() -> None:
+    from hpcopt.errors import ConfigError
+
+    for bad in ({"radius": -1}, {"local_solver": "newton"}, {"radius_min": 3.0}, {"local_iterations": -1}):
+        with pytest.raises(ConfigError):
+            make_config("apts-d", bad)
+    assert make_config("apts-d", {}) == APTSDConfig()
+
+
+@pytest.mark.mpi(min_size=1)
+def test_apts_d_learns_mnist() -> None:
+    from tests.conftest import mnist_dir
+
+    data = str(mnist_dir())
+    result = train(
+        TrainConfig(problem="mnist", model="mlp", data_dir=data, epochs=3, batch_size=500, quiet=True),
+        {},
+        {"limit": 2000},
+    )
+    assert result.losses[-1] < 0.5 * result.losses[0]
+    assert result.metrics["val_accuracy"] >= 0.7, result.metrics  # chance: 0.1; P = 4 is the slowest

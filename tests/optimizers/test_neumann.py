@@ -1,0 +1,116 @@
+"""The Neumann optimizer (ALGORITHMS.md §6): displaced iterate, regulariser, schedules, rank invariance."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from mpi4py import MPI
+
+from hpcopt.comm.communicator import Communicator
+from hpcopt.distributed.data_parallel import DistributedObjective
+from hpcopt.errors import NonFiniteError
+from hpcopt.numerics.flat import FlatParameters
+from hpcopt.optimizers import Neumann, make_config
+from hpcopt.optimizers.neumann import regularizer
+from hpcopt.problems import make_problem
+from hpcopt.training.trainer import TrainConfig, train
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _setup(**neumann: object):
+    comm = Communicator()
+    problem = make_problem("logistic", options={"n": 200, "dim": 6})
+    torch.manual_seed(0)
+    flat = FlatParameters(problem.build_model(None))
+    objective = DistributedObjective(problem, flat, comm)
+    size = len(problem.train) // comm.size
+    shard = problem.train.subset(slice(comm.rank * size, (comm.rank + 1) * size))
+    objective.set_batch(shard.inputs, shard.targets, size * comm.size, noise_seed=0)
+    return comm, flat, objective, Neumann(objective, make_config("neumann", neumann))
+
+
+@pytest.mark.mpi(min_size=1)
+def test_evaluated_and_stored_weights_differ_exactly_by_mu_m() -> None:
+    _, flat, _, optimizer = _setup(lr=0.5, epoch_steps=2, warmup_epochs=1, reset_epochs=3)
+    phases = [optimizer.step().extras["phase"] for _ in range(6)]
+    assert phases == ["sgd", "sgd", "reset", "neumann", "neumann", "neumann"]
+    stored = flat.clone()
+    assert optimizer.mu >= 0.5 and float(optimizer.m.norm()) > 0
+    with optimizer.evaluation_parameters():
+        evaluated = flat.clone()
+    assert torch.equal(flat.data, stored)  # restored bit for bit
+    torch.testing.assert_close(stored - evaluated, optimizer.mu * optimizer.m, rtol=1e-6, atol=1e-7)
+    assert float((stored - evaluated).norm()) > 1e-4
+
+
+def test_regularizer_gradient_matches_finite_differences() -> None:
+    generator = torch.Generator().manual_seed(0)
+    w = torch.randn(5, generator=generator, dtype=torch.float64)
+    v = w + 0.3 * torch.randn(5, generator=generator, dtype=torch.float64)
+    alpha, beta = 0.7, 0.02
+    _, grad = regularizer(w, v, alpha, beta)
+    eps = 1e-6
+    fd = torch.stack(
+        [
+            torch.tensor(
+                (regularizer(w + eps * e, v, alpha, beta)[0] - regularizer(w - eps * e, v, alpha, beta)[0]) / (2 * eps)
+            )
+            for e in torch.eye(5, dtype=torch.float64)
+        ]
+    )
+    torch.testing.assert_close(grad, fd.double(), rtol=1e-6, atol=1e-9)
+    assert regularizer(v, v, alpha, beta)[0] == 0.0  # w = v: no direction, no force
+
+
+def test_schedules_follow_the_paper() -> None:
+    config = make_config("neumann", {"lr": 1.0, "epoch_steps": 10, "warmup_epochs": 1})
+    etas, mus = zip(*(config.schedule(t) for t in (10, 20, 30, 110, 1000)))
+    assert mus[0] == 0.5 and mus[-1] == 0.9 and list(mus) == sorted(mus)
+    assert etas == pytest.approx([1.0, 0.5, 1 / 3, 1 / 11, 1 / 100])
+    config = make_config("neumann", {})
+    assert (config.alpha, config.beta_scale, config.gamma, config.mu_min, config.mu_max) == (1e-7, 1e-5, 0.99, 0.5, 0.9)
+
+
+@pytest.mark.mpi(min_size=1)
+def test_resets_come_with_a_doubling_period() -> None:
+    _, flat, _, optimizer = _setup(lr=0.1, epoch_steps=1, warmup_epochs=2, reset_epochs=2)
+    phases = [optimizer.step().extras["phase"] for _ in range(12)]
+    resets = [t for t, phase in enumerate(phases) if phase == "reset"]
+    assert resets == [2, 4, 8]  # warm-up 2, then K = 2, 4, 8
+    assert phases[:2] == ["sgd", "sgd"] and torch.isfinite(flat.data).all()
+
+
+@pytest.mark.mpi(min_size=1)
+def test_non_finite_loss_stops_with_a_clear_error() -> None:
+    _, flat, _, optimizer = _setup()
+    flat.copy_(torch.full_like(flat.data, math.nan))
+    with pytest.raises(NonFiniteError, match="neumann"):
+        optimizer.step()
+
+
+def _run(comm: Communicator):
+    cfg = TrainConfig(problem="logistic", optimizer="neumann", epochs=3, batch_size=96, quiet=True, seed=5)
+    options = {"lr": 0.5, "epoch_steps": 5, "warmup_epochs": 1, "reset_epochs": 1}
+    return train(cfg, options, {"n": 480, "dim": 12}, comm=comm)
+
+
+@pytest.mark.mpi(min_size=1)
+def test_rank_invariance_and_the_trainer_reports_w_minus_mu_m(monkeypatch: pytest.MonkeyPatch) -> None:
+    entered = []
+    original = Neumann.evaluation_parameters
+
+    def spy(self: Neumann):  # type: ignore[no-untyped-def]
+        entered.append(self.mu * float(self.m.norm()))
+        return original(self)
+
+    monkeypatch.setattr(Neumann, "evaluation_parameters", spy)
+    distributed = _run(Communicator())
+    alone = _run(Communicator(MPI.COMM_SELF))
+    assert distributed.steps == alone.steps == 15
+    torch.testing.assert_close(distributed.parameters, alone.parameters, rtol=1e-4, atol=1e-5)
+    assert distributed.losses[-1] < distributed.losses[0]
+    # Three evaluations and the final parameters per run, with a real displacement μm.
+    assert len(entered) == 8 and entered[-1] > 0
