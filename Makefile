@@ -1,6 +1,6 @@
 # hpcopt — two commands on a fresh machine:
 #   make demo   creates .venv, installs, trains APTS-D on the built-in Poisson-2D PINN on 2 ranks
-#   make test   creates .venv, installs, runs the whole suite (serial, then 2 and 4 ranks under mpiexec)
+#   make test   creates .venv, installs, type-checks and lints, runs the whole suite (serial, then 2 and 4 ranks under mpiexec)
 # Override: make demo TORCH=torch   (default torch==2.13.0, the CPU wheel of these machines)
 
 PYTHON ?= python3
@@ -12,7 +12,7 @@ MPIEXEC = $(BIN)/mpiexec
 # A hung multi-rank run must fail, never block CI: pytest-timeout ends a test, this ends a run.
 RUN_LIMIT ?= 900
 
-.PHONY: install demo test test-serial test-mpi lint clean
+.PHONY: install demo test test-serial test-mpi lint typecheck docs clean
 
 install: $(VENV)/.installed
 
@@ -28,7 +28,7 @@ demo: install
 		--out runs/demo.h5 --overwrite
 	$(BIN)/python -m hpcopt analyze runs/demo.h5
 
-test: install test-serial test-mpi
+test: install lint test-serial test-mpi
 
 test-serial: install
 	timeout $(RUN_LIMIT) $(BIN)/python -m pytest -q --with-mpi tests
@@ -37,8 +37,16 @@ test-mpi: install
 	timeout $(RUN_LIMIT) $(MPIEXEC) -n 2 $(BIN)/python -m pytest -q --with-mpi -m mpi -p no:cacheprovider tests
 	timeout $(RUN_LIMIT) $(MPIEXEC) -n 4 $(BIN)/python -m pytest -q --with-mpi -m mpi -p no:cacheprovider tests
 
-lint: install
+lint: install typecheck
 	$(BIN)/ruff check hpcopt tests benchmarks
+
+# mypy reads mypy.ini (the package, with check_untyped_defs and warn_unused_ignores).
+typecheck: install
+	$(BIN)/mypy
+
+# The <!-- options: NAME --> tables of the docs are generated from the option dataclasses.
+docs: install
+	$(BIN)/python -m hpcopt options --write-docs docs --write-docs README.md
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from hpcopt.comm.communicator import Communicator
+from hpcopt.comm import Communicator
 from hpcopt.distributed.data_parallel import DistributedObjective
 from hpcopt.distributed.sharding import GlobalBatches
 from hpcopt.log import checkpoint
@@ -77,7 +77,7 @@ def main() -> None:
         save_times = []
         for _ in range(3):
             start = time.perf_counter()
-            writer.save(step=3, epoch=1, batch_in_epoch=3, epoch_losses=[], flat=flat, optimizer=optimizer, log_rows=0)
+            writer.save(step=3, epoch=1, batch_in_epoch=3, epoch_losses=[], optimizer=optimizer, log_rows=0)
             save_times.append(comm.allreduce_scalars([time.perf_counter() - start], op="max")[0])
         size = os.path.getsize(directory / f"{model_name}.ckpt") if comm.is_root else 0
         start = time.perf_counter()

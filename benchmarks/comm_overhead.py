@@ -17,7 +17,7 @@ import time
 import torch
 from mpi4py import MPI
 
-from hpcopt.comm.communicator import Communicator, PackedBuffer
+from hpcopt.comm import Communicator, PackedBuffer
 
 
 def paired_medians(raw_fn, hpcopt_fn, repeats: int, comm: MPI.Comm) -> tuple[float, float]:  # type: ignore[no-untyped-def]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from hpcopt.comm.communicator import Communicator
+from hpcopt.comm import Communicator
 from hpcopt.distributed.data_parallel import DistributedObjective
 from hpcopt.numerics.flat import FlatParameters
 from hpcopt.numerics.krylov.martens import martens_cg

@@ -15,11 +15,9 @@ over 4n (n = parameters), i.e. n-sized collectives per step.
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
-import sys
 from pathlib import Path
 
+import _common
 import numpy as np
 
 from hpcopt.analysis.tables import load_run
@@ -63,18 +61,13 @@ def configurations(methods: list[str], batches: list[int]) -> list[tuple[str, st
     return runs
 
 
-def launch(name: str, optimizer: str, batch: int, options: dict, args: argparse.Namespace) -> None:
-    out = Path(args.outdir) / f"{name}.h5"
+def launch_run(name: str, optimizer: str, batch: int, options: dict, args: argparse.Namespace) -> None:
     if optimizer == "neumann":
         options = {**options, "epoch_steps": max(1, args.train_size // batch)}
-    command = [str(Path(sys.executable).parent / "mpiexec"), "-n", str(args.ranks), sys.executable, "-m", "mpi4py"]
-    command += ["-m", "hpcopt", "train", "--problem", "mnist", "--data-dir", args.data_dir, "--model", args.model]
-    command += ["--optimizer", optimizer, "--batch-size", str(batch), "--epochs", str(args.epochs)]
-    command += ["--seed", str(args.seed), "--out", str(out), "--overwrite", "--quiet"]
-    for key, value in options.items():
-        command += ["--set", f"{key}={value}"]
-    print(f"== {name}: {' '.join(command[6:])}", flush=True)
-    subprocess.run(command, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = _common.train_command(args.ranks, "--problem", "mnist", "--data-dir", args.data_dir)
+    command += ["--model", args.model, "--optimizer", optimizer, "--batch-size", str(batch)]
+    command += ["--epochs", str(args.epochs), *_common.log_arguments(args, name), "--quiet"]
+    _common.launch(name, command + _common.set_options(options))
 
 
 def _row(name: str, outdir: Path) -> tuple[float, str] | None:
@@ -88,11 +81,9 @@ def _row(name: str, outdir: Path) -> tuple[float, str] | None:
         return -1.0, f"{name:<28} (no evaluation; status {run.status})"
     wall = float(np.asarray(ev["wall_time"], dtype=float)[-1])
     steps = len(run.iterations["loss"])
-    n = int(run.attributes["num_parameters"])
-    traffic = float(np.mean(run.iterations["comm_bytes"])) / (4 * n)
     return acc[-1], (
         f"{name:<28}{int(run.attributes['world_size']):>3}{acc[-1]:>8.2f}{acc.max():>8.2f}{steps:>7}"
-        f"{wall:>8.0f}{wall / max(steps, 1):>9.2f}{traffic:>8.1f}n"
+        f"{wall:>8.0f}{wall / max(steps, 1):>9.2f}{_common.traffic(run):>8.1f}n"
     )
 
 
@@ -117,28 +108,17 @@ def report(runs: list[tuple[str, str, int, dict]], outdir: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared/datasets/mnist"))
-    parser.add_argument("--outdir", default="runs/large_batch")
-    parser.add_argument("--runs", default=",".join(METHODS), help=f"methods, a subset of: {', '.join(METHODS)}")
+    parser = _common.study_parser(__doc__, "runs/large_batch", METHODS, what="methods")
+    parser.add_argument("--data-dir", default=_common.dataset_dir("mnist"))
     parser.add_argument("--batches", default="500,2000,8000")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--model", default="cnn-small")
     parser.add_argument("--ranks", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-size", type=int, default=8000, help="training rows (for Neumann's epoch length)")
-    parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
-    methods = [m for m in args.runs.split(",") if m]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        parser.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    methods = _common.chosen(parser, args, METHODS, what="methods")
     runs = configurations(methods, [int(b) for b in args.batches.split(",")])
-    Path(args.outdir).mkdir(parents=True, exist_ok=True)
-    if not args.report_only:
-        for run in runs:
-            launch(*run, args)
-    report(runs, Path(args.outdir))
+    _common.run_study(args, runs, lambda run: launch_run(*run, args), lambda: report(runs, Path(args.outdir)))
 
 
 if __name__ == "__main__":

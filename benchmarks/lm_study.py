@@ -18,16 +18,10 @@ wall time, and traffic (bytes rank 0 moved per step over 4n).
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
-import sys
 from pathlib import Path
 
+import _common
 import numpy as np
-
-from hpcopt.analysis.tables import load_run
-
-REPO = Path(__file__).resolve().parents[1]
 
 # name: (optimizer, --set options)
 RUNS: dict[str, tuple[str, dict[str, object]]] = {
@@ -39,70 +33,47 @@ RUNS: dict[str, tuple[str, dict[str, object]]] = {
 }
 
 
-def launch(name: str, args: argparse.Namespace) -> None:
+def launch_run(name: str, args: argparse.Namespace) -> None:
     optimizer, options = RUNS[name]
-    out = Path(args.outdir) / f"{name}.h5"
-    command = [str(Path(sys.executable).parent / "mpiexec"), "-n", str(args.ranks), sys.executable, "-m", "mpi4py"]
-    command += ["-m", "hpcopt", "train", "--problem", "tinyshakespeare", "--data-dir", args.data_dir]
+    command = _common.train_command(args.ranks, "--problem", "tinyshakespeare", "--data-dir", args.data_dir)
     command += ["--optimizer", optimizer, "--batch-size", str(args.batch_size), "--epochs", "100000"]
-    command += ["--time-limit", str(args.budget), "--seed", str(args.seed), "--out", str(out), "--overwrite"]
+    command += ["--time-limit", str(args.budget), *_common.log_arguments(args, name)]
     command += ["--set", f"problem.train_windows={args.train_windows}", "--quiet"]
-    for key, value in options.items():
-        command += ["--set", f"{key}={value}"]
-    print(f"== {name}: {' '.join(command[6:])}", flush=True)
-    subprocess.run(command, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    _common.launch(name, command + _common.set_options(options))
 
 
 def report(names: list[str], outdir: Path) -> None:
     rows: dict[str, tuple[float, float, int, float, float]] = {}
     for name in names:
-        path = outdir / f"{name}.h5"
-        if not path.exists():
-            print(f"{name:<14} (no run log)")
+        found = _common.evaluated_run(outdir, name, "val_loss", 14)
+        if found is None:
             continue
-        run = load_run(path)
-        val = np.asarray(run.evaluations.get("val_loss", []), dtype=float)
-        if len(val) == 0:
-            print(f"{name:<14} (no evaluation; status {run.status})")
-            continue
+        run, val = found
         wall = float(np.asarray(run.evaluations["wall_time"], dtype=float)[-1])
         steps = len(run.iterations["loss"])
-        n = int(run.attributes["num_parameters"])
-        traffic = float(np.mean(run.iterations["comm_bytes"])) / (4 * n)
-        rows[name] = (float(val[-1]), float(np.nanmin(val)), steps, wall, traffic)
+        rows[name] = (float(val[-1]), float(np.nanmin(val)), steps, wall, _common.traffic(run))
     adam = [best for name, (_f, best, *_rest) in rows.items() if name.startswith("adam")]
     adam_best = min(adam) if adam else float("nan")
     header = f"{'run':<14}{'val':>8}{'best':>8}{'/Adam':>7}{'steps':>7}{'wall s':>8}{'traffic':>9}"
     print(header)
     print("-" * len(header))
-    for name, (final, best, steps, wall, traffic) in rows.items():
-        print(f"{name:<14}{final:>8.3f}{best:>8.3f}{best / adam_best:>7.3f}{steps:>7}{wall:>8.0f}{traffic:>8.2f}n")
+    for name, (final, best, steps, wall, moved) in rows.items():
+        print(f"{name:<14}{final:>8.3f}{best:>8.3f}{best / adam_best:>7.3f}{steps:>7}{wall:>8.0f}{moved:>8.2f}n")
     print(
         f"(val: nats per character; an untrained model scores ln 65 = {np.log(65):.3f}; /Adam: best over Adam's best)"
     )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", default=str(REPO.parent / "shared/datasets/tinyshakespeare"))
-    parser.add_argument("--outdir", default="runs/lm_study")
-    parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of: {', '.join(RUNS)}")
+    parser = _common.study_parser(__doc__, "runs/lm_study", RUNS)
+    parser.add_argument("--data-dir", default=_common.dataset_dir("tinyshakespeare"))
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--budget", type=float, default=120.0, help="seconds of training per run")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--train-windows", type=int, default=2560, help="windows per epoch (evaluation period)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
-    names = [n for n in args.runs.split(",") if n]
-    unknown = [n for n in names if n not in RUNS]
-    if unknown:
-        parser.error(f"unknown runs {unknown}; choose from {list(RUNS)}")
-    Path(args.outdir).mkdir(parents=True, exist_ok=True)
-    if not args.report_only:
-        for name in names:
-            launch(name, args)
-    report(names, Path(args.outdir))
+    names = _common.chosen(parser, args, RUNS)
+    _common.run_study(args, names, lambda name: launch_run(name, args), lambda: report(names, Path(args.outdir)))
 
 
 if __name__ == "__main__":

@@ -15,14 +15,10 @@ writing an HDF5 run log into ``--outdir``; the table is read back from those log
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
-import sys
 from pathlib import Path
 
+import _common
 import numpy as np
-
-from hpcopt.analysis.tables import load_run
 
 CNN = {"model": "cnn", "batch": 2000}
 SMALL = {"model": "cnn-small", "batch": 128}
@@ -43,42 +39,12 @@ RUNS: dict[str, tuple[str, int, dict, dict]] = {
 }
 
 
-def launch(name: str, args: argparse.Namespace) -> None:
+def launch_run(name: str, args: argparse.Namespace) -> None:
     optimizer, ranks, model, options = RUNS[name]
-    out = Path(args.outdir) / f"{name}.h5"
-    command = [
-        str(Path(sys.executable).parent / "mpiexec"),
-        "-n",
-        str(ranks),
-        sys.executable,
-        "-m",
-        "mpi4py",
-        "-m",
-        "hpcopt",
-        "train",
-        "--problem",
-        "mnist",
-        "--data-dir",
-        args.data_dir,
-        "--model",
-        model["model"],
-        "--optimizer",
-        optimizer,
-        "--batch-size",
-        str(model["batch"]),
-        "--epochs",
-        str(args.epochs),
-        "--seed",
-        str(args.seed),
-        "--out",
-        str(out),
-        "--overwrite",
-    ]
-    for key, value in options.items():
-        command += ["--set", f"{key}={value}"]
-    print(f"== {name}: {' '.join(command[3:])}", flush=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(command, check=False, env=env)
+    command = _common.train_command(ranks, "--problem", "mnist", "--data-dir", args.data_dir)
+    command += ["--model", model["model"]]
+    command += ["--optimizer", optimizer, "--batch-size", str(model["batch"]), "--epochs", str(args.epochs)]
+    _common.launch(name, command + _common.log_arguments(args, name) + _common.set_options(options))
 
 
 def report(names: list[str], outdir: Path) -> None:
@@ -89,27 +55,19 @@ def report(names: list[str], outdir: Path) -> None:
     print("-" * len(header))
     curves = []
     for name in names:
-        path = outdir / f"{name}.h5"
-        if not path.exists():
-            print(f"{name:<26} (no run log)")
+        found = _common.evaluated_run(outdir, name, "val_accuracy", 26)
+        if found is None:
             continue
-        run = load_run(path)
-        ev = run.evaluations
-        acc = np.asarray(ev.get("val_accuracy", []), dtype=float) * 100
-        wall = np.asarray(ev.get("wall_time", []), dtype=float)
-        epochs = np.asarray(ev.get("epoch", []), dtype=float)
-        if len(acc) == 0:
-            print(f"{name:<26} (no evaluation; status {run.status})")
-            continue
+        run, acc = found[0], found[1] * 100
+        wall = np.asarray(run.evaluations["wall_time"], dtype=float)
+        epochs = np.asarray(run.evaluations["epoch"], dtype=float)
         reached = np.nonzero(acc >= 98.5)[0]
         t_reach = f"{wall[reached[0]]:.0f}" if len(reached) else "-"
         epoch_times = np.diff(np.concatenate([[0.0], wall]))
-        n = int(run.attributes["num_parameters"])
-        traffic = float(np.mean(run.iterations["comm_bytes"])) / (4 * n)
         ranks = int(run.attributes["world_size"])
         print(
             f"{name:<26}{ranks:>3}{int(epochs[-1]):>7}{acc[-1]:>7.2f}{acc.max():>7.2f}{t_reach:>8}"
-            f"{wall[-1]:>8.0f}{np.median(epoch_times):>8.1f}{traffic:>7.2f}n"
+            f"{wall[-1]:>8.0f}{np.median(epoch_times):>8.1f}{_common.traffic(run):>7.2f}n"
         )
         curves.append((name, epochs, acc, wall))
     print("\naccuracy (%) after each epoch [wall s]:")
@@ -119,23 +77,12 @@ def report(names: list[str], outdir: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared/datasets/mnist"))
-    parser.add_argument("--outdir", default="runs/mnist_apts")
-    parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of: {', '.join(RUNS)}")
+    parser = _common.study_parser(__doc__, "runs/mnist_apts", RUNS)
+    parser.add_argument("--data-dir", default=_common.dataset_dir("mnist"))
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
-    names = [n for n in args.runs.split(",") if n]
-    unknown = [n for n in names if n not in RUNS]
-    if unknown:
-        parser.error(f"unknown runs {unknown}; choose from {list(RUNS)}")
-    Path(args.outdir).mkdir(parents=True, exist_ok=True)
-    if not args.report_only:
-        for name in names:
-            launch(name, args)
-    report(names, Path(args.outdir))
+    names = _common.chosen(parser, args, RUNS)
+    _common.run_study(args, names, lambda name: launch_run(name, args), lambda: report(names, Path(args.outdir)))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ finite-difference reference (Allen–Cahn) solution.
   (one step per epoch: the batch is the whole collocation set); APTS-D and APTS-P
   also with the second-order global pass (``global_solver=steihaug, curvature=ggn``).
   APTS-IP cuts the network into P pipeline stages that pass Taylor-mode jets of the
-  activations (``hpcopt/jets.py``), so P is at most the model's 4 linear layers.
+  activations (``hpcopt/numerics/jets.py``), so P is at most the model's 4 linear layers.
 * Adam runs in one process through ``hpcopt train`` (one rank), at several lrs.
 * L-BFGS is ``torch.optim.LBFGS`` (strong Wolfe, history 50) in one process.
 
@@ -23,17 +23,12 @@ Timings depend on the machine's load; the table says what was measured in this r
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+from _common import REPO, run_job, train_command
 
 PROBLEMS = {
     "poisson2d": ["--set", "problem.interior=1024", "--set", "problem.boundary=1024"],
@@ -57,28 +52,9 @@ _DONE = re.compile(r"done: (\d+) steps.* in ([\d.]+)s; final val_rel_l2_error ([
 
 def _train(problem: str, optimizer: str, extra: list[str], ranks: int, budget: float) -> tuple[float, int, float]:
     """``(relative L2 error, steps, seconds)`` of one ``hpcopt train`` run."""
-    args = [
-        "-m",
-        "mpi4py",
-        "-m",
-        "hpcopt",
-        "train",
-        "--problem",
-        problem,
-        "--optimizer",
-        optimizer,
-        "--epochs",
-        "1000000",
-        "--time-limit",
-        str(budget),
-        *PROBLEMS[problem],
-        *extra,
-    ]
-    command = [sys.executable, *args]
-    if ranks > 1:
-        command = [str(BIN / "mpiexec"), "-n", str(ranks), *command]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=budget * 3 + 120)
+    command = train_command(ranks, "--problem", problem, "--optimizer", optimizer, "--epochs", "1000000")
+    command += ["--time-limit", str(budget), *PROBLEMS[problem], *extra]
+    out = run_job(command, capture_output=True, text=True, cwd=REPO, timeout=budget * 3 + 120)
     match = _DONE.search(out.stdout)
     if match is None:
         raise RuntimeError(f"{optimizer} on {problem} failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")

@@ -28,9 +28,10 @@ import numpy as np
 
 from hpcopt.analysis.perfmodel import CollectiveProfile, Network, calibrate, predict
 from hpcopt.analysis.plots import plot_predictions
-from hpcopt.analysis.scaling import find_sweeps, iteration_times, report, scaling_rows
+from hpcopt.analysis.scaling import SCALING_COLUMNS, find_sweeps, iteration_times, report, scaling_rows
 from hpcopt.analysis.tables import format_table, load_run
-from hpcopt.jobs.render import SweepSpec, run_local
+from hpcopt.jobs.local import run_local
+from hpcopt.jobs.render import SweepSpec
 
 OPTIMIZERS = ("apts-d", "sgd", "hf")
 TARGET = Network(2e-6, 25e9, "auto")
@@ -69,21 +70,9 @@ def main() -> None:
     sweeps = [sweep for sweep in find_sweeps(runs) if sweep.study == "strong"]
 
     print("== measured strong scaling (this machine: 2 cores, shared with other work) ==")
-    print(
-        format_table(
-            scaling_rows(sweeps),
-            [
-                "optimizer",
-                "ranks",
-                "iter_time",
-                "speedup",
-                "efficiency",
-                "comm_fraction",
-                "bytes_per_iter",
-                "final_metric",
-            ],
-        )
-    )
+    # One study on one machine: the study, the batch and the file are the same on every row.
+    columns = [column for column in SCALING_COLUMNS if column not in ("study", "global_batch", "file")]
+    print(format_table(scaling_rows(sweeps), columns))
 
     local, samples = calibrate(2)
     print(f"== allreduce calibration on 2 ranks: {local.describe()} ==")

@@ -1,14 +1,22 @@
-"""Shared fixtures: where the datasets are, and how to run hpcopt under mpiexec."""
+"""Shared fixtures: where the datasets are, how to run hpcopt under mpiexec, and a test objective."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
+from torch import nn
+
+if TYPE_CHECKING:  # hpcopt.comm starts MPI: imported when an objective is made, not by every test
+    from hpcopt.comm import Communicator
+    from hpcopt.distributed.data_parallel import DistributedObjective
+    from hpcopt.problems.base import Problem
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -47,3 +55,60 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def make_objective(
+    problem: str | Problem = "logistic",
+    *,
+    model: str | nn.Module | None = None,
+    options: Mapping[str, object] | None = None,
+    seed: int = 0,
+    batch: tuple[torch.Tensor, torch.Tensor] | None = None,
+    comm: Communicator | None = None,
+    device: str | torch.device = "cpu",
+) -> DistributedObjective:
+    """A :class:`DistributedObjective` with its batch set, as an optimizer test starts.
+
+    Args:
+        problem: a name for :func:`hpcopt.problems.make_problem` (built with ``seed`` and
+            ``options``), or a problem object used as it is.
+        model: a model name for ``problem.build_model`` (built after ``torch.manual_seed(seed)``),
+            or a module used as it is.
+        options: the problem's options (only with a problem name).
+        seed: seed of the problem's data, of the model's initialisation and the batch's noise seed.
+        batch: ``(inputs, targets)``, this rank's rows of a global batch of ``comm.size`` times
+            as many; default: this rank's contiguous shard of ``problem.train`` (``len // comm.size``
+            rows each, the remainder left out).
+        comm: the communicator; default ``Communicator()`` (every rank).
+        device: where the model and the batch are put.
+
+    The problem, flat parameters and communicator are ``objective.problem``, ``.flat`` and ``.comm``.
+    """
+    from hpcopt.comm import Communicator
+    from hpcopt.distributed.data_parallel import DistributedObjective
+    from hpcopt.numerics.flat import FlatParameters
+    from hpcopt.problems import make_problem
+
+    comm = comm if comm is not None else Communicator()
+    if isinstance(problem, str):
+        problem = make_problem(problem, seed=seed, options=options)
+    if not isinstance(model, nn.Module):
+        torch.manual_seed(seed)
+        model = problem.build_model(model)
+    objective = DistributedObjective(problem, FlatParameters(model.to(device)), comm)
+    if batch is None:
+        size = len(problem.train) // comm.size
+        shard = problem.train.subset(slice(comm.rank * size, (comm.rank + 1) * size))
+        batch = shard.inputs, shard.targets
+    inputs, targets = batch
+    objective.set_batch(inputs.to(device), targets.to(device), len(inputs) * comm.size, noise_seed=seed)
+    return objective
+
+
+ObjectiveFactory = Callable[..., "DistributedObjective"]
+
+
+@pytest.fixture
+def objective_factory() -> ObjectiveFactory:
+    """:func:`make_objective`, for tests that build a data-parallel objective."""
+    return make_objective

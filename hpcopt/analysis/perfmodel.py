@@ -24,10 +24,13 @@ Allreduce of ``m`` bytes on ``P`` ranks, latency ``α`` (s), inverse bandwidth `
 The reduction arithmetic (γ term) is neglected; at 25 GB/s it is of the same order as
 β and would shift the predictions by a constant factor on the bandwidth term.
 
-Calibration: :func:`measure_allreduce` times ``MPI_Allreduce`` for several sizes on the
-ranks at hand (``python -m hpcopt.analysis.perfmodel measure`` under ``mpiexec``);
+Calibration: ``hpcopt calibrate`` under ``mpiexec`` times ``MPI_Allreduce`` for several
+sizes on the ranks at hand (:func:`hpcopt.comm.calibration.measure_allreduce`);
 :func:`fit_network` fits ``α`` and ``β`` by least squares through the chosen formula;
-:func:`calibrate` does both in a child ``mpiexec`` (``hpcopt analyze --calibrate``).
+:func:`calibrate` does both, the timing in a child ``mpiexec`` (``hpcopt analyze --calibrate``).
+
+This module never imports MPI: it may import numpy and :mod:`hpcopt.errors`, and
+reaches the communication layer only through the ``hpcopt calibrate`` command line.
 """
 
 from __future__ import annotations
@@ -35,18 +38,20 @@ from __future__ import annotations
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, SupportsInt, cast
 
 import numpy as np
 
 from hpcopt.errors import ConfigError, DataError
+
+if TYPE_CHECKING:  # annotations only: tables imports h5py
+    from hpcopt.analysis.tables import Run
 
 __all__ = [
     "ALGORITHMS",
@@ -56,7 +61,6 @@ __all__ = [
     "allreduce_time",
     "calibrate",
     "fit_network",
-    "measure_allreduce",
     "predict",
 ]
 
@@ -132,25 +136,26 @@ class CollectiveProfile:
     ref_ranks: int = 1
 
     @classmethod
-    def from_run(cls, run: object) -> CollectiveProfile:
+    def from_run(cls, run: Run) -> CollectiveProfile:
         """Median compute time per step and mean collectives per step of a loaded run log.
 
         The first step (start-up, MPI connection set-up) is left out when there are more.
         """
-        its = run.iterations  # type: ignore[attr-defined]
+        its = run.iterations
         wall = its.get("wall_time")
         if wall is None or not len(wall):
-            raise DataError(f"run log {run.path} has no iterations to build a profile from")  # type: ignore[attr-defined]
+            raise DataError(f"run log {run.path} has no iterations to build a profile from")
         step_time = np.diff(wall, prepend=0.0)
         comm_time = its.get("comm_time", np.zeros_like(step_time))
         keep = slice(1, None) if len(step_time) > 1 else slice(None)
         compute = float(np.median(step_time[keep] - comm_time[keep]))
         return cls(
-            name=str(run.attributes.get("optimizer", "run")),  # type: ignore[attr-defined]
+            name=str(run.attributes.get("optimizer", "run")),
             calls=float(np.mean(its.get("comm_calls", np.zeros(1))[keep])),
             bytes=float(np.mean(its.get("comm_bytes", np.zeros(1))[keep])),
             compute=max(compute, 0.0),
-            ref_ranks=int(run.attributes.get("world_size", 1)),  # type: ignore[attr-defined]
+            # Attribute values are typed object; RunLog writes world_size as an integer.
+            ref_ranks=int(cast(SupportsInt, run.attributes.get("world_size", 1))),
         )
 
 
@@ -214,26 +219,7 @@ def fit_network(samples: Sequence[tuple[int, float, float]], algorithm: str = "a
     return Network(max(float(latency), 0.0), 1.0 / float(beta), algorithm)
 
 
-def measure_allreduce(sizes: Sequence[int], repeats: int = 20) -> list[tuple[int, float, float]]:
-    """Median ``MPI_Allreduce`` time (slowest rank) per float32 message size, on ``COMM_WORLD``."""
-    from mpi4py import MPI
-
-    world = MPI.COMM_WORLD
-    samples: list[tuple[int, float, float]] = []
-    for count in sizes:
-        buffer = np.ones(max(int(count), 1), dtype=np.float32)
-        for _ in range(3):  # connection set-up, page faults
-            world.Allreduce(MPI.IN_PLACE, buffer, op=MPI.SUM)
-        times = []
-        for _ in range(repeats if count <= 1_000_000 else max(3, repeats // 4)):
-            world.Barrier()
-            start = time.perf_counter()
-            world.Allreduce(MPI.IN_PLACE, buffer, op=MPI.SUM)
-            times.append(time.perf_counter() - start)
-        samples.append((world.size, float(buffer.nbytes), world.allreduce(statistics.median(times), op=MPI.MAX)))
-    return samples
-
-
+#: Float32 counts of the calibration sweep: latency-bound to bandwidth-bound messages.
 DEFAULT_SIZES: tuple[int, ...] = (16, 1024, 16_384, 262_144, 1_048_576, 4_194_304)
 
 
@@ -247,36 +233,11 @@ def calibrate(
     launcher = str(mpiexec) if mpiexec.exists() else "mpiexec"
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "samples.json"
-        module = "hpcopt.analysis.perfmodel"
-        command = [launcher, "-n", str(ranks), sys.executable, "-m", "mpi4py", "-m", module, "measure"]
+        command = [launcher, "-n", str(ranks), sys.executable, "-m", "mpi4py", "-m", "hpcopt", "calibrate"]
         command += ["--sizes", ",".join(str(s) for s in sizes), "--repeats", str(repeats), "--json", str(out)]
         done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
         if done.returncode != 0 or not out.exists():
             tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
             raise DataError(f"allreduce calibration under {launcher} failed: {tail[0]}")
         samples = [tuple(item) for item in json.loads(out.read_text())]
-    return fit_network(samples, algorithm), samples  # type: ignore[arg-type]
-
-
-def _main(argv: Sequence[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(description="allreduce timing for the α–β model (run under mpiexec)")
-    parser.add_argument("action", choices=["measure"])
-    parser.add_argument("--sizes", default=",".join(str(s) for s in DEFAULT_SIZES), help="float32 counts")
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--json", help="write [ranks, bytes, seconds] samples here (rank 0)")
-    args = parser.parse_args(argv)
-    samples = measure_allreduce([int(float(s)) for s in args.sizes.split(",")], args.repeats)
-    from mpi4py import MPI
-
-    if MPI.COMM_WORLD.rank == 0:
-        if args.json:
-            Path(args.json).write_text(json.dumps(samples))
-        for ranks, nbytes, seconds in samples:
-            print(f"{ranks:4d} ranks {nbytes:12.0f} B {seconds * 1e6:10.1f} µs")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_main())
+    return fit_network(samples, algorithm), samples

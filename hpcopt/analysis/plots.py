@@ -11,12 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from hpcopt.analysis.tables import Run
 from hpcopt.errors import OutputError
+
+if TYPE_CHECKING:
+    from hpcopt.analysis.scaling import ScalingRow
 
 __all__ = ["plot_curves", "plot_predictions", "plot_scaling"]
 
@@ -93,7 +96,7 @@ def plot_curves(runs: Sequence[Run], outdir: str | Path) -> Path:
 
 
 def plot_scaling(
-    rows: Sequence[Mapping[str, object]],
+    rows: Sequence[ScalingRow],
     outdir: str | Path,
     predictions: Mapping[str, Sequence[tuple[int, float]]] | None = None,
 ) -> Path:
@@ -104,12 +107,12 @@ def plot_scaling(
     """
     plt = _pyplot()
     fig, (ax_speed, ax_eff) = plt.subplots(1, 2, figsize=(11, 4.5))
-    lines: dict[str, list[Mapping[str, object]]] = {}
+    lines: dict[str, list[ScalingRow]] = {}
     for row in rows:
         lines.setdefault(f"{row['study']} {row['optimizer']}", []).append(row)
-    all_ranks = sorted({int(row["ranks"]) for row in rows})  # type: ignore[call-overload]
+    all_ranks = sorted({int(row["ranks"]) for row in rows})
     for label, points in lines.items():
-        ranks = [int(p["ranks"]) for p in points]  # type: ignore[call-overload]
+        ranks = [int(p["ranks"]) for p in points]
         (line,) = ax_speed.plot(ranks, [p["speedup"] for p in points], marker="o", label=f"{label} (measured)")
         ax_eff.plot(ranks, [p["efficiency"] for p in points], marker="o", color=line.get_color(), label=label)
         if predictions and label in predictions:
@@ -151,8 +154,8 @@ def plot_predictions(
         style = "--" if label.endswith(" weak") else "-"
         ax.plot([p for p, _ in points], [e for _, e in points], style, color=colour, label=f"{label} (model)")
     for label, points in (measured or {}).items():
-        colour = colours.get(label.rsplit(" ", 1)[0])
-        ax.plot([p for p, _ in points], [e for _, e in points], "o", color=colour, label=f"{label} (measured)")
+        marker_colour = colours.get(label.rsplit(" ", 1)[0])
+        ax.plot([p for p, _ in points], [e for _, e in points], "o", color=marker_colour, label=f"{label} (measured)")
     ax.axhline(1.0, color="black", linestyle=":", label="ideal")
     ax.set_xscale("log", base=2)
     ax.set_ylim(0, _efficiency_top(ax, 1.05))

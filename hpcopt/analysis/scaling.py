@@ -23,10 +23,14 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
 
 from hpcopt.analysis.tables import Run
+
+if TYPE_CHECKING:
+    from hpcopt.analysis.perfmodel import Network
 
 __all__ = ["SCALING_COLUMNS", "Sweep", "find_sweeps", "iteration_times", "scaling_rows"]
 
@@ -43,6 +47,22 @@ SCALING_COLUMNS: tuple[str, ...] = (
     "final_metric",
     "file",
 )
+
+
+class ScalingRow(TypedDict):
+    """One row of :func:`scaling_rows`, keys in the order of ``SCALING_COLUMNS``."""
+
+    study: str
+    optimizer: str
+    ranks: int
+    global_batch: int
+    iter_time: float
+    speedup: float
+    efficiency: float
+    comm_fraction: float
+    bytes_per_iter: float
+    final_metric: float
+    file: str
 
 
 @dataclass
@@ -83,8 +103,8 @@ def find_sweeps(runs: Sequence[Run]) -> list[Sweep]:
     When a configuration was run twice at one rank count, the later file wins.
     """
 
-    def config(run: Run) -> tuple[str, str, str]:
-        return tuple(str(run.attributes.get(key, "")) for key in ("optimizer", "problem", "model"))  # type: ignore[return-value]
+    def config(run: Run) -> tuple[str, ...]:
+        return tuple(str(run.attributes.get(key, "")) for key in ("optimizer", "problem", "model"))
 
     sweeps: list[Sweep] = []
     for study in ("strong", "weak"):
@@ -126,9 +146,9 @@ def _comm_fraction(run: Run) -> float:
     return float(np.sum(comm) / wall[-1])
 
 
-def scaling_rows(sweeps: Sequence[Sweep]) -> list[dict[str, object]]:
+def scaling_rows(sweeps: Sequence[Sweep]) -> list[ScalingRow]:
     """One row per run of each sweep, with the columns of :data:`SCALING_COLUMNS`."""
-    rows: list[dict[str, object]] = []
+    rows: list[ScalingRow] = []
     for sweep in sweeps:
         base = sweep.runs[0]
         base_ranks = _ranks(base)
@@ -170,12 +190,24 @@ MODEL_COLUMNS: tuple[str, ...] = (
 )
 
 
-def model_rows(sweeps: Sequence[Sweep], network: object, extra_ranks: Sequence[int] = ()) -> list[dict[str, object]]:
+class ModelRow(TypedDict):
+    """One row of :func:`model_rows`, keys in the order of ``MODEL_COLUMNS``."""
+
+    study: str
+    optimizer: str
+    ranks: int
+    measured_eff: float
+    model_eff: float
+    model_iter_time: float
+    model_comm_fraction: float
+
+
+def model_rows(sweeps: Sequence[Sweep], network: Network, extra_ranks: Sequence[int] = ()) -> list[ModelRow]:
     """The α–β model of each sweep (profile from its smallest run) beside the measurement."""
     from hpcopt.analysis.perfmodel import CollectiveProfile, Network, predict
 
     assert isinstance(network, Network)
-    rows: list[dict[str, object]] = []
+    rows: list[ModelRow] = []
     measured = {(row["study"], row["optimizer"], row["ranks"]): row for row in scaling_rows(sweeps)}
     for sweep in sweeps:
         profile = CollectiveProfile.from_run(sweep.runs[0])
@@ -203,7 +235,7 @@ def report(
     *,
     csv: str | None = None,
     plot: str | None = None,
-    network: object | None = None,
+    network: Network | None = None,
     model_ranks: Sequence[int] = (),
 ) -> str:
     """The scaling (and model) tables of the sweeps among ``runs``; figures into ``plot``.
@@ -228,11 +260,11 @@ def report(
 
             raise DataError("--model needs a sweep: run logs of one configuration at two or more rank counts")
         model = model_rows(sweeps, network, model_ranks)
-        text += f"\nα–β model ({network.describe()}; profile from each sweep's smallest run)\n"  # type: ignore[attr-defined]
+        text += f"\nα–β model ({network.describe()}; profile from each sweep's smallest run)\n"
         text += format_table(model, MODEL_COLUMNS)
         for row in model:
             predictions.setdefault(f"{row['study']} {row['optimizer']}", []).append(
-                (int(row["ranks"]), float(row["model_eff"]))  # type: ignore[call-overload, arg-type]
+                (int(row["ranks"]), float(row["model_eff"]))
             )
     if plot is not None:
         from hpcopt.analysis.plots import plot_curves, plot_scaling

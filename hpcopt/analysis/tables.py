@@ -14,7 +14,7 @@ from __future__ import annotations
 import csv as csv_module
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -25,6 +25,8 @@ from hpcopt.errors import DataError, OutputError
 
 if TYPE_CHECKING:  # pandas is optional and slow to import
     import pandas
+
+    from hpcopt.analysis.perfmodel import Network
 
 __all__ = [
     "SUMMARY_COLUMNS",
@@ -253,7 +255,7 @@ def _format_value(value: object) -> str:
     return str(value)
 
 
-def format_table(rows: Sequence[dict[str, object]], columns: Sequence[str] | None = None) -> str:
+def format_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str] | None = None) -> str:
     """A fixed-width plain-text table of ``rows``: a header line, a rule, one line per row.
 
     ``columns`` defaults to the keys of the first row.  Numbers are right-aligned, text
@@ -284,7 +286,7 @@ def format_table(rows: Sequence[dict[str, object]], columns: Sequence[str] | Non
     return "\n".join(lines) + "\n"
 
 
-def write_csv(rows: Sequence[dict[str, object]], path: str, columns: Sequence[str] | None = None) -> None:
+def write_csv(rows: Sequence[Mapping[str, object]], path: str, columns: Sequence[str] | None = None) -> None:
     """Write ``rows`` to ``path`` as CSV with full-precision numbers; :class:`OutputError` if it cannot."""
     if columns is None:
         columns = list(rows[0]) if rows else list(SUMMARY_COLUMNS)
@@ -319,7 +321,7 @@ def main_analyze(
     *,
     csv: str | None = None,
     plot: str | None = None,
-    network: object | None = None,
+    network: Network | None = None,
     model_ranks: Sequence[int] = (),
 ) -> str:
     """Load every run log in ``paths`` (directories: their ``*.h5``) and return the summary table.

@@ -1,4 +1,4 @@
-"""``hpcopt`` command line: ``train``, ``analyze`` and ``jobs``.
+"""``hpcopt`` command line: ``train``, ``analyze``, ``jobs``, ``calibrate`` and ``options``.
 
 Errors a user can cause end with one line, ``hpcopt: error: …``, on every rank and
 exit status 2; the traceback of anything else is kept, because that is a bug.
@@ -12,7 +12,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from hpcopt.cli.flags import add_flags, flag_values
+from hpcopt.cli.option_tables import add_options_parser, run_options
 from hpcopt.errors import AbortError, HpcoptError
+from hpcopt.training.config import TrainConfig
 
 EXIT_USAGE = 2
 EXIT_ABORT = 3
@@ -24,35 +27,7 @@ def _train_parser(sub: Any) -> None:
         help="train a model with a distributed optimizer",
         description="Train under MPI: mpiexec -n P python -m mpi4py -m hpcopt train …",
     )
-    p.add_argument(
-        "--problem",
-        help="poisson1d|2d|3d, allen-cahn, allen-cahn-time, mnist, tinyshakespeare, quadratic, logistic "
-        "(default poisson2d)",
-    )
-    p.add_argument("--model", help="model name (default: the problem's)")
-    p.add_argument("--optimizer", help="apts-d, apts-p, apts-ip, hf, nlcg, neumann, sgd, adam (default apts-d)")
-    p.add_argument("--data-dir", dest="data_dir", help="directory with the dataset files")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", dest="batch_size", type=int, help="global mini-batch size")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--out", help="HDF5 run log to write")
-    p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing --out file")
-    p.add_argument("--threads", type=int, help="torch threads per rank (default 1)")
-    p.add_argument("--eval-every", dest="eval_every", type=int, help="evaluate every N epochs")
-    p.add_argument("--max-steps", dest="max_steps", type=int, help="stop after N outer iterations")
-    p.add_argument("--time-limit", dest="time_limit", type=float, help="stop at the first evaluation after N seconds")
-    p.add_argument("--target", type=float, help="stop when the validation metric reaches this value")
-    p.add_argument("--quiet", action="store_true", default=None)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="auto (default: cuda if a GPU is seen), cpu, cuda")
-    p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, help="write a checkpoint every N steps")
-    p.add_argument("--checkpoint", help="checkpoint file (default: the --out path with .ckpt appended)")
-    p.add_argument("--resume", help="continue the run saved in this checkpoint (same rank count)")
-    p.add_argument(
-        "--collective-timeout",
-        dest="collective_timeout",
-        type=float,
-        help="abort the job when a collective waits longer than this many seconds (default 0: no watchdog)",
-    )
+    add_flags(p, TrainConfig)
     p.add_argument("--config", help="TOML file: train options at top level, [OPTIMIZER] and [PROBLEM] option tables")
     p.add_argument(
         "--set",
@@ -107,8 +82,43 @@ def _jobs_parser(sub: Any) -> None:
         q.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then extra hpcopt train arguments")
 
 
+def _calibrate_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "calibrate",
+        help="time MPI_Allreduce per message size for the α–β model (run under mpiexec)",
+        description="Allreduce timings on the ranks at hand: mpiexec -n P python -m mpi4py -m hpcopt calibrate …",
+    )
+    p.add_argument("--sizes", help="float32 counts per message, e.g. 16,1024,1e6 (default: the model's sweep)")
+    p.add_argument("--repeats", type=int, default=20, help="timed allreduces per size (default 20)")
+    p.add_argument("--json", metavar="OUT", help="write the [ranks, bytes, seconds] samples here (rank 0)")
+
+
+def _run_calibrate(args: argparse.Namespace) -> str:
+    """Rank 0's table of the timings (other ranks: ``""``); ``--json`` gets the samples."""
+    import json
+    from pathlib import Path
+
+    from hpcopt.analysis.perfmodel import DEFAULT_SIZES
+    from hpcopt.comm import Communicator, measure_allreduce, parse_sizes
+    from hpcopt.errors import ConfigError
+
+    if args.repeats < 1:
+        raise ConfigError(f"--repeats must be >= 1, got {args.repeats}")
+    sizes = parse_sizes(args.sizes) if args.sizes else DEFAULT_SIZES
+    comm = Communicator()
+    samples = measure_allreduce(sizes, args.repeats, comm)
+    if not comm.is_root:
+        return ""
+    if args.json:
+        Path(args.json).write_text(json.dumps(samples))
+    return "\n".join(
+        f"{ranks:4d} ranks {nbytes:12.0f} B {seconds * 1e6:10.1f} µs" for ranks, nbytes, seconds in samples
+    )
+
+
 def _run_jobs(args: argparse.Namespace) -> str:
-    from hpcopt.jobs.render import SweepSpec, parse_ranks, render_sweep, run_local
+    from hpcopt.jobs.local import run_local
+    from hpcopt.jobs.render import SweepSpec, parse_ranks, render_sweep
 
     extra = list(args.train_args)
     if extra and extra[0] == "--":
@@ -181,10 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub)
     _analyze_parser(sub)
     _jobs_parser(sub)
+    _calibrate_parser(sub)
+    add_options_parser(sub)
     return parser
 
 
-def _train_options(args: argparse.Namespace) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+def _train_options(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any], dict[str, Any]]:
     """Merge the TOML file, the command line and ``--set`` (later wins).
 
     The TOML file holds train options at top level and one table per optimizer or
@@ -195,7 +207,6 @@ def _train_options(args: argparse.Namespace) -> tuple[Any, dict[str, Any], dict[
     from hpcopt.errors import ConfigError
     from hpcopt.optimizers import OPTIMIZERS, RESERVED
     from hpcopt.problems import PROBLEMS
-    from hpcopt.training.trainer import TrainConfig
 
     file_values: dict[str, Any] = load_toml(args.config) if args.config else {}
     sections = {key: value for key, value in file_values.items() if isinstance(value, dict)}
@@ -206,31 +217,7 @@ def _train_options(args: argparse.Namespace) -> tuple[Any, dict[str, Any], dict[
                 f"config file {args.config}: table [{name}] names no optimizer or problem "
                 f"(optimizers: {', '.join(OPTIMIZERS)}; problems: {', '.join(PROBLEMS)})"
             )
-    for name in (
-        "problem",
-        "model",
-        "optimizer",
-        "data_dir",
-        "epochs",
-        "batch_size",
-        "seed",
-        "out",
-        "overwrite",
-        "threads",
-        "eval_every",
-        "max_steps",
-        "checkpoint_every",
-        "checkpoint",
-        "resume",
-        "collective_timeout",
-        "time_limit",
-        "target",
-        "quiet",
-        "device",
-    ):
-        value = getattr(args, name)
-        if value is not None:
-            train_values[name] = value
+    train_values.update(flag_values(args, TrainConfig))
     cfg = build_config(TrainConfig, train_values, what="train")
     optimizer_options = dict(sections.get(cfg.optimizer, {}))
     problem_options = dict(sections.get(cfg.problem, {}))
@@ -251,7 +238,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "jobs":
             print(_run_jobs(args))
             return 0
-        from hpcopt.comm.communicator import Communicator
+        if args.command == "options":
+            print(run_options(args))
+            return 0
+        if args.command == "calibrate":
+            text = _run_calibrate(args)
+            if text:
+                print(text)
+            return 0
+        from hpcopt.comm import Communicator
         from hpcopt.training.trainer import train
 
         cfg, optimizer_options, problem_options = _train_options(args)
@@ -277,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.write(2, f"hpcopt: error: {exc}\n".encode())
         if isinstance(exc, AbortError):
             # Other ranks may be stuck in a collective and would never return.
-            from hpcopt.comm.communicator import Communicator
+            from hpcopt.comm import Communicator
 
             Communicator().abort(EXIT_ABORT)
         return EXIT_USAGE

@@ -1,4 +1,4 @@
-"""The only module that touches MPI.
+"""Collectives on flat torch tensors over an MPI communicator, and their counters.
 
 Optimizers never import mpi4py: they fill a flat torch buffer and call
 ``comm.allreduce_(buffer)`` (or one of the few other collectives below).  Every
@@ -10,60 +10,38 @@ and mpi4py's buffer methods (``Allreduce``, ``Bcast``, ``Allgatherv``) read and
 write it in place; Python objects (configs, error messages, signatures) use the
 pickle-based lower-case methods, never on a hot path.
 
-CUDA tensors.  Before any MPI call sees a device buffer, the stream that wrote it
-is synchronised.  With a CUDA-aware MPI (:func:`cuda_aware_mpi`: the
-``HPCOPT_CUDA_AWARE=0|1`` override, else ``MPI.Query_cuda_support`` where mpi4py
-has it, else the library's ``MPIX_Query_cuda_support``) the device memory goes to
-MPI directly; otherwise :class:`HostStaging` copies it through a pinned host
-buffer and back, and rank 0 prints a one-line warning once.  Staging copies are
-counted in ``Communicator.staging``, not in the per-operation counters.
+CUDA tensors go to MPI directly when the library is CUDA-aware, else through
+:class:`~hpcopt.comm.cuda_aware.HostStaging` (rank 0 prints a one-line warning
+once); staging copies are counted in ``Communicator.staging``, not in the
+per-operation counters.  With ``collective_timeout > 0`` the tensor collectives
+and the barrier run under the watchdog of :mod:`hpcopt.comm.watchdog`.
 
 A single process started without ``mpiexec`` is a world of size 1 (MPI
 singleton init), so the same code runs unchanged.
 
-Watchdog.  With ``collective_timeout > 0`` the tensor collectives and the barrier
-are non-blocking (``Iallreduce``, ``Ibcast``, ``Iallgatherv``, ``Ibarrier``) followed by
-a ``Test`` loop with a deadline: a collective that does not complete in time raises
-:class:`AbortError` naming the operation and the rank, and rank 0 additionally
-watches for failure notices (:meth:`Communicator.notify_failure`) from other ranks
-while it waits.  The pickle-based object collectives stay blocking (start-up only).
-
 Sub-communicators (:meth:`Communicator.split`) report to the communicator they were
 split from: the same counters, host staging and watchdog setting, and failure notices
 still go to rank 0 of the world.
+
+Owns :class:`Communicator`, :class:`PackedBuffer`, :class:`PointToPointRequest` and
+the counters; imports torch, :mod:`hpcopt.errors` and the other modules of
+:mod:`hpcopt.comm`.
 """
 
 from __future__ import annotations
 
 import os
 import time
-import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from hpcopt.comm import watchdog
+from hpcopt.comm.cuda_aware import HostStaging, cuda_aware_mpi, synchronize
+from hpcopt.comm.mpi import mpi_module
 from hpcopt.errors import AbortError, HpcoptError
-
-# Point-to-point tag of the failure notices a failing rank sends to rank 0.
-FAILURE_TAG = 7077
-# While waiting on a collective: spin on Test for this long, then yield the core
-# between Tests (ranks often share cores), and look for failure notices this often.
-# Yield, not sleep: a non-blocking collective only progresses inside Test, so a
-# sleep between Tests stretches every pipelined chunk of a large message by the
-# sleep (measured: +11 % per APTS-D step of a 390k-parameter CNN with a 50 us sleep).
-# sched_yield returns at once when no other process wants the core, like MPI's own spin.
-_SPIN_SECONDS = 1e-3
-_NOTICE_INTERVAL = 5e-3
-_yield_core = getattr(os, "sched_yield", lambda: time.sleep(0))
-
-
-def _mpi() -> Any:
-    # Imported lazily so that `hpcopt analyze` and pure-math tests start without MPI.
-    from mpi4py import MPI
-
-    return MPI
 
 
 @dataclass(slots=True)  # updated on every collective: slots make that a little cheaper
@@ -120,114 +98,6 @@ class PackedBuffer:
         self.scalars = self.data[n:]
 
 
-def _libmpi_query_cuda_support() -> bool | None:
-    """``MPIX_Query_cuda_support()`` of the loaded MPI library (Open MPI, MPICH ≥ 4), if it has one."""
-    import ctypes
-
-    paths: list[str] = []
-    try:
-        with open("/proc/self/maps") as maps:
-            paths = sorted({line.split()[-1] for line in maps if "libmpi" in line and "/" in line})
-    except OSError:
-        pass
-    for path in paths:
-        try:
-            query = getattr(ctypes.CDLL(path), "MPIX_Query_cuda_support", None)
-        except OSError:
-            continue
-        if query is not None:
-            query.restype = ctypes.c_int
-            query.argtypes = []
-            return bool(query())
-    return None
-
-
-def cuda_aware_mpi(environ: Any | None = None) -> bool:
-    """Whether MPI may be handed CUDA device memory.
-
-    ``HPCOPT_CUDA_AWARE=1``/``0`` decides when set; otherwise mpi4py's
-    ``MPI.Query_cuda_support()`` (where available), then the library's
-    ``MPIX_Query_cuda_support``; if neither answers, ``False`` (staging is always safe).
-
-    Raises:
-        ConfigError: ``HPCOPT_CUDA_AWARE`` is set to something other than 0 or 1.
-    """
-    import os
-
-    from hpcopt.errors import ConfigError
-
-    value = (os.environ if environ is None else environ).get("HPCOPT_CUDA_AWARE", "").strip()
-    if value in ("0", "1"):
-        return value == "1"
-    if value:
-        raise ConfigError(f"HPCOPT_CUDA_AWARE must be 0 or 1, got {value!r}")
-    query = getattr(_mpi(), "Query_cuda_support", None)
-    if query is not None:
-        return bool(query())
-    return bool(_libmpi_query_cuda_support())
-
-
-def _synchronize(tensor: torch.Tensor) -> None:
-    # MPI reads device memory outside CUDA's stream order: the kernels that wrote it must be done.
-    if tensor.device.type == "cuda":
-        torch.cuda.current_stream(tensor.device).synchronize()
-
-
-class HostStaging:
-    """Moves device tensors through host buffers around an MPI call (MPI without CUDA support).
-
-    One host buffer per (slot, dtype, size) is kept and reused; it is page-locked
-    (pinned) when the torch build can pin memory, else ordinary memory (CPU-only
-    builds, where staging only runs in tests).
-
-    Attributes:
-        pinned: whether the last buffer allocated is pinned (``None`` before any).
-        copies: device↔host copies made; bytes: their payload; seconds: their time.
-    """
-
-    def __init__(self) -> None:
-        self._buffers: dict[tuple[str, torch.dtype, int], torch.Tensor] = {}
-        self.pinned: bool | None = None
-        self.copies = 0
-        self.bytes = 0
-        self.seconds = 0.0
-
-    def host_buffer(self, numel: int, dtype: torch.dtype, slot: str = "data") -> torch.Tensor:
-        key = (slot, dtype, numel)
-        buffer = self._buffers.get(key)
-        if buffer is None:
-            if len(self._buffers) >= 16:
-                self._buffers.clear()
-            try:
-                buffer = torch.empty(numel, dtype=dtype, pin_memory=True)
-                self.pinned = True
-            except RuntimeError:
-                buffer = torch.empty(numel, dtype=dtype)
-                self.pinned = False
-            self._buffers[key] = buffer
-        return buffer
-
-    def to_host(self, tensor: torch.Tensor, slot: str = "data") -> torch.Tensor:
-        """A host copy of ``tensor`` (flattened), complete when this returns."""
-        start = time.perf_counter()
-        host = self.host_buffer(tensor.numel(), tensor.dtype, slot)
-        host.copy_(tensor.detach().reshape(-1), non_blocking=True)
-        _synchronize(tensor)
-        self._count(host, start)
-        return host
-
-    def to_device(self, host: torch.Tensor, tensor: torch.Tensor) -> None:
-        """Copy ``host`` back into ``tensor``; ordered on the device's stream before later work."""
-        start = time.perf_counter()
-        tensor.detach().view(-1).copy_(host, non_blocking=True)
-        self._count(host, start)
-
-    def _count(self, host: torch.Tensor, start: float) -> None:
-        self.copies += 1
-        self.bytes += host.numel() * host.element_size()
-        self.seconds += time.perf_counter() - start
-
-
 class PointToPointRequest:
     """A pending ``isend``/``irecv``: keeps its tensor alive and counts the message on ``wait()``.
 
@@ -235,7 +105,9 @@ class PointToPointRequest:
     seconds spent posting plus waiting).
     """
 
-    def __init__(self, stats: CommStats, op: str, nbytes: int, request: Any, tensor: torch.Tensor, posted: float):
+    def __init__(
+        self, stats: CommStats, op: str, nbytes: int, request: Any, tensor: torch.Tensor, posted: float
+    ) -> None:
         self._stats = stats
         self._op = op
         self._nbytes = nbytes
@@ -262,7 +134,7 @@ class Communicator:
     """
 
     def __init__(self, mpi_comm: Any | None = None, *, parent: Communicator | None = None) -> None:
-        mpi = _mpi()
+        mpi = mpi_module()
         self._mpi = mpi
         self._comm = mpi.COMM_WORLD if mpi_comm is None else mpi_comm
         self.rank: int = self._comm.Get_rank()
@@ -273,14 +145,14 @@ class Communicator:
         self._parent = parent
         # The world communicator as a plain attribute: the hot path reads its watchdog setting.
         self._world: Communicator = self if parent is None else parent._world
-        self.stats = CommStats() if parent is None else parent.stats
+        self.stats: CommStats = CommStats() if parent is None else parent.stats
         self._ops = {"sum": mpi.SUM, "max": mpi.MAX, "min": mpi.MIN}
         self._in_place = mpi.IN_PLACE
         self._views: dict[int, tuple[torch.Tensor, Any]] = {}
         self._collective_timeout = 0.0
         self._collectives = 0
         #: Device buffers that MPI cannot read go through this (see the module docstring).
-        self.staging = HostStaging() if parent is None else parent.staging
+        self.staging: HostStaging = HostStaging() if parent is None else parent.staging
         #: Stage CPU tensors too (tests of the staging path on machines without a GPU).
         self.force_staging = False
         self._cuda_aware: bool | None = None
@@ -330,8 +202,6 @@ class Communicator:
         if not top._staging_warned and any(t.device.type != "cpu" for t in tensors):
             top._staging_warned = True
             if top.is_root:
-                import os
-
                 os.write(2, b"hpcopt: warning: MPI is not CUDA-aware; staging device buffers through host memory\n")
         hosts = [self.staging.to_host(t, slot=f"arg{i}") for i, t in enumerate(tensors)]
         self._in_staging = True
@@ -355,7 +225,7 @@ class Communicator:
         if tensor.device.type != "cpu":
             # Reached with a CUDA-aware MPI (or a world of one): mpi4py reads the device
             # memory through __cuda_array_interface__.  Never cached: every call synchronises.
-            _synchronize(tensor)
+            synchronize(tensor)
             return tensor.detach()
         array = tensor.detach().numpy()
         if cache:
@@ -502,24 +372,15 @@ class Communicator:
     def _wait(self, request: Any, op: str, nbytes: int) -> None:
         """Complete a non-blocking collective or raise :class:`AbortError` at the deadline."""
         self._collectives += 1
-        start = time.perf_counter()
         # Rank 0 owns the run log, so it should be the one that detects a stall and
         # closes the log as failed before aborting: the other ranks wait twice as long.
-        deadline = start + self.collective_timeout * (1 if self._top.rank == 0 else 2)
-        next_notice_check = start + _NOTICE_INTERVAL
-        while not request.Test():
-            now = time.perf_counter()
-            if now >= next_notice_check:
-                next_notice_check = now + _NOTICE_INTERVAL
-                self._raise_on_notice()
-                if now >= deadline:
-                    raise AbortError(
-                        f"rank {self.rank}: {op} of {nbytes} bytes (collective #{self._collectives} of this rank) "
-                        f"did not complete within --collective-timeout {self.collective_timeout:g}s; another rank "
-                        "is stalled or dead, aborting the job"
-                    )
-            if now - start > _SPIN_SECONDS:
-                _yield_core()
+        seconds = self.collective_timeout * (1 if self._top.rank == 0 else 2)
+        if not watchdog.complete_by_deadline(request, seconds, self._raise_on_notice):
+            raise AbortError(
+                f"rank {self.rank}: {op} of {nbytes} bytes (collective #{self._collectives} of this rank) "
+                f"did not complete within --collective-timeout {self.collective_timeout:g}s; another rank "
+                "is stalled or dead, aborting the job"
+            )
 
     def _raise_on_notice(self) -> None:
         if self._parent is not None:
@@ -528,11 +389,7 @@ class Communicator:
             return
         if self.rank != 0:
             return
-        status = self._mpi.Status()
-        if self._comm.iprobe(source=self._mpi.ANY_SOURCE, tag=FAILURE_TAG, status=status):
-            source = status.Get_source()
-            message = self._comm.recv(source=source, tag=FAILURE_TAG)
-            raise AbortError(f"rank {source} failed: {message}")
+        watchdog.raise_on_failure_notice(self._comm)
 
     def notify_failure(self, error: BaseException) -> None:
         """Tell rank 0 that this rank is about to die of ``error`` (watchdog on only).
@@ -545,13 +402,7 @@ class Communicator:
         """
         if self.size == 1 or self.rank == 0 or self.collective_timeout <= 0:
             return
-        text = "".join(traceback.format_exception_only(error)).strip()
-        request = self._comm.issend(text, dest=0, tag=FAILURE_TAG)
-        deadline = time.perf_counter() + self.collective_timeout
-        while not request.Test() and time.perf_counter() < deadline:
-            time.sleep(1e-3)
-        while time.perf_counter() < deadline:
-            time.sleep(1e-2)  # rank 0 is closing its log; its MPI_Abort ends this process
+        watchdog.send_failure_notice(self._comm, error, self.collective_timeout)
 
     def split(self, color: int, key: int | None = None) -> Communicator:
         """A sub-communicator of the ranks sharing ``color`` (ordered by ``key``, default rank).

@@ -12,17 +12,21 @@ trust-region ratio needs:
   differ only because θ differs;
 * value-only evaluations (trial points) do not move batch-norm running statistics;
   only gradient evaluations do, as in ordinary training.
+
+The global curvature product ``Σ_r w_r B_r v`` is :class:`DistributedCurvature`, the
+one operator of Hessian-free's Krylov solves and of the APTS global pass.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
-from hpcopt.comm.communicator import Communicator, PackedBuffer
+from hpcopt.comm import Communicator, PackedBuffer
 from hpcopt.numerics.curvature import CurvatureKind, CurvatureOperator, LocalObjective
 from hpcopt.numerics.flat import FlatParameters
 from hpcopt.problems.base import Problem
@@ -103,14 +107,14 @@ class DistributedObjective:
         self.evaluations += 1
         with self._same_noise(), _frozen_batchnorm_stats(self.model):
             value = self.local.value()
-        return faults.inject("trial", self.comm.rank, self.step, value)  # type: ignore[return-value]
+        return faults.inject("trial", self.comm.rank, self.step, value)
 
     def local_value_and_grad(self) -> tuple[float, torch.Tensor]:
         """f_r and g_r at the current parameters; g_r is ``flat.grad`` (no copy)."""
         self.evaluations += 1
         with self._same_noise():
             value, grad = self.local.value_and_grad()
-        return faults.inject("gradient", self.comm.rank, self.step, value), grad  # type: ignore[return-value]
+        return faults.inject("gradient", self.comm.rank, self.step, value), grad
 
     def local_curvature(self, kind: CurvatureKind, damping: float = 0.0) -> CurvatureOperator:
         """The local curvature operator B_r at the current parameters."""
@@ -141,3 +145,76 @@ class DistributedObjective:
     def value(self) -> float:
         """Global f at the current parameters (trial evaluation)."""
         return self.reduce_value(self.local_value())
+
+    def curvature(self, kind: CurvatureKind) -> DistributedCurvature:
+        """The global curvature B = Σ_r w_r B_r at the current parameters on the whole batch."""
+        return DistributedCurvature(self, self.local_curvature(kind), self.weight)
+
+
+class DistributedCurvature:
+    """``v ↦ (Σ_r w_r B_r v) + λv``: one allreduce(n) per product, nothing else.
+
+    Every Krylov vector is replicated, so the product is the only collective a
+    solve needs.  With ``watch_negative`` it also watches every product for negative
+    curvature: the Rayleigh quotient ``κ = vᵀBv/vᵀv`` of the undamped B (local dots
+    of replicated vectors) and the most negative direction met so far are kept, so
+    any Krylov solver reports negative curvature without knowing about it.
+
+    Args:
+        objective: the communicator and the layout of the product buffer.
+        local: this rank's B_r, or ``None`` when it has no rows in the curvature
+            batch (it still joins every allreduce, with zeros).
+        weight: w_r, this rank's share of the rows B is taken over; read at every
+            product, so a caller may rescale it.
+        damping: λ (0: none).
+        watch_negative: track negative curvature (costs two local dots per product).
+
+    Attributes:
+        products: collectives (products) taken so far.
+        negative_direction: the vector with the most negative κ, or None.
+        negative_curvature: that κ (0.0 when none).
+    """
+
+    def __init__(
+        self,
+        objective: DistributedObjective,
+        local: CurvatureOperator | None,
+        weight: float,
+        damping: float = 0.0,
+        *,
+        watch_negative: bool = False,
+    ) -> None:
+        self.comm = objective.comm
+        self.local = local
+        self.weight = weight
+        self.damping = damping
+        self.watch_negative = watch_negative
+        self.buffer = objective.comm_buffer(scalars=0)
+        self.products = 0
+        self.negative_direction: torch.Tensor | None = None
+        self.negative_curvature = 0.0
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        vector = self.buffer.vector
+        if self.local is None:
+            vector.zero_()
+        else:
+            torch.mul(self.local(v), self.weight, out=vector)
+        self.comm.allreduce_(self.buffer.data)
+        self.products += 1
+        product = vector.clone()
+        if self.watch_negative:
+            self._watch(v, product)
+        if self.damping:
+            product.add_(v, alpha=self.damping)
+        return product
+
+    def _watch(self, v: torch.Tensor, product: torch.Tensor) -> None:
+        vv = float(torch.dot(v, v))
+        vbv = float(torch.dot(v, product))
+        # Relative threshold: a PSD operator may show -1e-9-sized quotients by rounding.
+        if vv > 0 and vbv < -1e-6 * math.sqrt(vv) * float(product.norm()):
+            kappa = vbv / vv
+            if kappa < self.negative_curvature:
+                self.negative_curvature = kappa
+                self.negative_direction = v.detach().clone()

@@ -23,23 +23,26 @@ its loss differentiates the network w.r.t. its inputs and no rank holds the netw
 With data parallelism on top, the P ranks form ``stages × replicas``
 (:class:`PipelineLayout`): each replica is a whole pipeline, and a :class:`Pipeline`
 is given the communicator of its replica's stages only.
+
+:class:`PipelineObjective` is APTS-IP's objective: this rank's stage, its replica's
+shard of the batch and the collectives over the pipeline and replica communicators.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 import torch
 from torch import Tensor, nn
 
-from hpcopt.comm.communicator import Communicator, PointToPointRequest
+from hpcopt.comm import Communicator, PackedBuffer, PointToPointRequest
 from hpcopt.distributed.decomposition import linear_partition
 from hpcopt.errors import ConfigError
 from hpcopt.numerics.flat import FlatParameters
 from hpcopt.numerics.jets import apply_to_jet, input_jet, scalar_jet
-from hpcopt.problems.base import JetProblem
+from hpcopt.problems.base import JetProblem, Problem
 
 FORWARD_TAG = 11
 BACKWARD_TAG = 12
@@ -205,8 +208,14 @@ class Pipeline:
         self.model_numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
         # Every stage's parameter count, from the whole model before it is dropped: a
         # checkpoint gathers and splits the whole flat vector without asking the other ranks.
+        # (torch annotates Sequential.__getitem__ as Sequential | Module; a slice gives a Sequential.)
         self.stage_numels = [
-            sum(p.numel() for layer in model[start:end] for p in layer.parameters() if p.requires_grad)
+            sum(
+                p.numel()
+                for layer in cast("nn.Sequential", model[start:end])
+                for p in layer.parameters()
+                if p.requires_grad
+            )
             for start, end in zip(self.bounds[:-1], self.bounds[1:])
         ]
         layers = list(model)[self.bounds[self.stage] : self.bounds[self.stage + 1]]
@@ -297,7 +306,8 @@ class Pipeline:
                     out.backward(grad_out)
                     grads.append(grad_out)
                 if not self.first:
-                    pending += self._isend(x.grad, self.stage - 1, BACKWARD_TAG)
+                    # x is a received activation that requires grad: the backward above set x.grad.
+                    pending += self._isend(cast(Tensor, x.grad), self.stage - 1, BACKWARD_TAG)
             self.stage_inputs = torch.cat([x.detach() for x, _ in saved])
             self.output_grads = None if self.last else torch.cat(grads[::-1])
         for request in pending:
@@ -315,3 +325,105 @@ class Pipeline:
         shape = self.comm.bcast_object(tuple(out.shape) if self.last else None, root=self.stages - 1)
         result = out if self.last else torch.empty(shape, dtype=self.flat.dtype, device=self.flat.device)
         return self.comm.bcast_(result.contiguous(), root=self.stages - 1)
+
+
+class PipelineObjective:
+    """This rank's stage, its replica's shard of the batch, and the collectives of APTS-IP.
+
+    An :class:`~hpcopt.distributed.objective.Objective`, as the data-parallel
+    :class:`~hpcopt.distributed.data_parallel.DistributedObjective` is: with one
+    replica, every rank is given the whole global batch; with R replicas, the ranks of
+    replica r are given its shard B_r (the same on every stage of the replica).
+
+    Args:
+        problem: the loss (``criterion``) and, for evaluation, the metrics.
+        pipeline: this rank's stage, over its replica's pipeline communicator.
+        world: all P ranks (the trial value is reduced over it).
+        replica_comm: this stage in every replica, ranked by replica.
+        layout: stages × replicas of ``world``.
+    """
+
+    def __init__(
+        self,
+        problem: Problem,
+        pipeline: Pipeline,
+        world: Communicator,
+        replica_comm: Communicator,
+        layout: PipelineLayout,
+    ) -> None:
+        self.problem = problem
+        self.pipeline = pipeline
+        self.comm = world
+        self.replica_comm = replica_comm
+        self.layout = layout
+        self.flat = pipeline.flat
+        self.inputs: Tensor | None = None
+        self.targets: Tensor | None = None
+        self.weight = 1.0
+        self.step = 0
+        dtype, device = self.flat.dtype, self.flat.device
+        self._packed = PackedBuffer(self.flat.numel, 2, dtype=dtype, device=device)
+        self._step = torch.zeros(self.flat.numel, dtype=dtype, device=device)
+        # With replicas f rides in the gradient buffer (flat dtype): the trial value is
+        # reduced in the same dtype, so that f(θ_k) and f(θ_k+s) are rounded alike.
+        self._trial = torch.zeros(1, dtype=torch.float64 if layout.replicas == 1 else dtype, device=device)
+
+    @property
+    def numel(self) -> int:
+        return self.flat.numel
+
+    @property
+    def replicated(self) -> bool:
+        return self.layout.replicas > 1
+
+    def set_batch(self, inputs: Tensor, targets: Tensor, global_size: int, noise_seed: int) -> None:
+        del noise_seed  # the pipelined models have no dropout (checked at build)
+        rows = inputs.shape[0]
+        if not self.replicated and rows != global_size:
+            raise ValueError("apts-ip: with one replica every rank must hold the whole global batch")
+        if not 0 < rows <= global_size:
+            raise ValueError(f"apts-ip: a shard of {rows} rows of a global batch of {global_size}")
+        self.inputs, self.targets = inputs, targets
+        self.weight = rows / global_size
+
+    def run(self, *, backward: bool) -> float:
+        """The shard loss on the last stage (0.0 elsewhere); see :meth:`Pipeline.run`."""
+        if self.inputs is None or self.targets is None:
+            raise RuntimeError("set_batch() must be called before evaluating the objective")
+        return self.pipeline.run(self.inputs, self.targets, self.problem.criterion, backward=backward)
+
+    def value_and_grad(self) -> tuple[float, Tensor]:
+        """Global f (last stage; 0.0 elsewhere) and this stage's global gradient block g_s.
+
+        ``flat.grad`` keeps the replica's own block g_{s,r} afterwards; the returned
+        block is a view of an internal buffer with replicas (``flat.grad`` without).
+        """
+        loss_part = self.run(backward=True)
+        grad = self.flat.grad
+        if not self.replicated:
+            return loss_part, grad
+        packed = self._packed
+        torch.mul(grad, self.weight, out=packed.vector)
+        packed.scalars[0] = self.weight * loss_part
+        packed.scalars[1] = self.weight
+        self.replica_comm.allreduce_(packed.data)
+        if abs(float(packed.scalars[1]) - 1.0) > 1e-5:
+            # The same sum on every rank (the weights depend on the replica only): all raise.
+            raise ValueError(
+                f"apts-ip: the replicas' shards add up to {float(packed.scalars[1]):.6g} of the global batch, "
+                "not 1: each replica must be given its own contiguous shard"
+            )
+        return float(packed.scalars[0]), packed.vector
+
+    def average_step(self, step: Tensor) -> Tensor:
+        """The replicas' weighted average of this stage's local steps (``step`` itself with one replica)."""
+        if not self.replicated:
+            return step
+        torch.mul(step, self.weight, out=self._step)
+        return self.replica_comm.allreduce_(self._step)
+
+    def value(self) -> float:
+        """Global f at the current parameters: one scalar allreduce over the world (trial points)."""
+        self._trial[0] = self.weight * self.run(backward=False)
+        self.comm.allreduce_(self._trial)
+        return float(self._trial[0])

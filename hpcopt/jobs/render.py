@@ -1,4 +1,4 @@
-"""Scaling sweeps: SLURM job scripts (``hpcopt jobs render``) and a local runner (``hpcopt jobs local``).
+"""SLURM job scripts of a scaling sweep (``hpcopt jobs render``), and the sweep description itself.
 
 A sweep is one training configuration run at several rank counts:
 
@@ -6,16 +6,28 @@ A sweep is one training configuration run at several rank counts:
 * ``weak``: the batch per rank ``B`` is fixed, the global batch is ``B·P``.
 
 Every point writes its HDF5 run log to ``OUTDIR/<name>-<job id>.h5`` (``<name>-local.h5``
-for the local runner), so ``hpcopt analyze OUTDIR/*.h5`` tabulates the sweep either way.
+for the local runner, :mod:`hpcopt.jobs.local`), so ``hpcopt analyze OUTDIR/*.h5``
+tabulates the sweep either way.
 
-Templates (Python string templates, below): ``cpu`` places ``ranks_per_node`` ranks on
-each node with ``--cpus-per-task`` cores each and sets the OpenMP/torch thread count to
-match (``hpcopt train --threads``); ``gpu`` places one rank per GPU and binds rank
-``SLURM_LOCALID`` to GPU ``SLURM_LOCALID`` through ``CUDA_VISIBLE_DEVICES`` and trains
-with ``--device cuda``.  Both
-launch ``srun --mpi=pmi2 python -m mpi4py -m hpcopt train …``; the launcher is the
-shell variable ``HPCOPT_LAUNCH`` (``srun --mpi=pmix`` or ``mpirun -n $SLURM_NTASKS``
-where PMI2 is missing), documented in ``jobs/README.md``.
+Templates are files, ``jobs/templates/{cpu,gpu}.sbatch`` and ``submit.sh``, read with
+:class:`string.Template` (``${name}`` is a placeholder, ``$$`` a literal ``$``).  ``cpu``
+places ``ranks_per_node`` ranks on each node with ``--cpus-per-task`` cores each and sets
+the OpenMP/torch thread count to match (``hpcopt train --threads``); ``gpu`` places one
+rank per GPU and binds rank ``SLURM_LOCALID`` to GPU ``SLURM_LOCALID`` through
+``CUDA_VISIBLE_DEVICES`` and trains with ``--device cuda``.  Both launch
+``srun --mpi=pmi2 python -m mpi4py -m hpcopt train …``; the launcher is the shell
+variable ``HPCOPT_LAUNCH`` (``srun --mpi=pmix`` or ``mpirun -n $SLURM_NTASKS`` where
+PMI2 is missing), documented in ``jobs/README.md``.
+
+Where the templates are found (first directory holding all of them wins), as
+:func:`hpcopt.kernels.cuda.kernel_dir` finds the CUDA sources:
+
+1. ``$HPCOPT_TEMPLATE_DIR`` (a site's own copies);
+2. ``jobs/templates/`` beside the ``hpcopt`` package (a source checkout or an editable
+   install);
+3. ``<sys.prefix>/share/hpcopt/jobs/templates``, where ``pip install .`` puts them
+   (``data_files`` in ``setup.py``), or the same under the user base after
+   ``pip install --user .``.
 """
 
 from __future__ import annotations
@@ -23,92 +35,71 @@ from __future__ import annotations
 import math
 import os
 import shlex
+import site
 import string
-import subprocess
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from hpcopt.errors import ConfigError, OutputError
 
-__all__ = ["STUDIES", "TEMPLATES", "SweepPoint", "SweepSpec", "parse_ranks", "render_sweep", "run_local"]
+__all__ = [
+    "STUDIES",
+    "TEMPLATES",
+    "TEMPLATE_FILES",
+    "SweepPoint",
+    "SweepSpec",
+    "fill_template",
+    "parse_ranks",
+    "prepare_outdir",
+    "render_sweep",
+    "template_dir",
+]
 
 STUDIES: tuple[str, ...] = ("strong", "weak")
 
-_CPU_TEMPLATE = """\
-#!/bin/bash
-# hpcopt ${study}-scaling point: ${ranks} rank(s), global batch ${global_batch} (CPU template).
-# Rendered by: hpcopt jobs render; submit with: sbatch ${script}
-#SBATCH --job-name=${name}
-#SBATCH --nodes=${nodes}
-#SBATCH --ntasks=${ranks}
-#SBATCH --ntasks-per-node=${ranks_per_node}
-#SBATCH --cpus-per-task=${threads}
-#SBATCH --time=${time}
-#SBATCH --output=${outdir}/${name}-%j.out
-${sbatch_lines}
-set -euo pipefail
-cd ${workdir}
+#: ``--template`` name -> its file in :func:`template_dir`.
+TEMPLATE_FILES: dict[str, str] = {"cpu": "cpu.sbatch", "gpu": "gpu.sbatch"}
+TEMPLATES: tuple[str, ...] = tuple(TEMPLATE_FILES)
+_SUBMIT_FILE = "submit.sh"
+_ALL_FILES = (*TEMPLATE_FILES.values(), _SUBMIT_FILE)
 
-# One torch/OpenMP thread pool per rank, as large as the cores SLURM gave the rank.
-export OMP_NUM_THREADS=$${SLURM_CPUS_PER_TASK:-${threads}}
-export MKL_NUM_THREADS=$$OMP_NUM_THREADS
-# srun only hands --cpus-per-task to the tasks when asked to (SLURM >= 22.05).
-export SRUN_CPUS_PER_TASK=$$OMP_NUM_THREADS
 
-# Launcher: PMI2 works with the mpich wheel and most MPI builds.  Alternatives:
-#   HPCOPT_LAUNCH="srun --mpi=pmix"               (Open MPI / PMIx-only sites)
-#   HPCOPT_LAUNCH="mpirun -n $$SLURM_NTASKS"       (no working srun/PMI plugin)
-LAUNCH=$${HPCOPT_LAUNCH:-srun --mpi=pmi2 --cpu-bind=cores}
-RUN_LOG=${outdir}/${name}-$${SLURM_JOB_ID}.h5
+def template_dir() -> Path:
+    """The directory holding the job templates (see the module docstring for the order)."""
+    candidates: list[Path] = []
+    if os.environ.get("HPCOPT_TEMPLATE_DIR"):
+        candidates.append(Path(os.environ["HPCOPT_TEMPLATE_DIR"]))
+    candidates.append(Path(__file__).resolve().parents[2] / "jobs" / "templates")
+    for base in (sys.prefix, site.getuserbase()):
+        candidates.append(Path(base) / "share" / "hpcopt" / "jobs" / "templates")
+    for path in candidates:
+        if all((path / name).is_file() for name in _ALL_FILES):
+            return path
+    raise ConfigError(
+        f"hpcopt's job templates ({', '.join(_ALL_FILES)}) were not found in "
+        f"{', '.join(str(p) for p in candidates)}; set HPCOPT_TEMPLATE_DIR to the jobs/templates directory"
+    )
 
-$$LAUNCH ${python} -m mpi4py -m hpcopt train ${train_args} \\
-    --threads "$$OMP_NUM_THREADS" --out "$$RUN_LOG" --overwrite --quiet
-"""
 
-_GPU_TEMPLATE = """\
-#!/bin/bash
-# hpcopt ${study}-scaling point: ${ranks} rank(s) = GPUs, global batch ${global_batch} (GPU template).
-# Rendered by: hpcopt jobs render; submit with: sbatch ${script}
-# One MPI rank per GPU, trained with --device cuda (a rank without a GPU stops with an
-# error instead of silently training on the CPU); a --device after "--" overrides it.
-#SBATCH --job-name=${name}
-#SBATCH --nodes=${nodes}
-#SBATCH --ntasks=${ranks}
-#SBATCH --ntasks-per-node=${ranks_per_node}
-#SBATCH --gpus-per-node=${ranks_per_node}
-#SBATCH --cpus-per-task=${threads}
-#SBATCH --time=${time}
-#SBATCH --output=${outdir}/${name}-%j.out
-${sbatch_lines}
-set -euo pipefail
-cd ${workdir}
+def fill_template(name: str, values: dict[str, object]) -> str:
+    """The template ``name`` (a key of :data:`TEMPLATE_FILES`, or ``submit``) with ``values`` filled in.
 
-export OMP_NUM_THREADS=$${SLURM_CPUS_PER_TASK:-${threads}}
-export SRUN_CPUS_PER_TASK=$$OMP_NUM_THREADS
-
-# Launcher: see the CPU template (pmix, or mpirun -n $$SLURM_NTASKS as a fallback).
-LAUNCH=$${HPCOPT_LAUNCH:-srun --mpi=pmi2 --gpu-bind=none}
-RUN_LOG=${outdir}/${name}-$${SLURM_JOB_ID}.h5
-
-# Each rank sees exactly one GPU: its node-local rank index picks it (device 0 inside).
-# SLURM_LOCALID under srun; MPI_LOCALRANKID (MPICH hydra) or OMPI_COMM_WORLD_LOCAL_RANK under mpirun.
-$$LAUNCH bash -c 'export CUDA_VISIBLE_DEVICES=$${SLURM_LOCALID:-$${MPI_LOCALRANKID:-$${OMPI_COMM_WORLD_LOCAL_RANK:-0}}}
-exec "$$@"' hpcopt-rank \\
-    ${python} -m mpi4py -m hpcopt train --device cuda ${train_args} \\
-    --threads "$$OMP_NUM_THREADS" --out "$$RUN_LOG" --overwrite --quiet
-"""
-
-TEMPLATES: dict[str, str] = {"cpu": _CPU_TEMPLATE, "gpu": _GPU_TEMPLATE}
-
-_SUBMIT_HEADER = """\
-#!/bin/bash
-# Submit every point of this ${study}-scaling sweep; job ids go to ${outdir}/jobids.txt.
-set -euo pipefail
-cd "$$(dirname "$$0")"
-: > jobids.txt
-"""
+    Raises:
+        ConfigError: the template names a placeholder that ``values`` lacks, or holds a
+            ``$`` that starts no placeholder (a site's copy in ``$HPCOPT_TEMPLATE_DIR``).
+    """
+    path = template_dir() / (_SUBMIT_FILE if name == "submit" else TEMPLATE_FILES[name])
+    # utf-8 whatever the locale: the rendered scripts must not depend on the submit host.
+    template = string.Template(path.read_text(encoding="utf-8"))
+    try:
+        return template.substitute(values)
+    except KeyError as error:
+        raise ConfigError(
+            f"job template {path}: unknown placeholder {error} (known: {', '.join(sorted(values))})"
+        ) from None
+    except ValueError as error:
+        raise ConfigError(f"job template {path}: {error}; write $$ for a literal $") from None
 
 
 def parse_ranks(text: str) -> list[int]:
@@ -158,6 +149,8 @@ class SweepSpec:
     python: str = sys.executable
 
     def validate(self) -> None:
+        if not self.ranks:
+            raise ConfigError("a sweep needs at least one rank count (--ranks 1,2,4)")
         if self.study not in STUDIES:
             raise ConfigError(f"--study must be one of {', '.join(STUDIES)}, got {self.study!r}")
         if self.template not in TEMPLATES:
@@ -208,109 +201,64 @@ class SweepPoint:
     def render(self, outdir: Path) -> str:
         spec = self.spec
         per_node = min(spec.ranks_per_node, self.ranks)
-        return string.Template(TEMPLATES[spec.template]).substitute(
-            study=spec.study,
-            ranks=self.ranks,
-            global_batch=self.global_batch,
-            name=self.name,
-            script=shlex.quote(str(outdir / f"{self.name}.sbatch")),
-            nodes=math.ceil(self.ranks / per_node),
-            ranks_per_node=per_node,
-            threads=spec.threads,
-            time=spec.time,
-            outdir=shlex.quote(str(outdir)),
-            workdir=shlex.quote(os.getcwd()),
-            sbatch_lines="\n".join(f"#SBATCH {option}" for option in spec.sbatch_options),
-            python=shlex.quote(spec.python),
-            train_args=shlex.join(self.train_args()),
+        return fill_template(
+            spec.template,
+            {
+                "study": spec.study,
+                "ranks": self.ranks,
+                "global_batch": self.global_batch,
+                "name": self.name,
+                "script": shlex.quote(str(outdir / f"{self.name}.sbatch")),
+                "nodes": math.ceil(self.ranks / per_node),
+                "ranks_per_node": per_node,
+                "threads": spec.threads,
+                "time": spec.time,
+                "outdir": shlex.quote(str(outdir)),
+                "workdir": shlex.quote(os.getcwd()),
+                "sbatch_lines": "\n".join(f"#SBATCH {option}" for option in spec.sbatch_options),
+                "python": shlex.quote(spec.python),
+                "train_args": shlex.join(self.train_args()),
+            },
         )
 
 
 _RESERVED_TRAIN_ARGS = ("--out", "--threads", "--batch-size", "--overwrite")
 
 
-def _check_train_args(args: Sequence[str]) -> None:
-    for arg in args:
+def prepare_outdir(spec: SweepSpec) -> Path:
+    """Validate ``spec`` (options and the arguments after ``--``), create its outdir, return it (absolute)."""
+    spec.validate()
+    for arg in spec.train_args:
         if arg.split("=", 1)[0] in _RESERVED_TRAIN_ARGS:
             raise ConfigError(f"{arg.split('=', 1)[0]} is set by the sweep; leave it out of the arguments after --")
-
-
-def _make_outdir(outdir: str) -> Path:
-    path = Path(outdir).resolve()
+    path = Path(spec.outdir).resolve()
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise OutputError(f"cannot create output directory {outdir}: {error.strerror or error}") from None
+        raise OutputError(f"cannot create output directory {spec.outdir}: {error.strerror or error}") from None
     return path
 
 
 def render_sweep(spec: SweepSpec) -> list[Path]:
     """Write one ``<name>.sbatch`` per point and ``submit.sh``; return the script paths (submit.sh last)."""
-    spec.validate()
-    _check_train_args(spec.train_args)
-    outdir = _make_outdir(spec.outdir)
+    outdir = prepare_outdir(spec)
     scripts: list[Path] = []
-    submit = [string.Template(_SUBMIT_HEADER).substitute(study=spec.study, outdir=shlex.quote(str(outdir)))]
+    submissions: list[str] = []
     for point in spec.points():
         script = outdir / f"{point.name}.sbatch"
         script.write_text(point.render(outdir))
         script.chmod(0o755)
         scripts.append(script)
         # --parsable prints "jobid[;cluster]"; extra sbatch arguments come from $@.
-        submit.append(f'sbatch --parsable "$@" {shlex.quote(script.name)} | cut -d";" -f1 >> jobids.txt\n')
-    submit.append("echo \"submitted $(wc -l < jobids.txt) job(s): $(tr '\\n' ' ' < jobids.txt)\"\n")
+        submissions.append(f'sbatch --parsable "$@" {shlex.quote(script.name)} | cut -d";" -f1 >> jobids.txt')
     submit_path = outdir / "submit.sh"
-    submit_path.write_text("".join(submit))
+    submit_path.write_text(
+        fill_template(
+            "submit",
+            {"study": spec.study, "outdir": shlex.quote(str(outdir)), "submissions": "\n".join(submissions)},
+        )
+    )
     submit_path.chmod(0o755)
     scripts.append(submit_path)
     return scripts
 
-
-def run_local(spec: SweepSpec, *, mpiexec: str | None = None, timeout: float | None = None) -> list[Path]:
-    """Run every point now with ``mpiexec -n P`` (oversubscribing cores if P is larger); return the logs.
-
-    Logs are ``OUTDIR/<name>-local.h5``.  A failing point raises :class:`OutputError`
-    naming its output file, after the earlier points have finished.
-    """
-    spec.validate()
-    _check_train_args(spec.train_args)
-    outdir = _make_outdir(spec.outdir)
-    launcher = mpiexec or str(Path(spec.python).parent / "mpiexec")
-    if not os.path.exists(launcher):
-        launcher = "mpiexec"
-    env = {**os.environ, "OMP_NUM_THREADS": str(spec.threads), "MKL_NUM_THREADS": str(spec.threads)}
-    logs: list[Path] = []
-    for point in spec.points():
-        log = outdir / f"{point.name}-local.h5"
-        output = outdir / f"{point.name}-local.out"
-        command = [
-            launcher,
-            "-n",
-            str(point.ranks),
-            spec.python,
-            "-m",
-            "mpi4py",
-            "-m",
-            "hpcopt",
-            "train",
-            *point.train_args(),
-            "--threads",
-            str(spec.threads),
-            "--out",
-            str(log),
-            "--overwrite",
-            "--quiet",
-        ]
-        with open(output, "w") as stream:
-            stream.write("$ " + shlex.join(command) + "\n")
-            stream.flush()
-            try:
-                code = subprocess.run(
-                    command, stdout=stream, stderr=subprocess.STDOUT, env=env, timeout=timeout, check=False
-                ).returncode
-            except subprocess.TimeoutExpired:
-                raise OutputError(f"sweep point {point.name} ran past {timeout} s; see {output}") from None
-        if code != 0:
-            raise OutputError(f"sweep point {point.name} failed (exit {code}); see {output}")
-        logs.append(log)
-    return logs

@@ -24,6 +24,10 @@ and lists/dicts of them, so it loads with ``torch.load(..., weights_only=True)``
   from the stages of replica 0 (the replicas of a stage are bit-identical), and
   ``buffers`` is replica 0's; on resume every rank takes its stage's slice.
 
+The optimizer moves the model in and out (:class:`Checkpointable`: its
+``gather_model`` and ``load_model``) and the trainer passes the layout a model-parallel
+optimizer reports, so nothing here depends on how the model is spread over the ranks.
+
 Writing is atomic: rank 0 saves to ``<path>.tmp-<pid>``, fsyncs, and renames onto
 ``path`` with ``os.replace``, so a crash at any moment leaves either the previous
 checkpoint or the new one, never a torn file.  A write error on rank 0 becomes every
@@ -40,17 +44,33 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import torch
 
-from hpcopt.comm.communicator import Communicator
+from hpcopt.comm import Communicator
 from hpcopt.errors import ConfigError, HpcoptError, OutputError
 from hpcopt.testing import faults
 
 FORMAT = "hpcopt-checkpoint"
 VERSION = 1
+
+
+class Checkpointable(Protocol):
+    """What a checkpoint needs of an optimizer (:class:`hpcopt.optimizers.base.Optimizer` has it)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+    def gather_model(self) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+        """Collective: the whole model's flat parameters and each replica's buffers (maybe live tensors)."""
+        ...
+
+    def load_model(self, parameters: torch.Tensor, buffers: Sequence[Mapping[str, torch.Tensor]]) -> None:
+        """Take this rank's part of the whole model back (no communication)."""
+        ...
 
 
 def default_path(out: str | None) -> str | None:
@@ -199,7 +219,8 @@ class Checkpointer:
         comm: the training communicator.
         compat: :func:`compat_fields` of this run.
         log_path: the run log, recorded for provenance.
-        layout: APTS-IP's :data:`LAYOUT_KEYS` (``None``: the parameters are whole on every rank).
+        layout: the optimizer's ``checkpoint_layout`` (APTS-IP's :data:`LAYOUT_KEYS`;
+            ``None``: the parameters are whole on every rank).
     """
 
     def __init__(
@@ -230,22 +251,20 @@ class Checkpointer:
         epoch: int,
         batch_in_epoch: int,
         epoch_losses: list[float],
-        flat: Any,
-        optimizer: Any,
+        optimizer: Checkpointable,
         log_rows: int,
     ) -> None:
-        """Collective: gather the RNG states (and APTS-IP's stages), write on rank 0, agree on success."""
+        """Collective: gather the RNG states and the whole model, write on rank 0, agree on success."""
         start = time.perf_counter()
         rng_states = self.comm.allgather_object(torch.get_rng_state())
-        # APTS-IP: each rank holds one stage, so the whole model exists only once gathered.
-        gathered = optimizer.gather_model() if self.layout is not None else None
+        gathered_parameters, gathered_buffers = optimizer.gather_model()
         error: HpcoptError | None = None
         if self.comm.is_root:
-            if gathered is None:
-                parameters = flat.clone()
-                replica_buffers = [{name: buffer.clone() for name, buffer in flat.model.named_buffers()}]
-            else:
-                parameters, replica_buffers = gathered
+            # The gathered tensors may be the live ones, or views whose whole storage torch.save would write.
+            parameters = gathered_parameters.detach().clone()
+            replica_buffers = [
+                {name: buffer.detach().clone() for name, buffer in buffers.items()} for buffers in gathered_buffers
+            ]
             state = {
                 "format": FORMAT,
                 "version": VERSION,
@@ -272,19 +291,13 @@ class Checkpointer:
         self.seconds += time.perf_counter() - start
 
 
-def restore(state: Mapping[str, Any], *, flat: Any, optimizer: Any, rank: int) -> None:
+def restore(state: Mapping[str, Any], *, optimizer: Checkpointable, rank: int) -> None:
     """Put parameters, buffers, optimizer state and this rank's RNG state back (no communication).
 
-    For APTS-IP (a ``pipeline`` entry) the optimizer takes its stage's slice of the
-    whole model and its replica's buffers.
+    The optimizer takes its part of the whole model: all of it, or for APTS-IP (a
+    ``pipeline`` entry, with every replica's buffers) its stage's slice and its replica's buffers.
     """
-    if "pipeline" in state:
-        optimizer.load_model(state["parameters"], state["pipeline"]["buffers"])
-    else:
-        flat.copy_(state["parameters"])
-        buffers = dict(flat.model.named_buffers())
-        with torch.no_grad():
-            for name, value in state["buffers"].items():
-                buffers[name].copy_(value)
+    replica_buffers = state["pipeline"]["buffers"] if "pipeline" in state else [state["buffers"]]
+    optimizer.load_model(state["parameters"], replica_buffers)
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"][rank])

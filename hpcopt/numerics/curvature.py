@@ -41,6 +41,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -189,12 +190,19 @@ class _ForwardOverReverseHVP(CurvatureOperator):
             if self._target_tangent is None:
                 return self._linearized(v)
             return self._linearized(v, self._target_tangent)
+        # torch.func.jvp is annotated as a 2- or 3-tuple whatever has_aux says.
         with self._rng():
             if self._target_tangent is None:
                 targets = self._targets
-                _, hv = torch.func.jvp(lambda t: self._grad_fn(t, targets), (self._theta,), (v,))
+                _, hv = cast(
+                    "tuple[Tensor, Tensor]",
+                    torch.func.jvp(lambda t: self._grad_fn(t, targets), (self._theta,), (v,)),
+                )
             else:
-                _, hv = torch.func.jvp(self._grad_fn, (self._theta, self._targets), (v, self._target_tangent))
+                _, hv = cast(
+                    "tuple[Tensor, Tensor]",
+                    torch.func.jvp(self._grad_fn, (self._theta, self._targets), (v, self._target_tangent)),
+                )
         return hv
 
 

@@ -24,7 +24,7 @@ forward is one forward-over-forward ``jvp`` on ``d`` copies of the batch.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 from torch import Tensor
@@ -76,12 +76,15 @@ def apply_to_jet(net: Net, jet: Tensor) -> Tensor:
     first, second = jet[:, 1 : 1 + axes], jet[:, 1 + axes :]
 
     def slope(at: Tensor, direction: Tensor) -> tuple[Tensor, Tensor]:
-        output, tangent = jvp(net, (at,), (direction,))
+        # torch.func.jvp is annotated as a 2- or 3-tuple whatever has_aux says.
+        output, tangent = cast("tuple[Tensor, Tensor]", jvp(net, (at,), (direction,)))
         # The value rides out as aux: the inner jvp computes f(h) anyway.
         return tangent, output
 
     # d/dt Df(h + t·v)[v + t·a] at t = 0 is D²f[v, v] + Df[a]: the second-order chain rule.
-    first_out, second_out, value_out = jvp(slope, (value, first), (first, second), has_aux=True)
+    first_out, second_out, value_out = cast(
+        "tuple[Tensor, Tensor, Tensor]", jvp(slope, (value, first), (first, second), has_aux=True)
+    )
     return torch.cat([value_out[:, :1], first_out, second_out], dim=1)
 
 

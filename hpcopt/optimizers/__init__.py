@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from hpcopt.config import build_config
-from hpcopt.distributed.data_parallel import DistributedObjective
+from hpcopt.distributed.objective import Objective
 from hpcopt.errors import ConfigError
 from hpcopt.optimizers.adam import Adam, AdamConfig
 from hpcopt.optimizers.apts.apts_d import APTSD, APTSDConfig
@@ -40,7 +40,7 @@ def make_config(name: str, options: Mapping[str, Any]) -> Any:
     return build_config(cls.config_class, options, what=name)
 
 
-def make_optimizer(name: str, objective: DistributedObjective, config: Any) -> Optimizer:
+def make_optimizer(name: str, objective: Objective, config: Any) -> Optimizer:
     return optimizer_class(name)(objective, config)
 
 

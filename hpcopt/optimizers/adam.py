@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from hpcopt.config import require
 from hpcopt.optimizers.base import Optimizer, StepResult
 from hpcopt.optimizers.sgd import check_finite_loss
+
+if TYPE_CHECKING:
+    from hpcopt.distributed.objective import Objective
 
 
 @dataclass
@@ -40,7 +45,7 @@ class Adam(Optimizer):
     name = "adam"
     config_class = AdamConfig
 
-    def __init__(self, objective, config: AdamConfig) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, objective: Objective, config: AdamConfig) -> None:
         super().__init__(objective, config)
         self.exp_avg = torch.zeros_like(self.flat.data)
         self.exp_avg_sq = torch.zeros_like(self.flat.data)
@@ -63,10 +68,10 @@ class Adam(Optimizer):
             self.flat.data.add_(update, alpha=-step_size)
         return StepResult(loss=loss, step_norm=step_size * float(update.norm()))
 
-    def state_dict(self) -> dict:  # type: ignore[type-arg]
+    def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "exp_avg": self.exp_avg.clone(), "exp_avg_sq": self.exp_avg_sq.clone()}
 
-    def load_state_dict(self, state) -> None:  # type: ignore[no-untyped-def]
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)  # ``steps`` drives the bias correction
         self.exp_avg.copy_(state["exp_avg"])
         self.exp_avg_sq.copy_(state["exp_avg_sq"])

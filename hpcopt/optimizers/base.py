@@ -1,4 +1,11 @@
-"""What every optimizer provides to the trainer, and what it records per step."""
+"""What every optimizer provides to the trainer and to checkpoints, and what it records per step.
+
+An optimizer drives an :class:`~hpcopt.distributed.objective.Objective`.  The hooks
+that build it, place the batch, evaluate, describe the run and move the model in and
+out of a checkpoint default to what the data-parallel optimizers need (every rank
+holds the whole model); a model-parallel optimizer (APTS-IP) overrides them, so the
+trainer and the checkpoint code never ask which kind they drive.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +13,20 @@ import abc
 import contextlib
 import copy
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import torch
+from torch import nn
 
+from hpcopt.comm import Communicator
 from hpcopt.distributed.data_parallel import DistributedObjective
+from hpcopt.distributed.objective import Objective
+from hpcopt.distributed.sharding import contiguous_slice
 from hpcopt.kernels import Kernels, fused_backend
+from hpcopt.numerics.flat import FlatParameters
+from hpcopt.problems.base import Problem
 
 
 def _copied(value: Any) -> Any:
@@ -40,10 +53,12 @@ class StepResult:
 
 
 class Optimizer(abc.ABC):
-    """A distributed optimizer driving a :class:`DistributedObjective`.
+    """A distributed optimizer driving an :class:`~hpcopt.distributed.objective.Objective`.
 
     Subclasses set ``name`` and ``config_class`` and implement :meth:`step`,
-    which is called once per global mini-batch after ``objective.set_batch``.
+    which is called once per global mini-batch after ``objective.set_batch``.  One
+    that needs more of its objective than the protocol narrows the ``objective``
+    annotation to the concrete class its :meth:`build` creates.
 
     ``kernels`` is the fused-kernel backend of the hot vector updates, chosen once
     here from the device of the flat parameters (:func:`hpcopt.kernels.fused_backend`):
@@ -54,16 +69,86 @@ class Optimizer(abc.ABC):
     name: ClassVar[str]
     config_class: ClassVar[type]
 
-    def __init__(self, objective: DistributedObjective, config: Any) -> None:
-        self.objective = objective
+    def __init__(self, objective: Objective, config: Any) -> None:
+        self.objective: Objective = objective
         self.config = config
         self.flat = objective.flat
         self.steps = 0
         self.kernels: Kernels | None = fused_backend(self.flat.data.device)
 
+    # -- construction and data placement (before any instance exists) -------------
+
+    @classmethod
+    def build(cls, problem: Problem, model: nn.Module, comm: Communicator, config: Any) -> Self:
+        """This rank's optimizer for ``model``, which is identical on every rank until now.
+
+        Every rank keeps the whole model and is given its shard of each batch
+        (:class:`~hpcopt.distributed.data_parallel.DistributedObjective`); no communication.
+        """
+        return cls(DistributedObjective(problem, FlatParameters(model), comm), config)
+
+    @classmethod
+    def data_shard(cls, config: Any, rank: int, world_size: int, batch_size: int) -> tuple[int, int]:
+        """``(shard, shards)``: ``rank`` is given shard ``shard`` of ``shards`` of every global batch.
+
+        Called before any collective, so a layout that cannot split a batch of
+        ``batch_size`` rows raises :class:`~hpcopt.errors.ConfigError` on every rank alike.
+        """
+        del config, batch_size  # every rank its own shard, whatever the size
+        return rank, world_size
+
+    @classmethod
+    def checkpoint_layout(cls, config: Any, model: nn.Module, world_size: int) -> dict[str, Any] | None:
+        """How the model is laid out over the ranks, which a resumed run must match (no communication).
+
+        ``None``: every rank holds the whole model, and the rank count (checked for
+        every checkpoint) is all a resumed run must match.
+        """
+        del config, model, world_size
+        return None
+
+    # -- what the trainer and checkpoints ask of a running optimizer ---------------
+
     @abc.abstractmethod
     def step(self) -> StepResult:
         """One outer iteration on the current batch."""
+
+    def run_attributes(self) -> dict[str, object]:
+        """Optimizer-specific run-log attributes, which override the trainer's.
+
+        Every rank calls this, so an override may gather from all ranks.
+        """
+        return {}
+
+    def evaluate(self, problem: Problem) -> dict[str, float]:
+        """Collective: validation metrics at the current parameters.
+
+        Each rank evaluates a contiguous slice of the validation set with the whole
+        model and the sums are allreduced.
+        """
+        comm, flat = self.objective.comm, self.flat
+        part = problem.val.subset(contiguous_slice(len(problem.val), comm.rank, comm.size))
+        sums = problem.eval_sums(flat.functional(flat.data), part).to(torch.float64)
+        comm.allreduce_(sums, reuse=False)
+        return problem.eval_metrics(sums)
+
+    def gather_model(self) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+        """Collective: the whole model's flat parameters and, per replica of it, its buffers.
+
+        The buffers are ``name → tensor`` dicts under the whole model's names.  Every
+        rank holds the whole model here, so this is the flat vector and the model's
+        buffers themselves, with no communication; they are the live tensors, so a
+        caller copies what it keeps.
+        """
+        return self.flat.data, [dict(self.flat.model.named_buffers())]
+
+    def load_model(self, parameters: torch.Tensor, buffers: Sequence[Mapping[str, torch.Tensor]]) -> None:
+        """Take this rank's part of :meth:`gather_model`'s result back (no communication)."""
+        self.flat.copy_(parameters)
+        own = dict(self.flat.model.named_buffers())
+        with torch.no_grad():
+            for name, value in buffers[0].items():
+                own[name].copy_(value)
 
     def move_to(self, theta: torch.Tensor, step: torch.Tensor) -> None:
         """Set the parameters to the trial point ``θ + s`` (one fused pass with ``kernels``)."""

@@ -5,7 +5,8 @@ One outer iteration on the global batch B = ∪ B_r (every rank holds the whole 
 1. ``[g; f]`` at θ_k — one allreduce(n+1).
 2. A curvature operator ``B`` (Gauss–Newton or Hessian) linearised at θ_k on the
    curvature sub-batch C ⊂ B (``curvature_fraction`` of the rows).  The
-   distributed product is ``Bv = Σ_r w_r B_r v`` with ``w_r = |C_r|/|C|``: one
+   distributed product is ``Bv = Σ_r w_r B_r v`` with ``w_r = |C_r|/|C|``
+   (:class:`~hpcopt.distributed.data_parallel.DistributedCurvature`): one
    allreduce(n) per product and nothing else, because every Krylov vector is
    replicated and all inner products are local (the k of allreduce(n+k) is 0).
 3. A Krylov solve: ``cg`` (Martens), ``bicgstab`` (He et al.) or ``steihaug``
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from hpcopt.config import require
-from hpcopt.distributed.data_parallel import DistributedObjective
+from hpcopt.distributed.data_parallel import DistributedCurvature, DistributedObjective
 from hpcopt.errors import NonFiniteError
 from hpcopt.numerics.curvature import CurvatureKind, CurvatureOperator, LocalObjective, parse_curvature
 from hpcopt.numerics.krylov.cg import steihaug_cg
@@ -153,57 +154,10 @@ def curvature_rows(
     return torch.nonzero(selected).flatten(), total
 
 
-class DistributedCurvature:
-    """``v ↦ (Σ_r w_r B_r v) + λv``: one allreduce(n) per product, nothing else.
-
-    It also watches every product for negative curvature: the Rayleigh quotient
-    ``κ = vᵀBv/vᵀv`` of the undamped B (local dots of replicated vectors) and the
-    most negative direction met so far are kept, so any Krylov solver reports
-    negative curvature without knowing about it.
-
-    Attributes:
-        products: collectives (products) taken so far.
-        negative_direction: the vector with the most negative κ, or None.
-        negative_curvature: that κ (0.0 when none).
-    """
-
-    def __init__(
-        self, objective: DistributedObjective, local: CurvatureOperator | None, weight: float, damping: float
-    ) -> None:
-        self.objective = objective
-        self.local = local
-        self.weight = weight
-        self.damping = damping
-        self.buffer = objective.comm_buffer(scalars=0)
-        self.products = 0
-        self.negative_direction: torch.Tensor | None = None
-        self.negative_curvature = 0.0
-
-    def __call__(self, v: torch.Tensor) -> torch.Tensor:
-        vector = self.buffer.vector
-        if self.local is None:
-            vector.zero_()  # no curvature rows on this rank
-        else:
-            torch.mul(self.local(v), self.weight, out=vector)
-        self.objective.comm.allreduce_(self.buffer.data)
-        self.products += 1
-        product = vector.clone()
-        vv = float(torch.dot(v, v))
-        vbv = float(torch.dot(v, product))
-        # Relative threshold: a PSD operator may show -1e-9-sized quotients by rounding.
-        if vv > 0 and vbv < -1e-6 * math.sqrt(vv) * float(product.norm()):
-            kappa = vbv / vv
-            if kappa < self.negative_curvature:
-                self.negative_curvature = kappa
-                self.negative_direction = v.detach().clone()
-        if self.damping:
-            product.add_(v, alpha=self.damping)
-        return product
-
-
 class HessianFree(Optimizer):
     name = "hf"
     config_class = HFConfig
+    objective: DistributedObjective
     state_attributes = ("damping", "radius", "previous", "newton_steps", "curvature_steps")
 
     def __init__(self, objective: DistributedObjective, config: HFConfig) -> None:
@@ -246,7 +200,7 @@ class HessianFree(Optimizer):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(objective.noise_seed)
                 local = local_objective.curvature(self.kind)
-        return DistributedCurvature(objective, local, len(rows) / max(total, 1), damping)
+        return DistributedCurvature(objective, local, len(rows) / max(total, 1), damping, watch_negative=True)
 
     def _value_at(self, theta: torch.Tensor, step: torch.Tensor) -> float:
         self.move_to(theta, step)
@@ -337,7 +291,7 @@ class HessianFree(Optimizer):
                 x0=x0,
                 max_iter=cfg.max_iterations,
                 rtol=cfg.rtol,
-                **options,  # type: ignore[operator]
+                **options,
             )
             if bool(torch.isfinite(result.step).all()):
                 self.previous = result.step.clone()

@@ -7,13 +7,18 @@ different communication stacks.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from hpcopt.config import require
 from hpcopt.errors import NonFiniteError
 from hpcopt.optimizers.base import Optimizer, StepResult
+
+if TYPE_CHECKING:
+    from hpcopt.distributed.objective import Objective
 
 
 @dataclass
@@ -52,7 +57,7 @@ class SGD(Optimizer):
     name = "sgd"
     config_class = SGDConfig
 
-    def __init__(self, objective, config: SGDConfig) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, objective: Objective, config: SGDConfig) -> None:
         super().__init__(objective, config)
         self.momentum_buffer = torch.zeros_like(self.flat.data) if config.momentum > 0 else None
 
@@ -71,11 +76,11 @@ class SGD(Optimizer):
         self.steps += 1
         return StepResult(loss=loss, step_norm=cfg.lr * float(direction.norm()))
 
-    def state_dict(self) -> dict:  # type: ignore[type-arg]
+    def state_dict(self) -> dict[str, Any]:
         buffer = self.momentum_buffer
         return {**super().state_dict(), "momentum_buffer": None if buffer is None else buffer.clone()}
 
-    def load_state_dict(self, state) -> None:  # type: ignore[no-untyped-def]
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
         if self.momentum_buffer is not None:
             self.momentum_buffer.copy_(state["momentum_buffer"])

@@ -2,6 +2,7 @@
 
 ``make_problem(name, data_dir=..., seed=..., options=...)`` builds a problem by name;
 optimizers then use only the :class:`~hpcopt.problems.base.Problem` interface.
+``PROBLEM_OPTIONS`` names each problem's options dataclass (``hpcopt options NAME``).
 """
 
 from __future__ import annotations
@@ -10,12 +11,17 @@ from collections.abc import Callable, Mapping
 from functools import partial
 
 from hpcopt.errors import ConfigError
-from hpcopt.problems.base import Dataset, Problem
-from hpcopt.problems.mnist.problem import MnistProblem
-from hpcopt.problems.pinn.allen_cahn import AllenCahnProblem, AllenCahnTimeProblem
-from hpcopt.problems.pinn.poisson import PoissonProblem
-from hpcopt.problems.synthetic import LogisticProblem, QuadraticProblem
-from hpcopt.problems.tinyshakespeare import TinyShakespeareProblem
+from hpcopt.problems.base import Dataset, Problem, ProblemOptions
+from hpcopt.problems.mnist.problem import MnistOptions, MnistProblem
+from hpcopt.problems.pinn.allen_cahn import (
+    AllenCahnOptions,
+    AllenCahnProblem,
+    AllenCahnTimeOptions,
+    AllenCahnTimeProblem,
+)
+from hpcopt.problems.pinn.poisson import PoissonProblem, poisson_options
+from hpcopt.problems.synthetic import LogisticOptions, LogisticProblem, QuadraticOptions, QuadraticProblem
+from hpcopt.problems.tinyshakespeare import TinyShakespeareOptions, TinyShakespeareProblem
 
 #: Problem name -> constructor taking ``data_dir``, ``seed`` and ``options`` keywords.
 PROBLEMS: dict[str, Callable[..., Problem]] = {
@@ -30,6 +36,19 @@ PROBLEMS: dict[str, Callable[..., Problem]] = {
     "logistic": LogisticProblem,
 }
 
+#: Problem name -> its options dataclass (the keys of ``--set problem.KEY=VALUE`` and of its TOML table).
+PROBLEM_OPTIONS: dict[str, type[ProblemOptions]] = {
+    "mnist": MnistOptions,
+    "poisson1d": poisson_options(1),
+    "poisson2d": poisson_options(2),
+    "poisson3d": poisson_options(3),
+    "allen-cahn": AllenCahnOptions,
+    "allen-cahn-time": AllenCahnTimeOptions,
+    "tinyshakespeare": TinyShakespeareOptions,
+    "quadratic": QuadraticOptions,
+    "logistic": LogisticOptions,
+}
+
 
 def make_problem(
     name: str, *, data_dir: str | None = None, seed: int = 0, options: Mapping[str, object] | None = None
@@ -40,7 +59,7 @@ def make_problem(
         name: a key of :data:`PROBLEMS`.
         data_dir: folder with the problem's data files (only MNIST reads files).
         seed: seed of generated data (collocation points, synthetic samples).
-        options: problem-specific options, documented in each problem's module.
+        options: values of the fields of ``PROBLEM_OPTIONS[name]`` (strings are parsed).
 
     Raises:
         ConfigError: unknown problem name or option.
@@ -51,4 +70,4 @@ def make_problem(
     return PROBLEMS[name](data_dir=data_dir, seed=seed, options=options)
 
 
-__all__ = ["PROBLEMS", "Dataset", "Problem", "make_problem"]
+__all__ = ["PROBLEMS", "PROBLEM_OPTIONS", "Dataset", "Problem", "ProblemOptions", "make_problem"]

@@ -5,6 +5,9 @@ outputs with :meth:`Problem.forward`, scores them with :meth:`Problem.criterion`
 (a *mean* over rows, so ``len(batch) * loss`` can be summed across ranks) and
 evaluates with :meth:`Problem.eval_sums`, which returns plain sums so that ranks
 can evaluate disjoint slices and allreduce one float64 buffer.
+
+A problem's options are a :class:`ProblemOptions` dataclass, read by the
+machinery of :mod:`hpcopt.config` (:func:`build_options`).
 """
 
 from __future__ import annotations
@@ -13,11 +16,12 @@ import abc
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import ClassVar, Protocol, TypeVar, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
+from hpcopt.config import Wording, build_config, require
 from hpcopt.errors import ConfigError
 from hpcopt.numerics.jets import ScalarJet
 
@@ -56,46 +60,43 @@ class Dataset:
             yield self.subset(slice(start, start + size))
 
 
-OptionSpec = Mapping[str, tuple[type, object]]
+#: Problem options keep the wording their errors had before they shared :mod:`hpcopt.config`.
+PROBLEM_WORDING = Wording(
+    unknown="unknown option '{key}' for problem '{what}' (choose from {names})",
+    wrong_type="problem '{what}' option {key}={value}: expected {type}",
+)
 
 
-def resolve_options(problem: str, given: Mapping[str, object] | None, spec: OptionSpec) -> dict[str, object]:
-    """Merge user options into defaults, rejecting unknown keys and values of the wrong type.
+@dataclass
+class ProblemOptions:
+    """Base of every problem's options dataclass (``--set problem.KEY=VALUE``, ``[PROBLEM]`` tables).
+
+    A subclass names its problem in ``problem`` and the least value of each numeric
+    option in ``minimum``; :meth:`validate` checks those bounds.  Checks that need the
+    data (MNIST's ``limit``) stay in the problem's constructor.
+    """
+
+    problem: ClassVar[str] = ""
+    minimum: ClassVar[Mapping[str, float]] = {}
+
+    def validate(self) -> None:
+        for key, low in self.minimum.items():
+            value = getattr(self, key)
+            require(value is None or value >= low, f"problem '{self.problem}' option {key}={value}: must be >= {low}")
+
+
+OptionsT = TypeVar("OptionsT", bound=ProblemOptions)
+
+
+def build_options(cls: type[OptionsT], given: Mapping[str, object] | None) -> OptionsT:
+    """``cls`` filled from the user's options (may be ``None``), with types and bounds checked.
 
     Strings are parsed with the option's type because values from ``--set k=v`` arrive as text.
 
-    Args:
-        problem: problem name, used in error messages.
-        given: the user's options (may be ``None``).
-        spec: ``{key: (type, default)}``; a default of ``None`` means "not set".
-
     Raises:
-        ConfigError: an unknown key or a value that cannot be read as the option's type.
+        ConfigError: an unknown key, a value that cannot be read as the option's type, or one out of bounds.
     """
-    resolved = {key: default for key, (_, default) in spec.items()}
-    for key, value in (given or {}).items():
-        if key not in spec:
-            choices = ", ".join(spec) or "none"
-            raise ConfigError(f"unknown option '{key}' for problem '{problem}' (choose from {choices})")
-        kind = spec[key][0]
-        resolved[key] = _coerce(problem, key, value, kind)
-    return resolved
-
-
-def _coerce(problem: str, key: str, value: object, kind: type) -> object:
-    if value is None:
-        return None
-    # bool is an int subclass; accepting True as a sample count would hide a typo.
-    if isinstance(value, bool) and kind is not bool:
-        raise ConfigError(f"problem '{problem}' option {key}={value!r}: expected {kind.__name__}")
-    if isinstance(value, kind) or (kind is float and isinstance(value, int)):
-        return kind(value)
-    if isinstance(value, str):
-        try:
-            return kind(value)
-        except ValueError:
-            pass
-    raise ConfigError(f"problem '{problem}' option {key}={value!r}: expected {kind.__name__}")
+    return build_config(cls, given or {}, what=cls.problem, wording=PROBLEM_WORDING)
 
 
 @contextlib.contextmanager

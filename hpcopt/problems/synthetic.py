@@ -14,29 +14,68 @@ the mean binary cross-entropy of the logit (no regulariser).  Sampled labels mak
 the classes overlap, so for ``n`` well above ``dim`` the data are not linearly
 separable and the minimiser is finite.  Metric ``val_accuracy``, higher is better.
 
-Options: n (int, 1000) training rows, n_val (int, 500) validation rows,
-dim (int, 20) features; quadratic also noise (float, 0.1); logistic also
-teacher_scale (float, 2.0), the norm of ``w*`` (larger -> cleaner labels).
+Options: :class:`QuadraticOptions` and :class:`LogisticOptions` (``hpcopt options quadratic``).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
-import scipy.optimize
-import scipy.special
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hpcopt.config import to_dict
 from hpcopt.errors import ConfigError
 from hpcopt.problems import models
-from hpcopt.problems.base import Dataset, Net, OptionSpec, Problem, as_sums, evaluation_mode, resolve_options
+from hpcopt.problems.base import Dataset, Net, Problem, ProblemOptions, as_sums, build_options, evaluation_mode
 
-_COMMON_OPTIONS = {"n": (int, 1000), "n_val": (int, 500), "dim": (int, 20)}
+
+@dataclass
+class SyntheticOptions(ProblemOptions):
+    """Options of both synthetic problems.
+
+    Attributes:
+        n: training rows.
+        n_val: validation rows.
+        dim: features per row (inputs of the linear model).
+    """
+
+    minimum: ClassVar[Mapping[str, float]] = {"n": 1, "n_val": 1, "dim": 1}
+
+    n: int = 1000
+    n_val: int = 500
+    dim: int = 20
+
+
+@dataclass
+class QuadraticOptions(SyntheticOptions):
+    """Options of ``quadratic``: those of :class:`SyntheticOptions` and
+
+    Attributes:
+        noise: standard deviation of the Gaussian noise added to the teacher's outputs.
+    """
+
+    problem: ClassVar[str] = "quadratic"
+
+    noise: float = 0.1
+
+
+@dataclass
+class LogisticOptions(SyntheticOptions):
+    """Options of ``logistic``: those of :class:`SyntheticOptions` and
+
+    Attributes:
+        teacher_scale: norm of the teacher's weight ``w*`` (larger: cleaner labels).
+    """
+
+    problem: ClassVar[str] = "logistic"
+
+    teacher_scale: float = 2.0
 
 
 class _LinearTeacherProblem(Problem):
@@ -44,25 +83,26 @@ class _LinearTeacherProblem(Problem):
 
     default_model = "linear"
     models = ("linear",)
-    extra_options: ClassVar[OptionSpec] = {}
+    options_class: ClassVar[type[SyntheticOptions]]
+    #: The resolved options as a plain dict: checkpoints record it to refuse a resume with other data.
+    options: dict[str, Any]
+    _opts: SyntheticOptions
 
     def __init__(
         self, *, data_dir: str | None = None, seed: int = 0, options: Mapping[str, object] | None = None
     ) -> None:
         del data_dir  # the data are generated
-        self.options = resolve_options(self.name, options, {**_COMMON_OPTIONS, **self.extra_options})
-        for key in ("n", "n_val", "dim"):
-            if self.options[key] < 1:
-                raise ConfigError(f"problem '{self.name}' option {key}={self.options[key]}: must be >= 1")
-        self.dim = self.options["dim"]
+        self._opts = build_options(self.options_class, options)
+        self.options = to_dict(self._opts)
+        self.dim = self._opts.dim
         generator = torch.Generator().manual_seed(seed)
-        n_total = self.options["n"] + self.options["n_val"]
+        n_total = self._opts.n + self._opts.n_val
         inputs = torch.randn(n_total, self.dim, generator=generator, dtype=torch.float64)
         weight = torch.randn(self.dim, generator=generator, dtype=torch.float64) / math.sqrt(self.dim)
         bias = torch.randn((), generator=generator, dtype=torch.float64)
         targets = self._targets(inputs @ weight + bias, generator)
         inputs, targets = inputs.to(torch.float32), targets.to(torch.float32)
-        n = self.options["n"]
+        n = self._opts.n
         self.train = Dataset(inputs[:n], targets[:n])
         self.val = Dataset(inputs[n:], targets[n:])
         self.default_batch_size = n
@@ -97,11 +137,12 @@ class QuadraticProblem(_LinearTeacherProblem):
     name = "quadratic"
     metric_name = "val_rel_error"
     metric_higher_is_better = False
-    extra_options: ClassVar[OptionSpec] = {"noise": (float, 0.1)}
+    options_class = QuadraticOptions
+    _opts: QuadraticOptions
 
     def _targets(self, teacher: Tensor, generator: torch.Generator) -> Tensor:
         noise = torch.randn(teacher.shape, generator=generator, dtype=torch.float64)
-        return teacher + self.options["noise"] * noise
+        return teacher + self._opts.noise * noise
 
     def criterion(self, outputs: Tensor, targets: Tensor) -> Tensor:
         return 0.5 * torch.mean((outputs - targets) ** 2)
@@ -133,11 +174,12 @@ class LogisticProblem(_LinearTeacherProblem):
     name = "logistic"
     metric_name = "val_accuracy"
     metric_higher_is_better = True
-    extra_options: ClassVar[OptionSpec] = {"teacher_scale": (float, 2.0)}
+    options_class = LogisticOptions
+    _opts: LogisticOptions
 
     def _targets(self, teacher: Tensor, generator: torch.Generator) -> Tensor:
         # The teacher's weight has norm ~1; scaling the logits sets how clean the labels are.
-        probability = torch.sigmoid(self.options["teacher_scale"] * teacher)
+        probability = torch.sigmoid(self._opts.teacher_scale * teacher)
         return torch.bernoulli(probability, generator=generator)
 
     def criterion(self, outputs: Tensor, targets: Tensor) -> Tensor:
@@ -159,6 +201,10 @@ class LogisticProblem(_LinearTeacherProblem):
         return {"val_loss": loss_sum / count, "val_accuracy": correct / count}
 
     def _solve(self, design: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        # Imported here, not at the top: see _tridiagonal_newton in hpcopt/problems/pinn/allen_cahn.py.
+        import scipy.optimize
+        import scipy.special
+
         n = len(targets)
 
         def loss_and_grad(params: np.ndarray) -> tuple[float, np.ndarray]:

@@ -21,25 +21,62 @@ pipeline stages (APTS-IP).  Pre-norm blocks: causal multi-head self-attention an
 a 4× MLP with GELU, each in a residual branch.  Attention is written out (no fused
 kernel) so that it composes with ``torch.func`` and double backward.
 
-Options:
-    context (int, 64): characters of context (window length).
-    train_windows (int, 20000): training samples.
-    val_windows (int, 500): validation windows (at most what the validation text holds).
-    embed (int, 64), heads (int, 4), layers (int, 2): transformer size.
+Options: :class:`TinyShakespeareOptions` (``hpcopt options tinyshakespeare``).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hpcopt.errors import ConfigError, DataError
-from hpcopt.problems.base import Dataset, Net, Problem, as_sums, evaluation_mode, resolve_options
+from hpcopt.config import require
+from hpcopt.errors import DataError
+from hpcopt.problems.base import Dataset, Net, Problem, ProblemOptions, as_sums, build_options, evaluation_mode
+
+
+@dataclass
+class TinyShakespeareOptions(ProblemOptions):
+    """Options of ``tinyshakespeare``.
+
+    Attributes:
+        context: characters of context (the window length).
+        train_windows: training samples (windows at random offsets).
+        val_windows: validation windows (at most what the validation text holds).
+        embed: embedding width of the transformer.
+        heads: attention heads per block (must divide ``embed``).
+        layers: transformer blocks.
+    """
+
+    problem: ClassVar[str] = "tinyshakespeare"
+    minimum: ClassVar[Mapping[str, float]] = {
+        "context": 1,
+        "train_windows": 1,
+        "val_windows": 1,
+        "embed": 1,
+        "heads": 1,
+        "layers": 1,
+    }
+
+    context: int = 64
+    train_windows: int = 20000
+    val_windows: int = 500
+    embed: int = 64
+    heads: int = 4
+    layers: int = 2
+
+    def validate(self) -> None:
+        super().validate()
+        require(
+            self.embed % self.heads == 0,
+            f"problem '{self.problem}': embed={self.embed} is not divisible by heads={self.heads}",
+        )
 
 
 def read_text(data_dir: str | None) -> str:
@@ -84,6 +121,8 @@ class TokenEmbedding(nn.Module):
 
 class Block(nn.Module):
     """Pre-norm transformer block: ``x + attn(ln(x))``, then ``x + mlp(ln(x))``."""
+
+    mask: Tensor  # a buffer (register_buffer below), which nn.Module.__getattr__ types as Tensor | Module
 
     def __init__(self, embed: int, heads: int, context: int) -> None:
         super().__init__()
@@ -148,22 +187,9 @@ class TinyShakespeareProblem(Problem):
     def __init__(
         self, *, data_dir: str | None = None, seed: int = 0, options: Mapping[str, object] | None = None
     ) -> None:
-        spec = {
-            "context": (int, 64),
-            "train_windows": (int, 20000),
-            "val_windows": (int, 500),
-            "embed": (int, 64),
-            "heads": (int, 4),
-            "layers": (int, 2),
-        }
-        opts = resolve_options(self.name, options, spec)
-        for key in spec:
-            if int(opts[key]) < 1:  # type: ignore[call-overload]
-                raise ConfigError(f"problem '{self.name}' option {key}={opts[key]}: must be >= 1")
-        self.context = int(opts["context"])  # type: ignore[call-overload]
-        self.embed, self.heads, self.layers = (int(opts[k]) for k in ("embed", "heads", "layers"))  # type: ignore[call-overload]
-        if self.embed % self.heads:
-            raise ConfigError(f"problem '{self.name}': embed={self.embed} is not divisible by heads={self.heads}")
+        opts = build_options(TinyShakespeareOptions, options)
+        self.context = opts.context
+        self.embed, self.heads, self.layers = opts.embed, opts.heads, opts.layers
         text = read_text(data_dir)
         self.chars = sorted(set(text))
         self.vocab_size = len(self.chars)
@@ -177,9 +203,9 @@ class TinyShakespeareProblem(Problem):
                 f"tinyshakespeare: the text ({len(tokens)} characters) is too short for context {self.context}"
             )
         generator = torch.Generator().manual_seed(seed)
-        starts = torch.randint(0, len(train_text) - window + 1, (int(opts["train_windows"]),), generator=generator)  # type: ignore[call-overload]
+        starts = torch.randint(0, len(train_text) - window + 1, (opts.train_windows,), generator=generator)
         self.train = self._windows(train_text, starts)
-        n_val = min(int(opts["val_windows"]), (len(val_text) - 1) // self.context)  # type: ignore[call-overload]
+        n_val = min(opts.val_windows, (len(val_text) - 1) // self.context)
         self.val = self._windows(val_text, torch.arange(n_val) * self.context)
         self.default_batch_size = min(256, len(self.train))
 

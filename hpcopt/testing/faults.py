@@ -14,9 +14,13 @@ reaches the hook ``curvature`` during step 3.  Fields (all optional except ``whe
   rank-dependent relative 1e-6), ``hang`` (sleep for ``seconds``, default 3600),
   ``exit`` (``os._exit(1)``, a rank vanishing without MPI_Abort) or ``sigkill``.
 
-Several faults are separated by ``;``.  Unset (the normal case), every hook is a
-dictionary lookup and a return.  Tests may call :func:`configure` instead of setting
-the environment variable.
+Several faults are separated by ``;``.  The variable is read when a hook first runs,
+not at import, so a malformed value is a one-line :class:`~hpcopt.errors.ConfigError`
+at that point.  Unset (the normal case), a hook is a global lookup, an identity test
+and a return: the hooks sit on the hot path of every step.  Tests may call
+:func:`configure` instead of setting the environment variable.
+
+Owns the fault plan and the hooks' behaviour; imports :mod:`hpcopt.errors` only.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ import os
 import signal
 import time
 from dataclasses import dataclass
+from typing import overload
+
+from hpcopt.errors import ConfigError
 
 ENV = "HPCOPT_FAULT"
 HOOKS = ("gradient", "trial", "curvature", "local_solve", "checkpoint")
@@ -44,8 +51,21 @@ class Fault:
     seconds: float = 3600.0
 
 
+class _Unread:
+    """Marks a plan not yet read from the environment."""
+
+
+_UNREAD = _Unread()
+# None: no faults (the hooks return at once); a tuple: the faults to apply.
+_plan: tuple[Fault, ...] | _Unread | None = _UNREAD
+
+
 def parse(spec: str) -> list[Fault]:
-    """``"rank=1,step=3,where=curvature"`` (``;``-separated for several) → faults."""
+    """``"rank=1,step=3,where=curvature"`` (``;``-separated for several) → faults.
+
+    Raises:
+        ConfigError: a part is not ``key=value`` pairs naming a known hook and kind.
+    """
     faults: list[Fault] = []
     for part in spec.split(";"):
         if not part.strip():
@@ -54,41 +74,72 @@ def parse(spec: str) -> list[Fault]:
         for item in part.split(","):
             key, sep, value = item.partition("=")
             if not sep:
-                raise ValueError(f"{ENV}: expected key=value, got {item!r}")
+                raise ConfigError(f"{ENV}: expected key=value, got {item!r}")
             fields[key.strip()] = value.strip()
         where = fields.pop("where", "")
         rank = fields.pop("rank", "all")
         step = fields.pop("step", "all")
         kind = fields.pop("kind", "raise")
-        seconds = float(fields.pop("seconds", "3600"))
+        seconds = fields.pop("seconds", "3600")
         if where not in HOOKS or kind not in KINDS or fields:
-            raise ValueError(f"{ENV}: bad fault {part!r} (where: {', '.join(HOOKS)}; kind: {', '.join(KINDS)})")
-        faults.append(
-            Fault(
+            raise ConfigError(f"{ENV}: bad fault {part!r} (where: {', '.join(HOOKS)}; kind: {', '.join(KINDS)})")
+        try:
+            fault = Fault(
                 where=where,
                 rank=None if rank == "all" else int(rank),
                 step=None if step == "all" else int(step),
                 kind=kind,
-                seconds=seconds,
+                seconds=float(seconds),
             )
-        )
+        except ValueError:
+            raise ConfigError(
+                f"{ENV}: bad fault {part!r} (rank and step: an integer or all; seconds: a number)"
+            ) from None
+        faults.append(fault)
     return faults
 
 
-_active: list[Fault] = parse(os.environ.get(ENV, ""))
+def _set(spec: str) -> tuple[Fault, ...] | None:
+    global _plan
+    plan = tuple(parse(spec)) or None
+    _plan = plan
+    return plan
 
 
 def configure(spec: str | None) -> None:
-    """Replace the active faults (``None`` or ``""``: none); for tests."""
-    global _active
-    _active = parse(spec or "")
+    """Replace the active faults (``None`` or ``""``: none, and ``HPCOPT_FAULT`` is not read); for tests."""
+    _set(spec or "")
+
+
+def reset() -> None:
+    """Forget the active faults; the next hook reads ``HPCOPT_FAULT`` again."""
+    global _plan
+    _plan = _UNREAD
+
+
+@overload
+def inject(where: str, rank: int, step: int, value: float) -> float: ...
+
+
+@overload
+def inject(where: str, rank: int, step: int, value: None = None) -> None: ...
 
 
 def inject(where: str, rank: int, step: int, value: float | None = None) -> float | None:
-    """Apply the faults matching ``(where, rank, step)`` to ``value`` (returned, maybe altered)."""
-    if not _active:
+    """Apply the faults matching ``(where, rank, step)`` to ``value`` (returned, maybe altered).
+
+    Raises:
+        ConfigError: on the first call, when ``HPCOPT_FAULT`` is malformed (and on
+            every later call until it is fixed or :func:`configure` is called).
+    """
+    plan = _plan
+    if plan is None:
         return value
-    for fault in _active:
+    if isinstance(plan, _Unread):
+        plan = _set(os.environ.get(ENV, ""))
+        if plan is None:
+            return value
+    for fault in plan:
         if fault.where != where or fault.rank not in (None, rank) or fault.step not in (None, step):
             continue
         if fault.kind == "raise":

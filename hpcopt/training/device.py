@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hpcopt.comm.communicator import Communicator
+from hpcopt.comm import Communicator
 from hpcopt.errors import ConfigError
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from hpcopt.comm.communicator import Communicator
+from hpcopt.comm import Communicator
 from hpcopt.errors import ConfigError
 
 

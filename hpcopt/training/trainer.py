@@ -21,88 +21,19 @@ from typing import Any
 import torch
 
 import hpcopt
-from hpcopt.comm.communicator import Communicator
+from hpcopt.comm import Communicator
 from hpcopt.config import require, to_dict
-from hpcopt.distributed.data_parallel import DistributedObjective
-from hpcopt.distributed.sharding import GlobalBatches, contiguous_slice
+from hpcopt.distributed.sharding import GlobalBatches
 from hpcopt.errors import HpcoptError
 from hpcopt.log import checkpoint
 from hpcopt.log.runlog import EvaluationRecord, IterationRecord, RunLog
-from hpcopt.numerics.flat import FlatParameters
-from hpcopt.optimizers import make_config, make_optimizer, optimizer_class
+from hpcopt.optimizers import make_config, optimizer_class
 from hpcopt.optimizers.base import Optimizer
 from hpcopt.problems import make_problem
 from hpcopt.problems.base import Dataset, Problem
+from hpcopt.training.config import TrainConfig
 from hpcopt.training.device import resolve_kind, select_device
 from hpcopt.training.signature import check_same_on_every_rank, run_signature
-
-
-@dataclass
-class TrainConfig:
-    """Options of ``hpcopt train`` that are not the optimizer's.
-
-    Attributes:
-        problem: problem name (``poisson2d``).
-        model: model name; ``None`` → the problem's default.
-        optimizer: optimizer name (``apts-d``).
-        data_dir: directory of the dataset files (MNIST IDX files).
-        epochs: passes over the training set (10).
-        batch_size: global mini-batch size; ``None`` → the problem's default.
-        seed: seeds initialisation, batch order and dropout (0).
-        out: HDF5 run log path; ``None`` → no log.
-        overwrite: replace an existing run log.
-        threads: torch threads per rank (1: one rank per core is the MPI way).
-        eval_every: evaluate every this many epochs (1).
-        max_steps: stop after this many outer iterations (None: no limit).
-        time_limit: stop at the first evaluation after this many seconds (None: no limit).
-        target: stop at the first evaluation whose metric reaches this value
-            (≤ for errors, ≥ for accuracies; None: train all epochs).
-        quiet: no progress lines.
-        checkpoint_every: write a checkpoint every this many steps (0: only at the
-            last step, and only when ``checkpoint`` is given).
-        checkpoint: checkpoint file; ``None`` → ``<out>.ckpt`` when ``checkpoint_every``
-            is set (see :mod:`hpcopt.log.checkpoint`).
-        resume: continue from this checkpoint (same rank count and options; ``epochs``
-            and ``max_steps`` count from the start of the original run).
-        collective_timeout: seconds a collective may wait before the job is aborted
-            (0: no watchdog; see :mod:`hpcopt.comm.communicator`).
-        device: ``auto`` (CUDA if torch sees a GPU, else CPU), ``cpu`` or ``cuda``
-            (one GPU per rank by local rank; see :mod:`hpcopt.training.device`).
-    """
-
-    problem: str = "poisson2d"
-    model: str | None = None
-    optimizer: str = "apts-d"
-    data_dir: str | None = None
-    epochs: int = 10
-    batch_size: int | None = None
-    seed: int = 0
-    out: str | None = None
-    overwrite: bool = False
-    threads: int = 1
-    eval_every: int = 1
-    max_steps: int | None = None
-    time_limit: float | None = None
-    target: float | None = None
-    quiet: bool = False
-    checkpoint_every: int = 0
-    checkpoint: str | None = None
-    resume: str | None = None
-    collective_timeout: float = 0.0
-    device: str = "auto"
-
-    def validate(self) -> None:
-        require(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
-        require(self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
-        require(self.eval_every >= 1, f"--eval-every must be >= 1, got {self.eval_every}")
-        require(self.max_steps is None or self.max_steps >= 1, "--max-steps must be >= 1")
-        require(self.time_limit is None or self.time_limit > 0, "--time-limit must be > 0")
-        require(self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
-        require(self.checkpoint_every >= 0, f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
-        require(
-            math.isfinite(self.collective_timeout) and self.collective_timeout >= 0,
-            f"--collective-timeout must be >= 0 seconds, got {self.collective_timeout}",
-        )
 
 
 @dataclass
@@ -125,14 +56,6 @@ def _git_sha() -> str:
         return out.stdout.strip() if out.returncode == 0 else ""
     except (OSError, subprocess.SubprocessError):
         return ""
-
-
-def evaluate(problem: Problem, model: torch.nn.Module, flat: FlatParameters, comm: Communicator) -> dict[str, float]:
-    """Validation metrics; each rank evaluates a contiguous slice and the sums are allreduced."""
-    part = problem.val.subset(contiguous_slice(len(problem.val), comm.rank, comm.size))
-    sums = problem.eval_sums(flat.functional(flat.data), part).to(torch.float64)
-    comm.allreduce_(sums, reuse=False)
-    return problem.eval_metrics(sums)
 
 
 def _stop_reason(
@@ -160,6 +83,7 @@ def _spatial_key(cfg: TrainConfig, optimizer_config: Any, problem: Problem) -> t
         f"{cfg.optimizer}: shard=spatial needs a PINN problem (collocation points with coordinates); "
         f"'{cfg.problem}' has none",
     )
+    assert jet_points is not None  # for the type checker: require raised otherwise
     return jet_points(problem.train.inputs)[:, 0]
 
 
@@ -176,7 +100,9 @@ def _move_data(problem: Problem, device: torch.device) -> None:
         setattr(problem, name, Dataset(data.inputs.to(device), data.targets.to(device)))
 
 
-def _setup(cfg: TrainConfig, optimizer_options: dict[str, Any], problem_options: dict[str, Any], comm: Communicator):  # type: ignore[no-untyped-def]
+def _setup(
+    cfg: TrainConfig, optimizer_options: dict[str, Any], problem_options: dict[str, Any], comm: Communicator
+) -> tuple[Any, Problem, GlobalBatches, torch.nn.Module]:
     """Everything that can fail on bad input, done before any collective."""
     cfg.validate()
     # --device cuda without a GPU, or a bad HPCOPT_CUDA_AWARE, fails here on every rank.
@@ -187,33 +113,24 @@ def _setup(cfg: TrainConfig, optimizer_options: dict[str, Any], problem_options:
         RunLog.check_path(cfg.out, overwrite=cfg.overwrite)
     problem = make_problem(cfg.problem, data_dir=cfg.data_dir, seed=cfg.seed, options=problem_options)
     batch_size = cfg.batch_size if cfg.batch_size is not None else min(problem.default_batch_size, len(problem.train))
-    optimizer_cls = optimizer_class(cfg.optimizer)
-    if getattr(optimizer_cls, "model_parallel", False):
-        # APTS-IP: all stages of a pipeline replica share the replica's shard of the batch
-        # (the whole batch with one replica); a bad stages × replicas layout raises here.
-        replica, replicas = optimizer_cls.data_shard(optimizer_config, comm.rank, comm.size)  # type: ignore[attr-defined]
-        require(
-            batch_size % replicas == 0,
-            f"{cfg.optimizer}: --batch-size {batch_size} is not divisible by replicas={replicas} "
-            "(each pipeline replica takes an equal shard)",
-        )
-    else:
-        replica, replicas = comm.rank, comm.size
+    # A model-parallel optimizer gives all ranks of a pipeline one shard; a bad layout raises here.
+    shard, shards = optimizer_class(cfg.optimizer).data_shard(optimizer_config, comm.rank, comm.size, batch_size)
     batches = GlobalBatches(
-        len(problem.train), batch_size, cfg.seed, replica, replicas, _spatial_key(cfg, optimizer_config, problem)
+        len(problem.train), batch_size, cfg.seed, shard, shards, _spatial_key(cfg, optimizer_config, problem)
     )
     torch.manual_seed(cfg.seed)  # identical initial parameters on every rank
     model = problem.build_model(cfg.model)
     return optimizer_config, problem, batches, model
 
 
-def _checkpointing(  # type: ignore[no-untyped-def]
+def _checkpointing(
     cfg: TrainConfig, optimizer_config: Any, problem: Problem, batch_size: int, model: Any, comm: Communicator
-):
-    """What must match to resume, the checkpoint path, the validated resume state and APTS-IP's layout.
+) -> tuple[dict[str, Any], str | None, dict[str, Any] | None, dict[str, Any] | None]:
+    """What must match to resume, the checkpoint path, the validated resume state and the model's layout.
 
-    No collectives.  The layout (stages, replicas, layer cuts) is ``None`` for the
-    data-parallel optimizers and when the run neither writes nor reads a checkpoint.
+    No collectives.  The layout is the optimizer's ``checkpoint_layout`` (APTS-IP's stages,
+    replicas and layer cuts); ``None`` for the data-parallel optimizers and when the run
+    neither writes nor reads a checkpoint.
     """
     compat = checkpoint.compat_fields(
         problem=cfg.problem,
@@ -229,10 +146,9 @@ def _checkpointing(  # type: ignore[no-untyped-def]
     require(not cfg.checkpoint_every or path is not None, "--checkpoint-every needs --checkpoint PATH or --out")
     if path is not None:
         checkpoint.check_path(path, overwrite=cfg.overwrite, resume=cfg.resume)
-    optimizer_cls = optimizer_class(cfg.optimizer)
     layout = None
-    if getattr(optimizer_cls, "model_parallel", False) and (path is not None or cfg.resume is not None):
-        layout = optimizer_cls.checkpoint_layout(optimizer_config, model, comm.size)  # type: ignore[attr-defined]
+    if path is not None or cfg.resume is not None:
+        layout = optimizer_class(cfg.optimizer).checkpoint_layout(optimizer_config, model, comm.size)
     state = None
     if cfg.resume is not None:
         state = checkpoint.load(cfg.resume)
@@ -270,22 +186,14 @@ def train(
         model.to(device.device)
         _move_data(problem, device.device)
     model.train()
-    optimizer_cls = optimizer_class(cfg.optimizer)
-    model_parallel = getattr(optimizer_cls, "model_parallel", False)
-    if model_parallel:
-        # The optimizer cuts the model and keeps this rank's part (APTS-IP); the whole
-        # model, identical on every rank until now, is what the cross-rank check sees.
-        signature_parameters = torch.cat([p.detach().flatten() for p in model.parameters()])
-        optimizer = optimizer_cls.build(problem, model, comm, optimizer_config)  # type: ignore[attr-defined]
-        flat, objective, model = optimizer.flat, optimizer.objective, optimizer.flat.model
-    else:
-        flat = FlatParameters(model)
-        objective = DistributedObjective(problem, flat, comm)
-        optimizer = make_optimizer(cfg.optimizer, objective, optimizer_config)
-        signature_parameters = flat.data
+    # A model-parallel optimizer keeps only this rank's part of the model (APTS-IP); the
+    # whole model, identical on every rank until now, is what the cross-rank check sees.
+    signature_parameters = torch.cat([p.detach().flatten() for p in model.parameters()])
+    optimizer = optimizer_class(cfg.optimizer).build(problem, model, comm, optimizer_config)
+    flat, objective = optimizer.flat, optimizer.objective
     comm.collective_timeout = cfg.collective_timeout
     if resume is not None:
-        checkpoint.restore(resume, flat=flat, optimizer=optimizer, rank=comm.rank)
+        checkpoint.restore(resume, optimizer=optimizer, rank=comm.rank)
     config_json = json.dumps(
         {"train": to_dict(cfg), "optimizer": to_dict(optimizer_config), "problem": problem_options}, default=str
     )
@@ -325,7 +233,7 @@ def train(
         "kernels": _kernels_name(optimizer),
     }
     # Optimizer-specific facts (APTS-P's block imbalance, APTS-IP's per-rank parameter bytes).
-    attributes.update(getattr(optimizer, "run_attributes", dict)())
+    attributes.update(optimizer.run_attributes())
     log = RunLog(cfg.out, enabled=comm.is_root and cfg.out is not None, overwrite=cfg.overwrite)
     metric_names = [problem.metric_name]
     say(
@@ -389,7 +297,6 @@ def train(
                         epoch=epoch,
                         batch_in_epoch=len(epoch_losses),
                         epoch_losses=epoch_losses,
-                        flat=flat,
                         optimizer=optimizer,
                         log_rows=log.num_iterations,
                     )
@@ -398,10 +305,7 @@ def train(
                     break
             if epoch % cfg.eval_every == 0 or epoch == cfg.epochs or done:
                 with optimizer.evaluation_parameters():  # e.g. Neumann's w − μm, not the displaced w
-                    if model_parallel:
-                        metrics = optimizer.evaluate(problem)  # type: ignore[attr-defined]
-                    else:
-                        metrics = evaluate(problem, model, flat, comm)
+                    metrics = optimizer.evaluate(problem)
                 train_loss = sum(epoch_losses) / max(len(epoch_losses), 1)
                 elapsed = time.perf_counter() - start
                 log.log_evaluation(

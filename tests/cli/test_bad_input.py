@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from hpcopt import cli
-from hpcopt.comm.communicator import Communicator
+from hpcopt.comm import Communicator
 from hpcopt.log import checkpoint
 
 pytestmark = pytest.mark.timeout(60)

@@ -1,7 +1,10 @@
-"""Tests of hpcopt.jobs.render: rendered SLURM scripts and the local sweep runner."""
+"""Tests of hpcopt.jobs: rendered SLURM scripts, where their templates come from, and the local sweep runner."""
 
 from __future__ import annotations
 
+import re
+import shlex
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -9,8 +12,9 @@ import pytest
 
 from hpcopt.analysis.tables import load_run
 from hpcopt.errors import ConfigError
-from hpcopt.jobs.render import SweepSpec, parse_ranks, render_sweep
-from tests.conftest import run_hpcopt
+from hpcopt.jobs import render
+from hpcopt.jobs.render import SweepSpec, parse_ranks, render_sweep, template_dir
+from tests.conftest import REPO, run_hpcopt
 
 TINY = ["--epochs", "2", "--set", "problem.n=200"]
 
@@ -67,7 +71,54 @@ def test_render_gpu_binds_one_gpu_per_rank(tmp_path: Path) -> None:
     assert subprocess.run(["bash", "-n", str(tmp_path / "strong-default-P8.sbatch")], check=False).returncode == 0
 
 
+def test_templates_are_the_files_in_jobs_templates(tmp_path: Path) -> None:
+    # A source checkout renders the files in place (an installed copy: tests/integration/test_install.py).
+    assert template_dir() == REPO / "jobs" / "templates"
+    for template in render.TEMPLATES:
+        spec = SweepSpec("weak", [2], 8, template=template, outdir=str(tmp_path / template))
+        text = render_sweep(spec)[0].read_text()
+        source = (REPO / "jobs" / "templates" / render.TEMPLATE_FILES[template]).read_text()
+        # Every line without a placeholder or escape comes through unchanged, in order
+        # (blank ones aside: an empty ${sbatch_lines} renders as one).
+        fixed = [line for line in source.splitlines() if line and "$" not in line]
+        assert [line for line in text.splitlines() if line in fixed] == fixed
+
+
+def test_submit_script_is_exact(tmp_path: Path) -> None:
+    submit = render_sweep(SweepSpec("weak", [2, 1], 8, outdir=str(tmp_path)))[-1]
+    assert submit.read_text() == (
+        "#!/bin/bash\n"
+        f"# Submit every point of this weak-scaling sweep; job ids go to {shlex.quote(str(tmp_path))}/jobids.txt.\n"
+        "set -euo pipefail\n"
+        'cd "$(dirname "$0")"\n'
+        ": > jobids.txt\n"
+        'sbatch --parsable "$@" weak-default-P2.sbatch | cut -d";" -f1 >> jobids.txt\n'
+        'sbatch --parsable "$@" weak-default-P1.sbatch | cut -d";" -f1 >> jobids.txt\n'
+        "echo \"submitted $(wc -l < jobids.txt) job(s): $(tr '\\n' ' ' < jobids.txt)\"\n"
+    )
+
+
+def test_template_dir_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    site_dir = tmp_path / "site"
+    shutil.copytree(REPO / "jobs" / "templates", site_dir)
+    (site_dir / "cpu.sbatch").write_text("#!/bin/bash\nmodule load site-mpi\n${python} -m hpcopt train ${train_args}\n")
+    monkeypatch.setenv("HPCOPT_TEMPLATE_DIR", str(site_dir))
+    assert template_dir() == site_dir
+    spec = SweepSpec("strong", [1], 8, outdir=str(tmp_path / "out"), python="py")
+    assert render_sweep(spec)[0].read_text() == "#!/bin/bash\nmodule load site-mpi\npy -m hpcopt train --batch-size 8\n"
+    # A site's slip is a one-line error naming the file, not a traceback.
+    for body, message in (("${nodes} ${node}\n", "unknown placeholder 'node'"), ("echo $(date)\n", "write \\$\\$")):
+        (site_dir / "cpu.sbatch").write_text(body)
+        with pytest.raises(ConfigError, match=f"job template {re.escape(str(site_dir / 'cpu.sbatch'))}: .*{message}"):
+            render_sweep(spec)
+    # A directory missing one of the files is passed over, not half used.
+    (site_dir / "submit.sh").unlink()
+    assert template_dir() == REPO / "jobs" / "templates"
+
+
 def test_render_rejects_bad_sweeps(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="at least one rank count"):
+        render_sweep(SweepSpec("strong", [], 64, outdir=str(tmp_path)))
     with pytest.raises(ConfigError, match="share equally"):
         render_sweep(SweepSpec("strong", [1, 3], 64, outdir=str(tmp_path)))
     with pytest.raises(ConfigError, match="--study"):

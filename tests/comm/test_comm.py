@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hpcopt.comm.communicator import Communicator, PackedBuffer
+from hpcopt.comm import Communicator, PackedBuffer
 from hpcopt.errors import ConfigError
 
 pytestmark = pytest.mark.timeout(60)

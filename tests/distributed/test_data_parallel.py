@@ -11,7 +11,7 @@ import pytest
 import torch
 from mpi4py import MPI
 
-from hpcopt.comm.communicator import Communicator
+from hpcopt.comm import Communicator
 from hpcopt.distributed.sharding import GlobalBatches, contiguous_slice
 from hpcopt.errors import ConfigError
 from hpcopt.training.trainer import TrainConfig, train

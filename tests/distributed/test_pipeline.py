@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from hpcopt.comm.communicator import Communicator
+from hpcopt.comm import Communicator
 from hpcopt.distributed.pipeline import Pipeline, PipelineLayout, stage_bounds
 from hpcopt.distributed.sharding import contiguous_slice
 from hpcopt.errors import ConfigError

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from hpcopt.comm.communicator import Communicator
+from hpcopt.comm import Communicator
 from hpcopt.distributed.pipeline import JetPayload
 from hpcopt.errors import ConfigError
 from hpcopt.numerics.jets import apply_to_jet, input_jet, scalar_jet

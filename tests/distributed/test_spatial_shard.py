@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from hpcopt.comm.communicator import Communicator
+from hpcopt.comm import Communicator
 from hpcopt.distributed.sharding import GlobalBatches
 from hpcopt.errors import ConfigError
 from hpcopt.problems import make_problem

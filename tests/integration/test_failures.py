@@ -7,6 +7,7 @@ turns a hang into a test failure instead of a stuck CI job.
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -16,6 +17,8 @@ from pathlib import Path
 import h5py
 import pytest
 
+from hpcopt.errors import ConfigError
+from hpcopt.testing import faults
 from tests.conftest import BIN, REPO
 
 pytestmark = pytest.mark.timeout(120)
@@ -107,3 +110,33 @@ def test_sigkill_of_all_ranks_leaves_a_readable_log_with_every_flushed_row(ranks
             process.kill()
             process.wait()
     assert _log(out) == (b"running", [1, 2, 3, 4, 5])
+
+
+def test_a_malformed_fault_is_a_one_line_config_error_on_first_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(faults.ENV, "where=gradient,step=soon")
+    faults.reset()
+    try:
+        with pytest.raises(ConfigError, match="HPCOPT_FAULT: bad fault 'where=gradient,step=soon'") as caught:
+            faults.inject("gradient", 0, 1, 1.0)
+        assert "\n" not in str(caught.value)
+        monkeypatch.setenv(faults.ENV, "where=trial,kind=nan")
+        faults.reset()
+        assert faults.inject("gradient", 0, 1, 1.0) == 1.0
+        assert math.isnan(faults.inject("trial", 0, 1, 1.0))  # type: ignore[arg-type]
+    finally:
+        faults.reset()  # read again, after monkeypatch restores the environment
+
+
+def test_a_malformed_fault_does_not_break_the_import() -> None:
+    env = {**os.environ, "HPCOPT_FAULT": "where=nowhere"}
+    done = subprocess.run(
+        [sys.executable, "-c", "import hpcopt.testing.faults"], capture_output=True, text=True, env=env, check=False
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_malformed_fault_ends_training_with_one_line_per_rank() -> None:
+    result = _run(2, [], "where=nowhere")
+    assert result.returncode != 0
+    assert result.stderr.count("hpcopt: error: HPCOPT_FAULT: bad fault 'where=nowhere'") == 2, result.stderr
+    assert "Traceback" not in result.stderr

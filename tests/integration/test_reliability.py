@@ -7,7 +7,7 @@ In-process ``mpi`` tests: run at 1 rank by ``pytest --with-mpi`` and under
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import h5py
@@ -15,14 +15,12 @@ import pytest
 import torch
 
 from hpcopt import cli
-from hpcopt.comm.communicator import Communicator
-from hpcopt.distributed.data_parallel import DistributedObjective
+from hpcopt.comm import Communicator
 from hpcopt.errors import ConfigError, NonFiniteError
-from hpcopt.numerics.flat import FlatParameters
 from hpcopt.optimizers import APTSD, make_config
-from hpcopt.problems import make_problem
 from hpcopt.testing import faults
 from hpcopt.training.signature import check_same_on_every_rank, run_signature
+from tests.conftest import ObjectiveFactory
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -33,15 +31,10 @@ def _no_faults_left() -> Iterator[None]:
     faults.configure(None)
 
 
-def _apts(comm: Communicator, **options: object) -> tuple[FlatParameters, APTSD]:
-    problem = make_problem("logistic", seed=0, options={"n": 400, "dim": 10})
-    torch.manual_seed(0)
-    flat = FlatParameters(problem.build_model(None))
-    objective = DistributedObjective(problem, flat, comm)
-    shard = len(problem.train) // comm.size
-    part = problem.train.subset(slice(comm.rank * shard, (comm.rank + 1) * shard))
-    objective.set_batch(part.inputs, part.targets, shard * comm.size, noise_seed=0)
-    return flat, APTSD(objective, make_config("apts-d", options))
+@pytest.fixture
+def apts_d(objective_factory: ObjectiveFactory) -> Callable[..., APTSD]:
+    """APTS-D with the given options on a logistic problem, its samples sharded over every rank."""
+    return lambda **options: APTSD(objective_factory(options={"n": 400, "dim": 10}), make_config("apts-d", options))
 
 
 def _same_everywhere(comm: Communicator, value: object) -> bool:
@@ -49,9 +42,9 @@ def _same_everywhere(comm: Communicator, value: object) -> bool:
 
 
 @pytest.mark.mpi(min_size=1)
-def test_nan_at_the_trial_point_rejects_and_leaves_parameters_bit_identical() -> None:
-    comm = Communicator()
-    flat, optimizer = _apts(comm, global_passes=0, radius=0.5)
+def test_nan_at_the_trial_point_rejects_and_leaves_parameters_bit_identical(apts_d: Callable[..., APTSD]) -> None:
+    optimizer = apts_d(global_passes=0, radius=0.5)
+    comm, flat = optimizer.objective.comm, optimizer.flat
     optimizer.step()  # a normal step first, so the L-SR1 memory is not empty
     before, radius = flat.clone(), optimizer.radius
     faults.configure(f"rank={comm.size - 1},where=trial,kind=nan")  # one rank's trial loss is NaN
@@ -64,10 +57,9 @@ def test_nan_at_the_trial_point_rejects_and_leaves_parameters_bit_identical() ->
 
 
 @pytest.mark.mpi(min_size=1)
-def test_nonfinite_starting_loss_is_an_error_on_every_rank() -> None:
-    comm = Communicator()
-    _, optimizer = _apts(comm)
-    faults.configure(f"rank={comm.size - 1},where=gradient,kind=inf")
+def test_nonfinite_starting_loss_is_an_error_on_every_rank(apts_d: Callable[..., APTSD]) -> None:
+    optimizer = apts_d()
+    faults.configure(f"rank={optimizer.objective.comm.size - 1},where=gradient,kind=inf")
     with pytest.raises(NonFiniteError, match="loss at the current parameters is"):
         optimizer.step()
 
@@ -93,11 +85,11 @@ def test_sgd_and_adam_stop_with_one_line_instead_of_training_on_nan(
 
 
 @pytest.mark.mpi(min_size=1)
-def test_rank_local_noise_cannot_split_the_decisions() -> None:
+def test_rank_local_noise_cannot_split_the_decisions(apts_d: Callable[..., APTSD]) -> None:
     # Every rank perturbs its own local losses differently; the decisions use only
     # allreduced scalars, so accept/reject and the radius stay identical everywhere.
-    comm = Communicator()
-    flat, optimizer = _apts(comm, radius=1.0)
+    optimizer = apts_d(radius=1.0)
+    comm, flat = optimizer.objective.comm, optimizer.flat
     faults.configure("where=gradient,kind=noise;where=trial,kind=noise")
     for _ in range(6):
         result = optimizer.step()

@@ -21,6 +21,7 @@ import torch
 from hpcopt.kernels import CpuKernels, neumann_coefficient, select_backend
 from hpcopt.kernels.cuda import KERNEL_FILES, kernel_dir
 from hpcopt.numerics.krylov.cg import cg
+from tests.kernels.gpu_support import needs_gpu
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -213,24 +214,6 @@ def test_backend_selection_on_cpu_and_without_cupy() -> None:
 
 
 # -- GPU: kernel == twin --------------------------------------------------------------
-
-
-def _gpu_reason() -> str:
-    if not torch.cuda.is_available():
-        return "no GPU: torch.cuda.is_available() is False"
-    try:
-        import cupy
-    except ImportError:
-        return "CuPy not installed (pip install 'hpcopt[gpu]')"
-    try:
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            return "CuPy sees no CUDA device"
-    except Exception as exc:  # cupy raises its own CUDARuntimeError types
-        return f"CuPy cannot see a device: {exc}"
-    return ""
-
-
-needs_gpu = pytest.mark.skipif(bool(_gpu_reason()), reason=_gpu_reason() or "GPU available")
 
 
 def _close(a: float, b: float, rel: float) -> bool:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from hpcopt.comm.communicator import Communicator
+from hpcopt.comm import Communicator
 from hpcopt.errors import ConfigError, HpcoptError
 from hpcopt.log import checkpoint
 from hpcopt.numerics.trust_region import LSR1Operator

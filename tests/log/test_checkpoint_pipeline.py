@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from hpcopt.comm.communicator import Communicator
+from hpcopt.comm import Communicator
 from hpcopt.errors import ConfigError
 from hpcopt.log import checkpoint
 from hpcopt.problems import make_problem

@@ -52,10 +52,13 @@ def make_iteration(step: int) -> IterationRecord:
     )
 
 
-def subprocess_env() -> dict[str, str]:
+def start_writer(script: str, path: Path, stdin: int | None = None) -> subprocess.Popen[str]:
+    """``python -c script path`` (a run-log writer) in another process, its stdout piped."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
+    return subprocess.Popen(
+        [sys.executable, "-c", script, str(path)], stdin=stdin, stdout=subprocess.PIPE, text=True, env=env
+    )
 
 
 @pytest.mark.timeout(60)
@@ -225,12 +228,7 @@ KILLED_WRITER = textwrap.dedent(
 @pytest.mark.timeout(60)
 def test_sigkill_leaves_every_flushed_row(tmp_path: Path) -> None:
     path = tmp_path / "killed.h5"
-    writer = subprocess.Popen(
-        [sys.executable, "-c", KILLED_WRITER, str(path)],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=subprocess_env(),
-    )
+    writer = start_writer(KILLED_WRITER, path)
     try:
         assert writer.stdout is not None
         assert writer.stdout.readline().strip() == "ready"
@@ -273,13 +271,7 @@ LIVE_WRITER = textwrap.dedent(
 @pytest.mark.timeout(60)
 def test_reader_sees_log_while_it_is_written(tmp_path: Path) -> None:
     path = tmp_path / "live.h5"
-    writer = subprocess.Popen(
-        [sys.executable, "-c", LIVE_WRITER, str(path)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        env=subprocess_env(),
-    )
+    writer = start_writer(LIVE_WRITER, path, stdin=subprocess.PIPE)
     assert writer.stdin is not None and writer.stdout is not None
     try:
         for block in range(2):

@@ -85,6 +85,15 @@ def rel_err(a: Tensor, b: Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
+def gradient_difference(flat: FlatParameters, objective: LocalObjective, v: Tensor, eps: float) -> Tensor:
+    """``(∇f(θ+εv) − ∇f(θ−εv)) / 2ε``: the central difference of the gradient along ``v``."""
+    with flat.displaced(eps * v):
+        grad_plus = objective.value_and_grad()[1].clone()
+    with flat.displaced(-eps * v):
+        grad_minus = objective.value_and_grad()[1].clone()
+    return (grad_plus - grad_minus) / (2 * eps)
+
+
 # -- Hessian-vector products ---------------------------------------------------
 
 
@@ -109,12 +118,7 @@ def test_hvp_matches_central_difference_of_gradient(name: str, kind: CurvatureKi
     operator = objective.curvature(kind)
     torch.manual_seed(2)
     v = torch.randn(flat.numel, dtype=torch.float64)
-    eps = 1e-4
-    with flat.displaced(eps * v):
-        grad_plus = objective.value_and_grad()[1].clone()
-    with flat.displaced(-eps * v):
-        grad_minus = objective.value_and_grad()[1].clone()
-    finite_difference = (grad_plus - grad_minus) / (2 * eps)
+    finite_difference = gradient_difference(flat, objective, v, eps=1e-4)
     assert rel_err(operator(v), finite_difference) < 1e-6
 
 
@@ -124,12 +128,8 @@ def test_hvp_on_cnn_matches_central_difference() -> None:
     operator = objective.curvature(CurvatureKind.HVP_REVERSE)
     torch.manual_seed(3)
     v = torch.randn(flat.numel, dtype=torch.float64)
-    eps = 1e-6
-    with flat.displaced(eps * v):
-        grad_plus = objective.value_and_grad()[1].clone()
-    with flat.displaced(-eps * v):
-        grad_minus = objective.value_and_grad()[1].clone()
-    assert rel_err(operator(v), (grad_plus - grad_minus) / (2 * eps)) < 1e-6
+    finite_difference = gradient_difference(flat, objective, v, eps=1e-6)
+    assert rel_err(operator(v), finite_difference) < 1e-6
 
 
 # -- Gauss–Newton ------------------------------------------------------------------

@@ -9,7 +9,6 @@ import pytest
 import scipy.sparse.linalg
 import torch
 
-from hpcopt.errors import ConfigError
 from hpcopt.numerics.krylov.cg import SteihaugExit, cg, default_dot, steihaug_cg
 
 N = 30
@@ -107,8 +106,13 @@ def test_cg_stops_on_non_positive_curvature() -> None:
     result = cg(_matvec(a), torch.ones(4, dtype=torch.float64))
     assert not result.converged
     assert result.iterations == 0
-    with pytest.raises(ConfigError):
+    with pytest.raises(ValueError, match="cg tolerances"):
         cg(_matvec(a), torch.ones(4, dtype=torch.float64), rtol=-1.0)
+    # Internal contract, not user input: ordinary exceptions that keep their traceback.
+    with pytest.raises(ValueError, match="rhs must be a flat 1-D tensor"):
+        cg(_matvec(a), torch.ones(2, 2, dtype=torch.float64))
+    with pytest.raises(TypeError, match="rhs must be a flat 1-D tensor"):
+        cg(_matvec(a), [1.0, 1.0, 1.0, 1.0])  # type: ignore[arg-type]
 
 
 @pytest.mark.timeout(60)
@@ -232,5 +236,5 @@ def test_steihaug_degenerate_inputs() -> None:
     assert float(single.step.norm()) <= 0.5 * (1 + 1e-5)
 
     for bad in (0.0, -1.0, float("inf")):
-        with pytest.raises(ConfigError):
+        with pytest.raises(ValueError, match="trust-region radius"):
             steihaug_cg(_matvec(a), g, bad)

@@ -1,4 +1,4 @@
-"""Radius policy, L-SR1 operator, subproblem solvers and the reference loop vs scipy."""
+"""Radius policy, L-SR1, subproblem solvers and the trust-region loop (local-phase rules; serial reference vs scipy)."""
 
 from __future__ import annotations
 
@@ -20,9 +20,11 @@ from hpcopt.numerics.trust_region import (
     RadiusPolicy,
     SteihaugSolver,
     SubproblemSolver,
+    TrustRegionModel,
     decide,
     make_subproblem_solver,
     minimize_trust_region,
+    trust_region_loop,
 )
 
 NAN = float("nan")
@@ -229,9 +231,9 @@ def test_lsr1_degenerate_pairs_never_raise() -> None:
     v = torch.randn(6, dtype=torch.float64, generator=generator)
     assert torch.isfinite(operator.matvec(v)).all()
     assert 1 <= operator.size <= 4
-    with pytest.raises(ConfigError):
+    with pytest.raises(ValueError, match="lsr1 memory"):
         LSR1Operator(memory=0)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ValueError, match="lsr1 pair"):
         operator.update(s, torch.zeros(5, dtype=torch.float64))
 
 
@@ -279,7 +281,7 @@ def test_factory_and_solver_contracts() -> None:
     message = r"unknown subproblem solver 'newton' \(choose from cauchy, steihaug, lsr1\)"
     with pytest.raises(ConfigError, match=message):
         make_subproblem_solver("newton")
-    with pytest.raises(ConfigError):
+    with pytest.raises(TypeError, match="needs a curvature product"):
         steihaug.solve(torch.ones(3), 1.0)
     # Empty L-SR1 memory means B = 0: the step is the Cauchy step.
     g = torch.tensor([1.0, -2.0, 2.0], dtype=torch.float64)
@@ -473,3 +475,81 @@ def test_rejected_steps_leave_point_unchanged_and_bad_input() -> None:
         minimize_trust_region(fun_q, grad, x0, solver=CauchySolver(), policy=RadiusPolicy(eta1=2.0), radius=1.0)
     with pytest.raises(NonFiniteError):
         minimize_trust_region(lambda x: math.inf, grad, x0, solver=CauchySolver(), policy=RadiusPolicy(), radius=1.0)
+
+
+# ---------------------------------------------------------------- the loop's local-phase rules
+
+
+def _local_model(n: int, seed: int, calls: dict[str, int]) -> tuple[TrustRegionModel, float, torch.Tensor]:
+    # A quadratic as a function of the step s from a centre away from its minimiser.
+    fun, grad, hessp, _ = _quadratic(n, seed)
+    centre = torch.full((n,), 0.3, dtype=torch.float64)
+
+    def value(step: torch.Tensor) -> float:
+        calls["value"] += 1
+        return fun(centre + step)
+
+    def value_and_grad(step: torch.Tensor) -> tuple[float, torch.Tensor]:
+        calls["value_and_grad"] += 1
+        return fun(centre + step), grad(centre + step)
+
+    def curvature(step: torch.Tensor):
+        return lambda v: hessp(centre + step, v)
+
+    return TrustRegionModel(value, value_and_grad, curvature=curvature), fun(centre), grad(centre)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name", ["cauchy", "steihaug", "lsr1"])
+def test_loop_evaluates_the_last_trial_for_its_value_alone_unless_the_solver_learns(name: str) -> None:
+    calls = {"value": 0, "value_and_grad": 0}
+    model, value0, grad0 = _local_model(6, 9, calls)
+    solver = make_subproblem_solver(name)
+    result = trust_region_loop(
+        model,
+        solver,
+        RadiusPolicy.local_defaults(),
+        x0=torch.zeros(6, dtype=torch.float64),
+        value0=value0,
+        grad0=grad0,
+        radius=0.01,
+        ball=1.0,
+        max_iter=4,
+    )
+    # Steps of at most 0.01·(1 + 1.5 + 1.5² + 1.5³) never fill the ball: all four iterations run.
+    assert result.accepted + result.rejected == 4
+    assert calls == {"value": 0 if solver.has_memory else 1, "value_and_grad": 4 if solver.has_memory else 3}
+    assert result.value < value0 and float(result.x.norm()) <= 1.0
+    assert result.history == []
+
+
+@pytest.mark.timeout(60)
+def test_loop_stops_when_the_ball_is_full_or_the_model_is_stationary() -> None:
+    calls = {"value": 0, "value_and_grad": 0}
+    model, value0, grad0 = _local_model(6, 10, calls)
+    zero = torch.zeros(6, dtype=torch.float64)
+    common = {"x0": zero, "value0": value0, "max_iter": 5}
+    # A Cauchy step lies on the boundary: the first accepted one leaves no room.
+    full = trust_region_loop(model, CauchySolver(), RadiusPolicy(), grad0=grad0, radius=0.05, ball=0.05, **common)
+    assert (full.accepted, full.rejected) == (1, 0)
+    assert float(full.x.norm()) == pytest.approx(0.05)
+    # A model that predicts no decrease is not evaluated at all ...
+    calls.update(value=0, value_and_grad=0)
+    flat = trust_region_loop(model, CauchySolver(), RadiusPolicy(), grad0=zero, radius=0.05, **common)
+    assert (flat.accepted, flat.rejected, calls["value"] + calls["value_and_grad"]) == (0, 0, 0)
+    assert flat.x is zero and flat.value == value0
+    # ... unless its trials are to be rejected by the ratio test.
+    model.grad = lambda step: grad0
+    rejected = trust_region_loop(
+        model,
+        CauchySolver(),
+        RadiusPolicy(),
+        grad0=zero,
+        radius=0.05,
+        stop_on_no_decrease=False,
+        fused_gradient=False,
+        record=True,
+        **common,
+    )
+    assert [record.reason for record in rejected.history] == ["rejected_pred"] * 5
+    assert calls["value"] == 5 and rejected.x is zero

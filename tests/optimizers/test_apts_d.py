@@ -11,12 +11,13 @@ import math
 import pytest
 import torch
 
-from hpcopt.comm.communicator import Communicator
+from hpcopt.comm import Communicator
 from hpcopt.distributed.data_parallel import DistributedObjective
 from hpcopt.numerics.flat import FlatParameters
 from hpcopt.optimizers import APTSD, APTSDConfig, make_config
 from hpcopt.problems import make_problem
 from hpcopt.training.trainer import TrainConfig, train
+from tests.optimizers.apts_support import outer_start
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -47,11 +48,7 @@ def test_first_order_consistent_model_has_the_global_gradient() -> None:
     comm, _, flat, objective, optimizer = _setup(
         "logistic", {"n": 400, "dim": 10}, local_solver="cauchy", local_iterations=1, global_passes=0
     )
-    theta = flat.clone()
-    loss_local, grad_local = objective.local_value_and_grad()
-    grad_local = grad_local.clone()
-    _, grad = objective.reduce_value_and_grad(loss_local, grad_local)
-    grad = grad.clone()
+    theta, loss_local, grad_local, grad = outer_start(flat, objective)
     step_r, pred_r, _ = optimizer._local_phase(theta, loss_local, grad_local, grad)
     ball = optimizer.radius / comm.size
     expected = -ball * grad / grad.norm()

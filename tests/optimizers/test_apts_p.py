@@ -11,13 +11,14 @@ import math
 import pytest
 import torch
 
-from hpcopt.comm.communicator import Communicator
+from hpcopt.comm import Communicator
 from hpcopt.distributed.data_parallel import DistributedObjective
 from hpcopt.distributed.decomposition import ParameterDecomposition, linear_partition
 from hpcopt.errors import ConfigError
 from hpcopt.numerics.flat import FlatParameters
 from hpcopt.optimizers import APTSP, make_config
 from hpcopt.problems import make_problem
+from tests.optimizers.apts_support import outer_start
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("one_thread")]
 
@@ -105,11 +106,7 @@ def test_mismatched_assignment_fails_on_every_rank() -> None:
 @pytest.mark.parametrize("norm", ["2", "inf"])
 def test_concatenated_step_is_what_the_owners_computed(norm: str) -> None:
     comm, flat, objective, optimizer = _setup(local_solver="cauchy", local_iterations=2, norm=norm, radius=0.2)
-    theta = flat.clone()
-    loss_local, grad_local = objective.local_value_and_grad()
-    grad_local = grad_local.clone()
-    _, grad = objective.reduce_value_and_grad(loss_local, grad_local)
-    grad = grad.clone()
+    theta, loss_local, grad_local, grad = outer_start(flat, objective)
     step_r, pred_r, _ = optimizer._block_local_phase(theta, loss_local, grad_local, grad)
     assert torch.equal(flat.data, theta)  # θ_k restored bit for bit
     ball = optimizer.radius / math.sqrt(comm.size) if norm == "2" else optimizer.radius

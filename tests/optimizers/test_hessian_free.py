@@ -7,6 +7,7 @@ the COMM_SELF trick compares the distributed run with a single-process one.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -14,31 +15,29 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from hpcopt.comm.communicator import Communicator
-from hpcopt.distributed.data_parallel import DistributedObjective
+from hpcopt.comm import Communicator
+from hpcopt.distributed.data_parallel import DistributedCurvature
 from hpcopt.errors import ConfigError, NonFiniteError
-from hpcopt.numerics.flat import FlatParameters
 from hpcopt.numerics.krylov.martens import bicgstab, martens_cg
 from hpcopt.optimizers import HessianFree, make_config
-from hpcopt.optimizers.hessian_free import DistributedCurvature, curvature_rows
+from hpcopt.optimizers.hessian_free import curvature_rows
 from hpcopt.problems import make_problem
 from hpcopt.training.trainer import TrainConfig, train
+from tests.conftest import ObjectiveFactory
 
 pytestmark = pytest.mark.timeout(60)
 
 Q, C = 0.1, 5.0  # saddle f = x² + Q(y² − C)²: f(0, 0) = Q·C² = 2.5, Hessian diag(2, −4QC = −2)
 
 
-def _setup(problem_name: str, options: dict, *, seed: int = 0, **hf: object):
-    comm = Communicator()
-    problem = make_problem(problem_name, seed=seed, options=options)
-    torch.manual_seed(seed)
-    flat = FlatParameters(problem.build_model(None))
-    objective = DistributedObjective(problem, flat, comm)
-    shard_size = len(problem.train) // comm.size
-    shard = problem.train.subset(slice(comm.rank * shard_size, (comm.rank + 1) * shard_size))
-    objective.set_batch(shard.inputs, shard.targets, shard_size * comm.size, noise_seed=seed)
-    return comm, problem, flat, objective, HessianFree(objective, make_config("hf", hf))
+@pytest.fixture
+def hessian_free(objective_factory: ObjectiveFactory) -> Callable[..., HessianFree]:
+    """HF with the options ``hf`` on the problem ``name`` with ``options``, its samples sharded over every rank."""
+
+    def build(name: str, options: dict, **hf: object) -> HessianFree:
+        return HessianFree(objective_factory(name, options=options), make_config("hf", hf))
+
+    return build
 
 
 class _Point(nn.Module):
@@ -80,12 +79,15 @@ class _IndefiniteQuadratic:
         return torch.mean(0.5 * (outputs**2 * self.A).sum(1) + outputs @ self.b + 0 * targets)
 
 
-def _toy(problem: object, start: list[float], **hf: object):
-    comm = Communicator()
-    flat = FlatParameters(_Point(start))
-    objective = DistributedObjective(problem, flat, comm)  # type: ignore[arg-type]
-    objective.set_batch(torch.zeros(4, 1), torch.zeros(4), 4 * comm.size, noise_seed=0)
-    return comm, flat, objective, HessianFree(objective, make_config("hf", hf))
+@pytest.fixture
+def toy_hf(objective_factory: ObjectiveFactory) -> Callable[..., HessianFree]:
+    """HF with the options ``hf`` on a toy ``problem`` of the parameters ``start`` (``_Point``), 4 rows per rank."""
+
+    def build(problem: object, start: list[float], **hf: object) -> HessianFree:
+        objective = objective_factory(problem, model=_Point(start), batch=(torch.zeros(4, 1), torch.zeros(4)))
+        return HessianFree(objective, make_config("hf", hf))
+
+    return build
 
 
 # -- solvers against dense references -------------------------------------------------
@@ -145,10 +147,11 @@ def test_strided_curvature_rows_do_not_depend_on_the_rank_count() -> None:
 
 
 @pytest.mark.mpi(min_size=1)
-def test_exact_cg_step_lands_on_the_minimiser_of_a_convex_quadratic() -> None:
-    _, problem, flat, _, optimizer = _setup(
+def test_exact_cg_step_lands_on_the_minimiser_of_a_convex_quadratic(hessian_free: Callable[..., HessianFree]) -> None:
+    optimizer = hessian_free(
         "quadratic", {"n": 400, "dim": 5}, damping=0.0, curvature_fraction=1.0, max_iterations=30, rtol=1e-7
     )
+    problem, flat = optimizer.objective.problem, optimizer.flat
     result = optimizer.step()
     exact = problem.exact_minimizer()
     error = float((flat.data.double() - exact).norm() / exact.norm())
@@ -159,10 +162,13 @@ def test_exact_cg_step_lands_on_the_minimiser_of_a_convex_quadratic() -> None:
 
 @pytest.mark.mpi(min_size=1)
 @pytest.mark.parametrize(("solver", "curvature"), [("cg", "ggn"), ("bicgstab", "hessian"), ("steihaug", "hessian")])
-def test_exactly_one_collective_per_krylov_iteration(solver: str, curvature: str) -> None:
-    comm, _, flat, _, optimizer = _setup(
+def test_exactly_one_collective_per_krylov_iteration(
+    hessian_free: Callable[..., HessianFree], solver: str, curvature: str
+) -> None:
+    optimizer = hessian_free(
         "logistic", {"n": 400, "dim": 10}, solver=solver, curvature=curvature, curvature_fraction=0.25
     )
+    comm, flat = optimizer.objective.comm, optimizer.flat
     n = flat.numel
     for _ in range(2):  # the second step of cg/bicgstab has a warm start
         calls, nbytes = comm.stats.calls, comm.stats.bytes
@@ -178,8 +184,10 @@ def test_exactly_one_collective_per_krylov_iteration(solver: str, curvature: str
 
 
 @pytest.mark.mpi(min_size=1)
-def test_distributed_product_is_the_weighted_sum_of_local_products() -> None:
-    comm, _, flat, objective, optimizer = _setup("logistic", {"n": 400, "dim": 10}, curvature="hessian")
+def test_distributed_product_is_the_weighted_sum_of_local_products(hessian_free: Callable[..., HessianFree]) -> None:
+    optimizer = hessian_free("logistic", {"n": 400, "dim": 10}, curvature="hessian")
+    objective, flat = optimizer.objective, optimizer.flat
+    comm = objective.comm
     matvec = optimizer.curvature_operator(damping=0.5)
     v = torch.linspace(-1, 1, flat.numel)
     calls = comm.stats.calls
@@ -197,16 +205,20 @@ def test_distributed_product_is_the_weighted_sum_of_local_products() -> None:
 
 
 @pytest.mark.mpi(min_size=1)
-def test_negative_curvature_leaves_the_saddle_where_gauss_newton_cg_stalls() -> None:
+def test_negative_curvature_leaves_the_saddle_where_gauss_newton_cg_stalls(
+    toy_hf: Callable[..., HessianFree],
+) -> None:
     start = [0.5, 1e-3]
     saddle_value = Q * C * C
-    _, flat, objective, ggn = _toy(_Saddle(), start, solver="cg", curvature="ggn", damping=10.0)
+    ggn = toy_hf(_Saddle(), start, solver="cg", curvature="ggn", damping=10.0)
+    flat, objective = ggn.flat, ggn.objective
     for _ in range(3):
         ggn.step()
     assert objective.value() > saddle_value - 1e-3, "GGN-CG cannot see the negative curvature"
     assert abs(float(flat.data[1])) < 1e-2
     for solver in ("bicgstab", "steihaug"):
-        _, flat, objective, hf = _toy(_Saddle(), start, solver=solver, curvature="hessian", damping=10.0)
+        hf = toy_hf(_Saddle(), start, solver=solver, curvature="hessian", damping=10.0)
+        flat, objective = hf.flat, hf.objective
         for _ in range(3):
             result = hf.step()
         assert objective.value() < saddle_value - 2.0, f"{solver} stayed at the saddle"
@@ -216,13 +228,12 @@ def test_negative_curvature_leaves_the_saddle_where_gauss_newton_cg_stalls() -> 
 
 @pytest.mark.mpi(min_size=1)
 @pytest.mark.parametrize("solver", ["bicgstab", "cg"])
-def test_indefinite_quadratic_takes_the_curvature_step(solver: str) -> None:
+def test_indefinite_quadratic_takes_the_curvature_step(toy_hf: Callable[..., HessianFree], solver: str) -> None:
     # Near the saddle in the third coordinate: BiCGSTAB's Newton step heads for the saddle
     # point, Martens' CG stops at the negative curvature; the step along ±d goes far below both.
     problem = _IndefiniteQuadratic()
-    _, flat, objective, hf = _toy(
-        problem, [0.2, 0.3, 1e-3], solver=solver, curvature="hessian", damping=1e-3, curvature_step_scale=4.0
-    )
+    hf = toy_hf(problem, [0.2, 0.3, 1e-3], solver=solver, curvature="hessian", damping=1e-3, curvature_step_scale=4.0)
+    flat, objective = hf.flat, hf.objective
     before = objective.value()
     result = hf.step()
     after = objective.value()
@@ -246,9 +257,10 @@ class _Overconfident(HessianFree):
 
 
 @pytest.mark.mpi(min_size=1)
-def test_damping_rises_on_bad_ratios_and_falls_on_good_ones() -> None:
+def test_damping_rises_on_bad_ratios_and_falls_on_good_ones(hessian_free: Callable[..., HessianFree]) -> None:
     options = {"curvature_fraction": 1.0, "curvature": "hessian", "backtrack_iterates": False, "warm_start": 0.0}
-    _, _, _, objective, good = _setup("quadratic", {"n": 200, "dim": 4}, damping=1e-2, **options)
+    good = hessian_free("quadratic", {"n": 200, "dim": 4}, damping=1e-2, **options)
+    objective = good.objective
     result = good.step()
     assert result.ratio > 0.75 and good.damping == pytest.approx(1e-2 * 2 / 3)
     bad = _Overconfident(objective, make_config("hf", {"damping": 1e-3, **options}))
@@ -258,9 +270,9 @@ def test_damping_rises_on_bad_ratios_and_falls_on_good_ones() -> None:
 
 
 @pytest.mark.mpi(min_size=1)
-def test_non_finite_loss_is_a_clear_error() -> None:
-    _, _, flat, _, optimizer = _setup("logistic", {"n": 200, "dim": 5})
-    flat.copy_(torch.full_like(flat.data, math.nan))
+def test_non_finite_loss_is_a_clear_error(hessian_free: Callable[..., HessianFree]) -> None:
+    optimizer = hessian_free("logistic", {"n": 200, "dim": 5})
+    optimizer.flat.copy_(torch.full_like(optimizer.flat.data, math.nan))
     with pytest.raises(NonFiniteError, match="hf: the mini-batch loss is nan"):
         optimizer.step()
 

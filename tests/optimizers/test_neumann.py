@@ -3,38 +3,32 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
 from mpi4py import MPI
 
-from hpcopt.comm.communicator import Communicator
-from hpcopt.distributed.data_parallel import DistributedObjective
+from hpcopt.comm import Communicator
 from hpcopt.errors import NonFiniteError
-from hpcopt.numerics.flat import FlatParameters
 from hpcopt.optimizers import Neumann, make_config
 from hpcopt.optimizers.neumann import regularizer
-from hpcopt.problems import make_problem
 from hpcopt.training.trainer import TrainConfig, train
+from tests.conftest import ObjectiveFactory
 
 pytestmark = pytest.mark.timeout(60)
 
 
-def _setup(**neumann: object):
-    comm = Communicator()
-    problem = make_problem("logistic", options={"n": 200, "dim": 6})
-    torch.manual_seed(0)
-    flat = FlatParameters(problem.build_model(None))
-    objective = DistributedObjective(problem, flat, comm)
-    size = len(problem.train) // comm.size
-    shard = problem.train.subset(slice(comm.rank * size, (comm.rank + 1) * size))
-    objective.set_batch(shard.inputs, shard.targets, size * comm.size, noise_seed=0)
-    return comm, flat, objective, Neumann(objective, make_config("neumann", neumann))
+@pytest.fixture
+def neumann(objective_factory: ObjectiveFactory) -> Callable[..., Neumann]:
+    """Neumann with the given options on a logistic problem, its samples sharded over every rank."""
+    return lambda **options: Neumann(objective_factory(options={"n": 200, "dim": 6}), make_config("neumann", options))
 
 
 @pytest.mark.mpi(min_size=1)
-def test_evaluated_and_stored_weights_differ_exactly_by_mu_m() -> None:
-    _, flat, _, optimizer = _setup(lr=0.5, epoch_steps=2, warmup_epochs=1, reset_epochs=3)
+def test_evaluated_and_stored_weights_differ_exactly_by_mu_m(neumann: Callable[..., Neumann]) -> None:
+    optimizer = neumann(lr=0.5, epoch_steps=2, warmup_epochs=1, reset_epochs=3)
+    flat = optimizer.flat
     phases = [optimizer.step().extras["phase"] for _ in range(6)]
     assert phases == ["sgd", "sgd", "reset", "neumann", "neumann", "neumann"]
     stored = flat.clone()
@@ -75,8 +69,9 @@ def test_schedules_follow_the_paper() -> None:
 
 
 @pytest.mark.mpi(min_size=1)
-def test_resets_come_with_a_doubling_period() -> None:
-    _, flat, _, optimizer = _setup(lr=0.1, epoch_steps=1, warmup_epochs=2, reset_epochs=2)
+def test_resets_come_with_a_doubling_period(neumann: Callable[..., Neumann]) -> None:
+    optimizer = neumann(lr=0.1, epoch_steps=1, warmup_epochs=2, reset_epochs=2)
+    flat = optimizer.flat
     phases = [optimizer.step().extras["phase"] for _ in range(12)]
     resets = [t for t, phase in enumerate(phases) if phase == "reset"]
     assert resets == [2, 4, 8]  # warm-up 2, then K = 2, 4, 8
@@ -84,9 +79,9 @@ def test_resets_come_with_a_doubling_period() -> None:
 
 
 @pytest.mark.mpi(min_size=1)
-def test_non_finite_loss_stops_with_a_clear_error() -> None:
-    _, flat, _, optimizer = _setup()
-    flat.copy_(torch.full_like(flat.data, math.nan))
+def test_non_finite_loss_stops_with_a_clear_error(neumann: Callable[..., Neumann]) -> None:
+    optimizer = neumann()
+    optimizer.flat.copy_(torch.full_like(optimizer.flat.data, math.nan))
     with pytest.raises(NonFiniteError, match="neumann"):
         optimizer.step()
 

@@ -3,35 +3,28 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
 from mpi4py import MPI
 
-from hpcopt.comm.communicator import Communicator
-from hpcopt.distributed.data_parallel import DistributedObjective
+from hpcopt.comm import Communicator
 from hpcopt.errors import ConfigError, NonFiniteError
-from hpcopt.numerics.flat import FlatParameters
 from hpcopt.optimizers import NLCG, make_config
 from hpcopt.optimizers.nlcg import diagonal_bfgs_update
-from hpcopt.problems import make_problem
 from hpcopt.training.trainer import TrainConfig, train
+from tests.conftest import ObjectiveFactory
 
 pytestmark = pytest.mark.timeout(60)
 
 OPTIONS = {"n": 200, "dim": 4}
 
 
-def _setup(**nlcg: object):
-    comm = Communicator()
-    problem = make_problem("quadratic", options=OPTIONS)
-    torch.manual_seed(0)
-    flat = FlatParameters(problem.build_model(None))
-    objective = DistributedObjective(problem, flat, comm)
-    size = len(problem.train) // comm.size
-    shard = problem.train.subset(slice(comm.rank * size, (comm.rank + 1) * size))
-    objective.set_batch(shard.inputs, shard.targets, size * comm.size, noise_seed=0)
-    return comm, problem, flat, NLCG(objective, make_config("nlcg", nlcg))
+@pytest.fixture
+def nlcg(objective_factory: ObjectiveFactory) -> Callable[..., NLCG]:
+    """NLCG with the given options on the least-squares problem, its samples sharded over every rank."""
+    return lambda **options: NLCG(objective_factory("quadratic", options=OPTIONS), make_config("nlcg", options))
 
 
 def _reference(problem, theta: torch.Tensor, steps: int, lr: float, beta_rule: str, beta_max: float):  # type: ignore[no-untyped-def]
@@ -70,9 +63,10 @@ def _reference(problem, theta: torch.Tensor, steps: int, lr: float, beta_rule: s
 
 @pytest.mark.mpi(min_size=1)
 @pytest.mark.parametrize(("beta", "beta_max"), [("fr", 1.0), ("pr", 1.0), ("pr", 0.0)])
-def test_matches_the_float64_reference(beta: str, beta_max: float) -> None:
+def test_matches_the_float64_reference(nlcg: Callable[..., NLCG], beta: str, beta_max: float) -> None:
     # beta_max = 0 clips β to 0: preconditioned gradient descent, d = M∘(−g).
-    _, problem, flat, optimizer = _setup(lr=0.3, beta=beta, beta_max=beta_max, loss_average=False)
+    optimizer = nlcg(lr=0.3, beta=beta, beta_max=beta_max, loss_average=False)
+    problem, flat = optimizer.objective.problem, optimizer.flat
     start = flat.clone()
     extras = [optimizer.step().extras for _ in range(8)]
     betas = [e["beta"] for e in extras]
@@ -100,8 +94,8 @@ def test_diagonal_bfgs_update_formula_and_skip() -> None:
     assert torch.equal(h, before)
 
 
-def test_loss_average_heuristic_shrinks_on_rising_loss_and_grows_back() -> None:
-    _, _, _, optimizer = _setup()
+def test_loss_average_heuristic_shrinks_on_rising_loss_and_grows_back(nlcg: Callable[..., NLCG]) -> None:
+    optimizer = nlcg()
     optimizer.c = 0.5
     for loss in [1.0] * 6:
         optimizer._update_c(loss)
@@ -123,16 +117,17 @@ def test_schedule_and_validation() -> None:
 
 
 @pytest.mark.mpi(min_size=1)
-def test_non_finite_loss_stops_with_a_clear_error() -> None:
-    _, _, flat, optimizer = _setup()
-    flat.copy_(torch.full_like(flat.data, math.inf))
+def test_non_finite_loss_stops_with_a_clear_error(nlcg: Callable[..., NLCG]) -> None:
+    optimizer = nlcg()
+    optimizer.flat.copy_(torch.full_like(optimizer.flat.data, math.inf))
     with pytest.raises(NonFiniteError, match="nlcg"):
         optimizer.step()
 
 
 @pytest.mark.mpi(min_size=1)
-def test_one_packed_allreduce_per_step() -> None:
-    comm, _, flat, optimizer = _setup()
+def test_one_packed_allreduce_per_step(nlcg: Callable[..., NLCG]) -> None:
+    optimizer = nlcg()
+    comm, flat = optimizer.objective.comm, optimizer.flat
     calls, nbytes = comm.stats.calls, comm.stats.bytes
     for _ in range(3):
         optimizer.step()

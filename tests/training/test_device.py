@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hpcopt.comm.communicator import Communicator, HostStaging, cuda_aware_mpi
+from hpcopt.comm import Communicator, HostStaging, cuda_aware_mpi
 from hpcopt.errors import ConfigError
 from hpcopt.training.device import LOCAL_RANK_VARIABLES, local_rank, local_rank_from_env, resolve_kind, select_device
 from tests.conftest import run_hpcopt

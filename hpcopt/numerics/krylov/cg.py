@@ -33,8 +33,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from hpcopt.errors import ConfigError
-
 if TYPE_CHECKING:
     from hpcopt.kernels import Kernels
 
@@ -56,14 +54,17 @@ def _norm(v: torch.Tensor, dot: Dot) -> float:
 
 
 def _check_vector(name: str, v: torch.Tensor) -> None:
-    if not isinstance(v, torch.Tensor) or v.dim() != 1:
-        raise ConfigError(f"{name} must be a flat 1-D tensor")
+    # Callers hand over flat parameter-space vectors; anything else is a bug upstream.
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"{name} must be a flat 1-D tensor, got {type(v).__name__}")
+    if v.dim() != 1:
+        raise ValueError(f"{name} must be a flat 1-D tensor, got shape {tuple(v.shape)}")
 
 
 def check_kernels(kernels: Kernels | None, dot: Dot) -> None:
     """Refuse fused kernels next to a custom ``dot``: their sums are local, ``dot`` may not be."""
     if kernels is not None and dot is not default_dot:
-        raise ConfigError(
+        raise ValueError(
             "fused kernels return this rank's partial sums; pass kernels only with the local default dot "
             "(replicated vectors), not with a custom or distributed dot"
         )
@@ -142,11 +143,11 @@ def cg(
     _check_vector("rhs", rhs)
     check_kernels(kernels, dot)
     if rtol < 0 or atol < 0:
-        raise ConfigError(f"cg tolerances must be non-negative, got rtol={rtol}, atol={atol}")
+        raise ValueError(f"cg tolerances must be non-negative, got rtol={rtol}, atol={atol}")
     n = rhs.numel()
     max_iter = 2 * n if max_iter is None else max_iter
     if max_iter < 0:
-        raise ConfigError(f"cg max_iter must be >= 0, got {max_iter}")
+        raise ValueError(f"cg max_iter must be >= 0, got {max_iter}")
 
     if x0 is None:
         x = torch.zeros_like(rhs)
@@ -271,14 +272,14 @@ def steihaug_cg(
     _check_vector("grad", grad)
     check_kernels(kernels, dot)
     if not math.isfinite(radius) or radius <= 0.0:
-        raise ConfigError(f"trust-region radius must be finite and > 0, got {radius}")
+        raise ValueError(f"trust-region radius must be finite and > 0, got {radius}")
     n = grad.numel()
     if max_iter is None:
         max_iter = min(n, STEIHAUG_DEFAULT_MAX_ITER_CAP)
     if max_iter < 0:
-        raise ConfigError(f"steihaug max_iter must be >= 0, got {max_iter}")
+        raise ValueError(f"steihaug max_iter must be >= 0, got {max_iter}")
     if rtol is not None and rtol < 0:
-        raise ConfigError(f"steihaug rtol must be non-negative, got {rtol}")
+        raise ValueError(f"steihaug rtol must be non-negative, got {rtol}")
 
     step = torch.zeros_like(grad)
     rr = dot(grad, grad)

@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from hpcopt.errors import ConfigError
 from hpcopt.numerics.krylov.cg import Dot, MatVec, cg_step_, check_kernels, default_dot
 
 if TYPE_CHECKING:
@@ -104,10 +103,10 @@ def martens_cg(
     ``‖r‖²`` into one pass; it needs the default ``dot`` (its sum is local).
     """
     if grad.dim() != 1:
-        raise ConfigError("grad must be a flat 1-D tensor")
+        raise ValueError(f"grad must be a flat 1-D tensor, got shape {tuple(grad.shape)}")
     check_kernels(kernels, dot)
     if max_iter < 1 or rtol < 0 or progress_tol < 0 or store_ratio <= 1:
-        raise ConfigError(
+        raise ValueError(
             f"martens_cg: need max_iter >= 1, rtol >= 0, progress_tol >= 0, store_ratio > 1; "
             f"got {max_iter}, {rtol}, {progress_tol}, {store_ratio}"
         )
@@ -188,9 +187,9 @@ def bicgstab(
     last finite iterate.
     """
     if grad.dim() != 1:
-        raise ConfigError("grad must be a flat 1-D tensor")
+        raise ValueError(f"grad must be a flat 1-D tensor, got shape {tuple(grad.shape)}")
     if max_iter < 1 or rtol < 0:
-        raise ConfigError(f"bicgstab: need max_iter >= 1 and rtol >= 0, got {max_iter}, {rtol}")
+        raise ValueError(f"bicgstab: need max_iter >= 1 and rtol >= 0, got {max_iter}, {rtol}")
     products = 0
     if x0 is None or not bool(torch.any(x0 != 0)):
         x = torch.zeros_like(grad)

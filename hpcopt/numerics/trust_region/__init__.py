@@ -1,12 +1,18 @@
-"""Trust-region building blocks: radius policy, subproblem solvers, L-SR1, reference loop.
+"""Trust-region building blocks: radius policy, subproblem solvers, L-SR1, the loop.
 
 See ALGORITHMS.md §0.  Everything here works against ``matvec`` and ``dot`` callables
 and plain floats, so the same code runs serially and inside distributed optimizers.
 """
 
+from hpcopt.numerics.trust_region.loop import (
+    IterationRecord,
+    LoopResult,
+    TrustRegionModel,
+    minimize_trust_region,
+    trust_region_loop,
+)
 from hpcopt.numerics.trust_region.lsr1 import LSR1Operator
 from hpcopt.numerics.trust_region.radius import Decision, RadiusPolicy, decide
-from hpcopt.numerics.trust_region.reference_loop import IterationRecord, minimize_trust_region
 from hpcopt.numerics.trust_region.subproblem import (
     CauchySolver,
     LSR1Solver,
@@ -22,11 +28,14 @@ __all__ = [
     "IterationRecord",
     "LSR1Operator",
     "LSR1Solver",
+    "LoopResult",
     "RadiusPolicy",
     "SteihaugSolver",
     "SubproblemResult",
     "SubproblemSolver",
+    "TrustRegionModel",
     "decide",
     "make_subproblem_solver",
     "minimize_trust_region",
+    "trust_region_loop",
 ]

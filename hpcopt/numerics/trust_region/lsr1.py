@@ -25,10 +25,11 @@ through ``dot``) and the pairs themselves are stored; a product costs ``2m`` dot
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
-from hpcopt.errors import ConfigError
 from hpcopt.numerics.krylov.cg import Dot, default_dot
 
 GAMMA_MIN = 1e-4
@@ -62,9 +63,9 @@ class LSR1Operator:
 
     def __init__(self, memory: int = 5, dot: Dot = default_dot, skip_tol: float = 1e-8) -> None:
         if isinstance(memory, bool) or not isinstance(memory, int) or memory < 1:
-            raise ConfigError(f"lsr1 memory must be an integer >= 1, got {memory!r}")
+            raise ValueError(f"lsr1 memory must be an integer >= 1, got {memory!r}")
         if not math.isfinite(skip_tol) or skip_tol < 0:
-            raise ConfigError(f"lsr1 skip_tol must be finite and >= 0, got {skip_tol!r}")
+            raise ValueError(f"lsr1 skip_tol must be finite and >= 0, got {skip_tol!r}")
         self.memory = memory
         self.dot = dot
         self.skip_tol = skip_tol
@@ -90,17 +91,17 @@ class LSR1Operator:
             "m_inv": self._m_inv.clone(),
         }
 
-    def load_state_dict(self, state: dict[str, object]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned; ``M^{-1}`` is copied, not recomputed."""
-        s_list, y_list = list(state["s"]), list(state["y"])  # type: ignore[call-overload]
+        s_list, y_list = list(state["s"]), list(state["y"])
         if len(s_list) != len(y_list) or len(s_list) > self.memory:
-            raise ConfigError(f"lsr1 state holds {len(s_list)} pairs, more than memory={self.memory}")
+            raise ValueError(f"lsr1 state holds {len(s_list)} pairs, more than memory={self.memory}")
         self._s = [v.clone() for v in s_list]
         self._y = [v.clone() for v in y_list]
-        self._ss = state["ss"].clone()  # type: ignore[attr-defined]
-        self._sy = state["sy"].clone()  # type: ignore[attr-defined]
-        self._gamma = float(state["gamma"])  # type: ignore[arg-type]
-        self._m_inv = state["m_inv"].clone()  # type: ignore[attr-defined]
+        self._ss = state["ss"].clone()
+        self._sy = state["sy"].clone()
+        self._gamma = float(state["gamma"])
+        self._m_inv = state["m_inv"].clone()
 
     @property
     def size(self) -> int:
@@ -121,7 +122,7 @@ class LSR1Operator:
     def update(self, s: torch.Tensor, y: torch.Tensor) -> bool:
         """Add the pair ``(s, y)`` (step, gradient change); return whether it was stored."""
         if s.shape != y.shape or s.dim() != 1:
-            raise ConfigError(f"lsr1 pair must be two flat vectors of equal length, got {s.shape}, {y.shape}")
+            raise ValueError(f"lsr1 pair must be two flat vectors of equal length, got {s.shape}, {y.shape}")
         dot = self.dot
         s_s, y_y, s_y = dot(s, s), dot(y, y), dot(s, y)
         if not all(math.isfinite(x) for x in (s_s, y_y, s_y)) or s_s <= 0.0:

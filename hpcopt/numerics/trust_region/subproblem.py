@@ -106,7 +106,7 @@ class CauchySolver:
     def solve(self, grad: torch.Tensor, radius: float, matvec: MatVec | None = None) -> SubproblemResult:
         """Step to the boundary along ``-g``; ``matvec`` is ignored."""
         if not math.isfinite(radius) or radius <= 0.0:
-            raise ConfigError(f"trust-region radius must be finite and > 0, got {radius}")
+            raise ValueError(f"trust-region radius must be finite and > 0, got {radius}")
         grad_norm_sq = self.dot(grad, grad)
         if not math.isfinite(grad_norm_sq):
             return SubproblemResult(torch.zeros_like(grad), 0.0, "nonfinite", 0)
@@ -161,7 +161,7 @@ class SteihaugSolver:
     def solve(self, grad: torch.Tensor, radius: float, matvec: MatVec | None = None) -> SubproblemResult:
         """Run truncated CG on ``matvec``, which is required."""
         if matvec is None:
-            raise ConfigError("the steihaug subproblem solver needs a curvature product (matvec)")
+            raise TypeError("the steihaug subproblem solver needs a curvature product (matvec)")
         result = steihaug_cg(
             matvec, grad, radius, dot=self.dot, rtol=self.rtol, max_iter=self.max_iter, kernels=self.kernels
         )

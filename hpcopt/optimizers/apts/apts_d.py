@@ -33,7 +33,9 @@ from hpcopt.errors import NonFiniteError
 from hpcopt.numerics.curvature import parse_curvature
 from hpcopt.numerics.krylov.cg import MatVec
 from hpcopt.numerics.trust_region import decide, make_subproblem_solver
+from hpcopt.optimizers.apts.local_phase import first_order_consistent, local_phase
 from hpcopt.optimizers.apts.options import SOLVERS, APTSOptions
+from hpcopt.optimizers.apts.outcome import outer_step_result
 from hpcopt.optimizers.base import Optimizer, StepResult
 from hpcopt.testing import faults
 
@@ -79,6 +81,7 @@ class APTSDConfig(APTSOptions):
 class APTSD(Optimizer):
     name = "apts-d"
     config_class = APTSDConfig
+    objective: DistributedObjective
 
     def __init__(self, objective: DistributedObjective, config: APTSDConfig) -> None:
         super().__init__(objective, config)
@@ -118,65 +121,31 @@ class APTSD(Optimizer):
         cfg = self.config
         objective = self.objective
         ball = self.radius / self.world_size if cfg.combine == "sum" else self.radius
-        policy = cfg.local_policy(ball)
         correction = grad - grad_local if cfg.foc else torch.zeros_like(grad)
-        model_grad = grad.clone() if cfg.foc else grad_local.clone()
-        step_r = torch.zeros_like(theta_k)
-        model_value = loss_local  # f̃_r(θ_k) = f_r(θ_k)
-        local_radius = ball
-        self.local_solver.reset()
+
+        def value(step: torch.Tensor) -> float:
+            self.move_to(theta_k, step)
+            return objective.local_value()
+
+        def value_and_grad(step: torch.Tensor) -> tuple[float, torch.Tensor]:
+            self.move_to(theta_k, step)
+            return objective.local_value_and_grad()
+
+        model = first_order_consistent(
+            value, value_and_grad, lambda step: self._local_matvec(theta_k, step), correction
+        )
         faults.inject("local_solve", objective.comm.rank, objective.step)
-        counts = {"local_accepted": 0, "local_rejected": 0}
-        for iteration in range(cfg.local_iterations):
-            room = ball - float(step_r.norm())
-            if room <= 1e-9 * ball:
-                break
-            matvec = self._local_matvec(theta_k, step_r) if self.local_solver.needs_matvec else None
-            result = self.local_solver.solve(model_grad, min(local_radius, room), matvec)
-            if not (result.pred > 0 and math.isfinite(result.pred)):
-                break  # stationary local model: nothing to gain from further iterations
-            trial = step_r + result.step
-            self.move_to(theta_k, trial)
-            last = iteration == cfg.local_iterations - 1
-            trial_grad: torch.Tensor | None = None
-            if last and self.local_solver.name != "lsr1":  # only L-SR1 learns from the last gradient
-                trial_loss = objective.local_value()
-            else:
-                trial_loss, raw_grad = objective.local_value_and_grad()
-                trial_grad = raw_grad + correction
-            trial_value = trial_loss + float(correction.dot(trial))
-            decision = decide(policy, local_radius, model_value, trial_value, result.pred, float(result.step.norm()))
-            if trial_grad is not None and math.isfinite(trial_value):
-                # SR1 learns from rejected trials too: (step, Δgradient) is a valid pair either way.
-                self.local_solver.update(result.step, trial_grad - model_grad)
-            if decision.accepted:
-                step_r = trial
-                model_value = trial_value
-                if trial_grad is not None:
-                    model_grad = trial_grad
-                counts["local_accepted"] += 1
-            else:
-                counts["local_rejected"] += 1
-            local_radius = decision.radius
+        # f̃_r(θ_k) = f_r(θ_k); its gradient there is g with FOC and g_r without.
+        phase = local_phase(
+            model, self.local_solver, cfg, ball=ball, value0=loss_local, grad0=grad if cfg.foc else grad_local
+        )
         self.flat.copy_(theta_k)
-        return step_r, loss_local - model_value, counts
+        return phase.step, phase.decrease, phase.counts
 
     def _local_matvec(self, theta_k: torch.Tensor, step_r: torch.Tensor) -> MatVec:
         # The FOC term is linear, so f̃_r has the curvature of f_r at the current local point.
         self.move_to(theta_k, step_r)
         return self.objective.local_curvature(self.curvature)
-
-    def _global_matvec(self) -> MatVec:
-        # One allreduce per product: Σ_r w_r B_r v.
-        local = self.objective.local_curvature(self.curvature)
-        buffer = self.objective.comm_buffer(scalars=0)
-
-        def matvec(v: torch.Tensor) -> torch.Tensor:
-            torch.mul(local(v), self.objective.weight, out=buffer.vector)
-            self.objective.comm.allreduce_(buffer.data)
-            return buffer.vector.clone()
-
-        return matvec
 
     def _combined_step(
         self, theta_k: torch.Tensor, loss_local: float, grad_local: torch.Tensor, grad: torch.Tensor
@@ -244,7 +213,8 @@ class APTSD(Optimizer):
         global_accepted = 0
         for g_pass in range(cfg.global_passes):
             assert current_grad is not None
-            matvec = self._global_matvec() if self.global_solver.needs_matvec else None
+            # One allreduce per product: Σ_r w_r B_r v, the operator of Hessian-free's solves.
+            matvec = objective.curvature(self.curvature) if self.global_solver.needs_matvec else None
             result = self.global_solver.solve(current_grad, self.radius, matvec)
             if not (result.pred > 0 and math.isfinite(result.pred)):
                 break
@@ -269,17 +239,5 @@ class APTSD(Optimizer):
 
         self.steps += 1
         counts["global_accepted"] = global_accepted
-        return StepResult(
-            loss=loss,
-            radius=radius_before,
-            step_norm=step_norm,
-            ratio=decision.ratio,
-            accepted=decision.accepted,
-            extras={
-                "pred": pred,
-                "combined_norm": combined_norm,
-                "trial_loss": trial_loss,
-                "reason": decision.reason,
-                **counts,
-            },
-        )
+        extras = {"combined_norm": combined_norm, **counts}
+        return outer_step_result(loss, radius_before, step_norm, decision, pred, trial_loss, extras)

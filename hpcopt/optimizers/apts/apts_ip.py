@@ -47,20 +47,29 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import torch
 from torch import Tensor, nn
 
-from hpcopt.comm.communicator import Communicator, PackedBuffer
+from hpcopt.comm import Communicator
 from hpcopt.config import require
-from hpcopt.distributed.pipeline import JetPayload, Payload, Pipeline, PipelineLayout, stage_bounds
+from hpcopt.distributed.pipeline import (
+    JetPayload,
+    Payload,
+    Pipeline,
+    PipelineLayout,
+    PipelineObjective,
+    stage_bounds,
+)
 from hpcopt.distributed.sharding import contiguous_slice
 from hpcopt.errors import ConfigError, NonFiniteError
 from hpcopt.numerics.curvature import LocalObjective, parse_curvature
+from hpcopt.numerics.krylov.cg import MatVec
 from hpcopt.numerics.trust_region import decide, make_subproblem_solver
-from hpcopt.optimizers.apts.local_phase import LocalModel, local_trust_region
+from hpcopt.optimizers.apts.local_phase import first_order_consistent, local_phase
 from hpcopt.optimizers.apts.options import APTSOptions
+from hpcopt.optimizers.apts.outcome import outer_step_result
 from hpcopt.optimizers.base import Optimizer, StepResult
 from hpcopt.problems.base import JetProblem, Problem
 
@@ -95,107 +104,6 @@ class APTSIPConfig(APTSOptions):
         require(self.replicas >= 1, f"{name}: replicas must be >= 1, got {self.replicas}")
 
 
-class PipelineObjective:
-    """This rank's stage, its replica's shard of the batch, and the collectives of APTS-IP.
-
-    ``set_batch`` has the signature of :class:`~hpcopt.distributed.data_parallel.DistributedObjective`'s:
-    with one replica, every rank is given the whole global batch; with R replicas, the
-    ranks of replica r are given its shard B_r (the same on every stage of the replica).
-
-    Args:
-        problem: the loss (``criterion``) and, for evaluation, the metrics.
-        pipeline: this rank's stage, over its replica's pipeline communicator.
-        world: all P ranks (the trial value is reduced over it).
-        replica_comm: this stage in every replica, ranked by replica.
-        layout: stages × replicas of ``world``.
-    """
-
-    def __init__(
-        self,
-        problem: Problem,
-        pipeline: Pipeline,
-        world: Communicator,
-        replica_comm: Communicator,
-        layout: PipelineLayout,
-    ) -> None:
-        self.problem = problem
-        self.pipeline = pipeline
-        self.comm = world
-        self.replica_comm = replica_comm
-        self.layout = layout
-        self.flat = pipeline.flat
-        self.inputs: Tensor | None = None
-        self.targets: Tensor | None = None
-        self.weight = 1.0
-        self.step = 0
-        dtype, device = self.flat.dtype, self.flat.device
-        self._packed = PackedBuffer(self.flat.numel, 2, dtype=dtype, device=device)
-        self._step = torch.zeros(self.flat.numel, dtype=dtype, device=device)
-        # With replicas f rides in the gradient buffer (flat dtype): the trial value is
-        # reduced in the same dtype, so that f(θ_k) and f(θ_k+s) are rounded alike.
-        self._trial = torch.zeros(1, dtype=torch.float64 if layout.replicas == 1 else dtype, device=device)
-
-    @property
-    def numel(self) -> int:
-        return self.flat.numel
-
-    @property
-    def replicated(self) -> bool:
-        return self.layout.replicas > 1
-
-    def set_batch(self, inputs: Tensor, targets: Tensor, global_size: int, noise_seed: int) -> None:
-        del noise_seed  # the pipelined models have no dropout (checked at build)
-        rows = inputs.shape[0]
-        if not self.replicated and rows != global_size:
-            raise ValueError("apts-ip: with one replica every rank must hold the whole global batch")
-        if not 0 < rows <= global_size:
-            raise ValueError(f"apts-ip: a shard of {rows} rows of a global batch of {global_size}")
-        self.inputs, self.targets = inputs, targets
-        self.weight = rows / global_size
-
-    def run(self, *, backward: bool) -> float:
-        """The shard loss on the last stage (0.0 elsewhere); see :meth:`Pipeline.run`."""
-        if self.inputs is None or self.targets is None:
-            raise RuntimeError("set_batch() must be called before evaluating the objective")
-        return self.pipeline.run(self.inputs, self.targets, self.problem.criterion, backward=backward)
-
-    def value_and_grad(self) -> tuple[float, Tensor]:
-        """Global f (last stage; 0.0 elsewhere) and this stage's global gradient block g_s.
-
-        ``flat.grad`` keeps the replica's own block g_{s,r} afterwards; the returned
-        block is a view of an internal buffer with replicas (``flat.grad`` without).
-        """
-        loss_part = self.run(backward=True)
-        grad = self.flat.grad
-        if not self.replicated:
-            return loss_part, grad
-        packed = self._packed
-        torch.mul(grad, self.weight, out=packed.vector)
-        packed.scalars[0] = self.weight * loss_part
-        packed.scalars[1] = self.weight
-        self.replica_comm.allreduce_(packed.data)
-        if abs(float(packed.scalars[1]) - 1.0) > 1e-5:
-            # The same sum on every rank (the weights depend on the replica only): all raise.
-            raise ValueError(
-                f"apts-ip: the replicas' shards add up to {float(packed.scalars[1]):.6g} of the global batch, "
-                "not 1: each replica must be given its own contiguous shard"
-            )
-        return float(packed.scalars[0]), packed.vector
-
-    def average_step(self, step: Tensor) -> Tensor:
-        """The replicas' weighted average of this stage's local steps (``step`` itself with one replica)."""
-        if not self.replicated:
-            return step
-        torch.mul(step, self.weight, out=self._step)
-        return self.replica_comm.allreduce_(self._step)
-
-    def value(self) -> float:
-        """Global f at the current parameters: one scalar allreduce over the world (trial points)."""
-        self._trial[0] = self.weight * self.run(backward=False)
-        self.comm.allreduce_(self._trial)
-        return float(self._trial[0])
-
-
 def _linearised_loss(outputs: Tensor, output_grads: Tensor) -> Tensor:
     # ⟨G, out⟩: the first-order model of the loss downstream of an inner stage.
     return (outputs * output_grads).sum()
@@ -214,15 +122,15 @@ def _stage_forward(payload: Payload, rows: Tensor | None) -> Callable[[Any, Tens
 class APTSIP(Optimizer):
     name = "apts-ip"
     config_class = APTSIPConfig
-    #: Built by :meth:`build` from the whole model; each rank keeps one stage.
-    model_parallel: ClassVar[bool] = True
+    #: This rank's stage, cut by :meth:`build` from the whole model.
+    objective: PipelineObjective
     # The radius is all that an outer iteration hands to the next: the local solver is
     # reset at the start of every local phase, and the pipeline's caches (stage inputs,
     # output gradients) are rebuilt by each step's gradient pass before they are read.
     state_attributes: ClassVar[tuple[str, ...]] = ("radius",)
 
     @classmethod
-    def layout(cls, config: APTSIPConfig, world_size: int) -> PipelineLayout:
+    def pipeline_layout(cls, config: APTSIPConfig, world_size: int) -> PipelineLayout:
         """The stages × replicas of ``world_size`` ranks (no communication).
 
         Raises:
@@ -231,13 +139,22 @@ class APTSIP(Optimizer):
         return PipelineLayout(world_size, config.replicas)
 
     @classmethod
-    def data_shard(cls, config: APTSIPConfig, rank: int, world_size: int) -> tuple[int, int]:
+    def data_shard(cls, config: APTSIPConfig, rank: int, world_size: int, batch_size: int) -> tuple[int, int]:
         """``(shard, shards)`` of the global batch that ``rank`` is given: its replica's.
 
+        All stages of a pipeline replica share the replica's shard (the whole batch with
+        one replica).
+
         Raises:
-            ConfigError: as :meth:`layout` (the training driver calls this before any collective).
+            ConfigError: as :meth:`pipeline_layout`, or ``batch_size`` is not divisible by
+                the replicas (the training driver calls this before any collective).
         """
-        layout = cls.layout(config, world_size)
+        layout = cls.pipeline_layout(config, world_size)
+        require(
+            batch_size % layout.replicas == 0,
+            f"{cls.name}: --batch-size {batch_size} is not divisible by replicas={layout.replicas} "
+            "(each pipeline replica takes an equal shard)",
+        )
         return layout.replica_of(rank), layout.replicas
 
     @classmethod
@@ -251,7 +168,7 @@ class APTSIP(Optimizer):
             ConfigError: as :meth:`build` for a bad layout, a model that is not an
                 ``nn.Sequential`` or one with too few layers.
         """
-        layout = cls.layout(config, world_size)
+        layout = cls.pipeline_layout(config, world_size)
         if not isinstance(model, nn.Sequential):
             raise ConfigError("apts-ip: the model must be an nn.Sequential to be cut into stages")
         return {
@@ -261,7 +178,7 @@ class APTSIP(Optimizer):
         }
 
     @classmethod
-    def build(cls, problem: Problem, model: nn.Module, comm: Communicator, config: APTSIPConfig) -> APTSIP:
+    def build(cls, problem: Problem, model: nn.Module, comm: Communicator, config: APTSIPConfig) -> Self:
         """Cut ``model`` (identical on every rank) into P/R stages and keep this rank's.
 
         Splits ``comm`` into this rank's pipeline and replica communicators (collective:
@@ -272,7 +189,7 @@ class APTSIP(Optimizer):
                 a Sequential, too few layers for the stages, dropout, or a problem whose
                 forward is not the network itself and that is no ``JetProblem``.
         """
-        layout = cls.layout(config, comm.size)
+        layout = cls.pipeline_layout(config, comm.size)
         if any(isinstance(m, nn.modules.dropout._DropoutNd) for m in model.modules()):
             raise ConfigError("apts-ip: models with dropout are not supported")
         payload: Payload | None = None
@@ -302,7 +219,7 @@ class APTSIP(Optimizer):
     def __init__(self, objective: PipelineObjective, config: APTSIPConfig) -> None:
         if not isinstance(objective, PipelineObjective):
             raise ConfigError("apts-ip holds one pipeline stage per rank: build it with APTSIP.build(...)")
-        super().__init__(objective, config)  # type: ignore[arg-type]
+        super().__init__(objective, config)
         self.pipeline = objective.pipeline
         self.comm = objective.comm
         self.layout = objective.layout
@@ -374,7 +291,7 @@ class APTSIP(Optimizer):
         With replicas, each replica evaluates its contiguous part of the validation set
         and the sums are reduced over the replica communicator.
         """
-        objective: PipelineObjective = self.objective  # type: ignore[assignment]
+        objective = self.objective
         layout, data = self.layout, problem.val
         if layout.replicas == 1 or len(data) < layout.replicas:
             return problem.eval_metrics(problem.eval_sums(self.pipeline.outputs, data).to(torch.float64))
@@ -385,7 +302,7 @@ class APTSIP(Optimizer):
 
     def _local_objective(self) -> LocalObjective:
         pipeline = self.pipeline
-        objective: PipelineObjective = self.objective  # type: ignore[assignment]
+        objective = self.objective
         assert pipeline.stage_inputs is not None and objective.targets is not None
         if pipeline.last:
             # The cached stage inputs are the micro-batches in order, i.e. the rows of objective.inputs.
@@ -405,35 +322,23 @@ class APTSIP(Optimizer):
         ball = self.radius / math.sqrt(self.pipeline.stages)
 
         def value(step: Tensor) -> float:
-            loss = local.value(theta_k + step)
-            return loss if correction is None else loss + float(correction.dot(step))
+            return local.value(theta_k + step)
 
         def value_and_grad(step: Tensor) -> tuple[float, Tensor]:
             flat.copy_(theta_k + step)
-            loss, local_grad = local.value_and_grad()
-            if correction is None:
-                return loss, local_grad.clone()
-            return loss + float(correction.dot(step)), local_grad + correction
+            return local.value_and_grad()
 
-        def curvature(step: Tensor) -> Any:
-            # The FOC term is linear: the curvature is the shard model's.
+        def curvature(step: Tensor) -> MatVec:
             flat.copy_(theta_k + step)
             return local.curvature(self.curvature)
 
-        result = local_trust_region(
-            LocalModel(value, value_and_grad, curvature),
-            self.local_solver,
-            cfg.local_policy(ball),
-            ball=ball,
-            iterations=cfg.local_iterations,
-            value0=local.value(theta_k),
-            grad0=grad,
-        )
+        model = first_order_consistent(value, value_and_grad, curvature, correction)
+        phase = local_phase(model, self.local_solver, cfg, ball=ball, value0=local.value(theta_k), grad0=grad)
         flat.copy_(theta_k)
-        return result.step, {"local_accepted": result.accepted, "local_rejected": result.rejected}
+        return phase.step, phase.counts
 
     def step(self) -> StepResult:
-        objective: PipelineObjective = self.objective  # type: ignore[assignment]
+        objective = self.objective
         radius_before = self.radius
         theta_k = self.flat.clone()
         loss_part, global_grad = objective.value_and_grad()
@@ -459,18 +364,5 @@ class APTSIP(Optimizer):
         if not decision.accepted:
             self.flat.copy_(theta_k)
         self.steps += 1
-        return StepResult(
-            loss=loss,
-            radius=radius_before,
-            step_norm=step_norm,
-            ratio=decision.ratio,
-            accepted=decision.accepted,
-            extras={
-                "pred": pred,
-                "trial_loss": trial_loss,
-                "reason": decision.reason,
-                "stages": self.layout.stages,
-                "replicas": self.layout.replicas,
-                **counts,
-            },
-        )
+        extras = {"stages": self.layout.stages, "replicas": self.layout.replicas, **counts}
+        return outer_step_result(loss, radius_before, step_norm, decision, pred, trial_loss, extras)

@@ -34,7 +34,7 @@ from hpcopt.distributed.data_parallel import DistributedObjective
 from hpcopt.distributed.decomposition import BLOCK_MODES, ParameterDecomposition
 from hpcopt.numerics.krylov.cg import MatVec
 from hpcopt.optimizers.apts.apts_d import APTSD, APTSDConfig
-from hpcopt.optimizers.apts.local_phase import LocalModel, local_trust_region
+from hpcopt.optimizers.apts.local_phase import first_order_consistent, local_phase
 
 
 @dataclass
@@ -116,12 +116,12 @@ class APTSP(APTSD):
 
         def value(step: torch.Tensor) -> float:
             move_to(step)
-            return objective.local_value() + float(correction.dot(step))
+            return objective.local_value()
 
         def value_and_grad(step: torch.Tensor) -> tuple[float, torch.Tensor]:
             move_to(step)
             loss, full_grad = objective.local_value_and_grad()
-            return loss + float(correction.dot(step)), full_grad[owned] + correction
+            return loss, full_grad[owned]
 
         def curvature(step: torch.Tensor) -> MatVec:
             # The FOC term is linear: the owned-block Hessian of f̃_r is that of f_r.
@@ -136,18 +136,10 @@ class APTSP(APTSD):
 
             return matvec
 
-        result = local_trust_region(
-            LocalModel(value, value_and_grad, curvature),
-            self.local_solver,
-            cfg.local_policy(ball),
-            ball=ball,
-            iterations=cfg.local_iterations,
-            value0=loss_local,
-            grad0=grad0,
-        )
+        model = first_order_consistent(value, value_and_grad, curvature, correction)
+        phase = local_phase(model, self.local_solver, cfg, ball=ball, value0=loss_local, grad0=grad0)
         flat.copy_(theta_k)
-        counts = {"local_accepted": result.accepted, "local_rejected": result.rejected}
-        return result.step, result.decrease, counts
+        return phase.step, phase.decrease, dict(phase.counts)
 
     # -- combination: one Allgatherv of [s_r; pred_r] -------------------------------
 

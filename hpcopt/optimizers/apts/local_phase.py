@@ -1,88 +1,103 @@
-"""The communication-free local trust-region loop shared by APTS-P and APTS-IP.
+"""The local phase of the APTS variants: a rank's first-order-consistent model and its iterations.
 
-The local model is given as callables of the local step ``s`` (in whatever
-coordinates the caller works in: a rank's owned block, or a pipeline stage's
-parameters), so the loop knows nothing of decompositions.  It is the loop of
-APTS-D's local phase (ALGORITHMS.md §1 step 3): L iterations of §0 from ``s = 0``
-inside a ball, with L-SR1 learning from accepted and rejected trials alike.
+APTS-D, APTS-P and APTS-IP each describe their shard's objective as functions of the
+local step ``s`` (the whole vector, an owned block, a stage's parameters).  This
+module adds the first-order-consistency term ``cᵀs`` with ``c = g − g_r`` and runs
+the package's one trust-region loop
+(:func:`~hpcopt.numerics.trust_region.loop.trust_region_loop`) on that model from
+``s = 0`` inside the local ball (ALGORITHMS.md §1 step 2): L iterations, with L-SR1
+learning from accepted and rejected trials alike.  Nothing here communicates; it
+imports torch, the trust-region numerics and the APTS options only.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from hpcopt.numerics.krylov.cg import MatVec
-from hpcopt.numerics.trust_region import RadiusPolicy, SubproblemSolver, decide
+from hpcopt.numerics.trust_region import SubproblemSolver
+from hpcopt.numerics.trust_region.loop import TrustRegionModel, trust_region_loop
+from hpcopt.optimizers.apts.options import APTSOptions
+
+
+def first_order_consistent(
+    value: Callable[[torch.Tensor], float],
+    value_and_grad: Callable[[torch.Tensor], tuple[float, torch.Tensor]],
+    curvature: Callable[[torch.Tensor], MatVec],
+    correction: torch.Tensor | None,
+) -> TrustRegionModel:
+    """The model ``s ↦ f_r(θ_k + s) + cᵀs`` of a rank's shard loss ``f_r``.
+
+    Args:
+        value: ``s ↦ f_r(θ_k + s)``.
+        value_and_grad: ``s ↦ (f_r(θ_k + s), ∇f_r)`` with the gradient in the step's
+            coordinates; it may be a buffer that the next evaluation overwrites.
+        curvature: ``s ↦`` the curvature product of ``f_r`` at ``θ_k + s``, which is
+            that of the model too: the correction is linear.
+        correction: ``c``; ``None`` leaves ``f_r`` as it is.
+    """
+    if correction is None:
+
+        def plain_value_and_grad(step: torch.Tensor) -> tuple[float, torch.Tensor]:
+            loss, grad = value_and_grad(step)
+            return loss, grad.clone()
+
+        return TrustRegionModel(value=value, value_and_grad=plain_value_and_grad, curvature=curvature)
+
+    def corrected_value(step: torch.Tensor) -> float:
+        return value(step) + float(correction.dot(step))
+
+    def corrected_value_and_grad(step: torch.Tensor) -> tuple[float, torch.Tensor]:
+        loss, grad = value_and_grad(step)
+        return loss + float(correction.dot(step)), grad + correction
+
+    return TrustRegionModel(value=corrected_value, value_and_grad=corrected_value_and_grad, curvature=curvature)
 
 
 @dataclass
-class LocalModel:
-    """The local objective as functions of the local step ``s``.
+class LocalStep:
+    """The outcome of a local phase.
 
     Attributes:
-        value: ``s ↦ φ(s)``.
-        value_and_grad: ``s ↦ (φ(s), ∇φ(s))`` (the gradient in the caller's coordinates).
-        curvature: ``s ↦`` a curvature product at ``s``; needed by ``steihaug`` only.
+        step: The local step ``s_r``.
+        decrease: Its model decrease ``pred_r = φ(0) − φ(s_r)``.
+        counts: ``local_accepted`` and ``local_rejected`` iterations, for the run log.
     """
-
-    value: Callable[[torch.Tensor], float]
-    value_and_grad: Callable[[torch.Tensor], tuple[float, torch.Tensor]]
-    curvature: Callable[[torch.Tensor], MatVec] | None = None
-
-
-@dataclass
-class LocalResult:
-    """The local step, its decrease ``φ(0) − φ(s)`` and the iteration counts."""
 
     step: torch.Tensor
     decrease: float
-    accepted: int
-    rejected: int
+    counts: dict[str, int]
 
 
-def local_trust_region(
-    model: LocalModel,
+def local_phase(
+    model: TrustRegionModel,
     solver: SubproblemSolver,
-    policy: RadiusPolicy,
+    options: APTSOptions,
     *,
     ball: float,
-    iterations: int,
     value0: float,
     grad0: torch.Tensor,
-) -> LocalResult:
-    """``iterations`` TR iterations on ``model`` from ``s = 0``, keeping ``‖s‖ ≤ ball``."""
-    step = torch.zeros_like(grad0)
-    model_value, model_grad = value0, grad0.clone()
-    radius = ball
+) -> LocalStep:
+    """``options.local_iterations`` iterations on ``model`` from ``s = 0``, keeping ``‖s‖ ≤ ball``.
+
+    The solver starts from an empty memory; the local radius starts at ``ball`` under
+    ``options.local_policy(ball)``.  ``value0`` and ``grad0`` are the model's value
+    and gradient at ``s = 0``.
+    """
     solver.reset()
-    accepted = rejected = 0
-    for iteration in range(iterations):
-        room = ball - float(step.norm())
-        if room <= 1e-9 * ball:
-            break
-        matvec = model.curvature(step) if solver.needs_matvec and model.curvature is not None else None
-        result = solver.solve(model_grad, min(radius, room), matvec)
-        if not (result.pred > 0 and math.isfinite(result.pred)):
-            break  # stationary local model
-        trial = step + result.step
-        trial_grad: torch.Tensor | None = None
-        if iteration == iterations - 1 and not solver.has_memory:
-            trial_value = model.value(trial)  # nobody needs the last gradient
-        else:
-            trial_value, trial_grad = model.value_and_grad(trial)
-        decision = decide(policy, radius, model_value, trial_value, result.pred, float(result.step.norm()))
-        if trial_grad is not None and math.isfinite(trial_value):
-            solver.update(result.step, trial_grad - model_grad)
-        if decision.accepted:
-            step, model_value = trial, trial_value
-            if trial_grad is not None:
-                model_grad = trial_grad
-            accepted += 1
-        else:
-            rejected += 1
-        radius = decision.radius
-    return LocalResult(step, value0 - model_value, accepted, rejected)
+    result = trust_region_loop(
+        model,
+        solver,
+        options.local_policy(ball),
+        x0=torch.zeros_like(grad0),
+        value0=value0,
+        grad0=grad0,
+        radius=ball,
+        max_iter=options.local_iterations,
+        ball=ball,
+    )
+    counts = {"local_accepted": result.accepted, "local_rejected": result.rejected}
+    return LocalStep(result.x, value0 - result.value, counts)

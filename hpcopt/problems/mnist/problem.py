@@ -1,7 +1,6 @@
 """MNIST digit classification from the original IDX files.
 
-Options:
-    limit (int, default: all): use only the first ``limit`` training samples.
+Options: :class:`MnistOptions` (``hpcopt options mnist``).
 
 Data layout: ``data_dir`` (or ``data_dir/mnist``) holds ``t10k-images-idx3-ubyte[.gz]``
 and ``t10k-labels-idx1-ubyte[.gz]`` and, optionally, the ``train-`` pair.  With both
@@ -14,7 +13,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 
 from hpcopt.errors import ConfigError, DataError
 from hpcopt.problems import models
-from hpcopt.problems.base import Dataset, Net, Problem, as_sums, evaluation_mode, resolve_options
+from hpcopt.problems.base import Dataset, Net, Problem, ProblemOptions, as_sums, build_options, evaluation_mode
 from hpcopt.problems.mnist.idx import read_idx
 
 #: Mean and standard deviation of the 60000 MNIST training pixels (scaled to [0, 1]).
@@ -38,7 +39,18 @@ _FILES = {
     "t10k": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 
-_OPTIONS = {"limit": (int, None)}
+
+@dataclass
+class MnistOptions(ProblemOptions):
+    """Options of ``mnist``.
+
+    Attributes:
+        limit: use only the first ``limit`` training samples (``None``: all of them).
+    """
+
+    problem: ClassVar[str] = "mnist"
+
+    limit: int | None = None
 
 
 class MnistProblem(Problem):
@@ -54,7 +66,7 @@ class MnistProblem(Problem):
         self, *, data_dir: str | None = None, seed: int = 0, options: Mapping[str, object] | None = None
     ) -> None:
         del seed  # the split is fixed, so the seed has nothing to choose
-        opts = resolve_options(self.name, options, _OPTIONS)
+        opts = build_options(MnistOptions, options)
         folder = find_mnist_dir(data_dir)
         self.data_dir = folder
         test_images, test_labels = _load_pair(folder, "t10k")
@@ -70,7 +82,7 @@ class MnistProblem(Problem):
                 )
             self.train = Dataset(test_images[:T10K_TRAIN], test_labels[:T10K_TRAIN])
             self.val = Dataset(test_images[T10K_TRAIN:], test_labels[T10K_TRAIN:])
-        limit = opts["limit"]
+        limit = opts.limit
         if limit is not None:
             if not 1 <= limit <= len(self.train):
                 raise ConfigError(

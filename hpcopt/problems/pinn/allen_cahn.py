@@ -19,14 +19,8 @@ Rows of ``inputs`` are ``(coordinates..., flag)`` as in :mod:`hpcopt.problems.pi
 flag 1 → the value ``u`` (boundary / initial rows and validation rows), flag 0 → the
 PDE residual (target 0).  The loss is the mean squared error over rows.
 
-Options (steady / time):
-    interior (int, 256 / 2000): collocation points, uniform random.
-    boundary (int, 2 / 200): boundary points (both ends / both sides in time).
-    initial (int, - / 200): initial-condition points (time problem only).
-    diffusion (float, 1.0 / 0.01): ``D``.
-    final_time (float, - / 1.0): ``T`` (time problem only).
-    val_grid (int, 1001 / 101): validation points per axis.
-    width (int, 32), depth (int, 3): the ``pinn-mlp`` network.
+Options: :class:`AllenCahnOptions` and :class:`AllenCahnTimeOptions`
+(``hpcopt options allen-cahn``).
 """
 
 from __future__ import annotations
@@ -34,17 +28,17 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import ClassVar, cast
 
 import numpy as np
 import torch
-from scipy.linalg import solve_banded
 from torch import Tensor, nn
 from torch.func import jvp
 
-from hpcopt.errors import ConfigError
 from hpcopt.numerics.jets import ScalarJet
 from hpcopt.problems import models
-from hpcopt.problems.base import Dataset, Net, Problem, as_sums, evaluation_mode, resolve_options
+from hpcopt.problems.base import Dataset, Net, Problem, ProblemOptions, as_sums, build_options, evaluation_mode
 from hpcopt.problems.pinn.poisson import laplacian
 
 
@@ -56,6 +50,10 @@ def _tridiagonal_newton(
     max_iter: int = 50,
 ) -> np.ndarray:
     """Newton on interior unknowns; ``residual_and_jacobian(u) -> (F, banded J (3, m))``."""
+    # Imported here, not at the top: every `hpcopt train` imports all problems, and scipy
+    # would add about a second to the start of every rank of the problems that never use it.
+    from scipy.linalg import solve_banded
+
     for _ in range(max_iter):
         residual, banded = residual_and_jacobian(u)
         delta = solve_banded((1, 1), banded, -residual)
@@ -123,10 +121,71 @@ def time_reference(
     return x, np.array(saved_t), np.stack(saved_u)
 
 
-def _check(problem: str, opts: Mapping[str, object], minimum: Mapping[str, float]) -> None:
-    for key, low in minimum.items():
-        if not opts[key] >= low:  # type: ignore[operator]
-            raise ConfigError(f"problem '{problem}' option {key}={opts[key]}: must be >= {low}")
+class _AllenCahnOptionDocs(ProblemOptions):
+    """What the options of both Allen–Cahn problems mean; each problem's dataclass has its own subset.
+
+    The two dataclasses do not share fields by inheritance because the time problem
+    lists ``initial`` and ``final_time`` between the shared ones (error messages list
+    the options in field order); this base documents them all once.
+
+    Attributes:
+        interior: collocation points of the PDE residual, uniform random.
+        boundary: boundary points (both ends; in time, both sides).
+        initial: initial-condition points at ``t = 0``.
+        diffusion: the diffusion coefficient ``D``.
+        final_time: the end ``T`` of the time interval.
+        val_grid: validation points per axis.
+        width: hidden units per layer of ``pinn-mlp``.
+        depth: hidden layers of ``pinn-mlp``.
+    """
+
+
+@dataclass
+class AllenCahnOptions(_AllenCahnOptionDocs):
+    """Options of ``allen-cahn`` (steady, 1-D)."""
+
+    problem: ClassVar[str] = "allen-cahn"
+    minimum: ClassVar[Mapping[str, float]] = {
+        "interior": 1,
+        "boundary": 2,
+        "diffusion": 1e-6,
+        "val_grid": 2,
+        "width": 1,
+        "depth": 1,
+    }
+
+    interior: int = 256
+    boundary: int = 2
+    diffusion: float = 1.0
+    val_grid: int = 1001
+    width: int = 32
+    depth: int = 3
+
+
+@dataclass
+class AllenCahnTimeOptions(_AllenCahnOptionDocs):
+    """Options of ``allen-cahn-time`` (1-D + time)."""
+
+    problem: ClassVar[str] = "allen-cahn-time"
+    minimum: ClassVar[Mapping[str, float]] = {
+        "interior": 1,
+        "boundary": 2,
+        "initial": 1,
+        "diffusion": 1e-6,
+        "final_time": 1e-6,
+        "val_grid": 2,
+        "width": 1,
+        "depth": 1,
+    }
+
+    interior: int = 2000
+    boundary: int = 200
+    initial: int = 200
+    diffusion: float = 0.01
+    final_time: float = 1.0
+    val_grid: int = 101
+    width: int = 32
+    depth: int = 3
 
 
 class _AllenCahnBase(Problem):
@@ -190,24 +249,11 @@ class AllenCahnProblem(_AllenCahnBase):
         self, *, data_dir: str | None = None, seed: int = 0, options: Mapping[str, object] | None = None
     ) -> None:
         del data_dir  # the data are generated
-        spec = {
-            "interior": (int, 256),
-            "boundary": (int, 2),
-            "diffusion": (float, 1.0),
-            "val_grid": (int, 1001),
-            "width": (int, 32),
-            "depth": (int, 3),
-        }
-        opts = resolve_options(self.name, options, spec)
-        _check(
-            self.name,
-            opts,
-            {"interior": 1, "boundary": 2, "diffusion": 1e-6, "val_grid": 2, "width": 1, "depth": 1},
-        )
-        self.diffusion = float(opts["diffusion"])  # type: ignore[arg-type]
-        self.width, self.depth = int(opts["width"]), int(opts["depth"])  # type: ignore[call-overload]
+        opts = build_options(AllenCahnOptions, options)
+        self.diffusion = opts.diffusion
+        self.width, self.depth = opts.width, opts.depth
         generator = torch.Generator().manual_seed(seed)
-        n_interior, n_boundary = int(opts["interior"]), int(opts["boundary"])  # type: ignore[call-overload]
+        n_interior, n_boundary = opts.interior, opts.boundary
         interior = torch.rand(n_interior, 1, generator=generator, dtype=torch.float64)
         ends = (torch.arange(n_boundary) % 2).to(torch.float64)[:, None]  # alternately x = 0 and x = 1
         points = torch.cat([interior, ends])
@@ -215,7 +261,7 @@ class AllenCahnProblem(_AllenCahnBase):
         targets = torch.cat([torch.zeros(n_interior, dtype=torch.float64), 1.0 - 2.0 * ends[:, 0]])
         self.train = self._dataset(points, flag, targets, generator)
         self.default_batch_size = len(self.train)
-        val_points = int(opts["val_grid"])  # type: ignore[call-overload]
+        val_points = opts.val_grid
         # Reference on a grid 4x finer than validation (nodes coincide), at least 4001 nodes.
         refine = max(4, math.ceil(4000 / max(val_points - 1, 1)))
         x, u = steady_reference((val_points - 1) * refine + 1, self.diffusion)
@@ -248,36 +294,12 @@ class AllenCahnTimeProblem(_AllenCahnBase):
         self, *, data_dir: str | None = None, seed: int = 0, options: Mapping[str, object] | None = None
     ) -> None:
         del data_dir
-        spec = {
-            "interior": (int, 2000),
-            "boundary": (int, 200),
-            "initial": (int, 200),
-            "diffusion": (float, 0.01),
-            "final_time": (float, 1.0),
-            "val_grid": (int, 101),
-            "width": (int, 32),
-            "depth": (int, 3),
-        }
-        opts = resolve_options(self.name, options, spec)
-        _check(
-            self.name,
-            opts,
-            {
-                "interior": 1,
-                "boundary": 2,
-                "initial": 1,
-                "diffusion": 1e-6,
-                "final_time": 1e-6,
-                "val_grid": 2,
-                "width": 1,
-                "depth": 1,
-            },
-        )
-        self.diffusion = float(opts["diffusion"])  # type: ignore[arg-type]
-        self.final_time = float(opts["final_time"])  # type: ignore[arg-type]
-        self.width, self.depth = int(opts["width"]), int(opts["depth"])  # type: ignore[call-overload]
+        opts = build_options(AllenCahnTimeOptions, options)
+        self.diffusion = opts.diffusion
+        self.final_time = opts.final_time
+        self.width, self.depth = opts.width, opts.depth
         generator = torch.Generator().manual_seed(seed)
-        n_interior, n_boundary, n_initial = (int(opts[k]) for k in ("interior", "boundary", "initial"))  # type: ignore[call-overload]
+        n_interior, n_boundary, n_initial = opts.interior, opts.boundary, opts.initial
         scale = torch.tensor([1.0, self.final_time], dtype=torch.float64)
         interior = torch.rand(n_interior, 2, generator=generator, dtype=torch.float64) * scale
         side = (torch.arange(n_boundary) % 2).to(torch.float64)
@@ -290,7 +312,7 @@ class AllenCahnTimeProblem(_AllenCahnBase):
         targets = torch.cat([torch.zeros(n_interior, dtype=torch.float64), 1.0 - 2.0 * side, 1.0 - 2.0 * initial_x])
         self.train = self._dataset(points, flag, targets, generator)
         self.default_batch_size = len(self.train)
-        per_axis = int(opts["val_grid"])  # type: ignore[call-overload]
+        per_axis = opts.val_grid
         x_refine, t_refine = 4, 10
         x, t, u = time_reference(
             (per_axis - 1) * x_refine + 1,
@@ -314,7 +336,8 @@ class AllenCahnTimeProblem(_AllenCahnBase):
         e_x[:, 0] = 1.0
         e_t = torch.zeros_like(points)
         e_t[:, 1] = 1.0
-        value, u_t = jvp(net, (points,), (e_t,))
+        # torch.func.jvp is annotated as a 2- or 3-tuple whatever has_aux says.
+        value, u_t = cast("tuple[Tensor, Tensor]", jvp(net, (points,), (e_t,)))
 
         def slope_x(at: Tensor) -> Tensor:
             return jvp(net, (at,), (e_x,))[1]

@@ -10,29 +10,94 @@ target ``u*``), 0.0 -> the residual ``-Laplace(u)(x)`` (interior rows, target ``
 Keeping the selector in the data lets one ``forward`` serve any mix of rows, so ranks
 can take arbitrary slices of the training set.
 
-Options (defaults for d=1 / d=2 / d>=3):
-    interior (int, 200 / 2000 / 4000): interior collocation points, uniform random.
-    boundary (int, 2 / 400 / 200*d): boundary points, spread evenly over the 2d faces.
-    val_grid (int, 1001 / 101 / 21): validation grid points per axis (endpoints included).
-    width (int, 32), depth (int, 3): hidden units and hidden layers of ``pinn-mlp``.
+Options: :class:`PoissonOptions`, whose defaults depend on ``d``
+(:func:`poisson_options`; ``hpcopt options poisson2d``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.func import jvp, vmap
 
-from hpcopt.errors import ConfigError
 from hpcopt.numerics.jets import ScalarJet
 from hpcopt.problems import models
-from hpcopt.problems.base import Dataset, Net, Problem, as_sums, evaluation_mode, resolve_options
+from hpcopt.problems.base import Dataset, Net, Problem, ProblemOptions, as_sums, build_options, evaluation_mode
 
-_DEFAULT_INTERIOR = {1: 200, 2: 2000}
-_DEFAULT_VAL_GRID = {1: 1001, 2: 101}
+
+@dataclass
+class PoissonOptions(ProblemOptions):
+    """Options of the Poisson problems; the defaults are those of ``d = 3``, each dimension's class sets its own.
+
+    Attributes:
+        interior: interior collocation points, uniform random.
+        boundary: boundary points, spread evenly over the 2d faces.
+        val_grid: validation grid points per axis (endpoints included).
+        width: hidden units per layer of ``pinn-mlp``.
+        depth: hidden layers of ``pinn-mlp``.
+    """
+
+    minimum: ClassVar[Mapping[str, float]] = {"interior": 1, "boundary": 1, "val_grid": 2, "width": 1, "depth": 1}
+
+    interior: int = 4000
+    boundary: int = 600
+    val_grid: int = 21
+    width: int = 32
+    depth: int = 3
+
+
+@dataclass
+class Poisson1DOptions(PoissonOptions):
+    """Options of ``poisson1d``: those of :class:`PoissonOptions` with 1-d defaults."""
+
+    problem: ClassVar[str] = "poisson1d"
+
+    interior: int = 200
+    boundary: int = 2
+    val_grid: int = 1001
+
+
+@dataclass
+class Poisson2DOptions(PoissonOptions):
+    """Options of ``poisson2d``: those of :class:`PoissonOptions` with 2-d defaults."""
+
+    problem: ClassVar[str] = "poisson2d"
+
+    interior: int = 2000
+    boundary: int = 400
+    val_grid: int = 101
+
+
+@dataclass
+class Poisson3DOptions(PoissonOptions):
+    """Options of ``poisson3d``: those of :class:`PoissonOptions`, whose defaults are the 3-d ones."""
+
+    problem: ClassVar[str] = "poisson3d"
+
+
+_OPTIONS_BY_DIM: dict[int, type[PoissonOptions]] = {1: Poisson1DOptions, 2: Poisson2DOptions, 3: Poisson3DOptions}
+
+
+def poisson_options(dim: int) -> type[PoissonOptions]:
+    """The options dataclass of the ``dim``-dimensional problem.
+
+    Dimensions above 3 are not registered problems, but :class:`PoissonProblem` takes
+    any ``dim``: they get the 3-d defaults but ``boundary = 200 * dim``.
+    """
+    if dim in _OPTIONS_BY_DIM:
+        return _OPTIONS_BY_DIM[dim]
+    return dataclasses.make_dataclass(
+        f"Poisson{dim}DOptions",
+        [("boundary", int, dataclasses.field(default=200 * dim))],
+        bases=(PoissonOptions,),
+        namespace={"problem": f"poisson{dim}d", "__doc__": f"Options of the {dim}-d Poisson problem."},
+    )
 
 
 def exact_solution(points: Tensor) -> Tensor:
@@ -82,22 +147,11 @@ class PoissonProblem(Problem):
         del data_dir  # the data are generated
         self.dim = dim
         self.name = f"poisson{dim}d"
-        spec = {
-            "interior": (int, _DEFAULT_INTERIOR.get(dim, 4000)),
-            "boundary": (int, 2 if dim == 1 else 200 * dim),
-            "val_grid": (int, _DEFAULT_VAL_GRID.get(dim, 21)),
-            "width": (int, 32),
-            "depth": (int, 3),
-        }
-        opts = resolve_options(self.name, options, spec)
-        minimum = {"interior": 1, "boundary": 1, "val_grid": 2, "width": 1, "depth": 1}
-        for key, low in minimum.items():
-            if opts[key] < low:
-                raise ConfigError(f"problem '{self.name}' option {key}={opts[key]}: must be >= {low}")
-        self.width, self.depth = opts["width"], opts["depth"]
+        opts = build_options(poisson_options(dim), options)
+        self.width, self.depth = opts.width, opts.depth
         generator = torch.Generator().manual_seed(seed)
-        self.train = self._collocation(opts["interior"], opts["boundary"], generator)
-        self.val = self._grid(opts["val_grid"])
+        self.train = self._collocation(opts.interior, opts.boundary, generator)
+        self.val = self._grid(opts.val_grid)
         self.default_batch_size = len(self.train)
 
     def _collocation(self, n_interior: int, n_boundary: int, generator: torch.Generator) -> Dataset:

@@ -1,0 +1,118 @@
+"""What the study scripts share: ``hpcopt train`` jobs, their options, and a column of their logs.
+
+``mnist_apts``, ``large_batch``, ``lm_study`` and ``pinn_study`` each run named
+``hpcopt train`` configurations (under ``mpiexec`` for more than one rank, one
+thread per rank) and print a table from what the runs wrote.  This module owns the
+command line and the launch of such a job, the options every study takes
+(``--outdir``, ``--runs``, ``--seed``, ``--report-only``), the study's run-then-report
+sequence, and reading a run's log back for its table.  It imports the standard
+library, numpy and :mod:`hpcopt.analysis.tables` only.  The scripts import it as
+``_common``: running ``python benchmarks/NAME.py`` puts this folder on the path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Collection, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hpcopt.analysis.tables import Run, load_run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def dataset_dir(name: str) -> str:
+    """The default location of a dataset: ``shared/datasets/NAME`` beside the repository."""
+    return str(REPO.parent / "shared/datasets" / name)
+
+
+def train_command(ranks: int, *arguments: str) -> list[str]:
+    """``python -m mpi4py -m hpcopt train ARGUMENTS`` on ``ranks`` ranks (``mpiexec`` for more than one)."""
+    command = [sys.executable, "-m", "mpi4py", "-m", "hpcopt", "train", *arguments]
+    if ranks == 1:
+        return command
+    return [str(Path(sys.executable).parent / "mpiexec"), "-n", str(ranks), *command]
+
+
+def set_options(options: Mapping[str, object]) -> list[str]:
+    """``--set KEY=VALUE`` for each optimizer option."""
+    return [item for key, value in options.items() for item in ("--set", f"{key}={value}")]
+
+
+def log_arguments(args: argparse.Namespace, name: str) -> list[str]:
+    """The seed and the run log ``OUTDIR/NAME.h5`` (replaced if present) of the run ``name``."""
+    return ["--seed", str(args.seed), "--out", str(Path(args.outdir) / f"{name}.h5"), "--overwrite"]
+
+
+def run_job(command: Sequence[str], **options: Any) -> subprocess.CompletedProcess[Any]:
+    """Run a job with one thread per rank, whatever its exit status; ``options`` go to :func:`subprocess.run`."""
+    return subprocess.run(list(command), check=False, env={**os.environ, "OMP_NUM_THREADS": "1"}, **options)
+
+
+def launch(name: str, command: Sequence[str]) -> None:
+    """Print the ``hpcopt train`` arguments of the run ``name`` and run it; its log says how it went."""
+    print(f"== {name}: {' '.join(command[list(command).index('hpcopt') :])}", flush=True)
+    run_job(command)
+
+
+def study_parser(doc: str, outdir: str, names: Collection[str], what: str = "runs") -> argparse.ArgumentParser:
+    """A parser with the options of every study; ``--runs`` chooses among ``names`` (``what`` names them)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--outdir", default=outdir)
+    parser.add_argument(
+        "--runs", default=",".join(names), help=f"{what}, a comma-separated subset of: {', '.join(names)}"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--report-only", action="store_true")
+    return parser
+
+
+def chosen(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, names: Collection[str], what: str = "runs"
+) -> list[str]:
+    """The names given to ``--runs``; exits through ``parser.error`` on one that is not in ``names``."""
+    selected = [name for name in args.runs.split(",") if name]
+    unknown = [name for name in selected if name not in names]
+    if unknown:
+        parser.error(f"unknown {what} {unknown}; choose from {list(names)}")
+    return selected
+
+
+def run_study(
+    args: argparse.Namespace, runs: Sequence[Any], launch_run: Callable[[Any], None], report: Callable[[], None]
+) -> None:
+    """Launch every run (unless ``--report-only``) into ``--outdir``, then report."""
+    Path(args.outdir).mkdir(parents=True, exist_ok=True)
+    if not args.report_only:
+        for run in runs:
+            launch_run(run)
+    report()
+
+
+def traffic(run: Run) -> float:
+    """Bytes moved per outer iteration over 4n (n parameters): n-sized float32 collectives per iteration."""
+    return float(np.mean(run.iterations["comm_bytes"])) / (4 * int(run.attributes["num_parameters"]))
+
+
+def evaluated_run(outdir: Path, name: str, metric: str, width: int) -> tuple[Run, np.ndarray] | None:
+    """The log ``OUTDIR/NAME.h5`` and its evaluations of ``metric`` (float).
+
+    ``None``, after a table line (``name`` padded to ``width``) that says why, when the
+    run left no log or stopped before its first evaluation.
+    """
+    path = outdir / f"{name}.h5"
+    if not path.exists():
+        print(f"{name:<{width}} (no run log)")
+        return None
+    run = load_run(path)
+    values = np.asarray(run.evaluations.get(metric, []), dtype=float)
+    if len(values) == 0:
+        print(f"{name:<{width}} (no evaluation; status {run.status})")
+        return None
+    return run, values

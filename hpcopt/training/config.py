@@ -1,0 +1,92 @@
+"""The options of ``hpcopt train`` that are not the optimizer's or the problem's: :class:`TrainConfig`.
+
+It is the single source of those options: its fields are the top-level keys of a
+``--config`` TOML file, and their :class:`~hpcopt.config.Flag` metadata makes each
+one a flag of ``hpcopt train`` (``batch_size`` → ``--batch-size``).  It may import
+only the standard library and :mod:`hpcopt.config`, so that building the command
+line never imports torch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from hpcopt.config import flag_field, require
+
+
+@dataclass
+class TrainConfig:
+    """Options of ``hpcopt train`` that are not the optimizer's.
+
+    Attributes:
+        problem: problem name (``poisson2d``).
+        model: model name; ``None`` → the problem's default.
+        optimizer: optimizer name (``apts-d``).
+        data_dir: directory of the dataset files (MNIST IDX files).
+        epochs: passes over the training set (10).
+        batch_size: global mini-batch size; ``None`` → the problem's default.
+        seed: seeds initialisation, batch order and dropout (0).
+        out: HDF5 run log path; ``None`` → no log.
+        overwrite: replace an existing run log.
+        threads: torch threads per rank (1: one rank per core is the MPI way).
+        eval_every: evaluate every this many epochs (1).
+        max_steps: stop after this many outer iterations (None: no limit).
+        time_limit: stop at the first evaluation after this many seconds (None: no limit).
+        target: stop at the first evaluation whose metric reaches this value
+            (≤ for errors, ≥ for accuracies; None: train all epochs).
+        quiet: no progress lines.
+        checkpoint_every: write a checkpoint every this many steps (0: only at the
+            last step, and only when ``checkpoint`` is given).
+        checkpoint: checkpoint file; ``None`` → ``<out>.ckpt`` when ``checkpoint_every``
+            is set (see :mod:`hpcopt.log.checkpoint`).
+        resume: continue from this checkpoint (same rank count and options; ``epochs``
+            and ``max_steps`` count from the start of the original run).
+        collective_timeout: seconds a collective may wait before the job is aborted
+            (0: no watchdog; see :mod:`hpcopt.comm.communicator`).
+        device: ``auto`` (CUDA if torch sees a GPU, else CPU), ``cpu`` or ``cuda``
+            (one GPU per rank by local rank; see :mod:`hpcopt.training.device`).
+    """
+
+    # The field order is that of the run log's config_json attribute; keep it.
+    problem: str = flag_field(
+        "poisson2d",
+        help="poisson1d|2d|3d, allen-cahn, allen-cahn-time, mnist, tinyshakespeare, quadratic, logistic "
+        "(default poisson2d)",
+    )
+    model: str | None = flag_field(None, help="model name (default: the problem's)")
+    optimizer: str = flag_field("apts-d", help="apts-d, apts-p, apts-ip, hf, nlcg, neumann, sgd, adam (default apts-d)")
+    data_dir: str | None = flag_field(None, help="directory with the dataset files")
+    epochs: int = flag_field(10)
+    batch_size: int | None = flag_field(None, help="global mini-batch size")
+    seed: int = flag_field(0)
+    out: str | None = flag_field(None, help="HDF5 run log to write")
+    overwrite: bool = flag_field(False, help="replace an existing --out file")
+    threads: int = flag_field(1, help="torch threads per rank (default 1)")
+    eval_every: int = flag_field(1, help="evaluate every N epochs")
+    max_steps: int | None = flag_field(None, help="stop after N outer iterations")
+    time_limit: float | None = flag_field(None, help="stop at the first evaluation after N seconds")
+    target: float | None = flag_field(None, help="stop when the validation metric reaches this value")
+    quiet: bool = flag_field(False)
+    checkpoint_every: int = flag_field(0, help="write a checkpoint every N steps")
+    checkpoint: str | None = flag_field(None, help="checkpoint file (default: the --out path with .ckpt appended)")
+    resume: str | None = flag_field(None, help="continue the run saved in this checkpoint (same rank count)")
+    collective_timeout: float = flag_field(
+        0.0, help="abort the job when a collective waits longer than this many seconds (default 0: no watchdog)"
+    )
+    device: str = flag_field(
+        "auto", help="auto (default: cuda if a GPU is seen), cpu, cuda", choices=("auto", "cpu", "cuda")
+    )
+
+    def validate(self) -> None:
+        require(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
+        require(self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
+        require(self.eval_every >= 1, f"--eval-every must be >= 1, got {self.eval_every}")
+        require(self.max_steps is None or self.max_steps >= 1, "--max-steps must be >= 1")
+        require(self.time_limit is None or self.time_limit > 0, "--time-limit must be > 0")
+        require(self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
+        require(self.checkpoint_every >= 0, f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
+        require(
+            math.isfinite(self.collective_timeout) and self.collective_timeout >= 0,
+            f"--collective-timeout must be >= 0 seconds, got {self.collective_timeout}",
+        )
