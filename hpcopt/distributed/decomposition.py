@@ -1,4 +1,4 @@
-"""Which rank owns which parameters: the explicit ownership object of APTS-P (ALGORITHMS.md §2).
+"""Which rank owns which parameters: the explicit ownership object of APTS-P (docs/algorithms.md §2).
 
 A :class:`ParameterDecomposition` cuts the flat parameter vector into *blocks* —
 whole parameter tensors, or equal contiguous chunks of the flat vector — and gives

@@ -11,7 +11,7 @@ The loss is computed on the last stage only; every criterion is a mean over rows
 so micro-batch m contributes ``criterion(...) · |m|/|B|`` and the stage gradients
 accumulate to exactly the full-batch gradient.
 
-For the local phase of APTS-IP (ALGORITHMS.md §3) a gradient pass caches, per
+For the local phase of APTS-IP (docs/algorithms.md §3) a gradient pass caches, per
 stage, the stage's input (detached) and — except on the last stage — the gradient
 of the loss w.r.t. the stage's output.
 

@@ -17,7 +17,7 @@ rank per GPU and binds rank ``SLURM_LOCALID`` to GPU ``SLURM_LOCALID`` through
 ``CUDA_VISIBLE_DEVICES`` and trains with ``--device cuda``.  Both launch
 ``srun --mpi=pmi2 python -m mpi4py -m hpcopt train …``; the launcher is the shell
 variable ``HPCOPT_LAUNCH`` (``srun --mpi=pmix`` or ``mpirun -n $SLURM_NTASKS`` where
-PMI2 is missing), documented in ``jobs/README.md``.
+PMI2 is missing), documented in ``docs/scaling.md``.
 
 Where the templates are found (first directory holding all of them wins), as
 :func:`hpcopt.kernels.cuda.kernel_dir` finds the CUDA sources:

@@ -8,7 +8,7 @@
 * :class:`~hpcopt.kernels.cuda.CudaKernels` (``kernels/*.cu`` through
   ``cupy.RawModule``) for CUDA parameters with CuPy installed.
 
-Both compute the same functions (see ``kernels/README.md``); the test suite
+Both compute the same functions (see ``docs/gpu.md``); the test suite
 compares them on a GPU and compares the twins with float64 references everywhere.
 The kernels compute local quantities only; reductions over ranks stay in
 :mod:`hpcopt.comm.communicator`.

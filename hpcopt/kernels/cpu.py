@@ -65,7 +65,7 @@ class CpuKernels:
         torch.mul(buffer[:n], scale, out=vector)
         scalars.copy_(buffer[n : n + scalars.numel()])
 
-    # -- nonlinear CG (ALGORITHMS.md §5) ----------------------------------------
+    # -- nonlinear CG (docs/algorithms.md §5) ----------------------------------------
 
     def nlcg_dots(self, s: Tensor, g: Tensor, g_prev: Tensor, h: Tensor) -> tuple[float, float]:
         """Local ``(y's, s'diag(h)s)`` with ``y = g − g_prev``."""
@@ -106,7 +106,7 @@ class CpuKernels:
         theta.add_(s)
         return dot64(s, s)
 
-    # -- Neumann optimizer (ALGORITHMS.md §6) ------------------------------------
+    # -- Neumann optimizer (docs/algorithms.md §6) ------------------------------------
 
     def sq_distance(self, w: Tensor, v: Tensor) -> float:
         """Local ``‖w − v‖²``."""

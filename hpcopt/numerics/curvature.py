@@ -1,6 +1,6 @@
 """Curvature-vector products of one rank's loss w.r.t. the flat parameter vector.
 
-Three products are offered (ALGORITHMS.md §4 and §7), all on the flat vector θ of
+Three products are offered (docs/algorithms.md §4 and §7), all on the flat vector θ of
 :class:`~hpcopt.numerics.flat.FlatParameters`:
 
 ``hvp-double-backward`` (Pearlmutter's R-op by reverse-over-reverse)

@@ -1,4 +1,4 @@
-"""Distributed Hessian-free (Newton–Krylov) with negative-curvature steps (ALGORITHMS.md §4).
+"""Distributed Hessian-free (Newton–Krylov) with negative-curvature steps (docs/algorithms.md §4).
 
 One outer iteration on the global batch B = ∪ B_r (every rank holds the whole model):
 
@@ -59,8 +59,10 @@ class HFConfig:
         curvature_sampling: ``strided`` (rank-count invariant) or ``head`` (strided).
         damping: initial Levenberg–Marquardt λ; 0 disables damping and its adaptation (1.0).
         adapt_damping: ρ < 0.25 → λ·damping_inc, ρ > 0.75 → λ·damping_dec (on).
-        damping_inc: 1.5.  damping_dec: 2/3.
-        damping_min: 1e-6.  damping_max: 1e6.
+        damping_inc: factor on λ after a poor step (1.5).
+        damping_dec: factor on λ after a good step (2/3).
+        damping_min: lower bound on λ (1e-6).
+        damping_max: upper bound on λ (1e6).
         max_iterations: curvature products per Krylov solve (50).
         rtol: stop the solve when ‖r‖ ≤ rtol·‖g‖ (1e-8).
         progress_tol: Martens' relative-progress threshold ε (5e-4).
@@ -72,8 +74,13 @@ class HFConfig:
         negative_curvature: try steps along directions with dᵀBd < 0 (on).
         curvature_step_scale: the ±d line search starts at length scale·|κ|, κ = dᵀBd/‖d‖² (1.0).
         curvature_step_max: cap on that initial length (10.0).
-        radius, radius_min, radius_max, eta1, eta2, gamma_inc, gamma_dec: trust region of
-            ``steihaug`` (1.0, 1e-6, 100.0, 0.25, 0.75, 2.0, 0.5) *(ours)*.
+        radius: initial trust-region radius of ``steihaug`` (1.0) *(ours)*.
+        radius_min: lower bound on that radius (1e-6).
+        radius_max: upper bound on that radius (100.0).
+        eta1: accept the step when ρ ≥ eta1 (0.25).
+        eta2: expand the radius when ρ > eta2 (0.75).
+        gamma_inc: radius expansion factor (2.0).
+        gamma_dec: radius shrink factor (0.5).
     """
 
     solver: str = "cg"

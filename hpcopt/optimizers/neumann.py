@@ -1,4 +1,4 @@
-"""The Neumann optimizer (ALGORITHMS.md §6; Krishnan, Xiao & Saurous, ICLR 2018).
+"""The Neumann optimizer (docs/algorithms.md §6; Krishnan, Xiao & Saurous, ICLR 2018).
 
 Data-parallel with one allreduce(n+1) of ``[g; loss]`` per step; the state
 (m, v) is replicated.  The mini-batch Newton system is solved by a Neumann series

@@ -1,4 +1,4 @@
-"""Preconditioned nonlinear conjugate gradients (ALGORITHMS.md §5; Adya et al.).
+"""Preconditioned nonlinear conjugate gradients (docs/algorithms.md §5; Adya et al.).
 
 Data-parallel with one allreduce(n+1) of ``[g; loss]`` per step; all state (the
 diagonal preconditioner h, the previous gradient, direction and step) is
@@ -51,7 +51,7 @@ class NLCGConfig:
         precondition: diagonal-BFGS preconditioner; off means M = I (on).
         warmup_steps: linear warm-up of lr over this many steps (0 = none) (0).
         decay_every: multiply lr by decay_factor every this many steps (0 = never) (0).
-        decay_factor: 0.1.
+        decay_factor: factor applied to lr at each decay (0.1).
         loss_average: the loss-average step heuristic for c (on).
         ema: EMA factor of the loss (0.7).
         check_every: compare the loss EMA with its value this many steps before (5).

@@ -1,4 +1,4 @@
-"""Reference checks of hpcopt.numerics.curvature (ALGORITHMS.md §7).
+"""Reference checks of hpcopt.numerics.curvature (docs/algorithms.md §7).
 
 Every product is compared with an independent float64 reference: a central
 finite difference of the gradient, an explicitly formed ``Jᵀ H_L J`` or

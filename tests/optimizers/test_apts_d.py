@@ -1,4 +1,4 @@
-"""APTS-D: the invariants of ALGORITHMS.md §1, each a failure seen in the published code.
+"""APTS-D: the invariants of docs/algorithms.md §1, each a failure seen in the published code.
 
 The multi-rank tests run under ``mpiexec -n 2`` and ``-n 4`` (``make test``); on one
 rank the same tests check the P = 1 case.

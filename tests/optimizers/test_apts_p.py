@@ -1,4 +1,4 @@
-"""APTS-P (ALGORITHMS.md §2): the decomposition, the concatenated step, agreement across ranks.
+"""APTS-P (docs/algorithms.md §2): the decomposition, the concatenated step, agreement across ranks.
 
 Multi-rank tests run at 1 rank in the serial pass and under ``mpiexec -n 2`` / ``-n 4``.
 """

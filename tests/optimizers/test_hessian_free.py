@@ -1,4 +1,4 @@
-"""Distributed Hessian-free (ALGORITHMS.md §4): solvers, negative curvature, damping, traffic, rank invariance.
+"""Distributed Hessian-free (docs/algorithms.md §4): solvers, negative curvature, damping, traffic, rank invariance.
 
 Multi-rank tests run at 1 rank in the serial pass and under ``mpiexec -n 2|4``;
 the COMM_SELF trick compares the distributed run with a single-process one.

@@ -1,4 +1,4 @@
-"""The Neumann optimizer (ALGORITHMS.md §6): displaced iterate, regulariser, schedules, rank invariance."""
+"""The Neumann optimizer (docs/algorithms.md §6): displaced iterate, regulariser, schedules, rank invariance."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Preconditioned nonlinear CG (ALGORITHMS.md §5) against a float64 reference, and rank invariance."""
+"""Preconditioned nonlinear CG (docs/algorithms.md §5) against a float64 reference, and rank invariance."""
 
 from __future__ import annotations
 

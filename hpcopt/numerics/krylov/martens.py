@@ -1,4 +1,4 @@
-"""Krylov solvers of the Hessian-free optimizer (ALGORITHMS.md §4): Martens' CG and BiCGSTAB.
+"""Krylov solvers of the Hessian-free optimizer (docs/algorithms.md §4): Martens' CG and BiCGSTAB.
 
 Like :mod:`hpcopt.numerics.krylov.cg`, the solvers see only ``matvec(v)`` (the damped curvature
 product ``(B + λI) v``) and ``dot(a, b)``.  In distributed use ``matvec`` is the one

@@ -1,6 +1,6 @@
 """Trust-region building blocks: radius policy, subproblem solvers, L-SR1, the loop.
 
-See ALGORITHMS.md §0.  Everything here works against ``matvec`` and ``dot`` callables
+See docs/algorithms.md §0.  Everything here works against ``matvec`` and ``dot`` callables
 and plain floats, so the same code runs serially and inside distributed optimizers.
 """
 

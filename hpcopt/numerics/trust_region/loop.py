@@ -1,4 +1,4 @@
-"""The trust-region loop of ALGORITHMS.md §0, on callables, and the serial reference built on it.
+"""The trust-region loop of docs/algorithms.md §0, on callables, and the serial reference built on it.
 
 This module owns the order of operations of a trust-region iteration — subproblem
 solve, trial evaluation, :func:`decide`, the solver's memory update, the move — for

@@ -1,4 +1,4 @@
-"""Accept/reject and radius update of a trust-region step (ALGORITHMS.md §0).
+"""Accept/reject and radius update of a trust-region step (docs/algorithms.md §0).
 
 :func:`decide` is a pure function of floats.  In distributed runs the caller feeds it
 allreduced scalars, so every rank takes the same decision and ranks never diverge;
@@ -109,7 +109,7 @@ class Decision:
 def decide(
     policy: RadiusPolicy, radius: float, loss: float, trial_loss: float, pred: float, step_norm: float
 ) -> Decision:
-    """Accept or reject a trial step and update the radius (ALGORITHMS.md §0).
+    """Accept or reject a trial step and update the radius (docs/algorithms.md §0).
 
     Args:
         policy: Thresholds and factors.

@@ -1,4 +1,4 @@
-"""APTS-D: data-parallel additively preconditioned trust region (ALGORITHMS.md §1).
+"""APTS-D: data-parallel additively preconditioned trust region (docs/algorithms.md §1).
 
 One outer iteration on the global batch B = ∪ B_r:
 

@@ -1,4 +1,4 @@
-"""APTS-IP: layer (pipeline) decomposition with the model split across ranks (ALGORITHMS.md §3).
+"""APTS-IP: layer (pipeline) decomposition with the model split across ranks (docs/algorithms.md §3).
 
 The P ranks form ``S stages × R replicas`` (:class:`~hpcopt.distributed.pipeline.PipelineLayout`,
 ``--set replicas=R``, default 1: pure model parallelism).  Each replica is a whole

@@ -1,4 +1,4 @@
-"""APTS-P: parameter-decomposed additively preconditioned trust region (ALGORITHMS.md §2).
+"""APTS-P: parameter-decomposed additively preconditioned trust region (docs/algorithms.md §2).
 
 The model is replicated; its flat parameter vector is owned piecewise
 (:class:`~hpcopt.distributed.decomposition.ParameterDecomposition`: rank r owns the contiguous

@@ -5,7 +5,7 @@ local step ``s`` (the whole vector, an owned block, a stage's parameters).  This
 module adds the first-order-consistency term ``cᵀs`` with ``c = g − g_r`` and runs
 the package's one trust-region loop
 (:func:`~hpcopt.numerics.trust_region.loop.trust_region_loop`) on that model from
-``s = 0`` inside the local ball (ALGORITHMS.md §1 step 2): L iterations, with L-SR1
+``s = 0`` inside the local ball (docs/algorithms.md §1 step 2): L iterations, with L-SR1
 learning from accepted and rejected trials alike.  Nothing here communicates; it
 imports torch, the trust-region numerics and the APTS options only.
 """

@@ -18,7 +18,7 @@ SOLVERS = ("cauchy", "steihaug", "lsr1")
 
 @dataclass
 class APTSOptions:
-    """Trust-region options common to the APTS variants (defaults: ALGORITHMS.md §0).
+    """Trust-region options common to the APTS variants (defaults: docs/algorithms.md §0).
 
     Attributes:
         radius: initial global trust-region radius Δ₀ (0.1).
@@ -30,8 +30,10 @@ class APTSOptions:
         gamma_dec: shrink factor (0.9).
         local_iterations: L, local TR iterations per outer iteration (3).
         local_solver: ``cauchy``, ``steihaug`` or ``lsr1`` (lsr1).
-        local_eta1, local_eta2, local_gamma_inc, local_gamma_dec: local radius
-            policy (0.3, 0.7, 1.5, 0.6).
+        local_eta1: local phase: accept a local step when ρ ≥ local_eta1 (0.3).
+        local_eta2: local phase: expand the local radius when ρ > local_eta2 (0.7).
+        local_gamma_inc: local phase: radius expansion factor (1.5).
+        local_gamma_dec: local phase: radius shrink factor (0.6).
         memory: L-SR1 memory (5).
         curvature: products for ``steihaug``: ``hessian`` or ``ggn`` (hessian).
         max_cg_iterations: cap on Steihaug CG iterations (20).
