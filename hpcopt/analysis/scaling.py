@@ -23,14 +23,12 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypedDict
+from typing import TypedDict
 
 import numpy as np
 
+from hpcopt.analysis.perfmodel import CollectiveProfile, Network, predict
 from hpcopt.analysis.tables import Run
-
-if TYPE_CHECKING:
-    from hpcopt.analysis.perfmodel import Network
 
 __all__ = ["SCALING_COLUMNS", "Sweep", "find_sweeps", "iteration_times", "scaling_rows"]
 
@@ -204,7 +202,6 @@ class ModelRow(TypedDict):
 
 def model_rows(sweeps: Sequence[Sweep], network: Network, extra_ranks: Sequence[int] = ()) -> list[ModelRow]:
     """The α–β model of each sweep (profile from its smallest run) beside the measurement."""
-    from hpcopt.analysis.perfmodel import CollectiveProfile, Network, predict
 
     assert isinstance(network, Network)
     rows: list[ModelRow] = []
@@ -229,48 +226,3 @@ def model_rows(sweeps: Sequence[Sweep], network: Network, extra_ranks: Sequence[
             )
     return rows
 
-
-def report(
-    runs: Sequence[Run],
-    *,
-    csv: str | None = None,
-    plot: str | None = None,
-    network: Network | None = None,
-    model_ranks: Sequence[int] = (),
-) -> str:
-    """The scaling (and model) tables of the sweeps among ``runs``; figures into ``plot``.
-
-    Returns ``""`` when the runs form no sweep and no model was asked for.
-    """
-    from hpcopt.analysis.tables import format_table, write_csv
-
-    sweeps = find_sweeps(runs)
-    text = ""
-    rows = scaling_rows(sweeps)
-    if rows:
-        text += "\nscaling (median time per iteration; speed-up relative to the smallest rank count)\n"
-        text += format_table(rows, SCALING_COLUMNS)
-        if csv is not None:
-            stem, _ = os.path.splitext(csv)
-            write_csv(rows, f"{stem}-scaling.csv", SCALING_COLUMNS)
-    predictions: dict[str, list[tuple[int, float]]] = {}
-    if network is not None:
-        if not sweeps:
-            from hpcopt.errors import DataError
-
-            raise DataError("--model needs a sweep: run logs of one configuration at two or more rank counts")
-        model = model_rows(sweeps, network, model_ranks)
-        text += f"\nα–β model ({network.describe()}; profile from each sweep's smallest run)\n"
-        text += format_table(model, MODEL_COLUMNS)
-        for row in model:
-            predictions.setdefault(f"{row['study']} {row['optimizer']}", []).append(
-                (int(row["ranks"]), float(row["model_eff"]))
-            )
-    if plot is not None:
-        from hpcopt.analysis.plots import plot_curves, plot_scaling
-
-        figures = [plot_curves(runs, plot)]
-        if rows:
-            figures.append(plot_scaling(rows, plot, predictions or None))
-        text += "\nfigures: " + ", ".join(str(path) for path in figures) + "\n"
-    return text

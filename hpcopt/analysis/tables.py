@@ -26,15 +26,12 @@ from hpcopt.errors import DataError, OutputError
 if TYPE_CHECKING:  # pandas is optional and slow to import
     import pandas
 
-    from hpcopt.analysis.perfmodel import Network
-
 __all__ = [
     "SUMMARY_COLUMNS",
     "Run",
     "expand_paths",
     "format_table",
     "load_run",
-    "main_analyze",
     "summary_rows",
     "write_csv",
 ]
@@ -315,31 +312,3 @@ def expand_paths(paths: Sequence[str]) -> list[str]:
             expanded.append(path)
     return expanded
 
-
-def main_analyze(
-    paths: Sequence[str],
-    *,
-    csv: str | None = None,
-    plot: str | None = None,
-    network: Network | None = None,
-    model_ranks: Sequence[int] = (),
-) -> str:
-    """Load every run log in ``paths`` (directories: their ``*.h5``) and return the summary table.
-
-    Also writes it as CSV if asked.  When the runs form strong- or weak-scaling sweeps,
-    the scaling table follows (:func:`hpcopt.analysis.scaling.report`; its CSV beside ``csv`` as
-    ``<stem>-scaling.csv``), the α–β model's table if ``network`` (a
-    :class:`hpcopt.analysis.perfmodel.Network`) is given, and PNG figures go into ``plot``.
-    """
-    if not paths:
-        raise DataError("no run logs given to analyze")
-    runs = [load_run(path) for path in expand_paths(paths)]
-    rows = summary_rows(runs)
-    if csv is not None:
-        write_csv(rows, csv, SUMMARY_COLUMNS)
-    table = format_table(rows, SUMMARY_COLUMNS)
-    if len(runs) < 2 and plot is None and network is None:
-        return table
-    from hpcopt.analysis.scaling import report  # imports this module
-
-    return table + report(runs, csv=csv, plot=plot, network=network, model_ranks=model_ranks)

@@ -141,15 +141,15 @@ def _run_jobs(args: argparse.Namespace) -> str:
     if args.jobs_command == "render":
         scripts = render_sweep(spec)
         return "\n".join(str(path) for path in scripts)
-    from hpcopt.analysis.tables import main_analyze
+    from hpcopt.analysis.report import analyze
 
     logs = run_local(spec)
-    return main_analyze([str(path) for path in logs])
+    return analyze([str(path) for path in logs])
 
 
 def _run_analyze(args: argparse.Namespace) -> str:
     from hpcopt.analysis.perfmodel import Network, calibrate
-    from hpcopt.analysis.tables import main_analyze
+    from hpcopt.analysis.report import analyze
     from hpcopt.errors import ConfigError
 
     network = None
@@ -176,7 +176,7 @@ def _run_analyze(args: argparse.Namespace) -> str:
         from hpcopt.jobs.render import parse_ranks
 
         model_ranks = parse_ranks(args.model_ranks)
-    return text + main_analyze(
+    return text + analyze(
         args.runs,
         csv=args.csv,
         plot=args.plot,

@@ -11,7 +11,7 @@
 Both compute the same functions (see ``docs/gpu.md``); the test suite
 compares them on a GPU and compares the twins with float64 references everywhere.
 The kernels compute local quantities only; reductions over ranks stay in
-:mod:`hpcopt.comm.communicator`.
+:mod:`hpcopt.comm`.  It may import torch and :mod:`hpcopt.errors` (CuPy lazily).
 
 ``fused_backend(device)`` is what the optimizers call, once, on the device of the
 flat parameters: the CUDA kernels where they exist, else ``None``, meaning "keep

@@ -6,6 +6,9 @@ Layout (every per-row dataset is 1-D, resizable and chunked):
   ``optimizer``, ``problem``, ``world_size``, ``num_parameters``, ``seed``, ``config_json``,
   ``mpi_library_version``, ``torch_version``, ``hostnames``, ``git_sha``), plus
   ``created_utc`` (ISO 8601) and ``status`` (``"running"``, ``"completed"`` or ``"failed"``).
+  Strings are variable-length UTF-8, which h5py reads back as ``str``; logs of earlier
+  versions hold ``status`` as a 16-byte fixed-length string, which h5py reads as
+  ``bytes`` (:func:`hpcopt.analysis.tables.load_run` decodes both).
 * group ``iterations``: ``step`` (int64), ``epoch``, ``loss``, ``radius``, ``step_norm``,
   ``ratio`` (float64), ``accepted`` (int8, 0/1), ``wall_time`` (float64, seconds since the
   start of training), ``comm_calls``, ``comm_bytes`` (int64) and ``comm_time`` (float64);
@@ -30,8 +33,8 @@ still writing it.  HDF5 does not support creating objects in SWMR mode, hence:
   metrics must be named there (``metric_names``).  A metric that first appears later
   is still recorded (with NaN for earlier evaluations), but readers already attached
   may not see it until they reopen the file.
-* ``status`` is a fixed-length (16-byte) string attribute created at open and
-  overwritten in place, which SWMR allows.
+* ``status`` is a variable-length UTF-8 string attribute created at open and
+  overwritten in place (same type and size), which SWMR allows.
 * :meth:`RunLog.set_attribute` overwrites an existing attribute in place when the new
   value fits its type; any other attribute is kept in memory and written when the log
   is closed (the file is reopened without SWMR for that), so it is lost if the run is
@@ -86,8 +89,9 @@ RANK_FIELDS: tuple[str, ...] = ("compute_time", "comm_time")
 #: Values the root attribute ``status`` takes.
 STATUSES: tuple[str, ...] = ("running", "completed", "failed")
 
-# Fixed length of the ``status`` attribute, so it can be overwritten in place under SWMR.
-_STATUS_LENGTH = 16
+# Variable-length UTF-8: h5py reads it back as ``str`` (a fixed-length string reads back
+# as ``bytes``), and overwriting it keeps the attribute's type and size, which SWMR allows.
+_STRING = h5py.string_dtype("utf-8")
 
 # Rows per chunk: one chunk holds a few kilobytes, so appending a row touches one chunk
 # and a run of 10^5 steps is still a few hundred chunks per dataset.
@@ -131,14 +135,18 @@ def _attribute_value(value: object) -> object:
     """Convert ``value`` to something h5py stores as an attribute.
 
     ``None`` becomes ``""`` (e.g. ``git_sha`` outside a git checkout), mappings become
-    JSON text and sequences of strings become arrays of variable-length strings.
+    JSON text and sequences of strings become arrays of variable-length strings.  Every
+    string is stored as variable-length UTF-8, which h5py reads back as ``str``.
     """
     if value is None:
-        return ""
+        value = ""
     if isinstance(value, Mapping):
-        return json.dumps(value, sort_keys=True)
+        value = json.dumps(value, sort_keys=True)
+    if isinstance(value, str):
+        # np.str_ included, which h5py refuses (it has no type for numpy's fixed-width unicode).
+        return np.array(str(value), dtype=_STRING)
     if isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value):
-        return np.array(value, dtype=h5py.string_dtype())
+        return np.array(value, dtype=_STRING)
     return value
 
 
@@ -240,7 +248,7 @@ class RunLog:
                     continue
                 handle.attrs[name] = _attribute_value(value)
             handle.attrs["created_utc"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-            handle.attrs.create("status", np.bytes_("running"), dtype=f"S{_STATUS_LENGTH}")
+            handle.attrs.create("status", "running", dtype=_STRING)
 
             iterations = handle.create_group("iterations")
             for name, dtype in ITERATION_FIELDS.items():
@@ -383,7 +391,7 @@ class RunLog:
         handle = self._file
         try:
             self._write_pending_rows()
-            handle.attrs.modify("status", np.bytes_(status))
+            handle.attrs.modify("status", status)
             handle.flush()
         finally:
             handle.close()

@@ -1,4 +1,14 @@
-"""Optimizers, chosen by name (``--optimizer``)."""
+"""Optimizers, chosen by name (``--optimizer``): the registry and every optimizer.
+
+Each optimizer is one file with a typed config dataclass and a subclass of
+:class:`~hpcopt.optimizers.base.Optimizer`; adding one is its file, one entry in
+:data:`OPTIMIZERS` below and its docs page.  Optimizers drive an
+:class:`~hpcopt.distributed.objective.Objective` and never call MPI themselves: they may
+import :mod:`hpcopt.distributed`, :mod:`hpcopt.comm` (types and the communicator they
+are given), :mod:`hpcopt.numerics`, :mod:`hpcopt.kernels`, :mod:`hpcopt.config`,
+:mod:`hpcopt.problems` (the interface) and :mod:`hpcopt.testing`, never the trainer,
+the log or the CLI.
+"""
 
 from __future__ import annotations
 

@@ -35,7 +35,7 @@ class TrainConfig:
         time_limit: stop at the first evaluation after this many seconds (None: no limit).
         target: stop at the first evaluation whose metric reaches this value
             (≤ for errors, ≥ for accuracies; None: train all epochs).
-        quiet: no progress lines.
+        quiet: print nothing: no evaluation lines, no progress bar or progress lines.
         checkpoint_every: write a checkpoint every this many steps (0: only at the
             last step, and only when ``checkpoint`` is given).
         checkpoint: checkpoint file; ``None`` → ``<out>.ckpt`` when ``checkpoint_every``
@@ -46,6 +46,13 @@ class TrainConfig:
             (0: no watchdog; see :mod:`hpcopt.comm.communicator`).
         device: ``auto`` (CUDA if torch sees a GPU, else CPU), ``cpu`` or ``cuda``
             (one GPU per rank by local rank; see :mod:`hpcopt.training.device`).
+        progress_every: without a terminal (batch logs), rank 0 prints a progress line
+            every this many steps of an epoch (0: by time only, see ``progress_seconds``);
+            on a terminal a progress bar shows every step instead
+            (see :mod:`hpcopt.training.progress`).
+        progress_seconds: without a terminal, also a progress line once this many seconds
+            have passed since the last one, checked after each step (0: by step count only;
+            both 0: no progress lines).
     """
 
     # The field order is that of the run log's config_json attribute; keep it.
@@ -77,6 +84,12 @@ class TrainConfig:
     device: str = flag_field(
         "auto", help="auto (default: cuda if a GPU is seen), cpu, cuda", choices=("auto", "cpu", "cuda")
     )
+    progress_every: int = flag_field(
+        0, help="without a terminal: a progress line every N steps (default 0: every --progress-seconds)"
+    )
+    progress_seconds: float = flag_field(
+        30.0, help="without a terminal: a progress line at least every T seconds (default 30; 0: off)"
+    )
 
     def validate(self) -> None:
         require(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
@@ -89,4 +102,9 @@ class TrainConfig:
         require(
             math.isfinite(self.collective_timeout) and self.collective_timeout >= 0,
             f"--collective-timeout must be >= 0 seconds, got {self.collective_timeout}",
+        )
+        require(self.progress_every >= 0, f"--progress-every must be >= 0, got {self.progress_every}")
+        require(
+            math.isfinite(self.progress_seconds) and self.progress_seconds >= 0,
+            f"--progress-seconds must be >= 0, got {self.progress_seconds}",
         )

@@ -99,12 +99,23 @@ def resolve_kind(requested: str, cuda_available: bool | None = None) -> str:
     return requested
 
 
+def choose_device(kind: str, rank: int, source: str) -> DeviceChoice:
+    """The device of a rank of local rank ``rank`` for a resolved ``kind``; binds nothing.
+
+    Separate from :func:`select_device` so that ``hpcopt info`` can show the choice
+    without binding the GPU or splitting the communicator a second time.
+    """
+    if kind == "cpu":
+        return DeviceChoice(torch.device("cpu"), -1, "", "")
+    index = rank % torch.cuda.device_count()
+    return DeviceChoice(torch.device("cuda", index), rank, source, torch.cuda.get_device_name(index))
+
+
 def select_device(requested: str, comm: Communicator, environ: Mapping[str, str] | None = None) -> DeviceChoice:
     """Resolve ``requested`` and, on CUDA, bind this rank to its GPU (``torch.cuda.set_device``)."""
     kind = resolve_kind(requested)
     if kind == "cpu":
-        return DeviceChoice(torch.device("cpu"), -1, "", "")
-    rank, source = local_rank(comm, environ)
-    index = rank % torch.cuda.device_count()
-    torch.cuda.set_device(index)
-    return DeviceChoice(torch.device("cuda", index), rank, source, torch.cuda.get_device_name(index))
+        return choose_device(kind, -1, "")
+    choice = choose_device(kind, *local_rank(comm, environ))
+    torch.cuda.set_device(choice.device)
+    return choice

@@ -33,6 +33,7 @@ from hpcopt.problems import make_problem
 from hpcopt.problems.base import Dataset, Problem
 from hpcopt.training.config import TrainConfig
 from hpcopt.training.device import resolve_kind, select_device
+from hpcopt.training.progress import Progress
 from hpcopt.training.signature import check_same_on_every_rank, run_signature
 
 
@@ -246,7 +247,14 @@ def train(
             f"{device.describe(comm.size)}; MPI {'is' if comm.cuda_aware else 'is not'} CUDA-aware; "
             f"vector updates: {attributes['kernels']}"
         )
-    with log:
+    # Rank 0 only, and after the last collective of set-up: what it prints it already holds.
+    progress = Progress(
+        enabled=comm.is_root and not cfg.quiet,
+        epochs=cfg.epochs,
+        every=cfg.progress_every,
+        seconds=cfg.progress_seconds,
+    )
+    with log, progress:
         log.open(attributes, metric_names=metric_names)
         start = time.perf_counter()
         comm_seconds_at_start = comm.stats.seconds
@@ -260,6 +268,7 @@ def train(
             epoch_losses: list[float] = []
             if resume is not None and epoch == first_epoch:
                 epoch_losses = [float(x) for x in resume["epoch_losses"]]
+            progress.start_epoch(epoch, batches.batches_per_epoch, done=len(epoch_losses))
             for batch_index, index in enumerate(batches.epoch(epoch - 1)):
                 if batch_index < len(epoch_losses):
                     continue  # done before the checkpoint this run resumed from
@@ -274,6 +283,7 @@ def train(
                 step += 1
                 losses.append(result.loss)
                 epoch_losses.append(result.loss)
+                progress.update(result.loss, result.radius)
                 log.log_iteration(
                     IterationRecord(
                         step=step,
@@ -303,6 +313,7 @@ def train(
                 if stopping:
                     done = True
                     break
+            progress.close()  # the bar is cleared before the evaluation line prints
             if epoch % cfg.eval_every == 0 or epoch == cfg.epochs or done:
                 with optimizer.evaluation_parameters():  # e.g. Neumann's w − μm, not the displaced w
                     metrics = optimizer.evaluate(problem)

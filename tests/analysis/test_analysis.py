@@ -11,7 +11,8 @@ import h5py
 import numpy as np
 import pytest
 
-from hpcopt.analysis.tables import SUMMARY_COLUMNS, format_table, load_run, main_analyze, summary_rows
+from hpcopt.analysis.report import analyze
+from hpcopt.analysis.tables import SUMMARY_COLUMNS, format_table, load_run, summary_rows
 from hpcopt.errors import DataError, OutputError
 from hpcopt.log.runlog import EvaluationRecord, IterationRecord, RunLog
 
@@ -102,10 +103,10 @@ def test_format_table_is_fixed_width(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_main_analyze_prints_table_and_writes_csv(tmp_path: Path) -> None:
+def test_analyze_prints_table_and_writes_csv(tmp_path: Path) -> None:
     write_run(tmp_path / "tr.h5", optimizer="tr_cg")
     csv_path = tmp_path / "summary.csv"
-    table = main_analyze([str(tmp_path / "tr.h5")], csv=str(csv_path))
+    table = analyze([str(tmp_path / "tr.h5")], csv=str(csv_path))
     header, _, row = table.splitlines()
     assert header.split() == list(SUMMARY_COLUMNS)
     assert row.split()[:7] == ["tr.h5", "tr_cg", "mnist_mlp", "4", "completed", "4", "2"]
@@ -115,11 +116,11 @@ def test_main_analyze_prints_table_and_writes_csv(tmp_path: Path) -> None:
     assert float(record["comm_bytes_per_iter"]) == 2500.0
 
     with pytest.raises(OutputError, match="cannot write CSV"):
-        main_analyze([str(tmp_path / "tr.h5")], csv=str(tmp_path / "missing" / "s.csv"))
+        analyze([str(tmp_path / "tr.h5")], csv=str(tmp_path / "missing" / "s.csv"))
     with pytest.raises(OutputError, match="is a directory"):
-        main_analyze([str(tmp_path / "tr.h5")], csv=str(tmp_path))
+        analyze([str(tmp_path / "tr.h5")], csv=str(tmp_path))
     with pytest.raises(DataError, match="no run logs"):
-        main_analyze([])
+        analyze([])
 
 
 @pytest.mark.timeout(60)

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from hpcopt.analysis.perfmodel import Network
+from hpcopt.analysis.report import analyze
 from hpcopt.analysis.scaling import SCALING_COLUMNS, find_sweeps, scaling_rows
-from hpcopt.analysis.tables import load_run, main_analyze
+from hpcopt.analysis.tables import load_run
 from hpcopt.log.runlog import EvaluationRecord, IterationRecord, RunLog
 from tests.conftest import run_hpcopt
 
@@ -62,7 +63,7 @@ def test_sweeps_and_rows(sweep_dir: Path) -> None:
 def test_analyze_directory_csv_plots_and_model(sweep_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     pytest.importorskip("matplotlib")
     out = tmp_path_factory.mktemp("out")
-    text = main_analyze(
+    text = analyze(
         [str(sweep_dir)],
         csv=str(out / "summary.csv"),
         plot=str(out / "fig"),
@@ -92,4 +93,4 @@ def test_cli_model_needs_network(sweep_dir: Path) -> None:
 
 def test_single_run_output_unchanged(sweep_dir: Path) -> None:
     # One run: only the summary table (what scripts parsing the old output expect).
-    assert len(main_analyze([str(sweep_dir / "s1.h5")]).splitlines()) == 3
+    assert len(analyze([str(sweep_dir / "s1.h5")]).splitlines()) == 3

@@ -1,7 +1,8 @@
 """Trust-region building blocks: radius policy, subproblem solvers, L-SR1, the loop.
 
 See docs/algorithms.md §0.  Everything here works against ``matvec`` and ``dot`` callables
-and plain floats, so the same code runs serially and inside distributed optimizers.
+and plain floats, so the same code runs serially and inside distributed optimizers; it
+may import torch, :mod:`hpcopt.errors`, :mod:`hpcopt.kernels` and the Krylov solvers.
 """
 
 from hpcopt.numerics.trust_region.loop import (
