@@ -12,7 +12,7 @@ MPIEXEC = $(BIN)/mpiexec
 # A hung multi-rank run must fail, never block CI: pytest-timeout ends a test, this ends a run.
 RUN_LIMIT ?= 900
 
-.PHONY: install demo test test-serial test-mpi lint typecheck docs clean
+.PHONY: install demo test test-serial test-mpi test-docs lint typecheck docs gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -28,10 +28,14 @@ demo: install
 		--out runs/demo.h5 --overwrite
 	$(BIN)/python -m hpcopt analyze runs/demo.h5
 
-test: install lint test-serial test-mpi
+test: install lint test-serial test-mpi test-docs
 
 test-serial: install
-	timeout $(RUN_LIMIT) $(BIN)/python -m pytest -q --with-mpi tests
+	timeout $(RUN_LIMIT) $(BIN)/python -m pytest -q --with-mpi --ignore=tests/docs tests
+
+# Every ```bash / ```python block of README.md and docs/, shortened (tests/docs; `make demo` as written).
+test-docs: install
+	timeout $(RUN_LIMIT) $(BIN)/python -m pytest -q -p no:cacheprovider tests/docs
 
 test-mpi: install
 	timeout $(RUN_LIMIT) $(MPIEXEC) -n 2 $(BIN)/python -m pytest -q --with-mpi -m mpi -p no:cacheprovider tests
@@ -47,6 +51,11 @@ typecheck: install
 # The <!-- options: NAME --> tables of the docs are generated from the option dataclasses.
 docs: install
 	$(BIN)/python -m hpcopt options --write-docs docs --write-docs README.md
+
+# The GPU check (docs/gpu.md#the-gpu-check): measures on a GPU, dry-runs on CPU without one.
+# Prepare what it carries with `bash benchmarks/gpu_wheels.sh`.  OUT=DIR keeps the results.
+gpu-check:
+	bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

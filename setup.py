@@ -55,6 +55,7 @@ setup(
         "scipy>=1.10",
         "h5py>=3.8",
         "mpi4py>=4.0",
+        "tqdm>=4.60",
         *([] if site_mpi else ["mpich"]),
     ],
     extras_require={

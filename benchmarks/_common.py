@@ -28,8 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def dataset_dir(name: str) -> str:
-    """The default location of a dataset: ``shared/datasets/NAME`` beside the repository."""
-    return str(REPO.parent / "shared/datasets" / name)
+    """Where a dataset is by default: ``$HPCOPT_DATA_DIR/NAME``, else ``shared/datasets/NAME`` beside the repo."""
+    return str(Path(os.environ.get("HPCOPT_DATA_DIR", REPO.parent / "shared/datasets")) / name)
 
 
 def train_command(ranks: int, *arguments: str) -> list[str]:
@@ -55,10 +55,15 @@ def run_job(command: Sequence[str], **options: Any) -> subprocess.CompletedProce
     return subprocess.run(list(command), check=False, env={**os.environ, "OMP_NUM_THREADS": "1"}, **options)
 
 
+#: Runs of this study that exited non-zero; :func:`run_study` exits non-zero after its report if any did.
+FAILED: list[str] = []
+
+
 def launch(name: str, command: Sequence[str]) -> None:
     """Print the ``hpcopt train`` arguments of the run ``name`` and run it; its log says how it went."""
     print(f"== {name}: {' '.join(command[list(command).index('hpcopt') :])}", flush=True)
-    run_job(command)
+    if run_job(command).returncode != 0:
+        FAILED.append(name)
 
 
 def study_parser(doc: str, outdir: str, names: Collection[str], what: str = "runs") -> argparse.ArgumentParser:
@@ -93,6 +98,9 @@ def run_study(
         for run in runs:
             launch_run(run)
     report()
+    if FAILED:
+        # the table still shows what the other runs measured; the exit status says the study is incomplete
+        sys.exit(f"{len(FAILED)} run(s) failed: {', '.join(FAILED)}")
 
 
 def traffic(run: Run) -> float:

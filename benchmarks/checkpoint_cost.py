@@ -57,7 +57,9 @@ def step_times(comm: Communicator, optimizer: APTSD, steps: int) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    default_data = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mnist"
+    default_data = (
+        Path(os.environ.get("HPCOPT_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "datasets")) / "mnist"
+    )
     parser.add_argument("--data-dir", default=os.environ.get("HPCOPT_MNIST", str(default_data)))
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=4, help="steps per watchdog block (3 blocks each way)")

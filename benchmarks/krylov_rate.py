@@ -13,6 +13,7 @@ per iteration (from ``comm.stats``) and the share of the solve spent in MPI.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -28,7 +29,12 @@ from hpcopt.problems import make_problem
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared/datasets/mnist"))
+    parser.add_argument(
+        "--data-dir",
+        default=str(
+            Path(os.environ.get("HPCOPT_DATA_DIR", Path(__file__).resolve().parents[2] / "shared/datasets")) / "mnist"
+        ),
+    )
     parser.add_argument("--model", default="cnn-small")
     parser.add_argument("--batch", type=int, default=2000)
     parser.add_argument("--fraction", type=float, default=0.1)

@@ -28,7 +28,8 @@ import numpy as np
 
 from hpcopt.analysis.perfmodel import CollectiveProfile, Network, calibrate, predict
 from hpcopt.analysis.plots import plot_predictions
-from hpcopt.analysis.scaling import SCALING_COLUMNS, find_sweeps, iteration_times, report, scaling_rows
+from hpcopt.analysis.report import scaling_report
+from hpcopt.analysis.scaling import SCALING_COLUMNS, find_sweeps, iteration_times, scaling_rows
 from hpcopt.analysis.tables import format_table, load_run
 from hpcopt.jobs.local import run_local
 from hpcopt.jobs.render import SweepSpec
@@ -133,8 +134,7 @@ def main() -> None:
             measured=measured if speed == 1 else None,
         )
         print(f"figure: {figure}\n")
-    model_rows = report(runs, plot=str(args.outdir), network=local)
-    print(model_rows)
+    print(scaling_report(runs, plot=str(args.outdir), network=local))
 
 
 if __name__ == "__main__":

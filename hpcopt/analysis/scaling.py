@@ -14,13 +14,13 @@ Columns of :func:`scaling_rows` (``SCALING_COLUMNS``):
 * ``efficiency``: ``speedup / P`` (1 is ideal);
 * ``comm_fraction``: time in collectives over wall time, summed over the steps (rank 0);
 * ``bytes_per_iter``: collective payload bytes per iteration (rank 0);
-* ``final_metric``: the last evaluation's first metric.
+* ``final_metric``: the last evaluation's first metric;
+* ``file``: the run's shortest distinguishing path among the table's runs.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypedDict
@@ -28,7 +28,7 @@ from typing import TypedDict
 import numpy as np
 
 from hpcopt.analysis.perfmodel import CollectiveProfile, Network, predict
-from hpcopt.analysis.tables import Run
+from hpcopt.analysis.tables import Run, display_names
 
 __all__ = ["SCALING_COLUMNS", "Sweep", "find_sweeps", "iteration_times", "scaling_rows"]
 
@@ -147,6 +147,9 @@ def _comm_fraction(run: Run) -> float:
 def scaling_rows(sweeps: Sequence[Sweep]) -> list[ScalingRow]:
     """One row per run of each sweep, with the columns of :data:`SCALING_COLUMNS`."""
     rows: list[ScalingRow] = []
+    # One name per file, even for a run that belongs to a strong and a weak sweep.
+    paths = list(dict.fromkeys(run.path for sweep in sweeps for run in sweep.runs))
+    names = dict(zip(paths, display_names(paths)))
     for sweep in sweeps:
         base = sweep.runs[0]
         base_ranks = _ranks(base)
@@ -171,7 +174,7 @@ def scaling_rows(sweeps: Sequence[Sweep]) -> list[ScalingRow]:
                     "comm_fraction": _comm_fraction(run),
                     "bytes_per_iter": float(np.mean(bytes_per_iter)) if bytes_per_iter is not None else math.nan,
                     "final_metric": _final_metric(run),
-                    "file": os.path.basename(run.path),
+                    "file": names[run.path],
                 }
             )
     return rows

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv as csv_module
 import math
 import os
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -29,6 +30,7 @@ if TYPE_CHECKING:  # pandas is optional and slow to import
 __all__ = [
     "SUMMARY_COLUMNS",
     "Run",
+    "display_names",
     "expand_paths",
     "format_table",
     "load_run",
@@ -190,8 +192,28 @@ def _mean(array: np.ndarray | None) -> float:
     return float(np.mean(array)) if array is not None and len(array) else math.nan
 
 
+def display_names(paths: Sequence[str]) -> list[str]:
+    """The shortest distinguishing path of each of ``paths``, to name runs in a table.
+
+    That is the fewest trailing path components that no other path ends with:
+    ``runs/a/r.h5``, ``runs/b/r.h5`` and ``runs/c/s.h5`` show as ``a/r.h5``, ``b/r.h5``
+    and ``s.h5``; a single path shows its basename.  A path given twice shows in full.
+    """
+    parts = [tuple(part for part in os.path.normpath(path).split(os.sep) if part) for path in paths]
+    names: list[str | None] = [None] * len(parts)
+    for length in range(1, max((len(own) for own in parts), default=0) + 1):
+        # A path shorter than ``length`` takes part whole, so "r.h5" and "x/r.h5" differ at 2.
+        counts = Counter(own[-length:] for own in parts)
+        for index, own in enumerate(parts):
+            if names[index] is None and own and counts[own[-length:]] == 1:
+                names[index] = os.path.join(*own[-length:])
+    return [name if name is not None else os.path.normpath(path) for name, path in zip(names, paths)]
+
+
 def summary_rows(runs: Sequence[Run]) -> list[dict[str, object]]:
     """One row per run with the columns of :data:`SUMMARY_COLUMNS`.
+
+    ``file`` is the run's shortest distinguishing path among ``runs`` (:func:`display_names`).
 
     ``final_train_loss`` is the last evaluation's training loss, or the last step's loss
     if the run has no evaluations.  ``final_metric`` is the first metric the log declares.
@@ -200,7 +222,8 @@ def summary_rows(runs: Sequence[Run]) -> list[dict[str, object]]:
     Values that a run does not have are NaN (numbers) or ``""`` (text).
     """
     rows: list[dict[str, object]] = []
-    for run in runs:
+    names = display_names([run.path for run in runs])
+    for run, name in zip(runs, names):
         its, evs = run.iterations, run.evaluations
         steps = len(its.get("step", ()))
         wall = its.get("wall_time")
@@ -215,7 +238,7 @@ def summary_rows(runs: Sequence[Run]) -> list[dict[str, object]]:
         accepted = its.get("accepted")
         rows.append(
             {
-                "file": os.path.basename(run.path),
+                "file": name,
                 "optimizer": str(run.attributes.get("optimizer", "")),
                 "problem": str(run.attributes.get("problem", "")),
                 "ranks": run.attributes.get("world_size", ""),

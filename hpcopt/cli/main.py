@@ -1,4 +1,4 @@
-"""``hpcopt`` command line: ``train``, ``analyze``, ``jobs``, ``calibrate`` and ``options``.
+"""``hpcopt`` command line: ``train``, ``analyze``, ``jobs``, ``calibrate``, ``options`` and ``info``.
 
 Errors a user can cause end with one line, ``hpcopt: error: …``, on every rank and
 exit status 2; the traceback of anything else is kept, because that is a bug.
@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import hpcopt
 from hpcopt.cli.flags import add_flags, flag_values
 from hpcopt.cli.option_tables import add_options_parser, run_options
 from hpcopt.errors import AbortError, HpcoptError
@@ -68,7 +69,10 @@ def _jobs_parser(sub: Any) -> None:
         q.add_argument("--study", required=True, help="strong (fixed global batch) or weak (fixed batch per rank)")
         q.add_argument("--ranks", required=True, help="rank counts, e.g. 1,2,4,8")
         q.add_argument(
-            "--batch-size", dest="batch_size", type=int, required=True, help="strong: global; weak: per rank"
+            "--batch-size",
+            dest="batch_size",
+            type=int,
+            help="strong: global; weak: per rank (default: the problem's default batch size)",
         )
         q.add_argument("--problem")
         q.add_argument("--optimizer")
@@ -91,6 +95,15 @@ def _calibrate_parser(sub: Any) -> None:
     p.add_argument("--sizes", help="float32 counts per message, e.g. 16,1024,1e6 (default: the model's sweep)")
     p.add_argument("--repeats", type=int, default=20, help="timed allreduces per size (default 20)")
     p.add_argument("--json", metavar="OUT", help="write the [ranks, bytes, seconds] samples here (rank 0)")
+
+
+def _info_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "info",
+        help="versions, MPI, rank layout, GPUs and data directories: check a set-up",
+        description="Run as the job will: mpiexec -n P python -m mpi4py -m hpcopt info (rank 0 prints)",
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
 def _run_calibrate(args: argparse.Namespace) -> str:
@@ -123,10 +136,17 @@ def _run_jobs(args: argparse.Namespace) -> str:
     extra = list(args.train_args)
     if extra and extra[0] == "--":
         extra = extra[1:]
+    ranks = parse_ranks(args.ranks)
+    note = ""
+    batch_size = args.batch_size
+    if batch_size is None:
+        batch_size, problem = _default_sweep_batch(args, extra, ranks)
+        per = "global batch" if args.study == "strong" else "batch per rank"
+        note = f"{per} {batch_size}: the default of problem {problem} (--batch-size to change it)\n"
     spec = SweepSpec(
         study=args.study,
-        ranks=parse_ranks(args.ranks),
-        batch_size=args.batch_size,
+        ranks=ranks,
+        batch_size=batch_size,
         problem=args.problem,
         optimizer=args.optimizer,
         template=args.template,
@@ -140,11 +160,53 @@ def _run_jobs(args: argparse.Namespace) -> str:
     )
     if args.jobs_command == "render":
         scripts = render_sweep(spec)
-        return "\n".join(str(path) for path in scripts)
+        return note + "\n".join(str(path) for path in scripts)
     from hpcopt.analysis.report import analyze
 
     logs = run_local(spec)
-    return analyze([str(path) for path in logs])
+    return note + analyze([str(path) for path in logs])
+
+
+def _default_sweep_batch(args: argparse.Namespace, extra: list[str], ranks: list[int]) -> tuple[int, str]:
+    """The batch size ``hpcopt train`` takes without ``--batch-size`` for this sweep, and the problem's name.
+
+    The arguments after ``--`` are read as ``hpcopt train`` reads them, because problem
+    options (``--set problem.n=…``, ``--config``, ``--data-dir``) change the default; the
+    problem is then built here, as each job will build it, and asked for its batch.
+    """
+    from hpcopt.errors import ConfigError, DataError
+    from hpcopt.problems import make_problem
+
+    argv = ["train"]
+    if args.problem:
+        argv += ["--problem", args.problem]
+    if args.optimizer:
+        argv += ["--optimizer", args.optimizer]
+    cfg, _, problem_options = _train_options(build_parser().parse_args([*argv, *extra]))
+    try:
+        problem = make_problem(cfg.problem, data_dir=cfg.data_dir, seed=cfg.seed, options=problem_options)
+    except DataError as error:
+        raise ConfigError(
+            f"without --batch-size the sweep takes problem {cfg.problem}'s default batch size, "
+            f"but the problem cannot be loaded here: {error}"
+        ) from None
+    batch = problem.resolve_batch_size()
+    # Refused here with the default named, since the user gave no batch to correct.
+    uneven = [count for count in ranks if batch % count] if args.study == "strong" else []
+    if uneven:
+        raise ConfigError(
+            f"strong scaling with problem {cfg.problem}'s default global batch of {batch}: {uneven[0]} ranks "
+            f"cannot share it equally; give --batch-size (divisible by every rank count)"
+        )
+    largest = batch * max(ranks) if args.study == "weak" else batch
+    if largest > len(problem.train):
+        # Fail now, not in every job: the default batch per rank times the ranks exceeds the data.
+        raise ConfigError(
+            f"weak scaling with problem {cfg.problem}'s default batch of {batch} per rank needs "
+            f"{largest} training samples at {max(ranks)} ranks, but the problem has {len(problem.train)}; "
+            f"give --batch-size (per rank)"
+        )
+    return batch, cfg.problem
 
 
 def _run_analyze(args: argparse.Namespace) -> str:
@@ -187,11 +249,13 @@ def _run_analyze(args: argparse.Namespace) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hpcopt", description="MPI-native trust-region and second-order training")
+    parser.add_argument("--version", action="version", version=f"hpcopt {hpcopt.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _analyze_parser(sub)
     _jobs_parser(sub)
     _calibrate_parser(sub)
+    _info_parser(sub)
     add_options_parser(sub)
     return parser
 
@@ -202,11 +266,14 @@ def _train_options(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any
     The TOML file holds train options at top level and one table per optimizer or
     problem (``[apts-d]``, ``[sgd]``, ``[poisson2d]``, …); the tables of the chosen
     optimizer and problem apply, so one file can serve a comparison of optimizers.
+    Last, the problem's ``train_defaults`` fill the train and optimizer options that
+    none of the three set (:mod:`hpcopt.problems.defaults`).
     """
     from hpcopt.config import build_config, load_toml, parse_set
     from hpcopt.errors import ConfigError
     from hpcopt.optimizers import OPTIMIZERS, RESERVED
-    from hpcopt.problems import PROBLEMS
+    from hpcopt.problems import PROBLEM_OPTIONS, PROBLEMS
+    from hpcopt.problems.defaults import resolve_optimizer_options, resolve_train_values
 
     file_values: dict[str, Any] = load_toml(args.config) if args.config else {}
     sections = {key: value for key, value in file_values.items() if isinstance(value, dict)}
@@ -218,7 +285,11 @@ def _train_options(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any
                 f"(optimizers: {', '.join(OPTIMIZERS)}; problems: {', '.join(PROBLEMS)})"
             )
     train_values.update(flag_values(args, TrainConfig))
-    cfg = build_config(TrainConfig, train_values, what="train")
+    # The user's values alone first: they say which problem's defaults apply.
+    problem = build_config(TrainConfig, train_values, what="train").problem
+    # An unknown problem gets no defaults; building it fails later, on every rank alike.
+    defaults = PROBLEM_OPTIONS[problem].train_defaults if problem in PROBLEM_OPTIONS else None
+    cfg = build_config(TrainConfig, resolve_train_values(defaults, train_values), what="train")
     optimizer_options = dict(sections.get(cfg.optimizer, {}))
     problem_options = dict(sections.get(cfg.problem, {}))
     for key, value in parse_set(args.set).items():
@@ -226,7 +297,7 @@ def _train_options(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any
             problem_options[key.removeprefix("problem.")] = value
         else:
             optimizer_options[key] = value
-    return cfg, optimizer_options, problem_options
+    return cfg, resolve_optimizer_options(defaults, cfg.optimizer, optimizer_options), problem_options
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -240,6 +311,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "options":
             print(run_options(args))
+            return 0
+        if args.command == "info":
+            from hpcopt.cli.info import run_info
+
+            text = run_info(args.json)
+            if text:
+                print(text)
             return 0
         if args.command == "calibrate":
             text = _run_calibrate(args)

@@ -139,8 +139,25 @@ def plain(doc: str) -> str:
     return doc.replace("``", "`")
 
 
+def train_defaults(option_set: OptionSet) -> list[tuple[str, str]]:
+    """``(option, default)`` of a problem's defaults for ``hpcopt train``; ``[]`` for other option sets."""
+    if option_set.kind != "problem":
+        return []
+    defaults = getattr(option_set.cls, "train_defaults", None)
+    return [] if defaults is None else list(defaults.rows())
+
+
+def train_defaults_title(option_set: OptionSet) -> str:
+    """The heading of the defaults section: what they are for and when they apply."""
+    return (
+        f"defaults for train (hpcopt train --problem {option_set.name}; each applies only when neither "
+        "a flag, the --config file nor --set gives the option; time_limit only when epochs is not given "
+        "either; optimizer options only to that optimizer)"
+    )
+
+
 def render_text(option_set: OptionSet) -> str:
-    """Aligned columns: name (and flag), type, default, meaning."""
+    """Aligned columns: name (and flag), type, default, meaning; for a problem, then its defaults for train."""
     table = rows(option_set.cls)
     names = [row.name if row.flag is None else f"{row.name} ({row.flag})" for row in table]
     name_width = max(len(name) for name in names)
@@ -150,6 +167,11 @@ def render_text(option_set: OptionSet) -> str:
     for name, row in zip(names, table):
         line = f"  {name:<{name_width}}  {row.type:<{type_width}}  {row.default:<{default_width}}  {plain(row.doc)}"
         lines.append(line.rstrip())
+    defaults = train_defaults(option_set)
+    if defaults:
+        width = max(len(name) for name, _ in defaults)
+        lines += ["", f"{train_defaults_title(option_set)}:"]
+        lines += [f"  {name:<{width}}  {value}" for name, value in defaults]
     return "\n".join(lines)
 
 
@@ -173,6 +195,19 @@ def render_markdown(option_set: OptionSet) -> str:
             plain(row.doc),
         ]
         lines.append("| " + " | ".join(_cell(cell) for cell in cells) + " |")
+    defaults = train_defaults(option_set)
+    if defaults:
+        lines += [
+            "",
+            f"Defaults for `hpcopt train --problem {option_set.name}`: each applies only when neither a flag, "
+            "the `--config` file nor `--set` gives the option; `time_limit` only when `epochs` is not given "
+            "either; optimizer options only to that optimizer.",
+            "",
+            "| Train option | Default |",
+            "|---|---|",
+        ]
+        # Prose ("the whole training set") reads as text; values and names as code.
+        lines += [f"| `{_cell(name)}` | {_cell(value if ' ' in value else f'`{value}`')} |" for name, value in defaults]
     return "\n".join(lines)
 
 

@@ -2,7 +2,8 @@
 
 ``make_problem(name, data_dir=..., seed=..., options=...)`` builds a problem by name;
 optimizers then use only the :class:`~hpcopt.problems.base.Problem` interface.
-``PROBLEM_OPTIONS`` names each problem's options dataclass (``hpcopt options NAME``).
+``PROBLEM_OPTIONS`` names each problem's options dataclass (``hpcopt options NAME``), whose
+``train_defaults`` are the problem's defaults for ``hpcopt train`` (:mod:`.defaults`).
 A problem knows nothing of ranks: it may import torch, :mod:`hpcopt.numerics` (jets),
 :mod:`hpcopt.config` and :mod:`hpcopt.errors` (scipy lazily, where a reference solution
 needs it), never MPI or the optimizers.

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from hpcopt.config import Wording, build_config, require
 from hpcopt.errors import ConfigError
 from hpcopt.numerics.jets import ScalarJet
+from hpcopt.problems.defaults import TrainingDefaults
 
 Net = Callable[[Tensor], Tensor]
 
@@ -73,11 +74,14 @@ class ProblemOptions:
 
     A subclass names its problem in ``problem`` and the least value of each numeric
     option in ``minimum``; :meth:`validate` checks those bounds.  Checks that need the
-    data (MNIST's ``limit``) stay in the problem's constructor.
+    data (MNIST's ``limit``) stay in the problem's constructor.  ``train_defaults`` are
+    the problem's defaults for ``hpcopt train`` (epochs, stopping rule, batch size,
+    optimizer options), used for every option the user leaves unset.
     """
 
     problem: ClassVar[str] = ""
     minimum: ClassVar[Mapping[str, float]] = {}
+    train_defaults: ClassVar[TrainingDefaults] = TrainingDefaults()
 
     def validate(self) -> None:
         for key, low in self.minimum.items():
@@ -133,6 +137,17 @@ class Problem(abc.ABC):
     train: Dataset
     val: Dataset
     default_batch_size: int
+
+    def resolve_batch_size(self, requested: int | None = None) -> int:
+        """The global mini-batch of a run: ``requested`` when given, else the problem's default.
+
+        The one place that rule lives (``hpcopt train`` and ``hpcopt jobs`` both call it).
+        The default is capped at the training set, so a smaller set (``--set problem.n=…``)
+        still trains; a requested size is kept as given, for the sharding to check.
+        """
+        if requested is not None:
+            return requested
+        return min(self.default_batch_size, len(self.train))
 
     def build_model(self, name: str | None = None) -> nn.Module:
         """A freshly initialised model; deterministic given the caller's ``torch.manual_seed``.

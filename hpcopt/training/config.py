@@ -24,7 +24,9 @@ class TrainConfig:
         model: model name; ``None`` → the problem's default.
         optimizer: optimizer name (``apts-d``).
         data_dir: directory of the dataset files (MNIST IDX files).
-        epochs: passes over the training set (10).
+        epochs: passes over the training set (10; when none is given, ``hpcopt train``
+            takes the problem's default instead, as for ``eval_every``, ``time_limit`` and
+            ``target``: ``hpcopt options PROBLEM``).
         batch_size: global mini-batch size; ``None`` → the problem's default.
         seed: seeds initialisation, batch order and dropout (0).
         out: HDF5 run log path; ``None`` → no log.

@@ -152,8 +152,9 @@ class Progress:
         rate = taken / elapsed if elapsed > 0 else math.nan
         eta = (self._total - self._done) / rate if rate > 0 else math.nan
         return (
-            f"epoch {self._epoch}/{self.epochs}  step {self._done}/{self._total}  {rate:.3g} steps/s  "
-            f"elapsed {_duration(elapsed)}  eta {_duration(eta)}  loss {loss:.4e}  radius {radius:.3g}"
+            f"epoch {self._epoch:4d}/{self.epochs}  step {self._done}/{self._total}  {rate:.3g} steps/s  "
+            f"elapsed {_duration(elapsed)}  eta {_duration(eta)}  loss {loss:.4e}"
+            + ("" if math.isnan(radius) else f"  radius {radius:.3g}")
         )
 
     def __enter__(self) -> Progress:

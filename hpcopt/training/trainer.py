@@ -9,6 +9,7 @@ Order of work, chosen so that bad input never hangs a job:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -59,19 +60,45 @@ def _git_sha() -> str:
         return ""
 
 
+def _target_reached(cfg: TrainConfig, problem: Problem, metrics: dict[str, float]) -> bool:
+    """Whether the metric meets ``--target`` (≥ for accuracies, ≤ for errors); False without a target."""
+    value = metrics.get(problem.metric_name, math.nan)
+    if cfg.target is None:
+        return False
+    return value >= cfg.target if problem.metric_higher_is_better else value <= cfg.target
+
+
 def _stop_reason(
     cfg: TrainConfig, problem: Problem, metrics: dict[str, float], elapsed: float, comm: Communicator
 ) -> str:
     """Why training should stop after this evaluation ("" to go on); identical on every rank."""
     value = metrics[problem.metric_name]
-    if cfg.target is not None and (value >= cfg.target if problem.metric_higher_is_better else value <= cfg.target):
-        return f"{problem.metric_name} {value:.4g} reached the target {cfg.target:g}"
+    if _target_reached(cfg, problem, metrics):
+        relation = ">=" if problem.metric_higher_is_better else "<="
+        return f"target reached: {problem.metric_name} {value:.4g} {relation} {cfg.target:g}"
     if cfg.time_limit is not None:
         # Clocks differ between ranks: the slowest rank's decides, so all stop together.
         slowest = comm.allreduce_scalars([elapsed], op="max")[0]
         if slowest >= cfg.time_limit:
-            return f"time limit {cfg.time_limit:g}s reached"
+            # Say what the limit cut short, so that a run stopped early is not read as converged.
+            missed = ""
+            if cfg.target is not None:
+                missed = f" before the target {cfg.target:g} ({problem.metric_name} {value:.4g})"
+            return f"time limit {cfg.time_limit:g}s reached{missed}"
     return ""
+
+
+def _stopping_rule(cfg: TrainConfig, problem: Problem) -> str:
+    """One line on when the run ends, because a problem's defaults may set a target and a time limit."""
+    rules = [f"{cfg.epochs} epochs"]
+    if cfg.max_steps is not None:
+        rules.append(f"{cfg.max_steps} steps")
+    if cfg.target is not None:
+        relation = ">=" if problem.metric_higher_is_better else "<="
+        rules.append(f"{problem.metric_name} {relation} {cfg.target:g} (--target)")
+    if cfg.time_limit is not None:
+        rules.append(f"{cfg.time_limit:g}s (--time-limit)")
+    return f"stops at the first of: {', '.join(rules)}; evaluates every {cfg.eval_every} epoch(s)"
 
 
 def _spatial_key(cfg: TrainConfig, optimizer_config: Any, problem: Problem) -> torch.Tensor | None:
@@ -113,7 +140,7 @@ def _setup(
     if cfg.out is not None:
         RunLog.check_path(cfg.out, overwrite=cfg.overwrite)
     problem = make_problem(cfg.problem, data_dir=cfg.data_dir, seed=cfg.seed, options=problem_options)
-    batch_size = cfg.batch_size if cfg.batch_size is not None else min(problem.default_batch_size, len(problem.train))
+    batch_size = problem.resolve_batch_size(cfg.batch_size)
     # A model-parallel optimizer gives all ranks of a pipeline one shard; a bad layout raises here.
     shard, shards = optimizer_class(cfg.optimizer).data_shard(optimizer_config, comm.rank, comm.size, batch_size)
     batches = GlobalBatches(
@@ -195,6 +222,8 @@ def train(
     comm.collective_timeout = cfg.collective_timeout
     if resume is not None:
         checkpoint.restore(resume, optimizer=optimizer, rank=comm.rank)
+    # The run log and the cross-rank check record the batch size the run uses, not None for "the default".
+    cfg = dataclasses.replace(cfg, batch_size=batches.batch_size)
     config_json = json.dumps(
         {"train": to_dict(cfg), "optimizer": to_dict(optimizer_config), "problem": problem_options}, default=str
     )
@@ -242,12 +271,14 @@ def train(
         f"{flat.numel} parameters), {comm.size} rank(s), global batch {batches.batch_size}, "
         f"{batches.batches_per_epoch} steps/epoch"
     )
+    say(_stopping_rule(cfg, problem))
     if device.device.type == "cuda":
         say(
             f"{device.describe(comm.size)}; MPI {'is' if comm.cuda_aware else 'is not'} CUDA-aware; "
             f"vector updates: {attributes['kernels']}"
         )
-    # Rank 0 only, and after the last collective of set-up: what it prints it already holds.
+    # Enabled on rank 0 only: it shows what rank 0 already holds (the step's global loss and
+    # radius), so progress adds no collective and every rank runs the same numerics.
     progress = Progress(
         enabled=comm.is_root and not cfg.quiet,
         epochs=cfg.epochs,
@@ -337,7 +368,7 @@ def train(
                 )
                 stop = _stop_reason(cfg, problem, metrics, elapsed, comm)
                 if stop:
-                    say(f"stopping: {stop}")
+                    say(f"stopping after epoch {epoch} (step {step}): {stop}")
                     done = True
             if done:
                 break
@@ -349,7 +380,13 @@ def train(
     nbytes = comm.stats.bytes
     say(
         f"done: {step} steps, {epoch} epochs in {wall:.1f}s; final {problem.metric_name} "
-        f"{metrics.get(problem.metric_name, math.nan):.4g}, val_loss {metrics.get('val_loss', math.nan):.4e}; "
+        f"{metrics.get(problem.metric_name, math.nan):.4g}"
+        + (
+            ""
+            if cfg.target is None
+            else f" (target {cfg.target:g} {'reached' if _target_reached(cfg, problem, metrics) else 'NOT reached'})"
+        )
+        + f", val_loss {metrics.get('val_loss', math.nan):.4e}; "
         f"{nbytes / max(step, 1) / 4 / flat.numel:.2f}n floats/step moved by rank 0"
         + (f"; run log {cfg.out}" if cfg.out else "")
     )

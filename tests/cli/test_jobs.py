@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from hpcopt import cli
 from hpcopt.analysis.tables import load_run
 from hpcopt.errors import ConfigError
 from hpcopt.jobs import render
 from hpcopt.jobs.render import SweepSpec, parse_ranks, render_sweep, template_dir
+from hpcopt.problems import make_problem
 from tests.conftest import REPO, run_hpcopt
 
 TINY = ["--epochs", "2", "--set", "problem.n=200"]
@@ -149,3 +151,47 @@ def test_local_sweep_writes_logs_and_scaling_table(tmp_path: Path) -> None:
     assert [run.attributes["batch_size"] for run in runs] == [100, 100]
     assert all(run.status == "completed" for run in runs)
     assert "scaling (median time per iteration" in done.stdout
+
+
+def test_render_takes_the_problems_default_batch_size(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # --set problem.n=200 after -- makes logistic's default batch (its whole training set) 200.
+    args = ["jobs", "render", "--study", "strong", "--ranks", "1,2", "--problem", "logistic"]
+    assert cli.main([*args, "--outdir", str(tmp_path), "--", *TINY]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "global batch 200: the default of problem logistic (--batch-size to change it)"
+    assert lines[-1] == str(tmp_path / "submit.sh")
+    # What hpcopt train resolves without --batch-size, by the same rule.
+    assert make_problem("logistic", options={"n": 200}).resolve_batch_size() == 200
+    for ranks in (1, 2):
+        assert "--batch-size 200 " in (tmp_path / f"strong-default-P{ranks}.sbatch").read_text()
+
+
+def test_default_batch_size_errors_name_the_way_out(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    weak = ["jobs", "render", "--study", "weak", "--ranks", "1,2", "--problem", "logistic", "--outdir", str(tmp_path)]
+    assert cli.main([*weak, "--", *TINY]) == 2
+    assert capfd.readouterr().err.strip() == (
+        "hpcopt: error: weak scaling with problem logistic's default batch of 200 per rank needs 400 training "
+        "samples at 2 ranks, but the problem has 200; give --batch-size (per rank)"
+    )
+    strong = ["jobs", "render", "--study", "strong", "--ranks", "1,3", "--problem", "logistic"]
+    assert cli.main([*strong, "--outdir", str(tmp_path), "--", *TINY]) == 2
+    assert capfd.readouterr().err.strip() == (
+        "hpcopt: error: strong scaling with problem logistic's default global batch of 200: 3 ranks cannot "
+        "share it equally; give --batch-size (divisible by every rank count)"
+    )
+    missing = ["jobs", "local", "--study", "strong", "--ranks", "1", "--problem", "mnist", "--outdir", str(tmp_path)]
+    assert cli.main([*missing, "--", "--data-dir", str(tmp_path / "none")]) == 2
+    error = capfd.readouterr().err.strip()
+    assert error.startswith("hpcopt: error: without --batch-size the sweep takes problem mnist's default batch")
+    assert "does not exist" in error
+    assert not list(tmp_path.glob("*.sbatch")) and not list(tmp_path.glob("*.h5"))
+
+
+@pytest.mark.timeout(180)
+def test_local_sweep_takes_the_problems_default_batch_size(tmp_path: Path) -> None:
+    args = ["jobs", "local", "--study", "strong", "--ranks", "1", "--problem", "logistic", "--optimizer", "sgd"]
+    done = run_hpcopt([*args, "--outdir", str(tmp_path), "--", "--epochs", "1", "--set", "problem.n=200"])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("global batch 200: the default of problem logistic")
+    (run,) = [load_run(path) for path in tmp_path.glob("*.h5")]
+    assert run.attributes["batch_size"] == 200 and run.status == "completed"

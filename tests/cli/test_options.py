@@ -44,6 +44,8 @@ TRAIN_FLAGS: dict[str, tuple[type | None, tuple[str, ...] | None, bool]] = {
     "--resume": (None, None, False),
     "--collective-timeout": (float, None, False),
     "--device": (None, ("auto", "cpu", "cuda"), False),
+    "--progress-every": (int, None, False),
+    "--progress-seconds": (float, None, False),
 }
 
 

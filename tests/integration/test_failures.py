@@ -41,9 +41,9 @@ def _run(ranks: int, args: list[str], fault: str) -> subprocess.CompletedProcess
     )
 
 
-def _log(path: Path) -> tuple[bytes, list[int]]:
+def _log(path: Path) -> tuple[str, list[int]]:
     with h5py.File(path, "r", swmr=True) as log:
-        return bytes(log.attrs["status"]), log["iterations/step"][:].tolist()
+        return log.attrs["status"], log["iterations/step"][:].tolist()
 
 
 @pytest.mark.parametrize("ranks", [2, 4])
@@ -57,7 +57,7 @@ def test_exception_on_one_rank_ends_every_rank_and_marks_the_log_failed(ranks: i
     assert result.returncode != 0
     expected = f"hpcopt: error: rank {ranks - 1} failed: hpcopt.testing.faults.InjectedFault"
     assert expected in result.stderr, result.stderr
-    assert _log(out) == (b"failed", [1, 2])
+    assert _log(out) == ("failed", [1, 2])
 
 
 @pytest.mark.parametrize("ranks", [2])  # the 4-rank abort path is the one above, minus the notice
@@ -67,7 +67,7 @@ def test_without_watchdog_mpi4py_aborts_every_rank(ranks: int, tmp_path: Path) -
     assert result.returncode != 0
     assert "InjectedFault: injected fault on rank" in result.stderr and "MPI_Abort" in result.stderr
     # Rank 0 was killed inside a blocking collective: the log is intact but says "running".
-    assert _log(out) == (b"running", [1, 2])
+    assert _log(out) == ("running", [1, 2])
 
 
 @pytest.mark.parametrize("ranks", [2, 4])
@@ -80,7 +80,7 @@ def test_stalled_rank_is_named_by_the_watchdog_and_the_job_aborts(ranks: int, tm
     assert result.returncode != 0
     assert time.monotonic() - start < DEADLINE
     assert "allreduce of" in result.stderr and "did not complete within --collective-timeout 2s" in result.stderr
-    assert _log(out) == (b"failed", [1, 2])
+    assert _log(out) == ("failed", [1, 2])
 
 
 @pytest.mark.parametrize("ranks", [2, 4])
@@ -103,13 +103,13 @@ def test_sigkill_of_all_ranks_leaves_a_readable_log_with_every_flushed_row(ranks
                 status, rows = _log(out)  # a second process reading the live log
             except (OSError, KeyError):
                 continue  # not created yet
-        assert rows == [1, 2, 3, 4, 5] and status == b"running"
+        assert rows == [1, 2, 3, 4, 5] and status == "running"
         assert process.wait(timeout=DEADLINE) != 0
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
-    assert _log(out) == (b"running", [1, 2, 3, 4, 5])
+    assert _log(out) == ("running", [1, 2, 3, 4, 5])
 
 
 def test_a_malformed_fault_is_a_one_line_config_error_on_first_use(monkeypatch: pytest.MonkeyPatch) -> None:

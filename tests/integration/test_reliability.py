@@ -80,7 +80,7 @@ def test_sgd_and_adam_stop_with_one_line_instead_of_training_on_nan(
                      "training on non-finite values (lower the learning rate)"]  # fmt: skip
     if comm.is_root:
         with h5py.File(out, "r") as log:  # the log keeps the two good steps and says "failed"
-            assert log.attrs["status"] == b"failed"
+            assert log.attrs["status"] == "failed"
             assert log["iterations/step"][:].tolist() == [1, 2]
 
 

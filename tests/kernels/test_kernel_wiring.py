@@ -328,3 +328,44 @@ def test_state_updates_with_cuda_kernels_match_the_plain_path(
     plain_results = [plain.step() for _ in range(steps)]
     fused_results = [fused.step() for _ in range(steps)]
     _assert_same_run(plain, fused, plain_results, fused_results)
+
+
+@needs_gpu
+@pytest.mark.parametrize("solver", ["cg", "steihaug"])
+def test_hessian_free_with_cuda_kernels_matches_the_plain_path(
+    optimizer_factory: OptimizerFactory, solver: str
+) -> None:
+    options: dict[str, object] = {"solver": solver, "curvature_fraction": 0.5, "max_iterations": 10}
+    plain = optimizer_factory("hf", options, "cuda")
+    plain.kernels = None
+    fused = optimizer_factory("hf", options, "cuda", _cuda_kernels())
+    plain_results = [plain.step() for _ in range(3)]
+    fused_results = [fused.step() for _ in range(3)]
+    _assert_same_run(plain, fused, plain_results, fused_results)
+    assert [r.extras["chosen"] for r in fused_results] == [r.extras["chosen"] for r in plain_results]
+
+
+@needs_gpu
+@pytest.mark.parametrize("local_solver", ["steihaug", "lsr1"])
+def test_apts_d_with_cuda_kernels_matches_the_plain_path(
+    optimizer_factory: OptimizerFactory, local_solver: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hpcopt.kernels import CudaKernels
+
+    options: dict[str, object] = {
+        "local_solver": local_solver,
+        "local_iterations": 3,
+        "global_passes": 1,
+        "radius": 1.0,
+        "radius_max": 1000.0,
+    }
+    # APTS-D hands its backend to the subproblem solvers it builds: the plain run is built without one.
+    with monkeypatch.context() as patch:
+        patch.setattr("hpcopt.optimizers.base.fused_backend", lambda device: None)
+        plain = optimizer_factory("apts-d", options, "cuda")
+    fused = optimizer_factory("apts-d", options, "cuda")
+    assert plain.kernels is None and isinstance(fused.kernels, CudaKernels)
+    plain_results = [plain.step() for _ in range(3)]
+    fused_results = [fused.step() for _ in range(3)]
+    _assert_same_run(plain, fused, plain_results, fused_results)
+    assert [r.accepted for r in fused_results] == [r.accepted for r in plain_results]

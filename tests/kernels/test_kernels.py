@@ -3,8 +3,11 @@
 CPU (always): every ``kernels/*.cu`` compiles with nvcc for sm_80 and sm_90; the
 torch twins equal float64 references of their formulas; a CG built from the
 fused step and direction update reproduces :func:`hpcopt.numerics.krylov.cg.cg`.
-GPU (skipped without one): each CUDA kernel equals its twin on fresh random
-inputs, with the outputs poisoned (NaN) before the launch.
+Every kernel, in float32 and float64, at sizes that are no multiple of the block:
+the twin against a float64 reference of its formula (always), and on a GPU
+(skipped without one) the CUDA kernel against its twin and against the same
+reference, on fresh random inputs, with the write-only outputs poisoned (NaN)
+before the launch.
 """
 
 from __future__ import annotations
@@ -12,13 +15,15 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from hpcopt.kernels import CpuKernels, neumann_coefficient, select_backend
+from hpcopt.kernels import CpuKernels, Kernels, neumann_coefficient, select_backend
 from hpcopt.kernels.cuda import KERNEL_FILES, kernel_dir
 from hpcopt.numerics.krylov.cg import cg
 from tests.kernels.gpu_support import needs_gpu
@@ -213,59 +218,243 @@ def test_backend_selection_on_cpu_and_without_cupy() -> None:
             select_backend("cuda", require_cuda_kernels=True)
 
 
-# -- GPU: kernel == twin --------------------------------------------------------------
+# -- every kernel: the twin, and on a GPU the CUDA kernel, against float64 references ---------
+#
+# One case per kernel: which inputs it overwrites or only writes (poisoned with NaN
+# before the call, so an element left unwritten shows), how to call it, and its
+# formula evaluated in float64 on the same (dtype-rounded) inputs and scalars.  The
+# tolerances are those the GPU check reports against: sums within 1e-5 relative in
+# float32 and 1e-12 in float64; vectors within 1e-6 (float32) and 1e-13 (float64) of
+# the reference in norm, and elementwise to a few ulp.  The sizes are no multiple of
+# the 256-thread block; 300 001 is also more than the 1024-block grid covers in one
+# sweep, so the grid-stride loop wraps.
+
+SIZES = (1, 257, 1000, 300_001)
+DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+SUM_TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+NORM_TOL = {torch.float32: 1e-6, torch.float64: 1e-13}
+ELEMENT_TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+YS, SHS = 2.0, 1e4  # NLCG curvature sums of the update: keep h well away from 0 (z = r/h is then well conditioned)
+
+Sums = tuple[float, ...]
 
 
-def _close(a: float, b: float, rel: float) -> bool:
-    return abs(a - b) <= rel * max(abs(a), abs(b), 1e-30)
+def _scalar(value: float, dtype: torch.dtype) -> float:
+    """``value`` rounded to ``dtype``, as the kernels receive it (np.float32 / np.float64)."""
+    return float(torch.tensor(value, dtype=dtype))
+
+
+def _sums(value: object) -> Sums:
+    """The sums a kernel method returned (``pack`` returns its buffer and ``unpack`` nothing: no sums)."""
+    if isinstance(value, tuple):
+        return tuple(float(v) for v in value)
+    if isinstance(value, float):
+        return (value,)
+    return ()
+
+
+def _inputs(n: int, dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
+    """Tensors 0-7: random length-n vectors (3 positive: a diagonal h); 8: a random (n+2) buffer;
+    9: two scalars; 10, 11: length-n and length-2 vectors for outputs."""
+    generator = torch.Generator().manual_seed(seed)
+    vectors = [torch.randn(n, generator=generator, dtype=torch.float64) for _ in range(8)]
+    vectors[3] = vectors[3].abs() + 0.5
+    buffer = torch.randn(n + 2, generator=generator, dtype=torch.float64)
+    scalars = torch.tensor([1.5, -2.0], dtype=torch.float64)
+    return [t.to(dtype) for t in (*vectors, buffer, scalars, torch.zeros(n, dtype=torch.float64), torch.zeros(2))]
+
+
+@dataclass(frozen=True)
+class KernelCase:
+    """One kernel: ``call(kernels, tensors, dtype)`` runs it and returns its sums;
+    ``reference(tensors64, dtype)`` gives ``({tensor index: expected}, sums)`` in float64."""
+
+    name: str
+    writes: tuple[int, ...]  # tensors the kernel changes (compared with the reference)
+    poison: tuple[int, ...]  # tensors it only writes: NaN before the call
+    call: Callable[[Kernels, list[torch.Tensor], torch.dtype], object]
+    reference: Callable[[list[torch.Tensor], torch.dtype], tuple[dict[int, torch.Tensor], Sums]]
+
+
+def _ref_cg_step(t: list[torch.Tensor], dtype: torch.dtype) -> tuple[dict[int, torch.Tensor], Sums]:
+    alpha = _scalar(0.3, dtype)
+    x, r = t[0] + alpha * t[2], t[1] - alpha * t[3]
+    return {0: x, 1: r}, (float(r @ r),)
+
+
+def _ref_cg_direction(t: list[torch.Tensor], dtype: torch.dtype) -> tuple[dict[int, torch.Tensor], Sums]:
+    p = t[5] + _scalar(0.7, dtype) * t[4]
+    return {4: p}, (float(p @ p), float(t[6] @ p))
+
+
+def _ref_nlcg_dots(t: list[torch.Tensor], dtype: torch.dtype) -> tuple[dict[int, torch.Tensor], Sums]:
+    s, y = t[0], t[1] - t[2]
+    return {}, (float(y @ s), float((t[3] * s) @ s))
+
+
+def _ref_nlcg_precondition(t: list[torch.Tensor], dtype: torch.dtype) -> tuple[dict[int, torch.Tensor], Sums]:
+    h, z, g, g_prev, s = t[3], t[4], t[5], t[6], t[0]
+    ys, shs, eps = _scalar(YS, dtype), _scalar(SHS, dtype), _scalar(1e-8, dtype)
+    h_new = (h - (h * s) ** 2 / shs + (g - g_prev) ** 2 / ys).abs()
+    r = -g
+    z_new = r / (h_new + eps)
+    return {3: h_new, 4: z_new}, (float(r @ z_new), float(r @ z))
+
+
+def _ref_nlcg_step(t: list[torch.Tensor], dtype: torch.dtype) -> tuple[dict[int, torch.Tensor], Sums]:
+    d = t[4] + _scalar(0.5, dtype) * t[2]
+    s = _scalar(0.01, dtype) * d
+    return {1: t[1] + s, 2: d, 7: s}, (float(s @ s),)
+
+
+def _ref_sq_distance(t: list[torch.Tensor], dtype: torch.dtype) -> tuple[dict[int, torch.Tensor], Sums]:
+    diff = t[0] - t[1]
+    return {}, (float(diff @ diff),)
+
+
+NEUMANN = (0.01, 0.1, 0.9, 0.99)  # coef, eta, mu, gamma
+
+
+def _ref_neumann_update(t: list[torch.Tensor], dtype: torch.dtype) -> tuple[dict[int, torch.Tensor], Sums]:
+    coef, eta, mu, gamma = (_scalar(v, dtype) for v in NEUMANN)
+    w, v, m, g = t[0], t[1], t[2], t[5]
+    d = g + coef * (w - v)
+    m_new = mu * m - eta * d
+    w_new = w + mu * m_new - eta * d
+    step = w_new - w
+    return {0: w_new, 1: w_new + gamma * (v - w_new), 2: m_new}, (float(step @ step),)
+
+
+def _ref_tr_trial(t: list[torch.Tensor], dtype: torch.dtype) -> tuple[dict[int, torch.Tensor], Sums]:
+    return {7: t[0] + t[1]}, (float(t[1] @ t[1]),)
+
+
+def _ref_pack(t: list[torch.Tensor], dtype: torch.dtype) -> tuple[dict[int, torch.Tensor], Sums]:
+    return {8: torch.cat([_scalar(0.5, dtype) * t[0], t[9]])}, ()
+
+
+def _ref_unpack(t: list[torch.Tensor], dtype: torch.dtype) -> tuple[dict[int, torch.Tensor], Sums]:
+    n = t[0].numel()
+    return {10: _scalar(2.0, dtype) * t[8][:n], 11: t[8][n:]}, ()
+
+
+KERNEL_CASES = [
+    KernelCase("cg_step", (0, 1), (), lambda k, t, dt: k.cg_step_(t[0], t[1], t[2], t[3], 0.3), _ref_cg_step),
+    KernelCase("cg_direction", (4,), (), lambda k, t, dt: k.cg_direction_(t[4], t[5], t[6], 0.7), _ref_cg_direction),
+    KernelCase("nlcg_dots", (), (), lambda k, t, dt: k.nlcg_dots(t[0], t[1], t[2], t[3]), _ref_nlcg_dots),
+    KernelCase(
+        "nlcg_precondition",
+        (3, 4),
+        (),
+        lambda k, t, dt: k.nlcg_precondition_(t[3], t[4], t[5], t[6], t[0], YS, SHS, update=True),
+        _ref_nlcg_precondition,
+    ),
+    KernelCase(
+        "nlcg_step", (1, 2, 7), (7,), lambda k, t, dt: k.nlcg_step_(t[1], t[2], t[7], t[4], 0.5, 0.01), _ref_nlcg_step
+    ),
+    KernelCase("sq_distance", (), (), lambda k, t, dt: k.sq_distance(t[0], t[1]), _ref_sq_distance),
+    KernelCase(
+        "neumann_update",
+        (0, 1, 2),
+        (),
+        lambda k, t, dt: k.neumann_update_(t[0], t[1], t[2], t[5], *NEUMANN),
+        _ref_neumann_update,
+    ),
+    KernelCase("tr_trial", (7,), (7,), lambda k, t, dt: k.tr_trial(t[7], t[0], t[1]), _ref_tr_trial),
+    KernelCase("pack", (8,), (8,), lambda k, t, dt: k.pack(t[8], t[0], t[9], 0.5), _ref_pack),
+    KernelCase("unpack", (10, 11), (10, 11), lambda k, t, dt: k.unpack(t[8], t[10], t[11], 2.0), _ref_unpack),
+]
+
+
+def test_the_cases_cover_every_kernel() -> None:
+    twin_methods = {name.rstrip("_") for name in dir(CpuKernels) if not name.startswith("_") and name != "name"}
+    assert {case.name for case in KERNEL_CASES} == twin_methods
+
+
+def _run(kernels: Kernels, case: KernelCase, inputs: list[torch.Tensor], device: torch.device) -> tuple:
+    """The case on fresh copies of ``inputs`` on ``device``: (the tensors afterwards, on the CPU; the sums)."""
+    tensors = [t.clone().to(device) for t in inputs]
+    for i in case.poison:
+        tensors[i].fill_(float("nan"))
+    sums = _sums(case.call(kernels, tensors, inputs[0].dtype))
+    return [t.cpu() for t in tensors], sums
+
+
+def _relative(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(a), abs(b), 1e-300)
+
+
+def _compare(
+    case: KernelCase,
+    dtype: torch.dtype,
+    got: list[torch.Tensor],
+    got_sums: Sums,
+    want: dict[int, torch.Tensor],
+    want_sums: Sums,
+    what: str,
+) -> tuple[dict[str, float], list[str]]:
+    """The largest deviations of ``got`` from ``want`` (relative), and what is out of tolerance."""
+    deviations = {"vector": 0.0, "sum": 0.0}
+    problems = []
+    for i, expected in want.items():
+        out = got[i].to(torch.float64)
+        if not bool(torch.isfinite(out).all()):
+            deviations["vector"] = float("inf")
+            problems.append(f"{case.name} [{what}]: tensor {i} has unwritten (NaN) or non-finite elements")
+            continue
+        error = float((out - expected).norm()) / max(float(expected.norm()), 1e-300)
+        deviations["vector"] = max(deviations["vector"], error)
+        if error > NORM_TOL[dtype]:
+            problems.append(f"{case.name} [{what}]: tensor {i} off by {error:.2e} in norm")
+        scale = float(expected.abs().max()) if expected.numel() else 0.0
+        try:
+            torch.testing.assert_close(
+                out, expected, rtol=ELEMENT_TOL[dtype], atol=ELEMENT_TOL[dtype] * max(scale, 1.0)
+            )
+        except AssertionError as exc:
+            problems.append(f"{case.name} [{what}] tensor {i}: {exc}")
+    if len(got_sums) != len(want_sums):
+        problems.append(f"{case.name} [{what}]: {len(got_sums)} sums, expected {len(want_sums)}")
+    for a, b in zip(got_sums, want_sums):
+        error = _relative(a, b)
+        deviations["sum"] = max(deviations["sum"], error)
+        if not error <= SUM_TOL[dtype]:
+            problems.append(f"{case.name} [{what}]: sum {a!r} vs {b!r} ({error:.2e} relative)")
+    return deviations, problems
+
+
+@DTYPES
+@pytest.mark.parametrize("n", SIZES[:-1])  # the grid-stride wrap is a GPU matter; 300 001 costs ~1 s per case on CPU
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda case: case.name)
+def test_twin_matches_its_float64_reference(case: KernelCase, n: int, dtype: torch.dtype) -> None:
+    inputs = _inputs(n, dtype, seed=1000 + n)
+    got, got_sums = _run(twin, case, inputs, torch.device("cpu"))
+    want, want_sums = case.reference([t.to(torch.float64) for t in inputs], dtype)
+    _, problems = _compare(case, dtype, got, got_sums, want, want_sums, "twin vs float64")
+    assert not problems, "\n".join(problems)
 
 
 @needs_gpu
-@pytest.mark.parametrize("n", [1, 1000, 300_001])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_cuda_kernels_equal_their_twins(dtype: torch.dtype, n: int) -> None:
+@DTYPES
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda case: case.name)
+def test_cuda_kernel_matches_its_twin_and_float64_reference(
+    case: KernelCase, n: int, dtype: torch.dtype, record_property: Callable[[str, object], None]
+) -> None:
+    """Fresh random inputs per size; the deviations are recorded for the GPU check's report."""
     from hpcopt.kernels.cuda import CudaKernels
 
     device = torch.device("cuda", torch.cuda.current_device())
-    gpu = CudaKernels(device)
-    rel = 1e-6 if dtype == torch.float32 else 1e-12
-    cpu = _random(n, dtype, 100 + n)
-    cpu[3] = cpu[3].abs() + 0.5  # a positive diagonal h for NLCG
-    dev = [t.to(device) for t in cpu]
-
-    def check(name: str, cpu_out: object, gpu_out: object, tensors: list[int]) -> None:
-        for i in tensors:
-            torch.testing.assert_close(dev[i].cpu(), cpu[i], rtol=rel, atol=rel, msg=f"{name}[{i}] n={n}")
-        flat_cpu = cpu_out if isinstance(cpu_out, tuple) else (cpu_out,)
-        flat_gpu = gpu_out if isinstance(gpu_out, tuple) else (gpu_out,)
-        for a, b in zip(flat_cpu, flat_gpu):
-            if a is not None:
-                assert _close(float(a), float(b), 1e-6), f"{name} n={n}: {a} vs {b}"
-
-    check("cg_step", twin.cg_step_(*cpu[:4], 0.3), gpu.cg_step_(*dev[:4], 0.3), [0, 1])
-    check("cg_direction", twin.cg_direction_(*cpu[4:7], 0.7), gpu.cg_direction_(*dev[4:7], 0.7), [4])
-    check("nlcg_dots", twin.nlcg_dots(*cpu[:4]), gpu.nlcg_dots(*dev[:4]), [])
-    # h=3, z=4, g=5, g_prev=6, s=0
-    args_c, args_d = [cpu[i] for i in (3, 4, 5, 6, 0)], [dev[i] for i in (3, 4, 5, 6, 0)]
-    out_c = twin.nlcg_precondition_(*args_c, 2.0, 3.0, update=True)
-    check("nlcg_precondition", out_c, gpu.nlcg_precondition_(*args_d, 2.0, 3.0, update=True), [3, 4])
-    cpu[7].fill_(float("nan"))
-    dev[7].fill_(float("nan"))  # s output poisoned
-    out_c = twin.nlcg_step_(cpu[1], cpu[2], cpu[7], cpu[4], 0.5, 0.01)
-    check("nlcg_step", out_c, gpu.nlcg_step_(dev[1], dev[2], dev[7], dev[4], 0.5, 0.01), [1, 2, 7])
-    check("sq_distance", twin.sq_distance(cpu[0], cpu[1]), gpu.sq_distance(dev[0], dev[1]), [])
-    out_c = twin.neumann_update_(cpu[0], cpu[1], cpu[2], cpu[5], 0.01, 0.1, 0.9, 0.99)
-    check("neumann_update", out_c, gpu.neumann_update_(dev[0], dev[1], dev[2], dev[5], 0.01, 0.1, 0.9, 0.99), [0, 1, 2])
-    cpu[7].fill_(float("nan"))
-    dev[7].fill_(float("nan"))
-    check("tr_trial", twin.tr_trial(cpu[7], cpu[0], cpu[1]), gpu.tr_trial(dev[7], dev[0], dev[1]), [7])
-    scalars_c = torch.tensor([1.5, -2.0], dtype=dtype)
-    buf_c = torch.full((n + 2,), float("nan"), dtype=dtype)
-    buf_d = buf_c.to(device)
-    twin.pack(buf_c, cpu[0], scalars_c, 0.5)
-    gpu.pack(buf_d, dev[0], scalars_c.to(device), 0.5)
-    torch.testing.assert_close(buf_d.cpu(), buf_c, rtol=rel, atol=rel)
-    vec_d, sc_d = torch.full_like(dev[0], float("nan")), torch.full((2,), float("nan"), dtype=dtype, device=device)
-    gpu.unpack(buf_d, vec_d, sc_d, 2.0)
-    torch.testing.assert_close(vec_d.cpu(), cpu[0], rtol=rel, atol=rel)
-    torch.testing.assert_close(sc_d.cpu(), scalars_c, rtol=0, atol=0)
+    inputs = _inputs(n, dtype, seed=2000 + n)
+    got, got_sums = _run(CudaKernels(device), case, inputs, device)
+    expected, expected_sums = _run(twin, case, inputs, torch.device("cpu"))
+    vs_twin, problems = _compare(
+        case, dtype, got, got_sums, {i: expected[i].double() for i in case.writes}, expected_sums, "cuda vs twin"
+    )
+    want, want_sums = case.reference([t.to(torch.float64) for t in inputs], dtype)
+    vs_reference, more = _compare(case, dtype, got, got_sums, want, want_sums, "cuda vs float64")
+    # Recorded before the verdict, so that the report has the figures of a failing case too.
+    for what, deviations in (("twin", vs_twin), ("float64", vs_reference)):
+        for kind, value in deviations.items():
+            record_property(f"{case.name}:{kind}_vs_{what}", value)
+    assert not problems + more, "\n".join(problems + more)

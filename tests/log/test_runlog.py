@@ -124,6 +124,44 @@ def test_status_running_then_completed(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(60)
+def test_string_attributes_read_back_as_str_with_plain_h5py(tmp_path: Path) -> None:
+    path = tmp_path / "run.h5"
+    with RunLog(path) as log:
+        log.open(ATTRIBUTES)
+        # The writer's own locking flags: HDF5 shares the open file within one process.
+        with h5py.File(path, "r", swmr=True, locking="best-effort") as live:
+            assert live.attrs["status"] == "running"
+        log.set_attribute("optimizer", np.str_("adam"))  # numpy's str is stored as text too
+        log.set_attribute("device", "cpu")  # new: written at close
+    with h5py.File(path, "r") as handle:
+        assert handle.attrs["status"] == "completed"
+        for name in ("optimizer", "problem", "git_sha", "created_utc", "device"):
+            assert isinstance(handle.attrs[name], str), name
+        assert handle.attrs["optimizer"] == "adam" and handle.attrs["device"] == "cpu"
+        assert list(handle.attrs["hostnames"]) == ["node01", "node02"]
+        assert handle.attrs.get_id("status").get_type().get_cset() == h5py.h5t.CSET_UTF8
+
+
+@pytest.mark.timeout(60)
+def test_load_run_reads_old_log_with_bytes_attributes(tmp_path: Path) -> None:
+    # Logs of earlier versions: a 16-byte fixed-length status (NUL-padded) and byte strings,
+    # which h5py reads back as bytes.
+    path = tmp_path / "old.h5"
+    with h5py.File(path, "w") as handle:
+        handle.attrs.create("status", np.bytes_("completed"), dtype="S16")
+        handle.attrs["optimizer"] = np.bytes_("sgd")
+        handle.attrs["hostnames"] = np.array([b"node01", b"node02"], dtype="S6")
+        handle.create_group("iterations")["step"] = np.arange(3)
+    with h5py.File(path, "r") as handle:
+        assert isinstance(handle.attrs["status"], bytes)
+    run = load_run(path)
+    assert run.status == "completed"
+    assert run.attributes["optimizer"] == "sgd"
+    assert run.attributes["hostnames"] == ["node01", "node02"]
+    np.testing.assert_array_equal(run.iterations["step"], [0, 1, 2])
+
+
+@pytest.mark.timeout(60)
 def test_exception_inside_with_marks_failed_and_keeps_data(tmp_path: Path) -> None:
     path = tmp_path / "run.h5"
     with pytest.raises(RuntimeError, match="diverged"), RunLog(path, flush_every=10) as log:
@@ -239,7 +277,7 @@ def test_sigkill_leaves_every_flushed_row(tmp_path: Path) -> None:
 
     # A killed SWMR writer leaves its "open for writing" mark, which a SWMR reader accepts.
     with h5py.File(path, "r", swmr=True, locking=False) as handle:
-        assert handle.attrs["status"].decode().rstrip("\x00") == "running"
+        assert handle.attrs["status"] == "running"
         assert handle["iterations/step"].shape == (50,)
         np.testing.assert_array_equal(handle["iterations/step"][()], np.arange(50))
     run = load_run(path)

@@ -137,6 +137,27 @@ def test_staged_bcast_and_allgatherv_equal_direct() -> None:
     assert torch.equal(staged_g, direct_g)
 
 
+@needs_gpu
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_allreduce_of_gpu_tensors_equals_the_cpu_allreduce(dtype: torch.dtype) -> None:
+    """Device buffers through the path the communicator picks: host staging, or MPI directly if CUDA-aware."""
+    comm = Communicator()
+    generator = torch.Generator().manual_seed(31 + comm.rank)
+    data = torch.randn(100_003, generator=generator, dtype=torch.float64).to(dtype)
+    on_cpu = data.clone()
+    comm.allreduce_(on_cpu)
+    on_gpu = data.to(torch.device("cuda", torch.cuda.current_device()))
+    pointer, copies = on_gpu.data_ptr(), comm.staging.copies
+    comm.allreduce_(on_gpu)
+    assert on_gpu.data_ptr() == pointer  # in place for the caller
+    assert comm.staging.copies == copies + (0 if comm.cuda_aware else 2)
+    if comm.cuda_aware:  # the library may reduce on the device, in another order
+        torch.testing.assert_close(on_gpu.cpu(), on_cpu)
+    else:
+        assert torch.equal(on_gpu.cpu(), on_cpu)
+
+
 # -- --device on the command line -------------------------------------------------------------
 
 

@@ -5,3 +5,21 @@ relative-L2 metric, and provides Taylor-mode jets so APTS-IP can pipeline them. 
 imports as :mod:`hpcopt.problems`; scipy is imported only where a reference solution
 needs it.
 """
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+
+#: APTS-D options for the PINNs' least-squares losses (``hpcopt train``'s defaults for
+#: every PINN, as in ``make demo``): the global passes solve their trust-region
+#: subproblems by Steihaug CG on Gauss–Newton products, which are positive semi-definite
+#: and cost about two gradients for a mean of squared residuals; the local phase keeps
+#: its first-order L-SR1 models.  With L-SR1 alone the PINNs stall near 1e-1
+#: (docs/results.md, "PINN study").  Up to 100 CG iterations, not the demo's 50: on
+#: ``poisson2d`` the 50-iteration steps stop short of the Gauss–Newton step and the run
+#: misses 1e-2 within two minutes (docs/problems.md, "Defaults for train").  Read-only:
+#: every PINN shares it.
+APTS_D_GAUSS_NEWTON: Mapping[str, object] = MappingProxyType(
+    {"global_solver": "steihaug", "curvature": "ggn", "max_cg_iterations": 100, "global_passes": 2}
+)

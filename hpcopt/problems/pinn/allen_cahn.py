@@ -39,6 +39,8 @@ from torch.func import jvp
 from hpcopt.numerics.jets import ScalarJet
 from hpcopt.problems import models
 from hpcopt.problems.base import Dataset, Net, Problem, ProblemOptions, as_sums, build_options, evaluation_mode
+from hpcopt.problems.defaults import TrainingDefaults
+from hpcopt.problems.pinn import APTS_D_GAUSS_NEWTON
 from hpcopt.problems.pinn.poisson import laplacian
 
 
@@ -145,6 +147,11 @@ class AllenCahnOptions(_AllenCahnOptionDocs):
     """Options of ``allen-cahn`` (steady, 1-D)."""
 
     problem: ClassVar[str] = "allen-cahn"
+    # Measured in docs/problems.md ("Defaults for train"): the target ends the run (after
+    # ~50 full-batch steps); the epochs and the time limit only cap it.
+    train_defaults: ClassVar[TrainingDefaults] = TrainingDefaults(
+        epochs=2000, eval_every=10, target=1e-2, time_limit=110, optimizer_options={"apts-d": APTS_D_GAUSS_NEWTON}
+    )
     minimum: ClassVar[Mapping[str, float]] = {
         "interior": 1,
         "boundary": 2,
@@ -167,6 +174,10 @@ class AllenCahnTimeOptions(_AllenCahnOptionDocs):
     """Options of ``allen-cahn-time`` (1-D + time)."""
 
     problem: ClassVar[str] = "allen-cahn-time"
+    # Measured in docs/problems.md ("Defaults for train"): the target ends the run (after ~35 full-batch steps).
+    train_defaults: ClassVar[TrainingDefaults] = TrainingDefaults(
+        epochs=2000, eval_every=5, target=1e-2, time_limit=110, optimizer_options={"apts-d": APTS_D_GAUSS_NEWTON}
+    )
     minimum: ClassVar[Mapping[str, float]] = {
         "interior": 1,
         "boundary": 2,
@@ -260,7 +271,7 @@ class AllenCahnProblem(_AllenCahnBase):
         flag = torch.cat([torch.zeros(n_interior), torch.ones(n_boundary)]).to(torch.float64)
         targets = torch.cat([torch.zeros(n_interior, dtype=torch.float64), 1.0 - 2.0 * ends[:, 0]])
         self.train = self._dataset(points, flag, targets, generator)
-        self.default_batch_size = len(self.train)
+        self.default_batch_size = opts.train_defaults.batch_for(len(self.train))
         val_points = opts.val_grid
         # Reference on a grid 4x finer than validation (nodes coincide), at least 4001 nodes.
         refine = max(4, math.ceil(4000 / max(val_points - 1, 1)))
@@ -311,7 +322,7 @@ class AllenCahnTimeProblem(_AllenCahnBase):
         flag = torch.cat([torch.zeros(n_interior), torch.ones(n_boundary + n_initial)]).to(torch.float64)
         targets = torch.cat([torch.zeros(n_interior, dtype=torch.float64), 1.0 - 2.0 * side, 1.0 - 2.0 * initial_x])
         self.train = self._dataset(points, flag, targets, generator)
-        self.default_batch_size = len(self.train)
+        self.default_batch_size = opts.train_defaults.batch_for(len(self.train))
         per_axis = opts.val_grid
         x_refine, t_refine = 4, 10
         x, t, u = time_reference(
