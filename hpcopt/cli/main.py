@@ -20,6 +20,8 @@ from hpcopt.training.config import TrainConfig
 
 EXIT_USAGE = 2
 EXIT_ABORT = 3
+# Seconds between writing an abort's error line and MPI_Abort (see main).
+_ABORT_GRACE_SECONDS = 0.5
 
 
 def _train_parser(sub: Any) -> None:
@@ -349,9 +351,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.flush()
         os.write(2, f"hpcopt: error: {exc}\n".encode())
         if isinstance(exc, AbortError):
-            # Other ranks may be stuck in a collective and would never return.
+            # Other ranks may be stuck in a collective and would never return.  The
+            # launcher forwards this process's stderr through a pipe that MPI_Abort
+            # tears down; without a pause the line above was lost under load (seen in CI).
+            import time
+
             from hpcopt.comm import Communicator
 
+            time.sleep(_ABORT_GRACE_SECONDS)
             Communicator().abort(EXIT_ABORT)
         return EXIT_USAGE
 

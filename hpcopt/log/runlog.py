@@ -5,7 +5,8 @@ Layout (every per-row dataset is 1-D, resizable and chunked):
 * root attributes: what the trainer passes to :meth:`RunLog.open` (``hpcopt_version``,
   ``optimizer``, ``problem``, ``world_size``, ``num_parameters``, ``seed``, ``config_json``,
   ``mpi_library_version``, ``torch_version``, ``hostnames``, ``git_sha``), plus
-  ``created_utc`` (ISO 8601) and ``status`` (``"running"``, ``"completed"`` or ``"failed"``).
+  ``created_utc`` (ISO 8601) and ``status`` (``"running"``, ``"completed"`` or ``"failed"``);
+  a failed log also holds ``error``, the one-line exception that ended the run.
   Strings are variable-length UTF-8, which h5py reads back as ``str``; logs of earlier
   versions hold ``status`` as a 16-byte fixed-length string, which h5py reads as
   ``bytes`` (:func:`hpcopt.analysis.tables.load_run` decodes both).
@@ -421,6 +422,11 @@ class RunLog:
         if exc is None:
             self.close("completed")
             return
+        # What ended the run, one line, so the log explains itself after the job's
+        # stderr is gone (written after closing, like any attribute added under SWMR).
+        if self.enabled:
+            first_line = (str(exc).splitlines() or [""])[0]
+            self._deferred_attributes["error"] = f"{type(exc).__name__}: {first_line}"
         try:
             self.close("failed")
         except Exception as close_error:

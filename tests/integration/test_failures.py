@@ -46,6 +46,11 @@ def _log(path: Path) -> tuple[str, list[int]]:
         return log.attrs["status"], log["iterations/step"][:].tolist()
 
 
+def _error(path: Path) -> str:
+    with h5py.File(path, "r", swmr=True) as log:
+        return str(log.attrs.get("error", ""))
+
+
 @pytest.mark.parametrize("ranks", [2, 4])
 def test_exception_on_one_rank_ends_every_rank_and_marks_the_log_failed(ranks: int, tmp_path: Path) -> None:
     # Rank P-1 (never rank 0) raises in step 3; rank 0 learns of it from the notice
@@ -58,6 +63,7 @@ def test_exception_on_one_rank_ends_every_rank_and_marks_the_log_failed(ranks: i
     expected = f"hpcopt: error: rank {ranks - 1} failed: hpcopt.testing.faults.InjectedFault"
     assert expected in result.stderr, result.stderr
     assert _log(out) == ("failed", [1, 2])
+    assert _error(out).startswith(f"AbortError: rank {ranks - 1} failed: hpcopt.testing.faults.InjectedFault")
 
 
 @pytest.mark.parametrize("ranks", [2])  # the 4-rank abort path is the one above, minus the notice
