@@ -93,3 +93,37 @@ def contiguous_slice(num_rows: int, rank: int, world_size: int) -> slice:
     base, extra = divmod(num_rows, world_size)
     start = rank * base + min(rank, extra)
     return slice(start, start + base + (1 if rank < extra else 0))
+
+
+class ShardBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """This rank's shard of every global batch, as a batch sampler for a ``DataLoader``.
+
+    The role ``DistributedSampler`` plays for DDP, with hpcopt's order: the global
+    batches of epoch e are those of :class:`GlobalBatches` (a function of the seed
+    and e only), and this rank yields its contiguous slice of each.  So
+    ``DataLoader(dataset, batch_sampler=ShardBatchSampler(...))`` reads only this
+    rank's rows, and the global batch sequence is the same at any rank count and the
+    same as ``hpcopt train`` uses.  Call :meth:`set_epoch` before each epoch.
+
+    Args:
+        num_samples: ``len(dataset)``.
+        batch_size: the global batch size B (divisible by ``world_size``).
+        seed: the run's seed.
+        rank: this rank (default 0).
+        world_size: the number of ranks P (default 1).
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        self.batches = GlobalBatches(num_samples, batch_size, seed, rank, world_size)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use epoch ``epoch``'s permutation on the next iteration."""
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for rows in self.batches.epoch(self.epoch):
+            yield rows.tolist()
+
+    def __len__(self) -> int:
+        return self.batches.batches_per_epoch

@@ -88,7 +88,7 @@ EVALUATION_FIELDS: tuple[str, ...] = ("epoch", "wall_time", "train_loss", "val_l
 RANK_FIELDS: tuple[str, ...] = ("compute_time", "comm_time")
 
 #: Values the root attribute ``status`` takes.
-STATUSES: tuple[str, ...] = ("running", "completed", "failed")
+STATUSES: tuple[str, ...] = ("running", "completed", "failed", "preempted", "interrupted")
 
 # Variable-length UTF-8: h5py reads it back as ``str`` (a fixed-length string reads back
 # as ``bytes``), and overwriting it keeps the attribute's type and size, which SWMR allows.
@@ -380,12 +380,12 @@ class RunLog:
             self._file.flush()
 
     def close(self, status: str = "completed") -> None:
-        """Write queued rows, set ``status`` (``"completed"`` or ``"failed"``) and close.
+        """Write queued rows, set ``status`` (any of :data:`STATUSES` but ``"running"``) and close.
 
         Calling it again does nothing, so ``close("failed")`` in an error handler is safe.
         """
-        if status not in ("completed", "failed"):
-            raise ValueError(f"status must be 'completed' or 'failed', got {status!r}")
+        if status not in STATUSES[1:]:
+            raise ValueError(f"status must be one of {', '.join(STATUSES[1:])}, got {status!r}")
         if not self.enabled or self._file is None:
             self._closed = True
             return

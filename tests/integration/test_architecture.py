@@ -32,7 +32,11 @@ ALLOWED: dict[str, set[str]] = {
     "training": {"errors", "config", "comm", "distributed", "log", "optimizers", "problems", "testing", "kernels"},
     "analysis": {"errors"},
     "jobs": {"errors", "config", "problems"},
+    # The public Python API (hpcopt.problem, hpcopt.train, hpcopt.optimizer): a thin
+    # layer over training, the optimizers and the problems, for users' scripts.
+    "api": {"errors", "config", "comm", "distributed", "log", "numerics", "optimizers", "problems", "training", "kernels"},
     "cli": {
+        "api",
         "errors",
         "config",
         "analysis",
