@@ -42,7 +42,7 @@ test-mpi: install
 	timeout $(RUN_LIMIT) $(MPIEXEC) -n 4 $(BIN)/python -m pytest -q --with-mpi -m mpi -p no:cacheprovider tests
 
 lint: install typecheck
-	$(BIN)/ruff check hpcopt tests benchmarks
+	$(BIN)/ruff check hpcopt tests benchmarks examples
 
 # mypy reads mypy.ini (the package, with check_untyped_defs and warn_unused_ignores).
 typecheck: install

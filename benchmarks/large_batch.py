@@ -1,124 +1,339 @@
 """MNIST at large global batches: HF, NLCG and Neumann against SGD and Adam at equal epochs.
 
-Run: ``python benchmarks/large_batch.py --data-dir ../shared/datasets/mnist
-[--batches 500,2000,8000] [--epochs 10] [--model cnn-small] [--ranks 2] [--runs hf,nlcg,...]``
+Run: ``python benchmarks/large_batch.py --data-dir ../shared/datasets/mnist-full
+[--batches 15000,1000] [--epochs 10] [--methods hf-cg,nlcg,neumann,sgd,adam]
+[--lrs adam=1e-3:3e-3] [--model cnn-small] [--ranks 2] [--timing-steps 6]``
 
 Every configuration is one ``mpiexec -n P python -m mpi4py -m hpcopt train …`` job
-writing an HDF5 run log into ``--outdir``; the table is read back from those logs
-(``--report-only`` re-prints it).  SGD, Adam, NLCG and Neumann get the best of
-three learning rates (``BASELINE_LRS``); HF runs with its defaults plus the options
-in ``METHODS``.  Columns: final and best validation accuracy (%),
-outer steps, wall time, seconds per step, and traffic: bytes rank 0 moved per step
-over 4n (n = parameters), i.e. n-sized collectives per step.
+writing an HDF5 run log into ``--outdir``; a run whose log exists and says
+``completed`` is not run again (``--rerun`` runs it anyway), so an interrupted study
+resumes where it stopped.  SGD (momentum 0.9), Adam, NLCG and Neumann get the best of
+three learning rates (``LEARNING_RATES``, or ``--lrs``); HF runs with the options in
+``METHODS``.  SGD, Adam and NLCG warm their learning rate up linearly over the first
+10 % of the steps; Neumann runs its own SGD burn-in over the first 10 % of the epochs.
+
+Output: a table per run (final and best validation accuracy in %, steps, wall time,
+median seconds per step in the run, traffic in n-sized collectives per step), the best
+learning rate of each method, ``large_batch.csv`` (one row per run) and
+``large_batch.png`` (validation accuracy against steps and against wall time, one line
+per method at its best learning rate, one row of panels per batch size).  With
+``--timing-steps N`` each method's best configuration is also timed for N steps in
+``--timing-rounds`` interleaved rounds (:func:`time_steps`), which gives its time per
+step over Adam's.  The table of a study run in pieces (``--methods``/``--lrs``) is
+``--report-only`` with every method.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+from dataclasses import dataclass
 from pathlib import Path
 
 import _common
 import numpy as np
 
-from hpcopt.analysis.tables import load_run
+from hpcopt.analysis.tables import Run, load_run
 
-# name: (optimizer, --set options); the learning rates of the baselines are swept.
+# name: (optimizer, --set options); the learning rate of every method but HF is swept.
 METHODS: dict[str, tuple[str, dict]] = {
     "hf-cg": ("hf", {"solver": "cg", "curvature": "ggn", "max_iterations": 20}),
-    "hf-bicgstab": ("hf", {"solver": "bicgstab", "curvature": "hessian", "max_iterations": 20}),
-    "hf-steihaug": ("hf", {"solver": "steihaug", "curvature": "hessian", "max_iterations": 20}),
-    "nlcg": ("nlcg", {"lr": 0.1}),
-    "neumann": ("neumann", {"lr": 0.1, "warmup_epochs": 1, "reset_epochs": 2}),
-    # The paper's β = 1e-5·n puts the regulariser's shell at ‖w − v‖ = (β/α)^¼ = (100n)^¼ (46 for
-    # cnn-small): far outside where a small model trains.  The same run without the repulsive term:
-    "neumann-b0": ("neumann", {"lr": 0.1, "warmup_epochs": 1, "reset_epochs": 2, "beta_scale": 0.0}),
+    # The paper's loss-average heuristic, checked every step instead of every 5: a run of 40
+    # steps gives the 5-step check only 8 chances, each after the damage is done.
+    "nlcg": ("nlcg", {"check_every": 1}),
+    "nlcg-paper": ("nlcg", {}),  # the heuristic as published: a check every 5 steps
+    # The paper's algorithm with its constants except β, whose shell radius is carried over
+    # relative to ‖w‖ (docs/optimizers/neumann.md#the-regulariser-on-a-small-model).
+    "neumann": ("neumann", {"beta_rule": "relative"}),
+    # The paper's constants as published: β = 1e-5·n.
+    "neumann-paper": ("neumann", {"beta_rule": "paper"}),
     "sgd": ("sgd", {"momentum": 0.9}),
     "adam": ("adam", {}),
 }
-# SGD and Adam get the best of three learning rates, and so do NLCG and Neumann, whose
-# papers tune the learning rate and nothing else; HF runs with its defaults.
-BASELINE_LRS = {
-    "sgd": (0.01, 0.05, 0.2),
-    "adam": (3e-4, 1e-3, 3e-3),
+DEFAULT_METHODS = ("hf-cg", "nlcg", "neumann", "sgd", "adam")
+LEARNING_RATES: dict[str, tuple[float, ...]] = {
     "nlcg": (0.03, 0.1, 0.3),
+    "nlcg-paper": (0.03, 0.1, 0.3),
     "neumann": (0.03, 0.1, 0.3),
-    "neumann-b0": (0.03, 0.1, 0.3),
+    "neumann-paper": (0.03, 0.1, 0.3),
+    "sgd": (0.03, 0.1, 0.3),
+    "adam": (3e-3, 1e-2, 3e-2),
 }
+WARMUP_FRACTION = 0.1  # of the steps (SGD, Adam, NLCG) or of the epochs (Neumann's burn-in)
 
 
-def configurations(methods: list[str], batches: list[int]) -> list[tuple[str, str, int, dict]]:
-    """(run name, optimizer, batch, options) for every method, batch and swept learning rate."""
+@dataclass(frozen=True)
+class Config:
+    """One ``hpcopt train`` job of the study."""
+
+    name: str
+    method: str
+    batch: int
+    lr: float | None
+    optimizer: str
+    options: dict
+
+
+def parse_lrs(text: str) -> dict[str, tuple[float, ...]]:
+    """``adam=1e-3:3e-3,nlcg=0.1`` → the learning rates to sweep per method."""
+    swept: dict[str, tuple[float, ...]] = {}
+    for item in filter(None, text.split(",")):
+        method, _, values = item.partition("=")
+        swept[method] = tuple(float(value) for value in values.split(":"))
+    return swept
+
+
+def configurations(
+    methods: list[str], batches: list[int], lrs: dict[str, tuple[float, ...]], epochs: int, train_size: int
+) -> list[Config]:
+    """Every method, batch and swept learning rate, batch by batch in the order given.
+
+    Within a batch the middle learning rate of every method runs first, then HF, then the
+    other learning rates, so that a study stopped early has every method at least once.
+    """
     runs = []
     for batch in batches:
-        for method in methods:
+        steps_per_epoch = max(1, train_size // batch)
+        warmup_steps = max(1, round(WARMUP_FRACTION * epochs * steps_per_epoch))
+        ordered = [(method, lr) for method in methods for lr in _middle_first(lrs.get(method, (None,)))]
+        ordered.sort(key=lambda item: 0.5 if item[1] is None else _middle_first(lrs[item[0]]).index(item[1]))
+        for method, lr in ordered:
             optimizer, options = METHODS[method]
-            for lr in BASELINE_LRS.get(method, (None,)):
-                opts = dict(options)
-                if lr is not None:
-                    opts["lr"] = lr
-                suffix = f".lr{lr:g}" if lr is not None else ""
-                runs.append((f"{method}.b{batch}{suffix}", optimizer, batch, opts))
+            opts = dict(options)
+            if optimizer in ("sgd", "adam", "nlcg"):
+                opts["warmup_steps"] = warmup_steps
+            if optimizer == "neumann":
+                # the paper's schedules count epochs: burn-in 10 % of them, first reset period 2 epochs
+                opts |= {"epoch_steps": steps_per_epoch, "warmup_epochs": WARMUP_FRACTION * epochs}
+                opts["reset_epochs"] = 2
+            if lr is not None:
+                opts["lr"] = lr
+            suffix = f".lr{lr:g}" if lr is not None else ""
+            runs.append(Config(f"{method}.b{batch}{suffix}", method, batch, lr, optimizer, opts))
     return runs
 
 
-def launch_run(name: str, optimizer: str, batch: int, options: dict, args: argparse.Namespace) -> None:
-    if optimizer == "neumann":
-        options = {**options, "epoch_steps": max(1, args.train_size // batch)}
+def _middle_first(values: tuple[float | None, ...]) -> list[float | None]:
+    middle = len(values) // 2
+    return [values[middle], *values[:middle], *values[middle + 1 :]]
+
+
+def completed(path: Path) -> bool:
+    return path.exists() and load_run(path).status == "completed"
+
+
+def launch_run(config: Config, args: argparse.Namespace) -> None:
+    if not args.rerun and completed(Path(args.outdir) / f"{config.name}.h5"):
+        print(f"== {config.name}: completed run log present, skipped", flush=True)
+        return
     command = _common.train_command(args.ranks, "--problem", "mnist", "--data-dir", args.data_dir)
-    command += ["--model", args.model, "--optimizer", optimizer, "--batch-size", str(batch)]
-    command += ["--epochs", str(args.epochs), *_common.log_arguments(args, name), "--quiet"]
-    _common.launch(name, command + _common.set_options(options))
+    command += ["--model", args.model, "--optimizer", config.optimizer, "--batch-size", str(config.batch)]
+    command += ["--epochs", str(args.epochs), *_common.log_arguments(args, config.name), "--quiet"]
+    _common.launch(config.name, command + _common.set_options(config.options))
 
 
-def _row(name: str, outdir: Path) -> tuple[float, str] | None:
-    path = outdir / f"{name}.h5"
-    if not path.exists():
+@dataclass
+class Result:
+    """What the table, the CSV and the figure read from one run log."""
+
+    config: Config
+    run: Run
+    accuracy: np.ndarray  # % after each evaluation
+    eval_steps: np.ndarray
+    eval_wall: np.ndarray
+    steps: int
+    seconds_per_step: float
+
+
+def read_result(config: Config, outdir: Path) -> Result | None:
+    found = _common.evaluated_run(outdir, config.name, "val_accuracy", 28)
+    if found is None:
         return None
-    run = load_run(path)
-    ev = run.evaluations
-    acc = np.asarray(ev.get("val_accuracy", []), dtype=float) * 100
-    if len(acc) == 0:
-        return -1.0, f"{name:<28} (no evaluation; status {run.status})"
-    wall = float(np.asarray(ev["wall_time"], dtype=float)[-1])
-    steps = len(run.iterations["loss"])
-    return acc[-1], (
-        f"{name:<28}{int(run.attributes['world_size']):>3}{acc[-1]:>8.2f}{acc.max():>8.2f}{steps:>7}"
-        f"{wall:>8.0f}{wall / max(steps, 1):>9.2f}{_common.traffic(run):>8.1f}n"
-    )
+    run, accuracy = found
+    iterations = run.iterations
+    steps = len(iterations["loss"])
+    step_wall = np.asarray(iterations["wall_time"], dtype=float)
+    epochs = np.asarray(run.evaluations["epoch"], dtype=float)
+    # Steps done by each evaluation: evaluations follow whole epochs of equal length.
+    eval_steps = np.round(epochs * steps / max(epochs[-1], 1)).astype(int)
+    # Time per step from the steps' own clock: evaluations excluded, the first step (start-up) too.
+    seconds = float(np.median(np.diff(step_wall))) if steps > 2 else float(step_wall[-1]) / max(steps, 1)
+    wall = np.asarray(run.evaluations["wall_time"], dtype=float)
+    return Result(config, run, accuracy * 100, eval_steps, wall, steps, seconds)
 
 
-def report(runs: list[tuple[str, str, int, dict]], outdir: Path) -> None:
+def best_per_method(results: list[Result]) -> dict[tuple[str, int], Result]:
+    """The run with the highest final accuracy of each (method, batch)."""
+    best: dict[tuple[str, int], Result] = {}
+    for result in results:
+        key = (result.config.method, result.config.batch)
+        if key not in best or result.accuracy[-1] > best[key].accuracy[-1]:
+            best[key] = result
+    return best
+
+
+def median_step_seconds(run: Run) -> float:
+    """Median wall time between consecutive steps, the first (start-up) left out."""
+    wall = np.asarray(run.iterations["wall_time"], dtype=float)
+    return float(np.median(np.diff(wall))) if len(wall) > 2 else float("nan")
+
+
+def time_steps(best: dict[tuple[str, int], Result], args: argparse.Namespace) -> dict[tuple[str, int], float]:
+    """Each method's time per step over Adam's at the same batch, measured apart from the study.
+
+    On a shared machine the load changes between runs that last minutes, so the runs'
+    own step times compare the load as much as the methods.  Here every method's best
+    configuration runs ``--timing-steps`` steps, all methods one after the other, in
+    ``--timing-rounds`` rounds; a method's ratio is the median over the rounds of its
+    median step time over Adam's in the same round.  Logs: ``OUTDIR/timing/``.
+    """
+    timing_dir = Path(args.outdir) / "timing"
+    timing_dir.mkdir(parents=True, exist_ok=True)
+    seconds: dict[tuple[str, int], list[float]] = {key: [] for key in best}
+    for round_index in range(args.timing_rounds):
+        for key, result in sorted(best.items()):
+            config = result.config
+            path = timing_dir / f"{config.name}.t{round_index}.h5"
+            if not args.report_only and not (path.exists() and len(load_run(path).iterations["loss"]) >= 3):
+                command = _common.train_command(args.ranks, "--problem", "mnist", "--data-dir", args.data_dir)
+                command += ["--model", args.model, "--optimizer", config.optimizer, "--batch-size", str(config.batch)]
+                # as many epochs as the steps need, with no evaluation in between
+                command += ["--epochs", "1000", "--eval-every", "1000", "--max-steps", str(args.timing_steps)]
+                command += ["--seed", str(args.seed)]
+                command += ["--out", str(path), "--overwrite", "--quiet", *_common.set_options(config.options)]
+                _common.launch(path.stem, command)
+            if path.exists():
+                seconds[key].append(median_step_seconds(load_run(path)))
+    ratios = {}
+    for (method, batch), times in seconds.items():
+        adam = seconds.get(("adam", batch), [])
+        pairs = [t / a for t, a in zip(times, adam, strict=False) if np.isfinite(t) and np.isfinite(a) and a > 0]
+        if pairs:
+            ratios[(method, batch)] = float(np.median(pairs))
+    return ratios
+
+
+def report(runs: list[Config], args: argparse.Namespace) -> None:
+    outdir = Path(args.outdir)
     header = f"{'run':<28}{'P':>3}{'acc%':>8}{'best%':>8}{'steps':>7}{'wall s':>8}{'s/step':>9}{'traffic':>9}"
     print(header)
     print("-" * len(header))
-    best: dict[tuple[str, int], tuple[float, str]] = {}
-    for name, _optimizer, batch, _options in runs:
-        row = _row(name, outdir)
-        if row is None:
-            print(f"{name:<28} (no run log)")
+    results = []
+    for config in runs:
+        result = read_result(config, outdir)
+        if result is None:
             continue
-        print(row[1])
-        method = name.split(".")[0]
-        if method in BASELINE_LRS and row[0] > best.get((method, batch), (-2.0, ""))[0]:
-            best[(method, batch)] = (row[0], name)
+        results.append(result)
+        run, acc = result.run, result.accuracy
+        print(
+            f"{config.name:<28}{run.attributes['world_size']!s:>3}{acc[-1]:>8.2f}{acc.max():>8.2f}"
+            f"{result.steps:>7}{result.eval_wall[-1]:>8.0f}{result.seconds_per_step:>9.3f}"
+            f"{_common.traffic(run):>8.1f}n"
+        )
+    best = best_per_method(results)
+    over_adam = time_steps(best, args) if best and args.timing_steps > 0 else {}
     if best:
-        print("\nbaselines, best of their learning rates:")
-        for (method, batch), (acc, name) in sorted(best.items()):
-            print(f"  {method:<10} batch {batch:>5}: {acc:.2f}% ({name})")
+        print("\nbest learning rate of each method (final accuracy; time per step over Adam's, --timing-steps):")
+        for (method, batch), result in sorted(best.items(), key=lambda item: (-item[0][1], item[0][0])):
+            ratio = f"{over_adam[(method, batch)]:.2f}x Adam" if (method, batch) in over_adam else "(not timed)"
+            lr = f"lr {result.config.lr:g}" if result.config.lr is not None else "defaults"
+            print(f"  batch {batch:>6} {method:<14} {result.accuracy[-1]:6.2f}%  {lr:<10} {ratio}")
+    write_csv(results, best, over_adam, outdir / "large_batch.csv")
+    if best:
+        write_figure(best, outdir / "large_batch.png")
+
+
+def write_csv(
+    results: list[Result],
+    best: dict[tuple[str, int], Result],
+    over_adam: dict[tuple[str, int], float],
+    path: Path,
+) -> None:
+    """One row per run; ``step_time_over_adam`` is the method's, from :func:`time_steps` (NaN if not timed)."""
+    columns = ["run", "method", "batch", "lr", "final_accuracy", "best_accuracy", "steps", "wall_s"]
+    columns += ["seconds_per_step", "step_time_over_adam", "best_lr_of_method", "traffic_n", "status"]
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        for result in results:
+            config = result.config
+            ratio = over_adam.get((config.method, config.batch), float("nan"))
+            is_best = best[(config.method, config.batch)] is result
+            writer.writerow(
+                [
+                    config.name,
+                    config.method,
+                    config.batch,
+                    "" if config.lr is None else f"{config.lr:g}",
+                    f"{result.accuracy[-1]:.2f}",
+                    f"{result.accuracy.max():.2f}",
+                    result.steps,
+                    f"{result.eval_wall[-1]:.1f}",
+                    f"{result.seconds_per_step:.4f}",
+                    f"{ratio:.3f}",
+                    int(is_best),
+                    f"{_common.traffic(result.run):.2f}",
+                    result.run.status,
+                ]
+            )
+    print(f"wrote {path}")
+
+
+def write_figure(best: dict[tuple[str, int], Result], path: Path) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"no {path.name}: the figure needs matplotlib (pip install 'hpcopt[plot]')")
+        return
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = sorted({batch for _method, batch in best}, reverse=True)
+    # from 10 points under the worst final accuracy, so that every method's last epochs show
+    bottom = max(0.0, min(80.0, min(float(result.accuracy[-1]) for result in best.values()) - 10.0))
+    fig, axes = plt.subplots(len(batches), 2, figsize=(11, 4 * len(batches)), squeeze=False)
+    for row, batch in zip(axes, batches, strict=True):
+        for (method, b), result in sorted(best.items()):
+            if b != batch:
+                continue
+            lr = f", lr {result.config.lr:g}" if result.config.lr is not None else ""
+            label = f"{method}{lr} ({result.accuracy[-1]:.2f} %)"
+            row[0].plot(result.eval_steps, result.accuracy, marker="o", markersize=3, label=label)
+            row[1].plot(result.eval_wall, result.accuracy, marker="o", markersize=3, label=label)
+        for ax, xlabel in zip(row, ("steps", "wall time (s)"), strict=True):
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("validation accuracy (%)")
+            ax.set_ylim(bottom, 100)
+            ax.grid(alpha=0.3)
+            ax.set_title(f"batch {batch}: accuracy against {xlabel.split(' (')[0]}")
+        row[0].legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
 
 
 def main() -> None:
     parser = _common.study_parser(__doc__, "runs/large_batch", METHODS, what="methods")
-    parser.add_argument("--data-dir", default=_common.dataset_dir("mnist"))
-    parser.add_argument("--batches", default="500,2000,8000")
+    parser.set_defaults(runs=",".join(DEFAULT_METHODS))
+    parser.add_argument("--methods", dest="runs", default=argparse.SUPPRESS, help="the same as --runs")
+    parser.add_argument("--data-dir", default=_common.dataset_dir("mnist-full"))
+    parser.add_argument("--batches", default="15000,1000")
+    parser.add_argument("--lrs", default="", help="learning rates to sweep instead, e.g. adam=1e-3:3e-3,nlcg=0.1")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--model", default="cnn-small")
     parser.add_argument("--ranks", type=int, default=2)
-    parser.add_argument("--train-size", type=int, default=8000, help="training rows (for Neumann's epoch length)")
+    parser.add_argument("--train-size", type=int, default=60000, help="training rows (steps per epoch)")
+    parser.add_argument("--rerun", action="store_true", help="run again configurations with a completed log")
+    parser.add_argument("--timing-steps", type=int, default=0, help="steps of each timing run (0: no timing)")
+    parser.add_argument("--timing-rounds", type=int, default=3, help="rounds of timing runs")
     args = parser.parse_args()
     methods = _common.chosen(parser, args, METHODS, what="methods")
-    runs = configurations(methods, [int(b) for b in args.batches.split(",")])
-    _common.run_study(args, runs, lambda run: launch_run(*run, args), lambda: report(runs, Path(args.outdir)))
+    lrs = {**LEARNING_RATES, **parse_lrs(args.lrs)}
+    batches = [int(b) for b in args.batches.split(",")]
+    runs = configurations(methods, batches, lrs, args.epochs, args.train_size)
+    _common.run_study(args, runs, lambda run: launch_run(run, args), lambda: report(runs, args))
 
 
 if __name__ == "__main__":

@@ -32,13 +32,25 @@ _EXPORTS: dict[str, str] = {
     "ShardBatchSampler": "hpcopt.distributed.sharding",
 }
 
-__all__ = ["__version__", *sorted(_EXPORTS)]
+__all__ = [
+    "Optimizer",
+    "Problem",
+    "ShardBatchSampler",
+    "TrainResult",
+    "__version__",
+    "optimizer",
+    "problem",
+    "train",
+]
 
 if TYPE_CHECKING:
     from hpcopt.api.optimizer import Optimizer, optimizer
     from hpcopt.api.problem import Problem, problem
     from hpcopt.api.train import TrainResult, train
     from hpcopt.distributed.sharding import ShardBatchSampler
+
+
+assert set(__all__) == {"__version__", *_EXPORTS}
 
 
 def __getattr__(name: str) -> Any:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import re
 import tomllib
 import typing
@@ -66,9 +67,28 @@ class Flag:
     choices: tuple[str, ...] | None = None
 
 
-def flag_field(default: Any, *, help: str | None = None, choices: tuple[str, ...] | None = None) -> Any:
-    """A dataclass field with ``default`` that the command line also offers as a flag."""
-    return dataclasses.field(default=default, metadata={"flag": Flag(help, choices)})
+#: Metadata key of a float field that accepts ``inf`` and ``nan`` (:func:`nonfinite_field`).
+NONFINITE = "nonfinite"
+
+
+def flag_field(
+    default: Any, *, help: str | None = None, choices: tuple[str, ...] | None = None, nonfinite: bool = False
+) -> Any:
+    """A dataclass field with ``default`` that the command line also offers as a flag.
+
+    ``nonfinite=True`` lets a float option take ``inf`` or ``nan`` (refused by default).
+    """
+    return dataclasses.field(default=default, metadata={"flag": Flag(help, choices), NONFINITE: nonfinite})
+
+
+def nonfinite_field(default: Any) -> Any:
+    """A float option that may be ``inf`` or ``nan``; every other float option must be finite.
+
+    A learning rate, a radius or a target of ``inf`` or ``nan`` is a typo that would only
+    show as NaN losses hours later, so :func:`build_config` refuses non-finite values
+    unless the field says, with this, that one means something (say, "no bound").
+    """
+    return dataclasses.field(default=default, metadata={NONFINITE: True})
 
 
 def flag_of(field: dataclasses.Field[Any]) -> Flag | None:
@@ -120,7 +140,12 @@ def _coerce(value: Any, kind: Any) -> Any:
         if kind is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
-            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+            if isinstance(value, str) and "e" in value.lower():
+                number = float(value)
+                if not number.is_integer():  # "1.5e0"; "1e400" is inf and overflows int() below
+                    raise ValueError
+                return int(number)
+            return int(value)
         if kind is float:
             if isinstance(value, bool):
                 raise ValueError
@@ -129,7 +154,7 @@ def _coerce(value: Any, kind: Any) -> Any:
             if not isinstance(value, str):
                 raise ValueError
             return value
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         pass
     else:
         return value
@@ -151,6 +176,7 @@ def build_config(cls: type[T], values: Mapping[str, Any], *, what: str, wording:
     """
     hints = typing.get_type_hints(cls)
     names = field_names(cls)
+    may_be_nonfinite = {f.name for f in dataclasses.fields(cls) if f.metadata.get(NONFINITE, False)}  # type: ignore[arg-type]
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
         name = key.replace("-", "_")
@@ -164,6 +190,9 @@ def build_config(cls: type[T], values: Mapping[str, Any], *, what: str, wording:
             raise ConfigError(
                 wording.wrong_type.format(what=what, key=key, value=repr(value), type=kind_name)
             ) from None
+        number = kwargs[name]
+        if isinstance(number, float) and not math.isfinite(number) and name not in may_be_nonfinite:
+            raise ConfigError(f"{what} option '{key}' must be a finite number, got {value!r}")
     config = cls(**kwargs)
     validate = getattr(config, "validate", None)
     if validate is not None:
@@ -191,6 +220,10 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not valid TOML: it is not UTF-8 text") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory") from None
     except OSError as exc:
         raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
 

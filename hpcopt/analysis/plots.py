@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hpcopt.analysis.tables import Run
+from hpcopt.analysis.tables import Run, display_names
 from hpcopt.errors import OutputError
 
 if TYPE_CHECKING:
@@ -56,9 +56,10 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def _label(run: Run) -> str:
+def _label(run: Run, name: str) -> str:
+    """``name`` (the run's shortest distinguishing path) and what tells runs of a sweep apart."""
     attrs = run.attributes
-    return f"{attrs.get('optimizer', '?')} P={attrs.get('world_size', '?')} B={attrs.get('batch_size', '?')}"
+    return f"{name}: {attrs.get('optimizer', '?')} P={attrs.get('world_size', '?')} B={attrs.get('batch_size', '?')}"
 
 
 def plot_curves(runs: Sequence[Run], outdir: str | Path) -> Path:
@@ -66,8 +67,8 @@ def plot_curves(runs: Sequence[Run], outdir: str | Path) -> Path:
     plt = _pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     metric = next((name for run in runs for name in run.metric_names), None)
-    for run in runs:
-        its, evs, label = run.iterations, run.evaluations, _label(run)
+    for run, name in zip(runs, display_names([run.path for run in runs])):
+        its, evs, label = run.iterations, run.evaluations, _label(run, name)
         if len(its.get("loss", ())):
             (line,) = axes[0, 0].plot(its["wall_time"], its["loss"], label=label)
             axes[0, 1].plot(its["epoch"], its["loss"], color=line.get_color(), label=label)

@@ -15,8 +15,17 @@ from collections.abc import Sequence
 
 from hpcopt.analysis.perfmodel import Network
 from hpcopt.analysis.scaling import MODEL_COLUMNS, SCALING_COLUMNS, find_sweeps, model_rows, scaling_rows
-from hpcopt.analysis.tables import SUMMARY_COLUMNS, Run, expand_paths, format_table, load_run, summary_rows, write_csv
-from hpcopt.errors import DataError
+from hpcopt.analysis.tables import (
+    READ_TIMEOUT,
+    SUMMARY_COLUMNS,
+    Run,
+    expand_paths,
+    format_table,
+    load_run_bounded,
+    summary_rows,
+    write_csv,
+)
+from hpcopt.errors import ConfigError, DataError
 
 
 def analyze(
@@ -26,8 +35,11 @@ def analyze(
     plot: str | None = None,
     network: Network | None = None,
     model_ranks: Sequence[int] = (),
+    read_timeout: float = READ_TIMEOUT,
 ) -> str:
     """Load every run log in ``paths`` (directories: their ``*.h5``) and return the summary table.
+
+    Each log is read within ``read_timeout`` seconds (:func:`load_run_bounded`).
 
     Also writes it as CSV if asked.  When the runs form strong- or weak-scaling sweeps,
     the scaling table follows (:func:`scaling_report`; its CSV beside ``csv`` as
@@ -36,7 +48,9 @@ def analyze(
     """
     if not paths:
         raise DataError("no run logs given to analyze")
-    runs = [load_run(path) for path in expand_paths(paths)]
+    if not read_timeout > 0:
+        raise ConfigError(f"--read-timeout must be > 0 seconds, got {read_timeout:g}")
+    runs = [load_run_bounded(path, read_timeout) for path in expand_paths(paths)]
     rows = summary_rows(runs)
     if csv is not None:
         write_csv(rows, csv, SUMMARY_COLUMNS)

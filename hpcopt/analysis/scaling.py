@@ -228,4 +228,3 @@ def model_rows(sweeps: Sequence[Sweep], network: Network, extra_ranks: Sequence[
                 }
             )
     return rows
-

@@ -5,6 +5,11 @@ also while the run is still writing it or after it was killed (the file is opene
 SWMR reader, without HDF5 file locking).  :func:`summary_rows` reduces runs to one row
 each and :func:`format_table` prints rows as a plain-text table.
 
+A damaged file can make HDF5 loop for ever inside one read (seen on a log that two
+jobs wrote at once, before :mod:`hpcopt.log.lock` refused the second), so ``hpcopt
+analyze`` reads each log with :func:`load_run_bounded`: in a forked child process that
+is killed after ``timeout`` seconds, which turns a hang into a one-line error.
+
 Only numpy and h5py are imported (pandas lazily, for :meth:`Run.iterations_frame`) so
 that ``hpcopt analyze`` starts fast.
 """
@@ -14,6 +19,10 @@ from __future__ import annotations
 import csv as csv_module
 import math
 import os
+import pickle
+import select
+import signal
+import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +43,7 @@ __all__ = [
     "expand_paths",
     "format_table",
     "load_run",
+    "load_run_bounded",
     "summary_rows",
     "write_csv",
 ]
@@ -176,6 +186,62 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     if "accepted" in iterations:
         iterations["accepted"] = iterations["accepted"].astype(bool)
     return Run(text, attributes, iterations, evaluations, ranks)
+
+
+#: Seconds ``hpcopt analyze`` waits for one run log (``--read-timeout``); a healthy log of
+#: a million steps reads in about a second.
+READ_TIMEOUT = 60.0
+
+
+def load_run_bounded(path: str | os.PathLike[str], timeout: float = READ_TIMEOUT) -> Run:
+    """:func:`load_run` in a forked child killed after ``timeout`` seconds (:class:`DataError` then).
+
+    Where ``fork`` does not exist, :func:`load_run` itself (unbounded).
+    """
+    text = os.fspath(path)
+    if not hasattr(os, "fork"):
+        return load_run(text)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: read, send the result or the error back, and vanish without cleanup
+        try:
+            os.close(read_end)
+            try:
+                payload = pickle.dumps(("run", load_run(text)))
+            except DataError as error:
+                payload = pickle.dumps(("error", str(error)))
+            except BaseException as error:  # a bug: its line, not a silent hang or crash
+                payload = pickle.dumps(("error", f"cannot read run log {text}: {type(error).__name__}: {error}"))
+            with os.fdopen(write_end, "wb") as stream:
+                stream.write(payload)
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([read_end], [], [], remaining)[0]:
+                os.kill(pid, signal.SIGKILL)
+                raise DataError(
+                    f"reading run log {text} took more than {timeout:g} s: the file is damaged or its file system "
+                    "stalls (--read-timeout to wait longer)"
+                )
+            chunk = os.read(read_end, 1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(read_end)
+        os.waitpid(pid, 0)
+    if not chunks:
+        raise DataError(f"cannot read run log {text}: the reading process died (the file is probably damaged)")
+    kind, value = pickle.loads(b"".join(chunks))
+    if kind == "error":
+        raise DataError(value)
+    assert isinstance(value, Run)
+    return value
 
 
 def _last(array: np.ndarray | None) -> float:
@@ -334,4 +400,3 @@ def expand_paths(paths: Sequence[str]) -> list[str]:
         else:
             expanded.append(path)
     return expanded
-

@@ -17,9 +17,19 @@ from hpcopt.cli.flags import add_flags, flag_values
 from hpcopt.cli.option_tables import add_options_parser, run_options
 from hpcopt.errors import AbortError, HpcoptError
 from hpcopt.training.config import TrainConfig
+from hpcopt.training.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED, caught_early, exit_code
 
 EXIT_USAGE = 2
 EXIT_ABORT = 3
+# The exit statuses of `hpcopt train` (docs/reliability.md has the table).
+_TRAIN_EXIT_STATUS = """exit status:
+  0    completed
+  2    bad input: one "hpcopt: error: ..." line per rank, nothing written
+  3    aborted: a rank failed or stalled (--collective-timeout); run log "failed"
+  75   preempted by SIGTERM or --stop-signal: checkpoint written (--checkpoint),
+       run log "preempted"; continue with --resume CHECKPOINT
+  130  interrupted by SIGINT (Ctrl-C): the same, run log "interrupted"
+"""
 # Seconds between writing an abort's error line and MPI_Abort (see main).
 _ABORT_GRACE_SECONDS = 0.5
 
@@ -29,6 +39,8 @@ def _train_parser(sub: Any) -> None:
         "train",
         help="train a model with a distributed optimizer",
         description="Train under MPI: mpiexec -n P python -m mpi4py -m hpcopt train …",
+        epilog=_TRAIN_EXIT_STATUS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_flags(p, TrainConfig)
     p.add_argument("--config", help="TOML file: train options at top level, [OPTIMIZER] and [PROBLEM] option tables")
@@ -58,6 +70,14 @@ def _analyze_parser(sub: Any) -> None:
     p.add_argument("--network", metavar="JSON", help="calibrated network to read (or, with --calibrate, write)")
     p.add_argument("--calibrate", action="store_true", help="time allreduces under mpiexec and fit latency/bandwidth")
     p.add_argument("--calibrate-ranks", dest="calibrate_ranks", type=int, default=2, help="ranks for --calibrate")
+    p.add_argument(
+        "--read-timeout",
+        dest="read_timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="give up on a run log that takes longer to read (a damaged file; default 60)",
+    )
 
 
 def _jobs_parser(sub: Any) -> None:
@@ -85,6 +105,18 @@ def _jobs_parser(sub: Any) -> None:
         q.add_argument("--time", default="00:30:00", help="SLURM wall-time limit")
         q.add_argument("--sbatch-option", dest="sbatch_options", action="append", default=[], metavar="OPT")
         q.add_argument("--python", help="interpreter of the jobs (default: this one)")
+        q.add_argument(
+            "--requeue",
+            action="store_true",
+            help="render: SIGUSR1 before the time limit, checkpoint, requeue, resume (docs/reliability.md)",
+        )
+        q.add_argument(
+            "--signal-seconds",
+            dest="signal_seconds",
+            type=int,
+            default=120,
+            help="with --requeue: seconds before the time limit that SLURM sends SIGUSR1 (default 120)",
+        )
         q.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then extra hpcopt train arguments")
 
 
@@ -159,6 +191,8 @@ def _run_jobs(args: argparse.Namespace) -> str:
         train_args=extra,
         sbatch_options=args.sbatch_options,
         python=args.python or sys.executable,
+        requeue=args.requeue,
+        signal_seconds=args.signal_seconds,
     )
     if args.jobs_command == "render":
         scripts = render_sweep(spec)
@@ -246,6 +280,7 @@ def _run_analyze(args: argparse.Namespace) -> str:
         plot=args.plot,
         network=network if args.model else None,
         model_ranks=model_ranks,
+        read_timeout=args.read_timeout,
     )
 
 
@@ -266,7 +301,7 @@ def _train_options(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any
     """Merge the TOML file, the command line and ``--set`` (later wins).
 
     The TOML file holds train options at top level and one table per optimizer or
-    problem (``[apts-d]``, ``[sgd]``, ``[poisson2d]``, …); the tables of the chosen
+    problem (``[apts-d]``, ``[sgd]``, ``[poisson2d]``, ``["heat.py:make_problem"]``); the tables of the chosen
     optimizer and problem apply, so one file can serve a comparison of optimizers.
     Last, the problem's ``train_defaults`` fill the train and optimizer options that
     none of the three set (:mod:`hpcopt.problems.defaults`).
@@ -276,12 +311,14 @@ def _train_options(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any
     from hpcopt.optimizers import OPTIMIZERS, RESERVED
     from hpcopt.problems import PROBLEM_OPTIONS, PROBLEMS
     from hpcopt.problems.defaults import resolve_optimizer_options, resolve_train_values
+    from hpcopt.problems.plugin import find_entry_point, is_spec, parse_literal
 
     file_values: dict[str, Any] = load_toml(args.config) if args.config else {}
     sections = {key: value for key, value in file_values.items() if isinstance(value, dict)}
     train_values = {key: value for key, value in file_values.items() if key not in sections}
     for name in sections:
-        if name not in OPTIMIZERS and name not in RESERVED and name not in PROBLEMS:
+        plugin = is_spec(name) or find_entry_point(name) is not None  # a table of a plug-in's options
+        if name not in OPTIMIZERS and name not in RESERVED and name not in PROBLEMS and not plugin:
             raise ConfigError(
                 f"config file {args.config}: table [{name}] names no optimizer or problem "
                 f"(optimizers: {', '.join(OPTIMIZERS)}; problems: {', '.join(PROBLEMS)})"
@@ -296,10 +333,35 @@ def _train_options(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any
     problem_options = dict(sections.get(cfg.problem, {}))
     for key, value in parse_set(args.set).items():
         if key.startswith("problem."):
-            problem_options[key.removeprefix("problem.")] = value
+            # A built-in problem's options are typed fields; a plug-in's are read as TOML literals.
+            problem_options[key.removeprefix("problem.")] = value if cfg.problem in PROBLEMS else parse_literal(value)
         else:
             optimizer_options[key] = value
     return cfg, resolve_optimizer_options(defaults, cfg.optimizer, optimizer_options), problem_options
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    """``hpcopt train``: 0, or the exit status of a graceful stop (75 preempted, 130 interrupted)."""
+    from hpcopt.comm import Communicator
+    from hpcopt.training.trainer import train
+
+    cfg, optimizer_options, problem_options = _train_options(args)
+    comm = Communicator()
+    try:
+        result = train(cfg, optimizer_options, problem_options, comm=comm)
+    except HpcoptError:
+        raise
+    except Exception as exc:
+        # A bug or a fault on this rank only: let rank 0 close its run log as failed
+        # before `python -m mpi4py` turns the exception into MPI_Abort (which rank 0's
+        # own abort may pre-empt, so the traceback is printed here first).
+        if comm.rank != 0 and comm.collective_timeout > 0:
+            import traceback
+
+            traceback.print_exc()
+        comm.notify_failure(exc)
+        raise
+    return exit_code(result.status)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -326,26 +388,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if text:
                 print(text)
             return 0
-        from hpcopt.comm import Communicator
-        from hpcopt.training.trainer import train
-
-        cfg, optimizer_options, problem_options = _train_options(args)
-        comm = Communicator()
-        try:
-            train(cfg, optimizer_options, problem_options, comm=comm)
-        except HpcoptError:
-            raise
-        except Exception as exc:
-            # A bug or a fault on this rank only: let rank 0 close its run log as failed
-            # before `python -m mpi4py` turns the exception into MPI_Abort (which rank 0's
-            # own abort may pre-empt, so the traceback is printed here first).
-            if comm.rank != 0 and comm.collective_timeout > 0:
-                import traceback
-
-                traceback.print_exc()
-            comm.notify_failure(exc)
-            raise
-        return 0
+        # Before the slow imports: a signal during start-up stops the run after its first
+        # step (hpcopt.training.preemption) instead of killing it.
+        with caught_early(args.stop_signal or "USR1"):
+            return _run_train(args)
     except HpcoptError as exc:
         # One write() per line, so the lines of several ranks never interleave.
         sys.stderr.flush()
@@ -364,4 +410,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entry_point() -> None:
-    sys.exit(main())
+    code = main()
+    if code in (EXIT_PREEMPTED, EXIT_INTERRUPTED):
+        # A graceful stop has closed every file and passed a barrier.  `python -m mpi4py`
+        # would turn the non-zero SystemExit into MPI_Abort and its "Abort(75)" banner, and
+        # an abort leaves MPICH's shared-memory segments behind, which a requeued job (same
+        # job and step id under srun) would attach to.  Finalize, then leave with the status.
+        from hpcopt.comm.mpi import mpi_module
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        mpi_module().Finalize()
+        os._exit(code)
+    sys.exit(code)

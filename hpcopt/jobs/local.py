@@ -4,19 +4,55 @@ It runs the same ``hpcopt train`` line as the SLURM scripts of :mod:`hpcopt.jobs
 (which owns the sweep description), with ``mpiexec -n P`` instead of ``srun``, and
 writes ``OUTDIR/<name>-local.h5`` plus the command's output ``OUTDIR/<name>-local.out``.
 ``hpcopt train`` runs in a child process, so this module imports no training code.
+
+The child runs in a session of its own, and SIGINT, SIGTERM and SIGUSR1 sent to this
+process are forwarded to it once each: a Ctrl-C then reaches ``mpiexec`` once (which
+forwards it to every rank: a graceful stop, see :mod:`hpcopt.training.preemption`),
+not twice (which ``mpiexec`` takes as "abort now").  A point that stops this way ends
+the sweep with an error naming it and its status.
 """
 
 from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
+import threading
 from pathlib import Path
+from types import FrameType
+from typing import IO
 
 from hpcopt.errors import OutputError
 from hpcopt.jobs.render import SweepSpec, prepare_outdir
 
 __all__ = ["run_local"]
+
+# Exit statuses of a graceful stop of hpcopt train (hpcopt.training.preemption, not imported:
+# this module stays free of training code).
+_STOPPED = {75: "preempted", 130: "interrupted"}
+_FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+def _run_forwarding_signals(command: list[str], stream: IO[str], env: dict[str, str], timeout: float | None) -> int:
+    """Run ``command`` in its own session; forward this process's stop signals to it; its exit status."""
+    process = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        process.send_signal(signum)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {signum: signal.signal(signum, forward) for signum in _FORWARDED}
+    try:
+        return int(process.wait(timeout=timeout))
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        raise
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def run_local(spec: SweepSpec, *, mpiexec: str | None = None, timeout: float | None = None) -> list[Path]:
@@ -58,11 +94,14 @@ def run_local(spec: SweepSpec, *, mpiexec: str | None = None, timeout: float | N
             stream.write("$ " + shlex.join(command) + "\n")
             stream.flush()
             try:
-                code = subprocess.run(
-                    command, stdout=stream, stderr=subprocess.STDOUT, env=env, timeout=timeout, check=False
-                ).returncode
+                code = _run_forwarding_signals(command, stream, env, timeout)
             except subprocess.TimeoutExpired:
                 raise OutputError(f"sweep point {point.name} ran past {timeout} s; see {output}") from None
+        if code in _STOPPED:
+            raise OutputError(
+                f"sweep point {point.name} was {_STOPPED[code]} by a signal (exit {code}); run log {log} "
+                f"closed as {_STOPPED[code]}, later points not run; see {output}"
+            )
         if code != 0:
             raise OutputError(f"sweep point {point.name} failed (exit {code}); see {output}")
         logs.append(log)

@@ -19,6 +19,19 @@ rank per GPU and binds rank ``SLURM_LOCALID`` to GPU ``SLURM_LOCALID`` through
 variable ``HPCOPT_LAUNCH`` (``srun --mpi=pmix`` or ``mpirun -n $SLURM_NTASKS`` where
 PMI2 is missing), documented in ``docs/scaling.md``.
 
+Every value written into a script is checked or quoted so that none can add a line:
+option values must be one line without control characters, ``--time`` must be a SLURM
+time, the optimizer a plain name, ``--sbatch-option`` a long option; paths and
+``hpcopt train`` arguments arrive shell-quoted.
+
+Requeue mode (``--requeue``) adds ``#SBATCH --requeue``, ``--open-mode=append`` and
+``--signal=USR1@<signal_seconds>``: SLURM sends SIGUSR1 to the job step's tasks that many
+seconds before the time limit, ``hpcopt train`` stops at the next step with a checkpoint
+and exit status 75, and the script then calls ``scontrol requeue``.  The requeued job runs
+the same script again (``SLURM_RESTART_COUNT`` > 0): it resumes from the job's checkpoint
+``<name>-<job id>.ckpt`` and writes the run log ``<name>-<job id>.r<restart count>.h5``,
+whose attribute ``previous_log`` names the log it continues.
+
 Where the templates are found (first directory holding all of them wins), as
 :func:`hpcopt.kernels.cuda.kernel_dir` finds the CUDA sources:
 
@@ -34,6 +47,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shlex
 import site
 import string
@@ -102,6 +116,21 @@ def fill_template(name: str, values: dict[str, object]) -> str:
         raise ConfigError(f"job template {path}: {error}; write $$ for a literal $") from None
 
 
+# SLURM's --time: minutes, minutes:seconds, hours:minutes:seconds, days-hours,
+# days-hours:minutes, days-hours:minutes:seconds (sbatch(1)), or no limit.
+_SLURM_TIME = re.compile(r"(\d+(:\d+){0,2}|\d+-\d+(:\d+){0,2}|UNLIMITED|INFINITE)")
+# The optimizer names the job and its files: letters, digits and . _ - only.
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+#: Seconds SLURM's --signal=SIG@SECONDS accepts.
+MAX_SIGNAL_SECONDS = 65535
+
+
+def _one_line(what: str, value: str) -> None:
+    """Refuse a value that would break a script's line (a newline, or any control character)."""
+    if any(ord(char) < 32 or ord(char) == 127 for char in value):
+        raise ConfigError(f"{what} must be one line without control characters, got {value!r}")
+
+
 def parse_ranks(text: str) -> list[int]:
     """``"1,2,4,8"`` → ``[1, 2, 4, 8]``; :class:`ConfigError` on anything else."""
     try:
@@ -132,6 +161,11 @@ class SweepSpec:
         train_args: extra ``hpcopt train`` arguments (after ``--``), passed through.
         sbatch_options: extra ``#SBATCH`` options (``--partition=x``, ``--overcommit``).
         python: interpreter the job runs (default: this one, so a venv carries over).
+        requeue: requeue mode (see the module docstring): the early-warning signal, a
+            checkpoint per job, ``scontrol requeue`` on exit status 75, resume on restart.
+        signal_seconds: in requeue mode, how long before the time limit SLURM sends
+            SIGUSR1 (enough for one step and a checkpoint write; SLURM may send it up to
+            60 s earlier).
     """
 
     study: str
@@ -147,6 +181,8 @@ class SweepSpec:
     train_args: list[str] = field(default_factory=list)
     sbatch_options: list[str] = field(default_factory=list)
     python: str = sys.executable
+    requeue: bool = False
+    signal_seconds: int = 120
 
     def validate(self) -> None:
         if not self.ranks:
@@ -166,8 +202,26 @@ class SweepSpec:
                     f"share equally; choose a batch divisible by every rank count"
                 )
         for option in self.sbatch_options:
+            _one_line("--sbatch-option", option)
             if not option.startswith("--"):
                 raise ConfigError(f"--sbatch-option takes a long sbatch option like --partition=cpu, got {option!r}")
+        _one_line("--time", self.time)
+        if not _SLURM_TIME.fullmatch(self.time):
+            raise ConfigError(
+                f"--time must be a SLURM time limit (MINUTES, HH:MM:SS, DAYS-HH:MM:SS, ...), got {self.time!r}"
+            )
+        if self.optimizer is not None and not _PLAIN_NAME.fullmatch(self.optimizer):
+            raise ConfigError(
+                f"--optimizer must be a plain name like apts-d (it names the jobs), got {self.optimizer!r}"
+            )
+        for what, value in (("--problem", self.problem), ("--outdir", self.outdir), ("--python", self.python)):
+            if value is not None:
+                _one_line(what, value)
+        _one_line("the working directory", os.getcwd())
+        for arg in self.train_args:
+            _one_line("an hpcopt train argument after --", arg)
+        if not 1 <= self.signal_seconds <= MAX_SIGNAL_SECONDS:
+            raise ConfigError(f"--signal-seconds must be between 1 and {MAX_SIGNAL_SECONDS}, got {self.signal_seconds}")
 
     def points(self) -> list[SweepPoint]:
         return [SweepPoint(self, ranks) for ranks in self.ranks]
@@ -218,11 +272,19 @@ class SweepPoint:
                 "sbatch_lines": "\n".join(f"#SBATCH {option}" for option in spec.sbatch_options),
                 "python": shlex.quote(spec.python),
                 "train_args": shlex.join(self.train_args()),
+                "requeue": int(spec.requeue),
+                "requeue_lines": (
+                    f"#SBATCH --requeue\n#SBATCH --open-mode=append\n#SBATCH --signal=USR1@{spec.signal_seconds}"
+                    if spec.requeue
+                    else "# (requeue mode off: hpcopt jobs render --requeue)"
+                ),
             },
         )
 
 
 _RESERVED_TRAIN_ARGS = ("--out", "--threads", "--batch-size", "--overwrite")
+# Requeue mode passes the job's checkpoint and, after a restart, --resume.
+_RESERVED_REQUEUE_ARGS = ("--checkpoint", "--resume", "--stop-signal")
 
 
 def prepare_outdir(spec: SweepSpec) -> Path:
@@ -231,6 +293,8 @@ def prepare_outdir(spec: SweepSpec) -> Path:
     for arg in spec.train_args:
         if arg.split("=", 1)[0] in _RESERVED_TRAIN_ARGS:
             raise ConfigError(f"{arg.split('=', 1)[0]} is set by the sweep; leave it out of the arguments after --")
+        if spec.requeue and arg.split("=", 1)[0] in _RESERVED_REQUEUE_ARGS:
+            raise ConfigError(f"{arg.split('=', 1)[0]} is set by --requeue; leave it out of the arguments after --")
     path = Path(spec.outdir).resolve()
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -261,4 +325,3 @@ def render_sweep(spec: SweepSpec) -> list[Path]:
     submit_path.chmod(0o755)
     scripts.append(submit_path)
     return scripts
-

@@ -33,6 +33,16 @@ Writing is atomic: rank 0 saves to ``<path>.tmp-<pid>``, fsyncs, and renames ont
 checkpoint or the new one, never a torn file.  A write error on rank 0 becomes every
 rank's error through ``comm.agree``.
 
+A leftover ``<path>.tmp-<pid>`` of a job killed between write and rename is removed by
+the next job that writes ``path`` (:mod:`hpcopt.log.lock`, whose lock file also keeps
+two jobs from writing one checkpoint).
+
+Loading trusts nothing: the file is unpickled with ``weights_only=True`` (a hostile
+file cannot run code; the error never suggests ``weights_only=False``), then every
+entry is checked for presence, type and shape against this run (:func:`load`,
+:func:`check_resumable`, :func:`restore`), so a damaged or crafted file is a one-line
+:class:`~hpcopt.errors.ConfigError` on every rank instead of a traceback on some.
+
 Resuming needs the rank count the checkpoint was written with: the data shards,
 the per-rank RNG states and APTS-D's local models (radius Δ/P) all depend on it.
 A different count is refused with a clear message rather than re-sharded silently;
@@ -51,6 +61,7 @@ import torch
 
 from hpcopt.comm import Communicator
 from hpcopt.errors import ConfigError, HpcoptError, OutputError
+from hpcopt.log.lock import same_file
 from hpcopt.testing import faults
 
 FORMAT = "hpcopt-checkpoint"
@@ -76,6 +87,22 @@ class Checkpointable(Protocol):
 def default_path(out: str | None) -> str | None:
     """The checkpoint beside the run log: ``<out>.ckpt`` (``None`` without a log)."""
     return None if out is None else f"{out}.ckpt"
+
+
+def check_distinct(out: str | None, path: str | None, resume: str | None) -> None:
+    """Refuse a run log that is also the checkpoint written or resumed (links resolved).
+
+    The checkpoint may be the one resumed: continuing a run replaces its own checkpoint.
+    """
+    if out is not None and path is not None and same_file(out, path):
+        raise ConfigError(
+            f"the run log and the checkpoint are one file, {out}: the checkpoint would replace the log; "
+            "give --checkpoint another path"
+        )
+    if out is not None and resume is not None and same_file(out, resume):
+        raise ConfigError(
+            f"--out {out} is the checkpoint being resumed: the run log would destroy it; give --out another path"
+        )
 
 
 def check_path(path: str, *, overwrite: bool, resume: str | None) -> None:
@@ -127,20 +154,64 @@ def atomic_save(state: Mapping[str, Any], path: str, *, step: int = 0) -> None:
         os.close(directory)
 
 
+#: Top-level entries of a checkpoint and the types they must have.
+_ENTRIES: dict[str, type | tuple[type, ...]] = {
+    "world_size": int,
+    "compat": dict,
+    "step": int,
+    "epoch": int,
+    "batch_in_epoch": int,
+    "epoch_losses": list,
+    "parameters": torch.Tensor,
+    "buffers": dict,
+    "optimizer": dict,
+    "rng": list,
+    "log": dict,
+}
+
+
 def load(path: str) -> dict[str, Any]:
     """Read a checkpoint (weights-only unpickling); any problem is a one-line :class:`ConfigError`."""
+    if os.path.isdir(path):
+        raise ConfigError(f"checkpoint {path} is a directory, not a checkpoint file")
     if not os.path.isfile(path):
         raise ConfigError(f"checkpoint {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many kinds for a torn or foreign file
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        text = str(error)
+        if "weights_only" in text or "Unsupported global" in text:
+            # torch's message goes on to advise weights_only=False, which would run a hostile file's code.
+            raise ConfigError(
+                f"checkpoint {path} holds objects other than tensors, numbers and strings, so it was not "
+                "written by hpcopt; it is not loaded (unpickling it could run code)"
+            ) from None
+        first_line = text.strip().splitlines()[0] if text.strip() else type(error).__name__
         raise ConfigError(f"checkpoint {path} cannot be read (truncated or not a checkpoint): {first_line}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ConfigError(f"{path} is not an hpcopt checkpoint")
     if state.get("version") != VERSION:
         raise ConfigError(f"checkpoint {path} has format version {state.get('version')}; this hpcopt reads {VERSION}")
+    for key, kind in _ENTRIES.items():
+        if key not in state:
+            raise ConfigError(f"checkpoint {path} is damaged: it has no '{key}' entry")
+        if not isinstance(state[key], kind) or isinstance(state[key], bool):
+            raise ConfigError(f"checkpoint {path} is damaged: its '{key}' entry is a {type(state[key]).__name__}")
+    rng = state["rng"]
+    if len(rng) != state["world_size"] or not all(isinstance(item, torch.Tensor) for item in rng):
+        raise ConfigError(
+            f"checkpoint {path} is damaged: it holds {len(rng)} RNG states for {state['world_size']} ranks"
+        )
     return state
+
+
+def check_not_done(state: Mapping[str, Any], path: str, epochs: int, batches_per_epoch: int) -> None:
+    """Refuse to resume a run whose ``--epochs`` are all done already (it would log nothing)."""
+    if state["epoch"] > epochs or (state["epoch"] == epochs and state["batch_in_epoch"] >= batches_per_epoch):
+        raise ConfigError(
+            f"checkpoint {path} is at step {state['step']}, the end of epoch {state['epoch']}; "
+            f"--epochs {epochs} leaves nothing to do (--epochs counts from the start of the original run)"
+        )
 
 
 def compat_fields(
@@ -207,6 +278,12 @@ def check_resumable(
         saved = state["compat"].get(key)
         if saved != value:
             raise ConfigError(f"checkpoint {path} was written with {key}={saved}; this run has {key}={value}")
+    parameters, expected = state.get("parameters"), compat.get("num_parameters")
+    if isinstance(parameters, torch.Tensor) and expected is not None and parameters.shape != (expected,):
+        raise ConfigError(
+            f"checkpoint {path} is damaged: its parameters have shape {tuple(parameters.shape)}; "
+            f"the model has {expected}"
+        )
 
 
 class Checkpointer:
@@ -291,13 +368,51 @@ class Checkpointer:
         self.seconds += time.perf_counter() - start
 
 
-def restore(state: Mapping[str, Any], *, optimizer: Checkpointable, rank: int) -> None:
+def _mismatch(saved: Any, fresh: Any, where: str) -> str:
+    """Where ``saved`` cannot stand in for ``fresh``; "" if it can.
+
+    Lenient where a state legitimately changes while training (lists grow, ``None``
+    becomes a tensor, a zero-size buffer fills): what is checked is that no entry of
+    the fresh state is missing and that a non-empty tensor keeps its shape and dtype.
+    """
+    if isinstance(fresh, torch.Tensor):
+        if isinstance(saved, torch.Tensor) and fresh.numel() and saved.numel():
+            if saved.shape != fresh.shape or saved.dtype != fresh.dtype:
+                return (
+                    f"{where} has shape {tuple(saved.shape)} ({saved.dtype}); "
+                    f"this run has {tuple(fresh.shape)} ({fresh.dtype})"
+                )
+        return ""
+    if isinstance(fresh, Mapping):
+        if not isinstance(saved, Mapping):
+            return f"{where} is a {type(saved).__name__}, not a dict"
+        missing = [str(key) for key in fresh if key not in saved]
+        if missing:
+            return f"{where} has no entry {', '.join(missing)}"
+        for key in fresh:
+            found = _mismatch(saved[key], fresh[key], f"{where}.{key}")
+            if found:
+                return found
+    return ""
+
+
+def restore(state: Mapping[str, Any], *, optimizer: Checkpointable, rank: int, path: str = "") -> None:
     """Put parameters, buffers, optimizer state and this rank's RNG state back (no communication).
 
     The optimizer takes its part of the whole model: all of it, or for APTS-IP (a
     ``pipeline`` entry, with every replica's buffers) its stage's slice and its replica's buffers.
+    The optimizer state must have the structure of the freshly built optimizer's, and
+    anything that does not fit is a :class:`ConfigError` (the file is damaged or crafted);
+    a part only some ranks read can fail on those alone, so the caller agrees on it.
     """
-    replica_buffers = state["pipeline"]["buffers"] if "pipeline" in state else [state["buffers"]]
-    optimizer.load_model(state["parameters"], replica_buffers)
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"][rank])
+    mismatch = _mismatch(state["optimizer"], optimizer.state_dict(), "optimizer")
+    if mismatch:
+        raise ConfigError(f"checkpoint {path} is damaged: {mismatch}")
+    try:
+        replica_buffers = state["pipeline"]["buffers"] if "pipeline" in state else [state["buffers"]]
+        optimizer.load_model(state["parameters"], replica_buffers)
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"][rank])
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as error:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ConfigError(f"checkpoint {path} is damaged: {type(error).__name__}: {first_line}") from None

@@ -41,6 +41,16 @@ still writing it.  HDF5 does not support creating objects in SWMR mode, hence:
   is closed (the file is reopened without SWMR for that), so it is lost if the run is
   killed.
 
+Creation (no half-written file).  The file is built under a temporary name,
+``<path>.tmp-<pid>``, and moved onto ``path`` only once every attribute and dataset of
+the header exists and is flushed: a job killed while creating its log (SIGKILL, an
+abort, a full disk) leaves no file at ``path``, or the complete previous one when
+overwriting.  The next job writing ``path`` removes the temporary file
+(:mod:`hpcopt.log.lock`, whose lock file also keeps a second job from writing the same log).
+
+Write errors (a full disk, a quota) are a one-line :class:`~hpcopt.errors.OutputError`
+naming the file and the system's reason, not an h5py traceback.
+
 A file whose SWMR writer was killed keeps its "open for writing" mark: open it with
 ``h5py.File(path, "r", swmr=True)`` (as :func:`hpcopt.analysis.tables.load_run` does) or clear
 the mark with ``h5clear -s``.
@@ -51,10 +61,14 @@ This module imports only numpy and h5py so that ``hpcopt analyze`` starts fast.
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+import re
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
@@ -98,6 +112,33 @@ _STRING = h5py.string_dtype("utf-8")
 # and a run of 10^5 steps is still a few hundred chunks per dataset.
 _ITERATION_CHUNK = 1024
 _EVALUATION_CHUNK = 64
+
+# HDF5 buries the system's reason in a long message: "... errno = 28, error message = 'No space left on device' ...".
+_SYSTEM_REASON = re.compile(r"error message = '([^']*)'")
+
+
+@contextmanager
+def _stderr_discarded() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null for the block (h5py prints some errors itself, from C)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _reason(error: BaseException) -> str:
+    """The system's reason for an h5py write error, in a few words."""
+    text = str(error)
+    found = _SYSTEM_REASON.search(text)
+    if found:
+        return found.group(1)
+    return (text.strip().splitlines() or [type(error).__name__])[0]
 
 
 @dataclass
@@ -192,6 +233,7 @@ class RunLog:
         self._metric_names: list[str] = []
         # Attributes that could not be written under SWMR; written by close().
         self._deferred_attributes: dict[str, object] = {}
+        self._datasets: dict[str, h5py.Dataset] = {}
 
     # ------------------------------------------------------------------ checks
 
@@ -237,12 +279,12 @@ class RunLog:
             raise RuntimeError(f"run log {self.path} was already opened")
         assert self.path is not None
         self.check_path(self.path, overwrite=self.overwrite)
+        temporary = f"{self.path}.tmp-{os.getpid()}"
         try:
-            # "w-" refuses an existing file atomically, in case one appeared since the check.
             # locking="best-effort" keeps working on file systems without locks (often Lustre).
-            handle = h5py.File(self.path, "w" if self.overwrite else "w-", libver="latest", locking="best-effort")
+            handle = h5py.File(temporary, "w", libver="latest", locking="best-effort")
         except OSError as error:
-            raise OutputError(f"cannot create run log {self.path}: {error}") from None
+            raise OutputError(f"cannot create run log {self.path}: {_reason(error)}") from None
         try:
             for name, value in attributes.items():
                 if name in ("status", "created_utc"):
@@ -267,10 +309,50 @@ class RunLog:
                 self._create_rows(ranks, name, np.dtype(np.float64), 64)
             handle.swmr_mode = True
             handle.flush()
-        except BaseException:
-            handle.close()
+            self._move_into_place(temporary)
+        except BaseException as error:
+            try:
+                handle.close()
+            except Exception:
+                pass  # the file is deleted next; its close may fail on a full disk
+            try:
+                os.unlink(temporary)
+            except OSError:
+                pass
+            if isinstance(error, (OSError, RuntimeError)) and not isinstance(error, OutputError):
+                raise OutputError(f"cannot create run log {self.path}: {_reason(error)}") from None
             raise
         self._file = handle
+        # Kept open for the whole run: a dataset object released after a failed write
+        # retries that write (and h5py prints a traceback for each), so none is released early.
+        self._datasets = {
+            f"{group}/{name}": dataset
+            for group in ("iterations", "evaluations", "ranks")
+            for name, dataset in handle[group].items()
+        }
+
+    def _move_into_place(self, temporary: str) -> None:
+        """Give the complete header its real name (the open handle follows the file)."""
+        assert self.path is not None
+        if self.overwrite:
+            os.replace(temporary, self.path)
+            return
+        try:
+            # A hard link refuses an existing file atomically, in case one appeared since the check.
+            os.link(temporary, self.path)
+        except FileExistsError:
+            raise OutputError(
+                f"run log {self.path} already exists; choose another path or allow overwriting it"
+            ) from None
+        except OSError:
+            # No hard links on this file system: rename, after checking once more.
+            if os.path.lexists(self.path):
+                raise OutputError(
+                    f"run log {self.path} already exists; choose another path or allow overwriting it"
+                ) from None
+            os.replace(temporary, self.path)
+            return
+        os.unlink(temporary)
 
     @staticmethod
     def _create_rows(group: h5py.Group, name: str, dtype: np.dtype, chunk: int) -> h5py.Dataset:
@@ -292,6 +374,45 @@ class RunLog:
             raise RuntimeError(f"run log {self.path} is {state}")
         return self._file
 
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Turn h5py's write errors (a full disk, a quota) into one line naming the file."""
+        try:
+            yield
+        except (OSError, RuntimeError) as error:  # h5py raises RuntimeError when a flush fails
+            reason = _reason(error)
+            with _stderr_discarded():
+                error.__traceback__ = None  # its frames hold datasets, which _abandon must release
+                self._abandon()
+            raise OutputError(f"cannot write run log {self.path}: {reason}") from None
+
+    def _abandon(self) -> None:
+        """Give up the file after a write error: close what can be closed, quietly.
+
+        HDF5 retries the failed writes whenever an object of the file is released, and
+        h5py prints each failure as an "Exception ignored" traceback (a dozen of them for
+        a full disk, after the failure has been reported once), so the caller mutes stderr
+        while the file is let go.  The rows already flushed stay readable; the status
+        stays ``running``.
+        """
+        handle, self._file = self._file, None
+        self._closed = True
+        self._datasets.clear()
+        self._pending_rows.clear()
+        self._deferred_attributes.clear()
+        if handle is None:
+            return
+        gc.collect()
+        for _ in range(5):  # each try releases what it can; a failed release retries the write
+            try:
+                handle.close()
+            except Exception:
+                pass
+            if not handle.id.valid:
+                break
+        del handle
+        gc.collect()
+
     def log_iteration(self, record: IterationRecord) -> None:
         """Queue one step; the queue goes to disk and is flushed every ``flush_every`` rows."""
         if not self.enabled:
@@ -299,18 +420,19 @@ class RunLog:
         self._require_open()
         self._pending_rows.append(record)
         if len(self._pending_rows) >= self.flush_every:
-            self._write_pending_rows()
-            self.flush()
+            with self._writing():
+                self._write_pending_rows()
+                self.flush()
 
     def _write_pending_rows(self) -> None:
         if not self._pending_rows:
             return
-        group = self._require_open()["iterations"]
+        self._require_open()
         start = self._num_iterations
         stop = start + len(self._pending_rows)
         for name, dtype in ITERATION_FIELDS.items():
             values = np.array([getattr(row, name) for row in self._pending_rows], dtype=dtype)
-            dataset = group[name]
+            dataset = self._datasets[f"iterations/{name}"]
             dataset.resize((stop,))
             dataset[start:stop] = values
         self._num_iterations = stop
@@ -327,6 +449,7 @@ class RunLog:
                 # Not declared at open: create it now, with NaN for the earlier rows.
                 dataset = self._create_rows(group, name, np.dtype(np.float64), _EVALUATION_CHUNK)
                 dataset.resize((self._num_evaluations,))
+                self._datasets[f"evaluations/{name}"] = dataset
                 self._metric_names.append(name)
         row = self._num_evaluations
         values: dict[str, float] = {
@@ -337,12 +460,13 @@ class RunLog:
         }
         for name in self._metric_names:
             values[name] = record.metrics.get(name, math.nan)
-        for name, value in values.items():
-            dataset = group[name]
-            dataset.resize((row + 1,))
-            dataset[row] = value
+        with self._writing():
+            for name, value in values.items():
+                dataset = self._datasets[f"evaluations/{name}"]
+                dataset.resize((row + 1,))
+                dataset[row] = value
+            self.flush()
         self._num_evaluations = row + 1
-        self.flush()
 
     def set_rank_times(self, compute_time: Sequence[float], comm_time: Sequence[float]) -> None:
         """Store each rank's total compute and communication seconds (index = rank)."""
@@ -350,12 +474,14 @@ class RunLog:
             return
         if len(compute_time) != len(comm_time):
             raise ValueError(f"compute_time has {len(compute_time)} entries but comm_time has {len(comm_time)}")
-        group = self._require_open()["ranks"]
-        for name, values in (("compute_time", compute_time), ("comm_time", comm_time)):
-            array = np.asarray(values, dtype=np.float64)
-            group[name].resize(array.shape)
-            group[name][:] = array
-        self.flush()
+        self._require_open()
+        with self._writing():
+            for name, values in (("compute_time", compute_time), ("comm_time", comm_time)):
+                array = np.asarray(values, dtype=np.float64)
+                dataset = self._datasets[f"ranks/{name}"]
+                dataset.resize(array.shape)
+                dataset[:] = array
+            self.flush()
 
     def set_attribute(self, name: str, value: object) -> None:
         """Set a root attribute: in place if it exists and ``value`` fits, else at close."""
@@ -391,16 +517,19 @@ class RunLog:
             return
         handle = self._file
         try:
-            self._write_pending_rows()
-            handle.attrs.modify("status", status)
-            handle.flush()
+            with self._writing():
+                self._write_pending_rows()
+                handle.attrs.modify("status", status)
+                handle.flush()
         finally:
-            handle.close()
             self._file = None
             self._closed = True
+            self._datasets.clear()
+            with self._writing():
+                handle.close()
         if self._deferred_attributes:
             assert self.path is not None
-            with h5py.File(self.path, "r+", locking="best-effort") as reopened:
+            with self._writing(), h5py.File(self.path, "r+", locking="best-effort") as reopened:
                 for name, value in self._deferred_attributes.items():
                     reopened.attrs[name] = value
             self._deferred_attributes.clear()

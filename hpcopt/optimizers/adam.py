@@ -10,7 +10,7 @@ import torch
 
 from hpcopt.config import require
 from hpcopt.optimizers.base import Optimizer, StepResult
-from hpcopt.optimizers.sgd import check_finite_loss
+from hpcopt.optimizers.sgd import check_finite_loss, linear_warmup
 
 if TYPE_CHECKING:
     from hpcopt.distributed.objective import Objective
@@ -26,6 +26,7 @@ class AdamConfig:
         beta2: second-moment decay (default 0.999).
         eps: denominator guard (default 1e-8).
         weight_decay: L2 coefficient added to the gradient (default 0.0).
+        warmup_steps: linear warm-up: the t-th step (1-based) uses lr·min(1, t/warmup_steps) (default 0: none).
     """
 
     lr: float = 1e-3
@@ -33,12 +34,14 @@ class AdamConfig:
     beta2: float = 0.999
     eps: float = 1e-8
     weight_decay: float = 0.0
+    warmup_steps: int = 0
 
     def validate(self) -> None:
         require(self.lr > 0, f"adam: lr must be > 0, got {self.lr}")
         require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "adam: beta1 and beta2 must be in [0, 1)")
         require(self.eps > 0, f"adam: eps must be > 0, got {self.eps}")
         require(self.weight_decay >= 0, f"adam: weight_decay must be >= 0, got {self.weight_decay}")
+        require(self.warmup_steps >= 0, f"adam: warmup_steps must be >= 0, got {self.warmup_steps}")
 
 
 class Adam(Optimizer):
@@ -63,7 +66,8 @@ class Adam(Optimizer):
         bias2 = 1 - cfg.beta2**self.steps
         denom = (self.exp_avg_sq / bias2).sqrt_().add_(cfg.eps)
         update = self.exp_avg / denom
-        step_size = cfg.lr / bias1
+        lr = linear_warmup(cfg.lr, self.steps - 1, cfg.warmup_steps)
+        step_size = lr / bias1
         with torch.no_grad():
             self.flat.data.add_(update, alpha=-step_size)
         return StepResult(loss=loss, step_norm=step_size * float(update.norm()))

@@ -113,6 +113,19 @@ class Optimizer(abc.ABC):
     def step(self) -> StepResult:
         """One outer iteration on the current batch."""
 
+    def run_step(
+        self, inputs: torch.Tensor, targets: torch.Tensor, global_size: int, *, seed: int, step: int
+    ) -> StepResult:
+        """One outer iteration on this rank's part of a global batch of ``global_size`` rows.
+
+        ``step`` counts the steps taken before this one and ``seed`` is the run's seed:
+        together they seed the batch's dropout masks, so ``hpcopt train`` and
+        :func:`hpcopt.optimizer` take the same step on the same batch.
+        """
+        self.objective.set_batch(inputs, targets, global_size, noise_seed=seed * 1_000_003 + step)
+        self.objective.step = step + 1
+        return self.step()
+
     def run_attributes(self) -> dict[str, object]:
         """Optimizer-specific run-log attributes, which override the trainer's.
 

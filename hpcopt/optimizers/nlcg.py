@@ -47,7 +47,7 @@ class NLCGConfig:
     Attributes:
         lr: base step size (0.1).
         beta: ``fr`` (Fletcher–Reeves) or ``pr`` (Polak–Ribière) (fr).
-        beta_max: upper clip of β; 0 gives preconditioned gradient descent (1.0).
+        beta_max: upper clip of β (1.0, the paper's); 0 gives preconditioned gradient descent, a large value no clip.
         precondition: diagonal-BFGS preconditioner; off means M = I (on).
         warmup_steps: linear warm-up of lr over this many steps (0 = none) (0).
         decay_every: multiply lr by decay_factor every this many steps (0 = never) (0).
@@ -75,7 +75,7 @@ class NLCGConfig:
     def validate(self) -> None:
         require(self.lr > 0, f"nlcg: lr must be > 0, got {self.lr}")
         require(self.beta in BETAS, f"nlcg: beta must be one of {', '.join(BETAS)}, got '{self.beta}'")
-        require(0 <= self.beta_max <= 1, f"nlcg: beta_max must be in [0, 1], got {self.beta_max}")
+        require(self.beta_max >= 0, f"nlcg: beta_max must be >= 0, got {self.beta_max}")
         require(self.warmup_steps >= 0 and self.decay_every >= 0, "nlcg: warmup_steps and decay_every must be >= 0")
         require(0 < self.decay_factor <= 1, f"nlcg: decay_factor must be in (0, 1], got {self.decay_factor}")
         require(0 <= self.ema < 1, f"nlcg: ema must be in [0, 1), got {self.ema}")
@@ -113,7 +113,10 @@ def clipped_beta(kind: str, rz: float, rz_cross: float, prev_rz: float, beta_max
 class NLCG(Optimizer):
     name = "nlcg"
     config_class = NLCGConfig
-    state_attributes = ("h", "prev_grad", "prev_z", "prev_rz", "direction", "prev_step", "c", "loss_ema", "ema_history")
+    state_attributes = (
+        *("h", "prev_grad", "prev_z", "prev_rz", "direction", "prev_step"),
+        *("c", "loss_ema", "ema_history"),
+    )
 
     def __init__(self, objective: DistributedObjective, config: NLCGConfig) -> None:
         super().__init__(objective, config)
@@ -146,9 +149,29 @@ class NLCG(Optimizer):
         if self.kernels is not None:
             return self._fused_step(self.kernels)
         cfg = self.config
-        loss, grad_view = self.objective.value_and_grad()
+        loss, grad = self.objective.value_and_grad()
         check_finite_loss(self.name, loss, self.steps)
-        grad = grad_view.clone()
+        direction, beta, raw_beta, updated = self.search_direction(grad)
+        if cfg.loss_average:
+            self._update_c(loss)
+        lr = cfg.learning_rate(self.steps)
+        step = self.move(direction, lr * self.c)
+        return StepResult(
+            loss=loss,
+            step_norm=float(step.norm()),
+            extras={"beta": beta, "beta_raw": raw_beta, "c": self.c, "lr": lr, "preconditioner_updated": updated},
+        )
+
+    def search_direction(self, grad: torch.Tensor) -> tuple[torch.Tensor, float, float, bool]:
+        """Steps 1–2 at the gradient ``grad``: ``(d, β, raw β, preconditioner updated)``.
+
+        Reads the previous step and gradient and records this gradient and ``z``; the
+        step length along ``d`` is :meth:`move`'s.  Split from :meth:`step` so that a
+        test can drive the method with an exact line search, where §5 with M = I is
+        linear CG.
+        """
+        cfg = self.config
+        grad = grad.clone()  # the objective's view is overwritten by its next evaluation
         updated = False
         if cfg.precondition and self.prev_grad is not None and self.prev_step is not None:
             updated = diagonal_bfgs_update(self.h, self.prev_step, grad - self.prev_grad)
@@ -162,20 +185,17 @@ class NLCG(Optimizer):
             direction = z.add(self.direction, alpha=beta)
         else:
             direction = z
-        if cfg.loss_average:
-            self._update_c(loss)
-        lr = cfg.learning_rate(self.steps)
-        step = direction * (lr * self.c)
+        self.prev_grad, self.prev_z, self.prev_rz, self.direction = grad, z, rz, direction
+        return direction, beta, raw_beta, updated
+
+    def move(self, direction: torch.Tensor, length: float) -> torch.Tensor:
+        """Step 3: θ ← θ + length·d; returns the step (the next preconditioner update's s)."""
+        step = direction * length
         with torch.no_grad():
             self.flat.data.add_(step)
-        self.prev_grad, self.prev_z, self.prev_rz = grad, z, rz
-        self.direction, self.prev_step = direction, step
+        self.prev_step = step
         self.steps += 1
-        return StepResult(
-            loss=loss,
-            step_norm=float(step.norm()),
-            extras={"beta": beta, "beta_raw": raw_beta, "c": self.c, "lr": lr, "preconditioner_updated": updated},
-        )
+        return step
 
     # -- the same step through fused kernels --------------------------------------
 

@@ -30,18 +30,36 @@ class SGDConfig:
         momentum: heavy-ball momentum coefficient (default 0.0).
         nesterov: Nesterov momentum (default off).
         weight_decay: L2 coefficient added to the gradient (default 0.0).
+        warmup_steps: linear warm-up: the t-th step (1-based) uses lr·min(1, t/warmup_steps) (default 0: none).
     """
 
     lr: float = 0.01
     momentum: float = 0.0
     nesterov: bool = False
     weight_decay: float = 0.0
+    warmup_steps: int = 0
 
     def validate(self) -> None:
         require(self.lr > 0, f"sgd: lr must be > 0, got {self.lr}")
         require(0 <= self.momentum < 1, f"sgd: momentum must be in [0, 1), got {self.momentum}")
         require(self.weight_decay >= 0, f"sgd: weight_decay must be >= 0, got {self.weight_decay}")
         require(not self.nesterov or self.momentum > 0, "sgd: nesterov needs momentum > 0")
+        require(self.warmup_steps >= 0, f"sgd: warmup_steps must be >= 0, got {self.warmup_steps}")
+
+    def learning_rate(self, step: int) -> float:
+        """lr for the ``step``-th step (0-based)."""
+        return linear_warmup(self.lr, step, self.warmup_steps)
+
+
+def linear_warmup(lr: float, step: int, warmup_steps: int) -> float:
+    """``lr·(step + 1)/warmup_steps`` for the first ``warmup_steps`` steps (0-based ``step``), then ``lr``.
+
+    The large-batch practice of Goyal et al. that both the NLCG and the Neumann papers
+    follow: the first steps of a large batch are too long for a learning rate scaled to it.
+    """
+    if warmup_steps and step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    return lr
 
 
 def check_finite_loss(name: str, loss: float, step: int) -> None:
@@ -71,10 +89,11 @@ class SGD(Optimizer):
         if self.momentum_buffer is not None:
             self.momentum_buffer.mul_(cfg.momentum).add_(grad)
             direction = grad.add(self.momentum_buffer, alpha=cfg.momentum) if cfg.nesterov else self.momentum_buffer
+        lr = cfg.learning_rate(self.steps)
         with torch.no_grad():
-            self.flat.data.add_(direction, alpha=-cfg.lr)
+            self.flat.data.add_(direction, alpha=-lr)
         self.steps += 1
-        return StepResult(loss=loss, step_norm=cfg.lr * float(direction.norm()))
+        return StepResult(loss=loss, step_norm=lr * float(direction.norm()))
 
     def state_dict(self) -> dict[str, Any]:
         buffer = self.momentum_buffer

@@ -24,6 +24,7 @@ from hpcopt.problems.pinn.allen_cahn import (
     AllenCahnTimeProblem,
 )
 from hpcopt.problems.pinn.poisson import PoissonProblem, poisson_options
+from hpcopt.problems.plugin import entry_point_names, find_entry_point, is_spec, load_problem
 from hpcopt.problems.synthetic import LogisticOptions, LogisticProblem, QuadraticOptions, QuadraticProblem
 from hpcopt.problems.tinyshakespeare import TinyShakespeareOptions, TinyShakespeareProblem
 
@@ -60,18 +61,27 @@ def make_problem(
     """Build the problem ``name``.
 
     Args:
-        name: a key of :data:`PROBLEMS`.
+        name: a key of :data:`PROBLEMS`, a plug-in ``MODULE:ATTR`` or ``path/to/file.py:ATTR``,
+            or a name registered in the entry-point group ``hpcopt.problems`` (:mod:`.plugin`).
         data_dir: folder with the problem's data files (only MNIST reads files).
         seed: seed of generated data (collocation points, synthetic samples).
-        options: values of the fields of ``PROBLEM_OPTIONS[name]`` (strings are parsed).
+        options: values of the fields of ``PROBLEM_OPTIONS[name]`` (strings are parsed);
+            for a plug-in, its factory's keyword arguments.
 
     Raises:
-        ConfigError: unknown problem name or option.
+        ConfigError: unknown problem name or option, a plug-in that cannot be loaded.
         DataError: missing or malformed data files.
     """
-    if name not in PROBLEMS:
-        raise ConfigError(f"unknown problem '{name}' (choose from {', '.join(PROBLEMS)})")
-    return PROBLEMS[name](data_dir=data_dir, seed=seed, options=options)
+    if name in PROBLEMS:
+        return PROBLEMS[name](data_dir=data_dir, seed=seed, options=options)
+    if is_spec(name) or find_entry_point(name) is not None:
+        return load_problem(name, seed=seed, data_dir=data_dir, options=options)
+    installed = entry_point_names()
+    also = f"; installed: {', '.join(installed)}" if installed else ""
+    raise ConfigError(
+        f"unknown problem '{name}' (choose from {', '.join(PROBLEMS)}{also}; "
+        "or MODULE:ATTR, path/to/file.py:ATTR for a problem of your own)"
+    )
 
 
 __all__ = ["PROBLEMS", "PROBLEM_OPTIONS", "Dataset", "Problem", "ProblemOptions", "make_problem"]

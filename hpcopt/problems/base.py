@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import ClassVar, Protocol, TypeVar, runtime_checkable
 
@@ -59,6 +59,16 @@ class Dataset:
         """Consecutive slices of at most ``size`` rows, for bounded-memory evaluation."""
         for start in range(0, len(self), size):
             yield self.subset(slice(start, start + size))
+
+    def batches(self, indices: Iterable[Tensor], num_workers: int = 0) -> Iterator[Dataset]:
+        """The rows of each index tensor in turn: this rank's shards of an epoch's global batches.
+
+        ``num_workers`` is for rows read on demand (:class:`~hpcopt.problems.streamed.StreamedRows`);
+        rows in memory need no reader.
+        """
+        del num_workers
+        for index in indices:
+            yield self.subset(index)
 
 
 #: Problem options keep the wording their errors had before they shared :mod:`hpcopt.config`.
@@ -137,6 +147,8 @@ class Problem(abc.ABC):
     train: Dataset
     val: Dataset
     default_batch_size: int
+    #: The model is one module instance (a user's), whose rank-0 state every rank takes at start-up.
+    model_from_rank0: bool = False
 
     def resolve_batch_size(self, requested: int | None = None) -> int:
         """The global mini-batch of a run: ``requested`` when given, else the problem's default.
@@ -165,6 +177,24 @@ class Problem(abc.ABC):
     @abc.abstractmethod
     def _make_model(self, name: str) -> nn.Module:
         """Build the (already validated) model ``name``."""
+
+    def check_model(self, model: nn.Module, curvature: str | None) -> None:
+        """Raise :class:`ConfigError` now if training ``model`` would fail later (no collectives).
+
+        ``curvature`` names the curvature products the run's optimizer takes (``None``:
+        gradients only).  The built-in problems are known to work; a user's problem
+        (:mod:`hpcopt.problems.custom`) runs its pieces once on a few rows here.
+        """
+        del model, curvature
+
+    def default_optimizer_options(self, optimizer: str) -> Mapping[str, object]:
+        """Options of ``optimizer`` this problem suggests, used where the user sets none.
+
+        The built-in problems' defaults are their ``train_defaults`` (applied by the command
+        line); a user's problem declared ``least_squares`` suggests Gauss–Newton curvature.
+        """
+        del optimizer
+        return {}
 
     @abc.abstractmethod
     def forward(self, net: Net, inputs: Tensor) -> Tensor:

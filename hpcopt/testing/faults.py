@@ -14,10 +14,12 @@ reaches the hook ``curvature`` during step 3.  Fields (all optional except ``whe
   rank-dependent relative 1e-6), ``hang`` (sleep for ``seconds``, default 3600),
   ``exit`` (``os._exit(1)``, a rank vanishing without MPI_Abort) or ``sigkill``.
 
-Several faults are separated by ``;``.  The variable is read when a hook first runs,
-not at import, so a malformed value is a one-line :class:`~hpcopt.errors.ConfigError`
-at that point.  Unset (the normal case), a hook is a global lookup, an identity test
-and a return: the hooks sit on the hot path of every step.  Tests may call
+Several faults are separated by ``;``.  The variable is read by :func:`check_environment`,
+which ``hpcopt train`` calls with its other start-up checks, so a malformed value is a
+one-line :class:`~hpcopt.errors.ConfigError` on every rank before any file is created
+(or, without that call, when a hook first runs; never at import).  Unset (the normal
+case), a hook is a global lookup, an identity test and a return: the hooks sit on the
+hot path of every step.  Tests may call
 :func:`configure` instead of setting the environment variable.
 
 Owns the fault plan and the hooks' behaviour; imports :mod:`hpcopt.errors` only.
@@ -111,6 +113,12 @@ def configure(spec: str | None) -> None:
     _set(spec or "")
 
 
+def check_environment() -> None:
+    """Read ``HPCOPT_FAULT`` now unless a plan is set already; :class:`ConfigError` if it is malformed."""
+    if isinstance(_plan, _Unread):
+        _set(os.environ.get(ENV, ""))
+
+
 def reset() -> None:
     """Forget the active faults; the next hook reads ``HPCOPT_FAULT`` again."""
     global _plan
@@ -147,6 +155,9 @@ def inject(where: str, rank: int, step: int, value: float | None = None) -> floa
         if fault.kind == "hang":
             time.sleep(fault.seconds)
         elif fault.kind == "exit":
+            # The launcher kills the other ranks at once (SIGKILL, no message of its own):
+            # this line is all the job's output will say about why it ended.
+            os.write(2, f"hpcopt: injected fault: rank {rank} exits with status 1 at step {step} in {where}\n".encode())
             os._exit(1)
         elif fault.kind == "sigkill":
             os.kill(os.getpid(), signal.SIGKILL)

@@ -14,13 +14,17 @@ from dataclasses import dataclass
 
 from hpcopt.config import flag_field, require
 
+#: ``--stop-signal`` values: early-warning signals a batch system can be told to send.
+STOP_SIGNALS: tuple[str, ...] = ("USR1", "USR2", "HUP", "XCPU", "none")
+
 
 @dataclass
 class TrainConfig:
     """Options of ``hpcopt train`` that are not the optimizer's.
 
     Attributes:
-        problem: problem name (``poisson2d``).
+        problem: problem name (``poisson2d``), or a plug-in: ``MODULE:ATTR``,
+            ``path/to/file.py:ATTR`` or an installed ``hpcopt.problems`` entry point.
         model: model name; ``None`` → the problem's default.
         optimizer: optimizer name (``apts-d``).
         data_dir: directory of the dataset files (MNIST IDX files).
@@ -55,13 +59,19 @@ class TrainConfig:
         progress_seconds: without a terminal, also a progress line once this many seconds
             have passed since the last one, checked after each step (0: by step count only;
             both 0: no progress lines).
+        num_workers: processes that read the rows of a user's ``Dataset`` ahead of the
+            optimizer (0: each shard is read when it is needed; in-memory data ignore it).
+        stop_signal: the early-warning signal that, like SIGTERM, stops the run after the
+            current step with a checkpoint, run-log status ``preempted`` and exit status 75
+            (``USR1``, what ``#SBATCH --signal=USR1@120`` sends; ``none``: SIGTERM only).
+            SIGINT stops it as ``interrupted``, exit 130 (:mod:`hpcopt.training.preemption`).
     """
 
     # The field order is that of the run log's config_json attribute; keep it.
     problem: str = flag_field(
         "poisson2d",
         help="poisson1d|2d|3d, allen-cahn, allen-cahn-time, mnist, tinyshakespeare, quadratic, logistic "
-        "(default poisson2d)",
+        "(default poisson2d), or a problem of your own: MODULE:ATTR or path/to/file.py:ATTR",
     )
     model: str | None = flag_field(None, help="model name (default: the problem's)")
     optimizer: str = flag_field("apts-d", help="apts-d, apts-p, apts-ip, hf, nlcg, neumann, sgd, adam (default apts-d)")
@@ -92,6 +102,13 @@ class TrainConfig:
     progress_seconds: float = flag_field(
         30.0, help="without a terminal: a progress line at least every T seconds (default 30; 0: off)"
     )
+    num_workers: int = flag_field(0, help="processes that read a Dataset's rows ahead (default 0: none)")
+    stop_signal: str = flag_field(
+        "USR1",
+        help="early-warning signal that stops the run as SIGTERM does: checkpoint, status preempted, exit 75 "
+        "(default USR1)",
+        choices=STOP_SIGNALS,
+    )
 
     def validate(self) -> None:
         require(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
@@ -99,13 +116,19 @@ class TrainConfig:
         require(self.eval_every >= 1, f"--eval-every must be >= 1, got {self.eval_every}")
         require(self.max_steps is None or self.max_steps >= 1, "--max-steps must be >= 1")
         require(self.time_limit is None or self.time_limit > 0, "--time-limit must be > 0")
-        require(self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
+        # Below 2**32: seeds of derived streams (dropout noise: seed * 1_000_003 + step) must fit torch's 64 bits.
+        require(0 <= self.seed < 2**32, f"--seed must be between 0 and {2**32 - 1}, got {self.seed}")
         require(self.checkpoint_every >= 0, f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
         require(
             math.isfinite(self.collective_timeout) and self.collective_timeout >= 0,
             f"--collective-timeout must be >= 0 seconds, got {self.collective_timeout}",
         )
         require(self.progress_every >= 0, f"--progress-every must be >= 0, got {self.progress_every}")
+        require(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}")
+        require(
+            self.stop_signal in STOP_SIGNALS,
+            f"--stop-signal must be one of {', '.join(STOP_SIGNALS)}, got {self.stop_signal!r}",
+        )
         require(
             math.isfinite(self.progress_seconds) and self.progress_seconds >= 0,
             f"--progress-seconds must be >= 0, got {self.progress_seconds}",

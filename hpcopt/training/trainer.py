@@ -10,8 +10,10 @@ Order of work, chosen so that bad input never hangs a job:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -25,15 +27,20 @@ import hpcopt
 from hpcopt.comm import Communicator
 from hpcopt.config import require, to_dict
 from hpcopt.distributed.sharding import GlobalBatches
-from hpcopt.errors import HpcoptError
+from hpcopt.errors import ConfigError, HpcoptError
 from hpcopt.log import checkpoint
+from hpcopt.log.lock import WriterLocks
 from hpcopt.log.runlog import EvaluationRecord, IterationRecord, RunLog
 from hpcopt.optimizers import make_config, optimizer_class
 from hpcopt.optimizers.base import Optimizer
 from hpcopt.problems import make_problem
 from hpcopt.problems.base import Dataset, Problem
+from hpcopt.problems.custom import curvature_in_use
+from hpcopt.problems.defaults import under
+from hpcopt.testing import faults
 from hpcopt.training.config import TrainConfig
 from hpcopt.training.device import resolve_kind, select_device
+from hpcopt.training.preemption import Stop, StopSignals
 from hpcopt.training.progress import Progress
 from hpcopt.training.signature import check_same_on_every_rank, run_signature
 
@@ -49,6 +56,11 @@ class TrainResult:
     wall_time: float
     parameters: torch.Tensor
     losses: list[float]
+    #: The trained module; ``None`` when no rank holds all of it (APTS-IP's stages).
+    model: torch.nn.Module | None = None
+    #: The run log's status: ``completed``, or ``preempted``/``interrupted`` when a signal
+    #: stopped the run (:mod:`hpcopt.training.preemption`; ``exit_code`` gives the exit status).
+    status: str = "completed"
 
 
 def _git_sha() -> str:
@@ -88,6 +100,21 @@ def _stop_reason(
     return ""
 
 
+def _report_stop(stopped: Stop, step: int, checkpointer: checkpoint.Checkpointer | None, out: str | None) -> None:
+    """Rank 0's one line on stderr (even with --quiet: a batch log must say why the job ended)."""
+    if checkpointer is not None:
+        kept = f"checkpoint {checkpointer.path} written; resume with --resume {checkpointer.path}"
+    else:
+        kept = "no checkpoint (give --checkpoint PATH to keep one)"
+    log = f"run log {out} closed as {stopped.status}; " if out else ""
+    sys.stderr.flush()
+    os.write(
+        2,
+        f"hpcopt: {stopped.status} by {stopped.signal_name} after step {step}: {log}{kept} "
+        f"(exit {stopped.exit_code})\n".encode(),
+    )
+
+
 def _stopping_rule(cfg: TrainConfig, problem: Problem) -> str:
     """One line on when the run ends, because a problem's defaults may set a target and a time limit."""
     rules = [f"{cfg.epochs} epochs"]
@@ -122,24 +149,56 @@ def _kernels_name(optimizer: Optimizer) -> str:
 
 
 def _move_data(problem: Problem, device: torch.device) -> None:
-    """Put the training and validation sets on the compute device (once, before training)."""
+    """Put the training and validation sets on the compute device (once, before training).
+
+    Rows read on demand (a user's ``Dataset``) stay where they are; each shard moves when read.
+    """
     for name in ("train", "val"):
         data = getattr(problem, name)
+        if not isinstance(data, Dataset):
+            continue
         setattr(problem, name, Dataset(data.inputs.to(device), data.targets.to(device)))
 
 
+def _take_rank0_model(model: torch.nn.Module, comm: Communicator) -> None:
+    """Every rank takes rank 0's weights and buffers: a module the user built on each rank may differ.
+
+    Once, at start-up, so the pickled broadcast of the state dict costs nothing that matters.
+    """
+    state = comm.bcast_object({k: v.detach().cpu() for k, v in model.state_dict().items()} if comm.is_root else None)
+    error: HpcoptError | None = None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        error = ConfigError(
+            f"the model differs between ranks, so it cannot take rank 0's weights: {' '.join(str(exc).split())}"
+        )
+    comm.agree(error)
+
+
 def _setup(
-    cfg: TrainConfig, optimizer_options: dict[str, Any], problem_options: dict[str, Any], comm: Communicator
+    cfg: TrainConfig,
+    optimizer_options: dict[str, Any],
+    problem_options: dict[str, Any],
+    comm: Communicator,
+    given: Problem | None = None,
 ) -> tuple[Any, Problem, GlobalBatches, torch.nn.Module]:
-    """Everything that can fail on bad input, done before any collective."""
+    """Everything that can fail on bad input, done before any collective.
+
+    ``given``: a problem object (``hpcopt.train``), used instead of building ``cfg.problem``.
+    """
     cfg.validate()
+    faults.check_environment()  # a malformed HPCOPT_FAULT fails here, before the run log exists
     # --device cuda without a GPU, or a bad HPCOPT_CUDA_AWARE, fails here on every rank.
     if resolve_kind(cfg.device) == "cuda":
         _ = comm.cuda_aware
     optimizer_config = make_config(cfg.optimizer, optimizer_options)
     if cfg.out is not None:
         RunLog.check_path(cfg.out, overwrite=cfg.overwrite)
-    problem = make_problem(cfg.problem, data_dir=cfg.data_dir, seed=cfg.seed, options=problem_options)
+    problem = given or make_problem(cfg.problem, data_dir=cfg.data_dir, seed=cfg.seed, options=problem_options)
+    suggested = problem.default_optimizer_options(cfg.optimizer)
+    if suggested:  # a user's least-squares problem: Gauss–Newton where the user chose nothing else
+        optimizer_config = make_config(cfg.optimizer, under(suggested, optimizer_options))
     batch_size = problem.resolve_batch_size(cfg.batch_size)
     # A model-parallel optimizer gives all ranks of a pipeline one shard; a bad layout raises here.
     shard, shards = optimizer_class(cfg.optimizer).data_shard(optimizer_config, comm.rank, comm.size, batch_size)
@@ -148,6 +207,8 @@ def _setup(
     )
     torch.manual_seed(cfg.seed)  # identical initial parameters on every rank
     model = problem.build_model(cfg.model)
+    # A user's problem runs its pieces once on a few rows: a broken one fails here, on every rank.
+    problem.check_model(model, curvature_in_use(optimizer_config))
     return optimizer_config, problem, batches, model
 
 
@@ -172,6 +233,7 @@ def _checkpointing(
     )
     path = cfg.checkpoint or (checkpoint.default_path(cfg.out) if cfg.checkpoint_every else None)
     require(not cfg.checkpoint_every or path is not None, "--checkpoint-every needs --checkpoint PATH or --out")
+    checkpoint.check_distinct(cfg.out, path, cfg.resume)
     if path is not None:
         checkpoint.check_path(path, overwrite=cfg.overwrite, resume=cfg.resume)
     layout = None
@@ -193,21 +255,46 @@ def train(
     optimizer_options: dict[str, Any] | None = None,
     problem_options: dict[str, Any] | None = None,
     comm: Communicator | None = None,
+    problem: Problem | None = None,
 ) -> TrainResult:
-    """Run one training job; raises :class:`HpcoptError` on bad input (on every rank)."""
+    """Run one training job; raises :class:`HpcoptError` on bad input (on every rank).
+
+    ``problem``: a problem object to train (``hpcopt.train``) instead of building ``cfg.problem``.
+    """
     comm = comm or Communicator()
+    # Rank 0 locks the files it writes (hpcopt.log.lock); they are unlocked on every way out.
+    # From here on SIGTERM, SIGINT and --stop-signal only set a flag, read at step boundaries.
+    with WriterLocks(enabled=comm.is_root) as locks, StopSignals(comm, cfg.stop_signal) as signals:
+        return _train(cfg, optimizer_options, problem_options, comm, locks, problem, signals)
+
+
+def _train(
+    cfg: TrainConfig,
+    optimizer_options: dict[str, Any] | None,
+    problem_options: dict[str, Any] | None,
+    comm: Communicator,
+    locks: WriterLocks,
+    given: Problem | None = None,
+    signals: StopSignals | None = None,
+) -> TrainResult:
     optimizer_options = dict(optimizer_options or {})
     problem_options = dict(problem_options or {})
     torch.set_num_threads(cfg.threads)
     error: HpcoptError | None = None
     try:
-        optimizer_config, problem, batches, model = _setup(cfg, optimizer_options, problem_options, comm)
+        optimizer_config, problem, batches, model = _setup(cfg, optimizer_options, problem_options, comm, given)
         compat, checkpoint_path, resume, layout = _checkpointing(
             cfg, optimizer_config, problem, batches.batch_size, model, comm
         )
+        if resume is not None:
+            checkpoint.check_not_done(resume, str(cfg.resume), cfg.epochs, batches.batches_per_epoch)
+        locks.acquire(cfg.out, "run log")
+        locks.acquire(checkpoint_path, "checkpoint")
     except HpcoptError as exc:
         error = exc
     comm.agree(error)
+    if problem.model_from_rank0:
+        _take_rank0_model(model, comm)
 
     device = select_device(cfg.device, comm)
     if device.device.type != "cpu":
@@ -218,10 +305,16 @@ def train(
     # whole model, identical on every rank until now, is what the cross-rank check sees.
     signature_parameters = torch.cat([p.detach().flatten() for p in model.parameters()])
     optimizer = optimizer_class(cfg.optimizer).build(problem, model, comm, optimizer_config)
-    flat, objective = optimizer.flat, optimizer.objective
+    flat = optimizer.flat
     comm.collective_timeout = cfg.collective_timeout
     if resume is not None:
-        checkpoint.restore(resume, optimizer=optimizer, rank=comm.rank)
+        # A part only some ranks read (an RNG state, an APTS-IP stage) can be damaged for them alone.
+        restore_error: HpcoptError | None = None
+        try:
+            checkpoint.restore(resume, optimizer=optimizer, rank=comm.rank, path=str(cfg.resume))
+        except HpcoptError as exc:
+            restore_error = exc
+        comm.agree(restore_error)
     # The run log and the cross-rank check record the batch size the run uses, not None for "the default".
     cfg = dataclasses.replace(cfg, batch_size=batches.batch_size)
     config_json = json.dumps(
@@ -254,8 +347,12 @@ def train(
         "hostnames": sorted(set(comm.hostnames())),
         "git_sha": _git_sha(),
         "command": " ".join(sys.argv),
+        # What the user asked for: a plug-in's spec is in "problem", its options here.
+        "problem_options": json.dumps(problem_options, default=str),
         "resumed_from": cfg.resume or "",
         "resumed_at_step": resume["step"] if resume is not None else 0,
+        # The run log of the run this one continues (a requeued job's earlier log).
+        "previous_log": resume["log"]["path"] if resume is not None else "",
         "device": str(device.device),
         "gpu_model": device.gpu_model,
         "cuda_aware_mpi": comm.cuda_aware if device.device.type == "cuda" else False,
@@ -265,7 +362,8 @@ def train(
     # Optimizer-specific facts (APTS-P's block imbalance, APTS-IP's per-rank parameter bytes).
     attributes.update(optimizer.run_attributes())
     log = RunLog(cfg.out, enabled=comm.is_root and cfg.out is not None, overwrite=cfg.overwrite)
-    metric_names = [problem.metric_name]
+    # A problem without a metric of its own reports val_loss, which every log has already.
+    metric_names = [problem.metric_name] if problem.metric_name != "val_loss" else []
     say(
         f"hpcopt {hpcopt.__version__}: {cfg.optimizer} on {cfg.problem} ({attributes['model']}, "
         f"{flat.numel} parameters), {comm.size} rank(s), global batch {batches.batch_size}, "
@@ -295,21 +393,21 @@ def train(
         first_epoch = resume["epoch"] if resume is not None else 1
         epoch = 0
         done = False
+        stopped: Stop | None = None  # set when the ranks agree that a signal stops the run
         for epoch in range(first_epoch, cfg.epochs + 1):
             epoch_losses: list[float] = []
             if resume is not None and epoch == first_epoch:
                 epoch_losses = [float(x) for x in resume["epoch_losses"]]
             progress.start_epoch(epoch, batches.batches_per_epoch, done=len(epoch_losses))
-            for batch_index, index in enumerate(batches.epoch(epoch - 1)):
-                if batch_index < len(epoch_losses):
-                    continue  # done before the checkpoint this run resumed from
-                shard = problem.train.subset(index)
-                objective.set_batch(
-                    shard.inputs, shard.targets, batches.batch_size, noise_seed=cfg.seed * 1_000_003 + step
-                )
-                objective.step = step + 1
+            # Shards done before the checkpoint this run resumed from are skipped unread; rows
+            # of a user's Dataset are read here, this rank's only (num_workers read ahead).
+            indices = itertools.islice(batches.epoch(epoch - 1), len(epoch_losses), None)
+            shards = problem.train.batches(indices, num_workers=cfg.num_workers)
+            for batch_index, shard in enumerate(shards, start=len(epoch_losses)):
+                if shard.inputs.device != flat.device:
+                    shard = Dataset(shard.inputs.to(flat.device), shard.targets.to(flat.device))
                 calls0, bytes0, seconds0 = comm.stats.totals()
-                result = optimizer.step()
+                result = optimizer.run_step(shard.inputs, shard.targets, batches.batch_size, seed=cfg.seed, step=step)
                 calls1, bytes1, seconds1 = comm.stats.totals()
                 step += 1
                 losses.append(result.loss)
@@ -332,7 +430,11 @@ def train(
                 )
                 stopping = cfg.max_steps is not None and step >= cfg.max_steps
                 last = stopping or (epoch == cfg.epochs and batch_index == batches.batches_per_epoch - 1)
-                if checkpointer is not None and checkpointer.due(step, last):
+                # Every rank, every step: one allreduce makes one rank's signal everyone's, at this
+                # step.  After the last step the run simply completes.
+                agreed = signals.agree() if signals is not None else None
+                stopped = None if last else agreed
+                if checkpointer is not None and (checkpointer.due(step, last) or stopped is not None):
                     checkpointer.save(
                         step=step,
                         epoch=epoch,
@@ -341,10 +443,12 @@ def train(
                         optimizer=optimizer,
                         log_rows=log.num_iterations,
                     )
-                if stopping:
+                if stopping or stopped is not None:
                     done = True
                     break
             progress.close()  # the bar is cleared before the evaluation line prints
+            if stopped is not None:
+                break  # no evaluation: the resumed run evaluates this epoch when it ends
             if epoch % cfg.eval_every == 0 or epoch == cfg.epochs or done:
                 with optimizer.evaluation_parameters():  # e.g. Neumann's w − μm, not the displaced w
                     metrics = optimizer.evaluate(problem)
@@ -361,10 +465,14 @@ def train(
                     )
                 )
                 radius = getattr(optimizer, "radius", math.nan)
+                metric = (
+                    ""
+                    if problem.metric_name == "val_loss"
+                    else f"{problem.metric_name} {metrics[problem.metric_name]:.4g}  "
+                )
                 say(
                     f"epoch {epoch:4d}/{cfg.epochs}  loss {train_loss:.4e}  val_loss {metrics['val_loss']:.4e}  "
-                    f"{problem.metric_name} {metrics[problem.metric_name]:.4g}  radius {radius:.3g}  "
-                    f"time {elapsed:.1f}s"
+                    f"{metric}radius {radius:.3g}  time {elapsed:.1f}s"
                 )
                 stop = _stop_reason(cfg, problem, metrics, elapsed, comm)
                 if stop:
@@ -376,8 +484,16 @@ def train(
         comm_seconds = comm.stats.seconds - comm_seconds_at_start
         times = comm.allgather_object((wall - comm_seconds, comm_seconds))
         log.set_rank_times([t[0] for t in times], [t[1] for t in times])
+        if stopped is not None:
+            log.close(stopped.status)
+    if stopped is not None:
+        if comm.is_root:
+            _report_stop(stopped, step, checkpointer, cfg.out)
+        # No rank may exit (non-zero) before rank 0 has closed its files: mpiexec kills
+        # the remaining ranks at once when one of them exits with an error status.
+        comm.barrier()
 
-    nbytes = comm.stats.bytes
+    nbytes = comm.stats.bytes - (signals.bytes if signals is not None else 0)
     say(
         f"done: {step} steps, {epoch} epochs in {wall:.1f}s; final {problem.metric_name} "
         f"{metrics.get(problem.metric_name, math.nan):.4g}"
@@ -400,4 +516,6 @@ def train(
         wall_time=wall,
         parameters=final_parameters,
         losses=losses,
+        model=model if flat.model is model else None,
+        status=stopped.status if stopped is not None else "completed",
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -69,7 +70,7 @@ def test_predict_strong_and_weak() -> None:
     assert math.isnan(predict(CollectiveProfile("x", 0, 0, 0.0), net, [2], "weak")[0].efficiency)
 
 
-def test_network_validation_and_json(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_network_validation_and_json(tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
         Network(1e-6, 0.0)
     with pytest.raises(ConfigError):

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
+import h5py
 import pytest
 
 from hpcopt import cli
@@ -195,3 +200,159 @@ def test_local_sweep_takes_the_problems_default_batch_size(tmp_path: Path) -> No
     assert done.stdout.startswith("global batch 200: the default of problem logistic")
     (run,) = [load_run(path) for path in tmp_path.glob("*.h5")]
     assert run.attributes["batch_size"] == 200 and run.status == "completed"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"sbatch_options": ["--mem=1G\ntouch x"]}, "--sbatch-option must be one line without control characters"),
+        ({"sbatch_options": ["--mem=1G\rtouch x"]}, "--sbatch-option must be one line"),
+        ({"time": "yesterday"}, "--time must be a SLURM time limit"),
+        ({"time": "00:30:00\ntouch x"}, "--time must be one line"),
+        ({"optimizer": "sgd\ntouch x"}, "--optimizer must be a plain name"),
+        ({"optimizer": "sgd x"}, "--optimizer must be a plain name"),
+        ({"problem": "logistic\ntouch x"}, "--problem must be one line"),
+        ({"python": "/usr/bin/python3\ntouch x"}, "--python must be one line"),
+        ({"train_args": ["--set", "lr=1\ntouch x"]}, "an hpcopt train argument after -- must be one line"),
+        ({"signal_seconds": 0}, "--signal-seconds must be between 1 and 65535"),
+        ({"requeue": True, "train_args": ["--resume", "x.ckpt"]}, "--resume is set by --requeue"),
+    ],
+)
+def test_no_value_can_add_a_line_to_a_script(tmp_path: Path, change: dict[str, object], message: str) -> None:
+    spec = SweepSpec("strong", [1], 8, outdir=str(tmp_path), **change)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        render_sweep(spec)
+    assert not list(tmp_path.iterdir())  # nothing written
+    newline_dir = tmp_path / "a\ntouch x"
+    with pytest.raises(ConfigError, match="--outdir must be one line"):
+        render_sweep(SweepSpec("strong", [1], 8, outdir=str(newline_dir)))
+    assert not newline_dir.exists()
+
+
+@pytest.mark.parametrize("time", ["30", "1:00", "00:30:00", "1-0", "2-12:00", "1-00:00:00", "UNLIMITED"])
+def test_slurm_time_formats_are_accepted(tmp_path: Path, time: str) -> None:
+    (script, _) = render_sweep(SweepSpec("strong", [1], 8, outdir=str(tmp_path), time=time))
+    assert f"#SBATCH --time={time}\n" in script.read_text()
+
+
+def test_cli_refuses_an_option_that_adds_a_line(tmp_path: Path) -> None:
+    args = ["jobs", "render", "--study", "strong", "--ranks", "1", "--batch-size", "8", "--outdir", str(tmp_path)]
+    done = run_hpcopt([*args, "--sbatch-option", "--mem=1G\ntouch x"])
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        "hpcopt: error: --sbatch-option must be one line without control characters, got '--mem=1G\\ntouch x'"
+    ]
+    done = run_hpcopt([*args, "--time", "yesterday"])
+    assert done.returncode == 2 and "--time must be a SLURM time limit" in done.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def _fake_tools(bin_dir: Path, train_status: int) -> None:
+    """A launcher that records its arguments and exits with ``train_status``, and an scontrol that records its own."""
+    bin_dir.mkdir()
+    for name, body in (
+        ("launch", f'printf "%s\\n" "$@" > "$(dirname "$0")/train-args"\nexit {train_status}\n'),
+        ("scontrol", 'echo "$@" >> "$(dirname "$0")/scontrol-calls"\n'),
+    ):
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}")
+        (bin_dir / name).chmod(0o755)
+
+
+@pytest.mark.parametrize(("restart", "status"), [(0, 75), (1, 0), (1, 2)])
+def test_requeue_mode_script_requeues_on_75_and_resumes_after_a_restart(
+    tmp_path: Path, restart: int, status: int
+) -> None:
+    outdir = tmp_path / "out"
+    spec = SweepSpec("strong", [2], 8, outdir=str(outdir), optimizer="sgd", requeue=True, signal_seconds=90)
+    script = render_sweep(spec)[0]
+    text = script.read_text()
+    assert "#SBATCH --requeue\n#SBATCH --open-mode=append\n#SBATCH --signal=USR1@90\n" in text
+    assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
+    bin_dir = tmp_path / "bin"
+    _fake_tools(bin_dir, status)
+    checkpoint = outdir / "strong-sgd-P2-42.ckpt"
+    if restart:
+        checkpoint.write_bytes(b"")  # the checkpoint the stopped run wrote
+    env = {
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "HPCOPT_LAUNCH": str(bin_dir / "launch"),
+        "SLURM_JOB_ID": "42",
+        "SLURM_RESTART_COUNT": str(restart),
+    }
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == status, done.stderr
+    args = (bin_dir / "train-args").read_text().splitlines()
+    log = outdir / ("strong-sgd-P2-42.r1.h5" if restart else "strong-sgd-P2-42.h5")
+    resume = ["--resume", str(checkpoint)] if restart else []
+    assert args[args.index("--checkpoint") :] == [
+        "--checkpoint",
+        str(checkpoint),
+        "--stop-signal",
+        "USR1",
+        *resume,
+        "--threads",
+        "1",
+        "--out",
+        str(log),
+        "--overwrite",
+        "--quiet",
+    ]
+    calls = bin_dir / "scontrol-calls"
+    assert (calls.read_text() if calls.exists() else "") == ("requeue 42\n" if status == 75 else "")
+
+
+def test_without_requeue_mode_the_script_neither_checkpoints_nor_requeues(tmp_path: Path) -> None:
+    script = render_sweep(SweepSpec("strong", [1], 8, outdir=str(tmp_path / "out")))[0]
+    assert "#SBATCH --requeue" not in script.read_text()
+    bin_dir = tmp_path / "bin"
+    _fake_tools(bin_dir, 75)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HPCOPT_LAUNCH": str(bin_dir / "launch"), "SLURM_JOB_ID": "7"}
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 75
+    assert "--checkpoint" not in (bin_dir / "train-args").read_text().splitlines()
+    assert not (bin_dir / "scontrol-calls").exists()
+
+
+@pytest.mark.timeout(180)
+def test_local_sweep_forwards_a_signal_once_and_names_the_stopped_point(tmp_path: Path) -> None:
+    # Every rank pauses in step 5, so SIGTERM to `hpcopt jobs local` arrives during it;
+    # the runner forwards it to mpiexec, which forwards it to the ranks: a graceful stop.
+    args = ["jobs", "local", "--study", "strong", "--ranks", "2", "--batch-size", "80", "--problem", "logistic"]
+    command = [sys.executable, "-m", "hpcopt", *args, "--optimizer", "sgd", "--outdir", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HPCOPT_FAULT": "step=5,where=gradient,kind=hang,seconds=4"}
+    process = subprocess.Popen(
+        [*command, "--", "--epochs", "3", "--set", "problem.n=400"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    log = tmp_path / "strong-sgd-P2-local.h5"
+    try:
+        deadline = time.monotonic() + 120
+        while load_rows(log) < 4:
+            assert process.poll() is None and time.monotonic() < deadline, "the point ended or stalled before step 5"
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 2
+    assert stderr.splitlines() == [
+        f"hpcopt: error: sweep point strong-sgd-P2 was preempted by a signal (exit 75); run log {log} closed as "
+        f"preempted, later points not run; see {tmp_path / 'strong-sgd-P2-local.out'}"
+    ]
+    run = load_run(log)
+    assert run.status == "preempted"
+    assert len(run.iterations["step"]) == 5
+
+
+def load_rows(path: Path) -> int:
+    try:
+        with h5py.File(path, "r", swmr=True) as log:
+            return len(log["iterations/step"])
+    except (OSError, KeyError):
+        return 0  # not created yet

@@ -46,6 +46,8 @@ TRAIN_FLAGS: dict[str, tuple[type | None, tuple[str, ...] | None, bool]] = {
     "--device": (None, ("auto", "cpu", "cuda"), False),
     "--progress-every": (int, None, False),
     "--progress-seconds": (float, None, False),
+    "--num-workers": (int, None, False),
+    "--stop-signal": (None, ("USR1", "USR2", "HUP", "XCPU", "none"), False),
 }
 
 

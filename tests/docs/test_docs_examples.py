@@ -9,8 +9,8 @@ selected alone (``-k``) first runs the earlier blocks of its page. bash blocks r
 the venv's ``python``.
 
 **Where.** Each page gets a fresh directory that looks like a checkout after the quick
-start (:func:`reader_state`): links to the repository's ``jobs/``, ``benchmarks/`` and
-``tests/``; copies of ``README.md`` and ``docs/`` (``--write-docs`` rewrites the copies);
+start (:func:`reader_state`): links to the repository's ``jobs/``, ``benchmarks/``,
+``tests/`` and ``examples/``; copies of ``README.md`` and ``docs/`` (``--write-docs`` rewrites the copies);
 ``runs/`` holding ``runs/demo.h5`` (a shortened demo); ``sweeps/strong`` and
 ``sweeps/weak`` (a 1- and 2-rank sweep of ``logistic``) and ``net.json`` (a network for
 ``--model``), which the analysis examples read. The venv's ``bin/`` is first on ``PATH``
@@ -77,6 +77,9 @@ BENCHMARK_ARGUMENTS = {
     "comm_overhead.py": "--repeats 3 --sizes 1e3,1e4",
     "hvp_cost.py": "--repeats 1 --products 2 --models mlp",
     "mnist_apts.py": "--epochs 1 --runs adam.P2.small.lr1e-3",
+    "apts_scaling_accuracy.py": (
+        "--epochs 1 --batch 8000 --model mlp --ranks 2 --variants average --radii '' --adam-lrs ''"
+    ),
     "large_batch.py": "--epochs 1 --batches 8000 --runs hf-cg",
     "krylov_rate.py": "--iterations 2 --batch 200",
     "pinn_study.py": "--budget 2 --problems poisson2d --methods apts-d",
@@ -84,10 +87,14 @@ BENCHMARK_ARGUMENTS = {
     "checkpoint_cost.py": "--steps 1 --models mlp",
     "kernels.py": "--sizes 1e4 --repeats 2",
     "scaling.py": "--steps 1",
+    "dataset_overhead.py": "--limit 2000 --repeats 1",
 }
 # Which blocks need which dataset: (file that shows it is there, what in a block uses it).
 DATASETS = {
-    "mnist": ("t10k-labels-idx1-ubyte*", re.compile(r"mnist|krylov_rate|checkpoint_cost|large_batch|scaling\.py")),
+    "mnist": (
+        "t10k-labels-idx1-ubyte*",
+        re.compile(r"mnist|apts_scaling_accuracy|krylov_rate|checkpoint_cost|large_batch|scaling\.py"),
+    ),
     "tinyshakespeare": ("input.txt", re.compile(r"tinyshakespeare|lm_study")),
 }
 
@@ -456,7 +463,7 @@ def execute(block: Block, cwd: Path) -> Outcome:
 def reader_state(root: Path) -> Path:
     """A directory as a reader's checkout is after the quick start; every page's directory starts as a copy.
 
-    Made once per test session: links to jobs/, benchmarks/ and tests/, copies of the
+    Made once per test session: links to jobs/, benchmarks/, tests/ and examples/, copies of the
     pages, ``runs/demo.h5`` from a 1-step demo, ``sweeps/strong`` and ``sweeps/weak``
     (logistic at 1 and 2 ranks) and ``net.json``.
     """
@@ -464,7 +471,7 @@ def reader_state(root: Path) -> Path:
 
     state = root / "checkout"
     state.mkdir()
-    for name in ("jobs", "benchmarks", "tests"):
+    for name in ("jobs", "benchmarks", "tests", "examples"):
         (state / name).symlink_to(REPO / name, target_is_directory=True)
     shutil.copy2(REPO / "README.md", state / "README.md")
     shutil.copytree(REPO / "docs", state / "docs")

@@ -108,6 +108,12 @@ class SlurmCluster:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+def _first_job_id() -> int:
+    """A fresh job id range per cluster: MPICH names its shared memory after the job and step
+    ids, and a segment an aborted job left behind in /dev/shm must not meet a later job 1."""
+    return 1000 + int.from_bytes(os.urandom(3), "big")
+
+
 def _write_config(root: Path, munge_socket: Path) -> Path:
     node_line = subprocess.run([_find("slurmd") or "slurmd", "-C"], capture_output=True, text=True, check=False)
     first = node_line.stdout.splitlines()[0] if node_line.stdout else ""
@@ -120,6 +126,7 @@ def _write_config(root: Path, munge_socket: Path) -> Path:
     conf.write_text(
         f"""\
 ClusterName=hpcopt-test
+FirstJobId={_first_job_id()}
 SlurmctldHost={host}
 SlurmUser=root
 SlurmdUser=root

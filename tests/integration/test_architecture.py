@@ -34,7 +34,18 @@ ALLOWED: dict[str, set[str]] = {
     "jobs": {"errors", "config", "problems"},
     # The public Python API (hpcopt.problem, hpcopt.train, hpcopt.optimizer): a thin
     # layer over training, the optimizers and the problems, for users' scripts.
-    "api": {"errors", "config", "comm", "distributed", "log", "numerics", "optimizers", "problems", "training", "kernels"},
+    "api": {
+        "errors",
+        "config",
+        "comm",
+        "distributed",
+        "log",
+        "numerics",
+        "optimizers",
+        "problems",
+        "training",
+        "kernels",
+    },
     "cli": {
         "api",
         "errors",

@@ -1,4 +1,5 @@
-"""End to end on a real (single-node) SLURM: render a sweep, sbatch it, analyze the run logs.
+"""End to end on a real (single-node) SLURM: render a sweep, sbatch it, analyze the run logs;
+a requeue-mode job that is signalled, requeues itself and resumes bit for bit.
 
 The session fixture installs ``slurm-wlm`` and ``munge`` with apt when missing (root
 only), starts ``munged``, ``slurmctld`` and ``slurmd`` (tests/integration/slurm_cluster.py), and
@@ -10,10 +11,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import h5py
 import pytest
+import torch
 
 from hpcopt.analysis.tables import load_run
 from tests.conftest import REPO, run_hpcopt
@@ -83,3 +87,82 @@ def test_sbatch_strong_and_weak_sweep(slurm: SlurmCluster, tmp_path: Path) -> No
         ["weak", "sgd", "1", "100"],
         ["weak", "sgd", "2", "200"],
     ]
+
+
+def _rows(path: Path) -> int:
+    try:
+        with h5py.File(path, "r", swmr=True) as log:
+            return len(log["iterations/step"])
+    except (OSError, KeyError):
+        return 0  # not created yet
+
+
+def _wait(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_requeue_mode_stops_requeues_and_resumes_bit_for_bit(slurm: SlurmCluster, tmp_path: Path) -> None:
+    # SIGUSR1 to the job step's tasks is what `#SBATCH --signal=USR1@N` delivers N seconds
+    # before the time limit; `scancel --signal=USR1` sends it now, so the test need not wait
+    # for a time limit (minutes).  A fault pauses every rank in step 5, so the signal lands there.
+    outdir = tmp_path / "requeue"
+    train = ["--epochs", "3", "--set", "problem.n=400", "--set", "lr=0.5"]
+    sweep = ["--study", "strong", "--ranks", "2", "--batch-size", "80", "--problem", "logistic", "--optimizer", "sgd"]
+    slurm_options = ["--ranks-per-node", "2", "--time", "00:05:00", "--sbatch-option=--overcommit"]
+    requeue = ["--requeue", "--signal-seconds", "60"]
+    render = run_hpcopt(["jobs", "render", *sweep, "--outdir", str(outdir), *slurm_options, *requeue, "--", *train])
+    assert render.returncode == 0, render.stderr
+    script = (outdir / "strong-sgd-P2.sbatch").read_text()
+    assert "#SBATCH --requeue\n#SBATCH --open-mode=append\n#SBATCH --signal=USR1@60\n" in script
+    env = {**slurm.env, "HPCOPT_FAULT": "step=5,where=gradient,kind=hang,seconds=4", "OMP_NUM_THREADS": "1"}
+    submit = subprocess.run(
+        ["sbatch", "--parsable", "strong-sgd-P2.sbatch"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=outdir,
+        timeout=60,
+    )
+    assert submit.returncode == 0, submit.stderr + slurm.log_tail()
+    job = submit.stdout.strip().split(";")[0]
+    first = outdir / f"strong-sgd-P2-{job}.h5"
+    second = outdir / f"strong-sgd-P2-{job}.r1.h5"
+    output = outdir / f"strong-sgd-P2-{job}.out"
+
+    _wait(lambda: _rows(first) >= 4, 120, f"job {job} did not reach step 5\n{slurm.log_tail()}")
+    assert slurm.run("scancel", "--signal=USR1", job).returncode == 0
+    # The requeued job waits out SLURM's hold before a restart (about 2 minutes); lift it.
+    shown = lambda: slurm.run("scontrol", "show", "job", job).stdout  # noqa: E731
+    _wait(lambda: "Restarts=1" in shown(), 60, f"job {job} was not requeued\n{output.read_text()}")
+    slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+    states = wait_for_jobs(slurm, [job], timeout=180)
+    text = output.read_text()
+    assert states == {job: "COMPLETED"}, f"{states}\n{text}\n{slurm.log_tail()}"
+    assert f"hpcopt: preempted by SIGUSR1 after step 5: run log {first} closed as preempted" in text, text
+    assert f"requeueing job {job}" in text
+
+    with h5py.File(first, "r") as log:
+        assert (log.attrs["status"], log["iterations/step"][:].tolist()) == ("preempted", [1, 2, 3, 4, 5])
+        losses = log["iterations/loss"][:].tolist()
+    with h5py.File(second, "r") as log:
+        assert log.attrs["status"] == "completed"
+        assert log.attrs["previous_log"] == str(first)
+        assert log["iterations/step"][:].tolist() == list(range(6, 16))
+        losses += log["iterations/loss"][:].tolist()
+
+    # The same training, uninterrupted, at the same rank count.
+    same = ["--problem", "logistic", "--optimizer", "sgd", "--batch-size", "80", *train, "--quiet"]
+    files = ["--out", str(tmp_path / "reference.h5"), "--checkpoint", str(tmp_path / "reference.ckpt")]
+    reference = run_hpcopt(["train", *same, *files], ranks=2)
+    assert reference.returncode == 0, reference.stderr
+    expected = torch.load(tmp_path / "reference.ckpt", weights_only=True)
+    got = torch.load(outdir / f"strong-sgd-P2-{job}.ckpt", weights_only=True)
+    assert got["step"] == expected["step"] == 15
+    assert torch.equal(got["parameters"], expected["parameters"])
+    with h5py.File(tmp_path / "reference.h5", "r") as log:
+        assert losses == log["iterations/loss"][:].tolist()

@@ -148,11 +148,8 @@ def test_apts_ip_resume_with_another_layout_is_refused_on_every_rank(tmp_path: P
 
 
 def test_pipeline_checkpoint_on_another_rank_count_names_the_layout() -> None:
-    state = {
-        "world_size": 4,
-        "compat": {"seed": 0},
-        "pipeline": {"stages": 2, "replicas": 2, "stage_bounds": [0, 3, 5]},
-    }
+    layout: dict[str, object] = {"stages": 2, "replicas": 2, "stage_bounds": [0, 3, 5]}
+    state = {"world_size": 4, "compat": {"seed": 0}, "pipeline": layout}
     with pytest.raises(
         ConfigError, match=r"written by 4 ranks; this run has 2\. Resume with mpiexec -n 4 --set replicas=2"
     ):
@@ -162,4 +159,4 @@ def test_pipeline_checkpoint_on_another_rank_count_names_the_layout() -> None:
         checkpoint.check_resumable(state, "run.ckpt", {"seed": 0}, world_size=4, layout=other_cuts)
     # The same layout passes the layout check and reaches the options.
     with pytest.raises(ConfigError, match="written with seed=0; this run has seed=1"):
-        checkpoint.check_resumable(state, "run.ckpt", {"seed": 1}, world_size=4, layout=dict(state["pipeline"]))
+        checkpoint.check_resumable(state, "run.ckpt", {"seed": 1}, world_size=4, layout=dict(layout))

@@ -343,3 +343,45 @@ def test_misuse_is_reported(tmp_path: Path) -> None:
     log.close()
     with pytest.raises(RuntimeError, match="closed"):
         log.log_iteration(make_iteration(0))
+
+
+KILLED_WHILE_CREATING = textwrap.dedent(
+    """
+    import os, signal, sys
+    from hpcopt.log.runlog import RunLog
+
+    # Killed after the header is complete but before it gets its name: the worst moment.
+    RunLog._move_into_place = lambda self, temporary: os.kill(os.getpid(), signal.SIGKILL)
+    RunLog(sys.argv[1], overwrite=True).open({"optimizer": "sgd"})
+    """
+)
+
+
+@pytest.mark.timeout(60)
+def test_a_writer_killed_while_creating_the_log_leaves_no_file_at_its_path(tmp_path: Path) -> None:
+    path = tmp_path / "r.h5"
+    writer = start_writer(KILLED_WHILE_CREATING, path)
+    assert writer.wait(timeout=50) == -signal.SIGKILL
+    (leftover,) = tmp_path.iterdir()
+    assert leftover.name == f"r.h5.tmp-{writer.pid}"  # never at r.h5, which a rerun may use at once
+    # The next writer of r.h5 takes its lock, which clears the dead job's temporary file.
+    from hpcopt.log.lock import WriterLocks
+
+    with WriterLocks() as locks, RunLog(path) as log:
+        locks.acquire(str(path), "run log")
+        log.open(ATTRIBUTES)
+    assert sorted(item.name for item in tmp_path.iterdir()) == ["r.h5"]
+    assert load_run(path).status == "completed"
+
+
+@pytest.mark.timeout(60)
+def test_a_failure_while_creating_keeps_the_previous_log_whole(tmp_path: Path) -> None:
+    path = tmp_path / "r.h5"
+    with RunLog(path) as log:
+        log.open(ATTRIBUTES)
+        log.log_iteration(make_iteration(1))
+    with pytest.raises(ValueError, match="invalid metric name"):
+        RunLog(path, overwrite=True).open(ATTRIBUTES, metric_names=["a/b"])  # fails mid-header
+    assert sorted(item.name for item in tmp_path.iterdir()) == ["r.h5"]
+    run = load_run(path)
+    assert run.status == "completed" and run.iterations["step"].tolist() == [1]

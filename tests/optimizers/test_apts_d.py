@@ -167,3 +167,41 @@ def test_apts_d_learns_mnist() -> None:
     )
     assert result.losses[-1] < 0.5 * result.losses[0]
     assert result.metrics["val_accuracy"] >= 0.7, result.metrics  # chance: 0.1; P = 4 is the slowest
+
+
+@pytest.mark.mpi(min_size=1)
+def test_model_predicted_decrease_is_the_global_models_decrease_at_the_combined_step() -> None:
+    # predicted=model: pred = −(gᵀs + ½ sᵀBs) for the combined s.  Give the global L-SR1
+    # the exact Hessian of a quadratic (pairs (e_i, H e_i) from gradient differences):
+    # then pred must equal the true decrease f(θ) − f(θ + s) of the combined step, at
+    # any P, which Σ pred_r does not promise.
+    comm, _, flat, objective, optimizer = _setup(
+        "quadratic", {"n": 400, "dim": 3}, predicted="model", radius=0.5, memory=5
+    )
+    theta, loss_local, grad_local, grad = outer_start(flat, objective)
+    loss = objective.value()
+    n = flat.numel
+    for i in range(n):
+        basis = torch.zeros(n, dtype=flat.data.dtype)
+        basis[i] = 1.0
+        flat.copy_(theta + basis)
+        _, shifted = objective.value_and_grad()
+        optimizer.global_solver.update(basis, shifted.clone() - grad)
+    flat.copy_(theta)
+    step, pred, _, _, _ = optimizer._combined_step(theta, loss_local, grad_local, grad)
+    flat.copy_(theta + step)
+    actual = loss - objective.value()
+    flat.copy_(theta)
+    assert pred == pytest.approx(actual, rel=1e-3, abs=1e-6)
+    dense = torch.stack([optimizer.global_solver.operator.matvec(col) for col in torch.eye(n, dtype=grad.dtype)])
+    assert pred == pytest.approx(-float(grad @ step + 0.5 * step @ dense @ step), rel=1e-5)
+    assert _all_equal(comm, pred)
+
+
+def test_predicted_model_needs_the_lsr1_global_solver() -> None:
+    from hpcopt.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"predicted=model.*global_solver=lsr1"):
+        make_config("apts-d", {"predicted": "model", "global_solver": "steihaug"})
+    with pytest.raises(ConfigError, match="predicted must be sum or model"):
+        make_config("apts-d", {"predicted": "local"})

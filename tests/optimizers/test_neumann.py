@@ -10,9 +10,9 @@ import torch
 from mpi4py import MPI
 
 from hpcopt.comm import Communicator
-from hpcopt.errors import NonFiniteError
+from hpcopt.errors import ConfigError, NonFiniteError
 from hpcopt.optimizers import Neumann, make_config
-from hpcopt.optimizers.neumann import regularizer
+from hpcopt.optimizers.neumann import PAPER_SHELL_RATIO, regularizer, relative_beta
 from hpcopt.training.trainer import TrainConfig, train
 from tests.conftest import ObjectiveFactory
 
@@ -109,3 +109,27 @@ def test_rank_invariance_and_the_trainer_reports_w_minus_mu_m(monkeypatch: pytes
     assert distributed.losses[-1] < distributed.losses[0]
     # Three evaluations and the final parameters per run, with a real displacement μm.
     assert len(entered) == 8 and entered[-1] > 0
+
+
+@pytest.mark.mpi(min_size=1)
+def test_relative_beta_puts_the_shell_at_a_fraction_of_the_weight_norm(neumann: Callable[..., Neumann]) -> None:
+    paper = neumann(epoch_steps=2, warmup_epochs=1)
+    assert paper.beta == pytest.approx(1e-5 * paper.flat.numel)  # the published constant, the default
+    optimizer = neumann(lr=0.5, epoch_steps=2, warmup_epochs=1, beta_rule="relative", alpha=1e-3, shell_ratio=0.5)
+    assert optimizer.beta == 0.0  # fixed at the first reset, from the weights the burn-in left
+    optimizer.step()
+    optimizer.step()
+    weight_norm = float(optimizer.flat.data.norm())
+    assert optimizer.step().extras["phase"] == "reset"
+    assert optimizer.beta == pytest.approx(1e-3 * (0.5 * weight_norm) ** 4, rel=1e-6)
+    # the regulariser's minimum (β/α)^¼ sits at shell_ratio·‖w‖
+    assert (optimizer.beta / 1e-3) ** 0.25 == pytest.approx(0.5 * weight_norm, rel=1e-6)
+    # On the paper's ResNet-50 (n = 25 557 032, ‖w₀‖ ≈ 268.2) the rule gives back the paper's β = 1e-5·n.
+    assert relative_beta(1e-7, PAPER_SHELL_RATIO, 268.2) == pytest.approx(1e-5 * 25_557_032, rel=1e-2)
+
+
+def test_beta_rule_is_validated() -> None:
+    with pytest.raises(ConfigError, match="beta_rule must be one of paper, relative"):
+        make_config("neumann", {"beta_rule": "shell"})
+    with pytest.raises(ConfigError, match="shell_ratio must be > 0"):
+        make_config("neumann", {"shell_ratio": 0.0})

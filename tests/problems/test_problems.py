@@ -399,7 +399,9 @@ def test_make_problem_errors_and_option_parsing() -> None:
     choices = (
         "mnist, poisson1d, poisson2d, poisson3d, allen-cahn, allen-cahn-time, tinyshakespeare, quadratic, logistic"
     )
-    assert str(info.value) == f"unknown problem 'x' (choose from {choices})"
+    assert str(info.value) == (
+        f"unknown problem 'x' (choose from {choices}; or MODULE:ATTR, path/to/file.py:ATTR for a problem of your own)"
+    )
     unknown = r"unknown option 'widht' for problem 'poisson1d' \(choose from .*width"
     with pytest.raises(ConfigError, match=unknown):
         make_problem("poisson1d", options={"widht": 4})

@@ -32,7 +32,7 @@ from hpcopt.distributed.data_parallel import DistributedObjective
 from hpcopt.errors import NonFiniteError
 from hpcopt.numerics.curvature import parse_curvature
 from hpcopt.numerics.krylov.cg import MatVec
-from hpcopt.numerics.trust_region import decide, make_subproblem_solver
+from hpcopt.numerics.trust_region import LSR1Solver, decide, make_subproblem_solver
 from hpcopt.optimizers.apts.local_phase import first_order_consistent, local_phase
 from hpcopt.optimizers.apts.options import SOLVERS, APTSOptions
 from hpcopt.optimizers.apts.outcome import outer_step_result
@@ -52,6 +52,11 @@ class APTSDConfig(APTSOptions):
             ``average`` *(ours)*: local radius Δ, s and pred are the means over ranks.
             The sum sees only 1/P of the curvature of each local step, so its ratio
             degrades as Δ grows; the average keeps ‖s‖ ≤ Δ without that bias.
+        predicted: what the ratio test divides by for the combined step: ``sum``
+            (§1: Σ pred_r, the mean for ``average``) or ``model`` *(ours)*: the decrease
+            −(gᵀs + ½ sᵀBs) that the global L-SR1 model B predicts for the combined
+            step s itself (needs ``global_solver=lsr1``; no extra communication).
+            Σ pred_r ignores how the local steps interact; the global model does not.
         shard: how the ranks split each global batch: ``batch`` (contiguous slices of
             the shuffled batch) or ``spatial`` (PINNs: the batch ordered by the first
             coordinate, so each rank owns an interval of x; the thesis' PINN variant).
@@ -63,6 +68,7 @@ class APTSDConfig(APTSOptions):
     global_passes: int = 1
     global_solver: str = "lsr1"
     combine: str = "sum"
+    predicted: str = "sum"
     shard: str = "batch"
 
     def validate(self) -> None:
@@ -75,6 +81,12 @@ class APTSDConfig(APTSOptions):
             f"{name}: unknown global_solver '{self.global_solver}' (choose from {', '.join(SOLVERS)})",
         )
         require(self.combine in ("sum", "average"), f"{name}: combine must be sum or average, got '{self.combine}'")
+        require(self.predicted in ("sum", "model"), f"{name}: predicted must be sum or model, got '{self.predicted}'")
+        require(
+            self.predicted == "sum" or self.global_solver == "lsr1",
+            f"{name}: predicted=model uses the global L-SR1 model; it needs global_solver=lsr1, "
+            f"not '{self.global_solver}'",
+        )
         require(self.shard in ("batch", "spatial"), f"{name}: shard must be batch or spatial, got '{self.shard}'")
 
 
@@ -155,7 +167,8 @@ class APTSD(Optimizer):
         Returns ``(s, pred, ‖s‖, ‖s‖ before the rounding guard, counts)``; the hook that
         the parameter-decomposed variant (APTS-P) overrides.
         """
-        step_r, pred_r, counts = self._local_phase(theta_k, loss_local, grad_local, grad)
+        step_r, pred_r, local_counts = self._local_phase(theta_k, loss_local, grad_local, grad)
+        counts: dict[str, float] = dict(local_counts)
         combined = self.combined
         combined.vector.copy_(step_r)
         combined.scalars[0] = pred_r
@@ -170,7 +183,21 @@ class APTSD(Optimizer):
             # Σ‖s_r‖ ≤ Δ by construction; guard against rounding only.
             step.mul_(self.radius / step_norm)
             step_norm = self.radius
-        return step, pred, step_norm, combined_norm, dict(counts)
+        if self.config.predicted == "model":
+            pred = self.model_decrease(grad, step)
+        return step, pred, step_norm, combined_norm, counts
+
+    def model_decrease(self, grad: torch.Tensor, step: torch.Tensor) -> float:
+        """−(gᵀs + ½ sᵀBs): the decrease the global L-SR1 model predicts for ``step``.
+
+        g and B are replicated (B is built from allreduced pairs), so every rank
+        computes the same value without communication.  With no pairs stored yet B = 0
+        and this is the first-order prediction −gᵀs.
+        """
+        solver = self.global_solver
+        assert isinstance(solver, LSR1Solver), "validate() requires global_solver=lsr1 for predicted=model"
+        curvature = solver.operator.matvec(step)
+        return -float(grad.dot(step) + 0.5 * step.dot(curvature))
 
     # -- one outer iteration ----------------------------------------------------
 

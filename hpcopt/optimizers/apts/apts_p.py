@@ -161,5 +161,7 @@ class APTSP(APTSD):
             step_norm = combined_norm = max(
                 float(step[self.decomposition.owned(r)].norm()) for r in range(self.world_size)
             )
+        if self.config.predicted == "model":
+            pred = self.model_decrease(grad, step)
         counts["imbalance"] = self.decomposition.imbalance
         return step, pred, step_norm, combined_norm, counts

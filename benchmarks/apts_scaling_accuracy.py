@@ -1,0 +1,186 @@
+"""APTS-D accuracy against the number of ranks P and the initial radius Δ₀: the ablation of the combined step.
+
+Run (the whole study, on the full 60 000/10 000 split)::
+
+    python benchmarks/apts_scaling_accuracy.py --data-dir ../shared/datasets/mnist-full
+
+A smaller part: ``--ranks 2,4 --variants sum,average-model --radii ''`` (no Δ₀ sweep),
+``--data-dir ../shared/datasets/mnist --batch 2000`` (the 8 000/2 000 split).  Every run
+is one ``hpcopt train`` job writing ``OUTDIR/NAME.h5``; ``--report-only`` re-reads the logs.
+
+Runs: ``VARIANT.P{P}`` for every variant and rank count (default Δ₀), ``VARIANT.P{P0}.r{Δ₀}``
+for the Δ₀ sweep of each variant at ``--radius-ranks`` ranks, and ``adam.P2.lr{LR}``, the
+tuned baseline (best of ``--adam-lrs``).  Variants (APTS-D ``--set`` options):
+
+* ``sum``: the defaults (§1: local radius Δ/P, s = Σ s_r, pred = Σ pred_r);
+* ``average``: ``combine=average`` (local radius Δ, s and pred the means);
+* ``sum-model`` / ``average-model``: the same with ``predicted=model`` (ρ divides by the
+  decrease the global L-SR1 model predicts for the combined step);
+* ``average-fast``: ``combine=average`` with ``gamma_inc=2`` (the radius doubles after a
+  very successful boundary step instead of growing by 1.2).
+
+The Δ₀ sweep raises ``radius_max`` to Δ₀ where Δ₀ exceeds its default 2.
+
+Writes ``OUTDIR/apts_scaling_accuracy.csv`` (one row per run: final and best validation
+accuracy, accepted combined steps, median ρ, final radius, seconds) and
+``OUTDIR/apts_scaling_accuracy.png`` (accuracy against P, one line per variant, Adam's
+best as a horizontal line; accuracy against Δ₀ beside it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+
+import _common
+import numpy as np
+
+VARIANTS: dict[str, dict[str, object]] = {
+    "sum": {},
+    "average": {"combine": "average"},
+    "sum-model": {"predicted": "model"},
+    "average-model": {"combine": "average", "predicted": "model"},
+    "average-fast": {"combine": "average", "gamma_inc": 2.0},
+}
+
+
+def _floats(text: str) -> list[float]:
+    return [float(item) for item in text.split(",") if item]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(item) for item in text.split(",") if item]
+
+
+def plan(args: argparse.Namespace) -> list[tuple[str, str, int, dict[str, object]]]:
+    """(run name, optimizer, ranks, --set options) of every run of the study."""
+    runs: list[tuple[str, str, int, dict[str, object]]] = []
+    for lr in _floats(args.adam_lrs):
+        runs.append((f"adam.P2.lr{lr:g}", "adam", 2, {"lr": lr}))
+    for variant in args.variants.split(","):
+        options = VARIANTS[variant]
+        for ranks in _ints(args.ranks):
+            runs.append((f"{variant}.P{ranks}", "apts-d", ranks, dict(options)))
+        for radius in _floats(args.radii):
+            runs.append(
+                (
+                    f"{variant}.P{args.radius_ranks}.r{radius:g}",
+                    "apts-d",
+                    args.radius_ranks,
+                    {**options, "radius": radius, "radius_max": max(2.0, radius)},
+                )
+            )
+    return runs
+
+
+def launch_run(run: tuple[str, str, int, dict[str, object]], args: argparse.Namespace) -> None:
+    name, optimizer, ranks, options = run
+    command = _common.train_command(ranks, "--problem", "mnist", "--data-dir", args.data_dir, "--model", args.model)
+    command += ["--optimizer", optimizer, "--batch-size", str(args.batch), "--epochs", str(args.epochs)]
+    _common.launch(name, command + _common.log_arguments(args, name) + _common.set_options(options))
+
+
+def report(runs: list[tuple[str, str, int, dict[str, object]]], args: argparse.Namespace) -> None:
+    outdir = Path(args.outdir)
+    header = f"{'run':<28}{'P':>3}{'acc%':>7}{'best%':>7}{'accepted':>10}{'median rho':>11}{'radius':>8}{'wall s':>8}"
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for name, optimizer, ranks, options in runs:
+        found = _common.evaluated_run(outdir, name, "val_accuracy", 28)
+        if found is None:
+            continue
+        run, acc = found[0], found[1] * 100
+        its = run.iterations
+        accepted = np.asarray(its["accepted"], dtype=float)
+        ratio = np.asarray(its["ratio"], dtype=float)
+        radius = np.asarray(its["radius"], dtype=float)
+        wall = float(np.asarray(run.evaluations["wall_time"], dtype=float)[-1])
+        row = {
+            "run": name,
+            "optimizer": optimizer,
+            "ranks": ranks,
+            "options": " ".join(f"{k}={v}" for k, v in options.items()),
+            "final_accuracy": round(float(acc[-1]), 3),
+            "best_accuracy": round(float(acc.max()), 3),
+            "accepted": f"{int(np.nansum(accepted))}/{len(accepted)}",
+            "median_ratio": round(float(np.nanmedian(ratio)), 3) if np.isfinite(ratio).any() else "",
+            "final_radius": round(float(radius[-1]), 4) if np.isfinite(radius[-1]) else "",
+            "wall_s": round(wall, 1),
+        }
+        rows.append(row)
+        print(
+            f"{name:<28}{ranks:>3}{row['final_accuracy']:>7.2f}{row['best_accuracy']:>7.2f}{row['accepted']:>10}"
+            f"{row['median_ratio']!s:>11}{row['final_radius']!s:>8}{wall:>8.0f}"
+        )
+    if not rows:
+        return
+    with open(outdir / "apts_scaling_accuracy.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    adam = [row["final_accuracy"] for row in rows if row["optimizer"] == "adam"]
+    if adam:
+        print(f"\nAdam's best of {len(adam)} learning rates: {max(adam):.2f} %")
+    _plot(rows, args, max(adam) if adam else None, outdir / "apts_scaling_accuracy.png")
+
+
+def _plot(rows: list[dict[str, object]], args: argparse.Namespace, adam_best: float | None, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweeping = bool(_floats(args.radii))
+    fig, axes = plt.subplots(1, 2 if sweeping else 1, figsize=(11 if sweeping else 6, 4), squeeze=False)
+    by_ranks, by_radius = axes[0][0], axes[0][-1]
+    for variant in args.variants.split(","):
+        points = [(r["ranks"], r["final_accuracy"]) for r in rows if r["run"] == f"{variant}.P{r['ranks']}"]
+        if points:
+            by_ranks.plot(*zip(*sorted(points)), marker="o", label=variant)
+        prefix = f"{variant}.P{args.radius_ranks}.r"
+        sweep = [
+            (float(str(r["run"])[len(prefix) :]), r["final_accuracy"]) for r in rows if str(r["run"]).startswith(prefix)
+        ]
+        if sweep:
+            by_radius.semilogx(*zip(*sorted(sweep)), marker="o", label=variant)
+    for axis in {by_ranks, by_radius}:
+        if adam_best is not None:
+            axis.axhline(adam_best, color="grey", linestyle="--", label="Adam, best lr (P = 2)")
+        axis.set_ylabel("final validation accuracy (%)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    by_ranks.set_xlabel("ranks P")
+    by_ranks.set_title(f"APTS-D, {args.model}, batch {args.batch}, {args.epochs} epochs")
+    if sweeping:
+        by_radius.set_xlabel(f"initial radius Δ₀ (P = {args.radius_ranks})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--outdir", default="runs/apts_scaling_accuracy")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--data-dir", default=_common.dataset_dir("mnist-full"))
+    parser.add_argument("--model", default="cnn-small")
+    parser.add_argument("--batch", type=int, default=10000)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--ranks", default="2,4,6,8", help="rank counts of the P sweep")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"a subset of {', '.join(VARIANTS)}")
+    parser.add_argument("--radii", default="1e-3,1e-2,1e-1,1,10", help="Δ₀ values of the radius sweep ('' for none)")
+    parser.add_argument("--radius-ranks", type=int, default=4)
+    parser.add_argument("--adam-lrs", default="1e-3,3e-3,1e-2", help="Adam's learning rates ('' for none)")
+    args = parser.parse_args()
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    runs = plan(args)
+    _common.run_study(args, runs, lambda run: launch_run(run, args), lambda: report(runs, args))
+
+
+if __name__ == "__main__":
+    main()

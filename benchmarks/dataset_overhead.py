@@ -1,0 +1,182 @@
+"""Overhead of training from a map-style ``Dataset`` instead of tensors in memory, per epoch.
+
+Run: ``mpiexec -n 2 python -m mpi4py benchmarks/dataset_overhead.py [--data-dir DIR] [--epochs N] [--csv FILE]``
+
+The same MNIST rows train the same model with APTS-D (identical losses, checked) given
+four ways through :func:`hpcopt.problem`:
+
+* ``tensors``: the in-memory fast path (each shard is an index into the tensors);
+* ``dataset``: a map-style ``Dataset`` over the same tensors, read by a ``DataLoader``
+  in the training process (``num_workers=0``);
+* ``dataset-1w``: the same with one reader process ahead of the optimizer (``num_workers=1``);
+* ``memmap-1w``: rows read from a memory-mapped ``.npy`` file on disk, one reader process:
+  a data set that need not fit in memory.
+
+Each variant trains ``--epochs`` epochs (evaluation included, once at the end); the
+variants alternate, ``--repeats`` rounds, and the table gives the median seconds per epoch
+and its ratio to ``tensors`` (goal: ≤ 1.10 with one reader process).  The ``read s``
+column is the time one rank takes to read its shards of one epoch and nothing else
+(reader start-up included): the cost of the path itself, apart from what a reader
+process takes from the ranks when they share too few cores.  Rank 0 prints the table
+and writes the CSV.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset
+
+import hpcopt
+from hpcopt.comm import Communicator
+from hpcopt.distributed.sharding import GlobalBatches
+from hpcopt.problems import make_problem, models
+
+
+class TensorRows(Dataset[tuple[Tensor, Tensor]]):
+    """Rows of tensors in memory, one ``__getitem__`` per row (the DataLoader path, no disk)."""
+
+    def __init__(self, inputs: Tensor, targets: Tensor) -> None:
+        self.inputs, self.targets = inputs, targets
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        return self.inputs[index], self.targets[index]
+
+
+class MemmapRows(Dataset[tuple[Tensor, Tensor]]):
+    """Rows of a ``.npy`` file read through a memory map: only the rows asked for are read."""
+
+    def __init__(self, inputs_path: Path, targets: Tensor) -> None:
+        self.inputs = np.load(inputs_path, mmap_mode="r")
+        self.targets = targets
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        return torch.from_numpy(np.array(self.inputs[index])), self.targets[index]
+
+
+def read_seconds(problem: hpcopt.Problem, batch_size: int, comm: Communicator, workers: int) -> float:
+    """Seconds to read this rank's shards of one epoch (no training)."""
+    batches = GlobalBatches(len(problem.train), batch_size, 0, comm.rank, comm.size)
+    start = time.perf_counter()
+    for _ in problem.train.batches(batches.epoch(0), num_workers=workers):
+        pass
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    default_data = Path(os.environ.get("HPCOPT_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
+    parser.add_argument("--data-dir", default=str(default_data / "mnist"))
+    parser.add_argument("--model", default="mlp", choices=("mlp", "cnn-small", "cnn"))
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=400)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of all variants (the median is reported)")
+    parser.add_argument("--limit", type=int, help="use only the first N training rows")
+    parser.add_argument("--csv", default="dataset_overhead.csv")
+    args = parser.parse_args()
+    comm = Communicator()
+    torch.set_num_threads(1)
+
+    options = {} if args.limit is None else {"limit": args.limit}
+    mnist = make_problem("mnist", data_dir=args.data_dir, options=options)
+    train, val = (mnist.train.inputs, mnist.train.targets), (mnist.val.inputs, mnist.val.targets)
+    folder = Path(comm.bcast_object(tempfile.mkdtemp(prefix="hpcopt-memmap-") if comm.is_root else None))
+    if comm.is_root:
+        np.save(folder / "train.npy", train[0].numpy())
+        np.save(folder / "val.npy", val[0].numpy())
+    comm.barrier()
+    builder = getattr(models, args.model.replace("-", "_"))
+
+    variants: dict[str, tuple[Callable[[], hpcopt.Problem], int]] = {
+        "tensors": (lambda: hpcopt.problem(builder, F.cross_entropy, train, val, metric="accuracy"), 0),
+        "dataset": (
+            lambda: hpcopt.problem(builder, F.cross_entropy, TensorRows(*train), TensorRows(*val), metric="accuracy"),
+            0,
+        ),
+        "dataset-1w": (
+            lambda: hpcopt.problem(builder, F.cross_entropy, TensorRows(*train), TensorRows(*val), metric="accuracy"),
+            1,
+        ),
+        "memmap-1w": (
+            lambda: hpcopt.problem(
+                builder,
+                F.cross_entropy,
+                MemmapRows(folder / "train.npy", train[1]),
+                MemmapRows(folder / "val.npy", val[1]),
+                metric="accuracy",
+            ),
+            1,
+        ),
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    reading: dict[str, list[float]] = {name: [] for name in variants}
+    losses: dict[str, list[float]] = {}
+    steps = 0
+    for _ in range(args.repeats):
+        for name, (make, workers) in variants.items():
+            result = hpcopt.train(
+                make(),
+                optimizer="apts-d",
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                eval_every=args.epochs,
+                num_workers=workers,
+                quiet=True,
+                comm=comm,
+            )
+            # The slowest rank's time is the epoch's time.
+            seconds[name].append(comm.allreduce_scalars([result.wall_time], op="max")[0] / args.epochs)
+            losses.setdefault(name, result.losses)
+            reading[name].append(read_seconds(make(), args.batch_size, comm, workers))
+            steps = result.steps
+    same = all(run == losses["tensors"] for run in losses.values())
+    if not comm.is_root:
+        return
+    base = statistics.median(seconds["tensors"])
+    rows = [
+        {
+            "variant": name,
+            "num_workers": variants[name][1],
+            "ranks": comm.size,
+            "model": args.model,
+            "steps_per_epoch": steps // args.epochs,
+            "seconds_per_epoch": statistics.median(times),
+            "ratio": statistics.median(times) / base,
+            "read_seconds_per_epoch": statistics.median(reading[name]),
+        }
+        for name, times in seconds.items()
+    ]
+    print(f"MNIST {len(train[1])} train rows, {args.model}, APTS-D, {comm.size} ranks, batch {args.batch_size}")
+    print(f"{'variant':<12} {'workers':>7} {'s/epoch':>9} {'ratio':>6} {'read s':>7}")
+    for row in rows:
+        print(
+            f"{row['variant']:<12} {row['num_workers']:>7} {row['seconds_per_epoch']:>9.3f} {row['ratio']:>6.3f} "
+            f"{row['read_seconds_per_epoch']:>7.3f}"
+        )
+    print(f"identical losses in every variant: {'yes' if same else 'NO'}")
+    with open(args.csv, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {args.csv}")
+
+
+if __name__ == "__main__":
+    main()

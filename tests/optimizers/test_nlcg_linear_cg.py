@@ -1,0 +1,120 @@
+"""NLCG with M = I and an exact line search on a quadratic is linear CG (docs/algorithms.md §5).
+
+On f(θ) = ½θᵀAθ − bᵀθ, Fletcher–Reeves and Polak–Ribière coincide with linear CG
+when every step length is the exact minimiser along d, α = −gᵀd / dᵀAd (successive
+gradients are then orthogonal, so rₖᵀrₖ₋₁ = 0).  The optimizer's own direction code
+(:meth:`NLCG.search_direction`) is driven with that α, and its iterates are compared
+with scipy's linear CG on the normal equations of the least-squares problem.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.sparse.linalg import cg
+
+from hpcopt.errors import ConfigError
+from hpcopt.optimizers import NLCG, make_config
+from tests.conftest import ObjectiveFactory
+
+pytestmark = pytest.mark.timeout(60)
+
+OPTIONS = {"n": 400, "dim": 6, "noise": 0.3}
+
+
+#: Column scales of the inputs: they spread A's eigenvalues over ~0.1 … ~10, so CG needs every iteration.
+SCALES = torch.tensor([0.3, 0.5, 1.0, 1.5, 2.0, 3.0])
+
+
+def _stretched_objective(objective_factory: ObjectiveFactory):
+    """The least-squares objective on scaled inputs, this rank's contiguous shard of them."""
+    from hpcopt.comm import Communicator
+    from hpcopt.problems import make_problem
+
+    comm = Communicator()
+    problem = make_problem("quadratic", seed=0, options=OPTIONS)
+    size = len(problem.train) // comm.size
+    rows = slice(comm.rank * size, (comm.rank + 1) * size)
+    batch = problem.train.inputs[rows] * SCALES, problem.train.targets[rows]
+    objective = objective_factory(problem, batch=batch, comm=comm)
+    return objective, problem.train.inputs[: size * comm.size] * SCALES, problem.train.targets[: size * comm.size]
+
+
+def _normal_equations(inputs: torch.Tensor, targets: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """A and b of ½·mean((Xθ − y)²) = ½θᵀAθ − bᵀθ + const, in float64 (θ = weight, then bias)."""
+    design = np.concatenate([inputs.double().numpy(), np.ones((len(inputs), 1))], axis=1)
+    y = targets.double().numpy()
+    return design.T @ design / len(y), design.T @ y / len(y)
+
+
+def _scipy_cg_iterates(matrix: np.ndarray, rhs: np.ndarray, start: np.ndarray, iterations: int) -> list[np.ndarray]:
+    iterates: list[np.ndarray] = []
+    cg(matrix, rhs, x0=start, rtol=1e-14, atol=0.0, maxiter=iterations, callback=lambda x: iterates.append(x.copy()))
+    return iterates
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("beta", ["fr", "pr"])
+def test_identity_preconditioner_and_exact_line_search_is_linear_cg(
+    objective_factory: ObjectiveFactory, beta: str
+) -> None:
+    objective, inputs, targets = _stretched_objective(objective_factory)
+    # A large beta_max: linear CG's β = ‖rₖ‖²/‖rₖ₋₁‖² may exceed the paper's clip at 1.
+    optimizer = NLCG(objective, make_config("nlcg", {"beta": beta, "precondition": False, "beta_max": 1e6}))
+    matrix, rhs = _normal_equations(inputs, targets)
+    start = optimizer.flat.data.double().numpy().copy()
+    dimension = len(rhs)
+    expected = _scipy_cg_iterates(matrix, rhs, start, dimension)
+    assert len(expected) == dimension  # scipy did not stop early: every iterate is compared
+
+    iterates, betas = [], []
+    for _ in range(dimension):
+        _, grad = objective.value_and_grad()
+        direction, beta_used, _, _ = optimizer.search_direction(grad)
+        d = direction.double().numpy()
+        length = -float(grad.double().numpy() @ d) / float(d @ matrix @ d)
+        optimizer.move(direction, length)
+        iterates.append(optimizer.flat.data.double().numpy().copy())
+        betas.append(beta_used)
+
+    scale = np.linalg.norm(expected[-1])
+    for k, (ours, reference) in enumerate(zip(iterates, expected, strict=True)):
+        assert np.linalg.norm(ours - reference) <= 1e-3 * scale, f"iterate {k + 1}"  # float32 gradients
+    # n steps of CG on an n-dimensional quadratic reach the solution of Aθ = b.
+    solution = np.linalg.solve(matrix, rhs)
+    assert np.linalg.norm(iterates[-1] - solution) <= 1e-3 * np.linalg.norm(solution)
+    assert np.linalg.norm(iterates[1] - solution) > 1e-2 * np.linalg.norm(solution)  # not solved by one step
+    assert all(b > 0 for b in betas[1:])  # the conjugacy term is exercised at every step
+
+
+@pytest.mark.mpi(min_size=1)
+def test_fixed_step_lengths_do_not_reach_the_cg_iterates(objective_factory: ObjectiveFactory) -> None:
+    """The comparison above can fail: with the configured lr instead of the exact α, NLCG is not CG."""
+    objective, inputs, targets = _stretched_objective(objective_factory)
+    optimizer = NLCG(objective, make_config("nlcg", {"precondition": False, "loss_average": False, "lr": 0.1}))
+    matrix, rhs = _normal_equations(inputs, targets)
+    start = optimizer.flat.data.double().numpy().copy()
+    expected = _scipy_cg_iterates(matrix, rhs, start, len(rhs))
+    for _ in range(len(rhs)):
+        optimizer.step()
+    ours = optimizer.flat.data.double().numpy()
+    assert np.linalg.norm(ours - expected[-1]) > 1e-2 * np.linalg.norm(expected[-1])
+
+
+def test_beta_max_may_exceed_one_but_not_be_negative() -> None:
+    assert make_config("nlcg", {"beta_max": 1e6}).beta_max == 1e6
+    with pytest.raises(ConfigError, match="beta_max must be >= 0"):
+        make_config("nlcg", {"beta_max": -1.0})
+
+
+def test_search_direction_and_move_are_one_step(objective_factory: ObjectiveFactory) -> None:
+    """step() is search_direction() then move(lr·c): the hook drives the same code."""
+    first = NLCG(objective_factory("quadratic", options=OPTIONS), make_config("nlcg", {"loss_average": False}))
+    second = NLCG(objective_factory("quadratic", options=OPTIONS), make_config("nlcg", {"loss_average": False}))
+    for _ in range(4):
+        first.step()
+        _, grad = second.objective.value_and_grad()
+        direction, *_ = second.search_direction(grad)
+        second.move(direction, second.config.learning_rate(second.steps))
+    assert torch.equal(first.flat.data, second.flat.data)
