@@ -135,6 +135,7 @@ def test_requeue_mode_stops_requeues_and_resumes_bit_for_bit(slurm: SlurmCluster
     output = outdir / f"strong-sgd-P2-{job}.out"
 
     _wait(lambda: _rows(first) >= 4, 120, f"job {job} did not reach step 5\n{slurm.log_tail()}")
+    time.sleep(1.5)  # past the ranks' agreement after step 4 (step 5 pauses longer), as in test_preemption
     assert slurm.run("scancel", "--signal=USR1", job).returncode == 0
     # The requeued job waits out SLURM's hold before a restart (about 2 minutes); lift it.
     shown = lambda: slurm.run("scontrol", "show", "job", job).stdout  # noqa: E731

@@ -35,6 +35,8 @@ pytestmark = pytest.mark.timeout(120)
 # 5 steps per epoch, 3 epochs: step 5 ends epoch 1, step 7 is inside epoch 2.
 TRAIN = ["train", "--problem", "logistic", "--set", "problem.n=400", "--batch-size", "80", "--epochs", "3", "--quiet"]
 DEADLINE = 90  # seconds for one launch: start-up under load; a hang is far longer
+# Seconds between seeing a step's row in the log and signalling (the next step pauses 4 s).
+SETTLE = 1.5
 
 
 # --------------------------------------------------------------------- in-process
@@ -140,6 +142,10 @@ def _signal_during_step_5(process: subprocess.Popen, out: Path, sig: signal.Sign
     while _rows(out) < 4:
         assert process.poll() is None and time.monotonic() < deadline, "run ended or stalled before step 5"
         time.sleep(0.1)
+    # Row 4 is written just before the ranks agree on stopping after step 4: wait past
+    # that agreement (milliseconds; the pause of step 5 lasts 4 s), or the stop comes a
+    # step early on a loaded machine.
+    time.sleep(SETTLE)
     process.send_signal(sig)
 
 
@@ -241,6 +247,7 @@ def test_resumed_run_ends_with_the_uninterrupted_parameters_bit_for_bit(
     while _rows(first) < stop_step - 1:
         assert process.poll() is None and time.monotonic() < deadline
         time.sleep(0.1)
+    time.sleep(SETTLE)  # past the agreement after the previous step (see _signal_during_step_5)
     process.send_signal(signal.SIGTERM)
     returncode, stderr = _finish(process)
     assert returncode == EXIT_PREEMPTED, stderr
