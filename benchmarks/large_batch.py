@@ -172,10 +172,9 @@ def best_per_method(results: list[Result]) -> dict[tuple[str, int], Result]:
     return best
 
 
-def median_step_seconds(run: Run) -> float:
-    """Median wall time between consecutive steps, the first (start-up) left out."""
-    wall = np.asarray(run.iterations["wall_time"], dtype=float)
-    return float(np.median(np.diff(wall))) if len(wall) > 2 else float("nan")
+def step_seconds(run: Run) -> np.ndarray:
+    """Wall time between consecutive steps, the first (start-up) left out."""
+    return np.diff(np.asarray(run.iterations["wall_time"], dtype=float))
 
 
 def time_steps(best: dict[tuple[str, int], Result], args: argparse.Namespace) -> dict[tuple[str, int], float]:
@@ -184,8 +183,9 @@ def time_steps(best: dict[tuple[str, int], Result], args: argparse.Namespace) ->
     On a shared machine the load changes between runs that last minutes, so the runs'
     own step times compare the load as much as the methods.  Here every method's best
     configuration runs ``--timing-steps`` steps, all methods one after the other, in
-    ``--timing-rounds`` rounds; a method's ratio is the median over the rounds of its
-    median step time over Adam's in the same round.  Logs: ``OUTDIR/timing/``.
+    ``--timing-rounds`` rounds.  Other jobs only ever add time, so a method's cost is its
+    least-disturbed step, the minimum over all its timed steps (as ``timeit`` reports),
+    and its ratio is that over Adam's.  Logs: ``OUTDIR/timing/``.
     """
     timing_dir = Path(args.outdir) / "timing"
     timing_dir.mkdir(parents=True, exist_ok=True)
@@ -203,13 +203,12 @@ def time_steps(best: dict[tuple[str, int], Result], args: argparse.Namespace) ->
                 command += ["--out", str(path), "--overwrite", "--quiet", *_common.set_options(config.options)]
                 _common.launch(path.stem, command)
             if path.exists():
-                seconds[key].append(median_step_seconds(load_run(path)))
+                seconds[key].extend(step_seconds(load_run(path)).tolist())
     ratios = {}
     for (method, batch), times in seconds.items():
         adam = seconds.get(("adam", batch), [])
-        pairs = [t / a for t, a in zip(times, adam, strict=False) if np.isfinite(t) and np.isfinite(a) and a > 0]
-        if pairs:
-            ratios[(method, batch)] = float(np.median(pairs))
+        if times and adam:
+            ratios[(method, batch)] = min(times) / min(adam)
     return ratios
 
 
@@ -293,14 +292,17 @@ def write_figure(best: dict[tuple[str, int], Result], path: Path) -> None:
     # from 10 points under the worst final accuracy, so that every method's last epochs show
     bottom = max(0.0, min(80.0, min(float(result.accuracy[-1]) for result in best.values()) - 10.0))
     fig, axes = plt.subplots(len(batches), 2, figsize=(11, 4 * len(batches)), squeeze=False)
+    methods = sorted({method for method, _batch in best})
+    colors = {method: f"C{index}" for index, method in enumerate(methods)}  # one colour per method in every panel
     for row, batch in zip(axes, batches, strict=True):
         for (method, b), result in sorted(best.items()):
             if b != batch:
                 continue
             lr = f", lr {result.config.lr:g}" if result.config.lr is not None else ""
             label = f"{method}{lr} ({result.accuracy[-1]:.2f} %)"
-            row[0].plot(result.eval_steps, result.accuracy, marker="o", markersize=3, label=label)
-            row[1].plot(result.eval_wall, result.accuracy, marker="o", markersize=3, label=label)
+            style = {"marker": "o", "markersize": 3, "color": colors[method], "label": label}
+            row[0].plot(result.eval_steps, result.accuracy, **style)
+            row[1].plot(result.eval_wall, result.accuracy, **style)
         for ax, xlabel in zip(row, ("steps", "wall time (s)"), strict=True):
             ax.set_xlabel(xlabel)
             ax.set_ylabel("validation accuracy (%)")

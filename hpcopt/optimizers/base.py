@@ -26,7 +26,7 @@ from hpcopt.distributed.objective import Objective
 from hpcopt.distributed.sharding import contiguous_slice
 from hpcopt.kernels import Kernels, fused_backend
 from hpcopt.numerics.flat import FlatParameters
-from hpcopt.problems.base import Problem
+from hpcopt.problems.base import Problem, evaluation_mode
 
 
 def _copied(value: Any) -> Any:
@@ -141,7 +141,10 @@ class Optimizer(abc.ABC):
         """
         comm, flat = self.objective.comm, self.flat
         part = problem.val.subset(contiguous_slice(len(problem.val), comm.rank, comm.size))
-        sums = problem.eval_sums(flat.functional(flat.data), part).to(torch.float64)
+        # The functional closure runs the module as it is: switch the module itself to
+        # eval mode (dropout off, batch norm on its running statistics, left unchanged).
+        with evaluation_mode(flat.model):
+            sums = problem.eval_sums(flat.functional(flat.data), part).to(torch.float64)
         comm.allreduce_(sums, reuse=False)
         return problem.eval_metrics(sums)
 

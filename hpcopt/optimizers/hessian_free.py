@@ -265,7 +265,7 @@ class HessianFree(Optimizer):
         loss, grad_view = self.objective.value_and_grad()
         if not math.isfinite(loss):
             raise NonFiniteError(
-                f"hf: the mini-batch loss is {loss} at step {self.steps}; a Newton step cannot start from a "
+                f"hf: the mini-batch loss is {loss} at step {self.steps + 1}; a Newton step cannot start from a "
                 "non-finite value (lower the damping's floor or check the data)"
             )
         grad = grad_view.clone()

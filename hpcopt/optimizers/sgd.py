@@ -62,11 +62,15 @@ def linear_warmup(lr: float, step: int, warmup_steps: int) -> float:
     return lr
 
 
-def check_finite_loss(name: str, loss: float, step: int) -> None:
-    """Methods without a trust region cannot reject a step: stop instead of training on NaN."""
+def check_finite_loss(name: str, loss: float, steps_taken: int) -> None:
+    """Methods without a trust region cannot reject a step: stop instead of training on NaN.
+
+    ``steps_taken`` counts the steps before this one; the message names this step as
+    the run log numbers it (from 1).
+    """
     if not torch.isfinite(torch.tensor(loss)):
         raise NonFiniteError(
-            f"{name}: the mini-batch loss is {loss} at step {step}; stopping instead of training on "
+            f"{name}: the mini-batch loss is {loss} at step {steps_taken + 1}; stopping instead of training on "
             "non-finite values (lower the learning rate)"
         )
 

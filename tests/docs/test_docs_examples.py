@@ -95,6 +95,7 @@ DATASETS = {
         "t10k-labels-idx1-ubyte*",
         re.compile(r"mnist|apts_scaling_accuracy|krylov_rate|checkpoint_cost|large_batch|scaling\.py"),
     ),
+    "mnist-full": ("train-labels-idx1-ubyte*", re.compile(r"mnist-full")),
     "tinyshakespeare": ("input.txt", re.compile(r"tinyshakespeare|lm_study")),
 }
 

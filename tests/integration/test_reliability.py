@@ -76,7 +76,7 @@ def test_sgd_and_adam_stop_with_one_line_instead_of_training_on_nan(
     code = cli.main([*argv, "--optimizer", optimizer, "--out", str(out)])
     lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("hpcopt: error:")]
     assert code == 2
-    assert lines == [f"hpcopt: error: {optimizer}: the mini-batch loss is nan at step 2; stopping instead of "
+    assert lines == [f"hpcopt: error: {optimizer}: the mini-batch loss is nan at step 3; stopping instead of "
                      "training on non-finite values (lower the learning rate)"]  # fmt: skip
     if comm.is_root:
         with h5py.File(out, "r") as log:  # the log keeps the two good steps and says "failed"

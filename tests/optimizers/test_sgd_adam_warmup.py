@@ -9,6 +9,7 @@ from hpcopt.errors import ConfigError
 from hpcopt.optimizers import make_config
 from hpcopt.optimizers.adam import Adam
 from hpcopt.optimizers.sgd import SGD, linear_warmup
+from hpcopt.problems.base import Problem
 from tests.conftest import ObjectiveFactory
 
 pytestmark = pytest.mark.timeout(60)
@@ -26,7 +27,7 @@ def test_linear_warmup_schedule() -> None:
             make_config(name, {"warmup_steps": -1})
 
 
-def _gradient(problem, theta: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
+def _gradient(problem: Problem, theta: torch.Tensor) -> torch.Tensor:
     """∇ of ½·mean((Xθ − y)²) in float64, θ = weight then bias, over the rows the objective holds."""
     design = torch.cat([problem.train.inputs, torch.ones(len(problem.train), 1)], 1).double()
     targets = problem.train.targets.double()

@@ -141,6 +141,9 @@ def test_mnist_full_set_uses_train_files(tmp_path: Path) -> None:
 def test_mnist_missing_data_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(DataError, match=r"does not exist \(set it with --data-dir\)"):
         make_problem("mnist", data_dir=str(tmp_path / "absent"))
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(DataError, match=r"is a file, not a directory"):
+        make_problem("mnist", data_dir=str(tmp_path / "a-file"))
     with pytest.raises(DataError, match=r"no t10k-images-idx3-ubyte\[\.gz\] in .*--data-dir"):
         make_problem("mnist", data_dir=str(tmp_path))
     monkeypatch.delenv("HPCOPT_DATA_DIR", raising=False)

@@ -212,7 +212,7 @@ class APTSD(Optimizer):
         loss, grad_view = objective.reduce_value_and_grad(loss_local, grad_local)
         if not math.isfinite(loss):
             raise NonFiniteError(
-                f"apts-d: the loss at the current parameters is {loss} (step {self.steps}); "
+                f"apts-d: the loss at the current parameters is {loss} (step {self.steps + 1}); "
                 "the trust region cannot recover from a non-finite starting value"
             )
         grad = grad_view.clone()

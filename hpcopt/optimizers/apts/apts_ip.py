@@ -355,7 +355,7 @@ class APTSIP(Optimizer):
         self.pipeline.comm.allreduce_(scalars)
         loss, pred, step_norm = float(scalars[0]), float(scalars[1]), math.sqrt(float(scalars[2]))
         if not math.isfinite(loss):
-            raise NonFiniteError(f"apts-ip: the loss at the current parameters is {loss} (step {self.steps})")
+            raise NonFiniteError(f"apts-ip: the loss at the current parameters is {loss} (step {self.steps + 1})")
 
         self.flat.copy_(theta_k + step)
         trial_loss = objective.value()

@@ -141,6 +141,8 @@ def find_mnist_dir(data_dir: str | os.PathLike[str] | None) -> Path:
                 "t10k-images-idx3-ubyte[.gz]) or set HPCOPT_DATA_DIR"
             )
     root = Path(data_dir).expanduser()
+    if root.exists() and not root.is_dir():
+        raise DataError(f"mnist: --data-dir {root} is a file, not a directory (give the folder that holds it)")
     if not root.is_dir():
         raise DataError(f"mnist: data directory {root} does not exist (set it with --data-dir)")
     for folder in (root, root / "mnist"):
