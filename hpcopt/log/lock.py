@@ -58,16 +58,26 @@ def same_file(first: str, second: str) -> bool:
         return False  # one of them does not exist yet
 
 
-def _process_start(pid: int) -> str:
-    """The start time of process ``pid`` in clock ticks since boot ("" when unknown), to tell reused pids apart."""
+def _process_stat(pid: int) -> tuple[str, str]:
+    """``(state, start time)`` of process ``pid`` from ``/proc`` (``("", "")`` when unknown).
+
+    The start time (clock ticks since boot) tells reused pids apart; the state tells a
+    killed process that its parent has not reaped yet (``Z``, ``X``) from a live one.
+    """
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
             text = stat.read()
     except OSError:
-        return ""
-    # Field 22 is the start time; field 2 (the command) is in parentheses and may hold spaces.
+        return "", ""
+    # Field 3 is the state, field 22 the start time; field 2 (the command) is in
+    # parentheses and may hold spaces.
     fields = text.rpartition(")")[2].split()
-    return fields[19] if len(fields) > 19 else ""
+    return (fields[0] if fields else ""), (fields[19] if len(fields) > 19 else "")
+
+
+def _process_start(pid: int) -> str:
+    """The start time of process ``pid`` in clock ticks since boot ("" when unknown)."""
+    return _process_stat(pid)[1]
 
 
 def _alive(pid: int, started: str) -> bool:
@@ -80,7 +90,9 @@ def _alive(pid: int, started: str) -> bool:
         pass  # exists, owned by another user
     except OSError:
         return True  # cannot tell: treat as alive, the safe side
-    now = _process_start(pid)
+    state, now = _process_stat(pid)
+    if state in ("Z", "X"):
+        return False  # killed, not yet reaped (its launcher died with it): it writes nothing
     return not (started and now and now != started)
 
 

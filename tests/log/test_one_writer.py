@@ -39,6 +39,20 @@ def _wait_for(path: Path, seconds: float) -> None:
         time.sleep(0.2)
 
 
+def _holder_running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _wait_until_gone(pid: int, seconds: float = 20) -> None:
+    deadline = time.monotonic() + seconds
+    while _holder_running(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 def test_a_log_held_by_a_live_job_is_refused_and_its_stale_lock_removed_after_a_kill(tmp_path: Path) -> None:
     log = tmp_path / "r.h5"
     first = subprocess.Popen(
@@ -68,6 +82,7 @@ def test_a_log_held_by_a_live_job_is_refused_and_its_stale_lock_removed_after_a_
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait(timeout=30)
+    _wait_until_gone(holder["pid"])  # mpiexec is gone; its ranks die with it but may take a moment (seen in CI)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["r.h5", "r.h5.lock"]  # SIGKILL: a stale lock
     third = run_hpcopt(
         [*TRAIN, "--optimizer", "sgd", "--epochs", "1", "--out", str(log), "--overwrite"], ranks=2, timeout=DEADLINE
@@ -82,14 +97,21 @@ def test_a_log_held_by_a_live_job_is_refused_and_its_stale_lock_removed_after_a_
 def test_an_abort_while_the_log_is_created_leaves_no_unreadable_file(tmp_path: Path) -> None:
     log = tmp_path / "r.h5"
     args = [*TRAIN, "--optimizer", "sgd", "--epochs", "1", "--out", str(log)]
+    # A 1 µs deadline aborts at the first collective that does not complete at once: on a
+    # loaded machine during start-up, on an idle one possibly never (then the run completes).
+    # Either way no unreadable file may be left at the log's name, and a rerun must work.
     aborted = run_hpcopt([*args, "--collective-timeout", "0.000001"], ranks=2, timeout=DEADLINE)
-    assert aborted.returncode != 0
-    assert "did not complete within --collective-timeout" in aborted.stderr
     assert "Traceback" not in aborted.stderr
+    if aborted.returncode != 0:
+        assert "did not complete within --collective-timeout" in aborted.stderr
     for path in tmp_path.iterdir():  # a log, if any, is whole; no temporary file is left at a log's name
         assert path.name in ("r.h5", "r.h5.lock") or path.name.startswith("r.h5.tmp-"), path
         if path.name == "r.h5":
-            assert load_run(path).status in ("failed", "running")
+            expected = ("failed", "running") if aborted.returncode != 0 else ("completed",)
+            assert load_run(path).status in expected
+    lock = tmp_path / "r.h5.lock"
+    if lock.exists():  # MPI_Abort killed rank 0 holding it; the kill may take a moment to land
+        _wait_until_gone(json.loads(lock.read_text())["pid"])
     rerun = run_hpcopt([*args, "--overwrite"], ranks=2, timeout=DEADLINE)
     assert rerun.returncode == 0, rerun.stderr
     assert sorted(path.name for path in tmp_path.iterdir()) == ["r.h5"]
