@@ -85,7 +85,7 @@ def main() -> None:
     default_data = Path(os.environ.get("HPCOPT_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
     parser.add_argument("--data-dir", default=str(default_data / "mnist"))
     parser.add_argument("--model", default="mlp", choices=("mlp", "cnn-small", "cnn"))
-    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=400)
     parser.add_argument("--repeats", type=int, default=3, help="rounds of all variants (the median is reported)")
     parser.add_argument("--limit", type=int, help="use only the first N training rows")

@@ -70,6 +70,9 @@ class Dataset:
         for index in indices:
             yield self.subset(index)
 
+    def close(self) -> None:
+        """End the reader processes of :meth:`batches`: rows in memory have none."""
+
 
 #: Problem options keep the wording their errors had before they shared :mod:`hpcopt.config`.
 PROBLEM_WORDING = Wording(

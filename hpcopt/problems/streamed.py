@@ -43,39 +43,62 @@ def check_pair(row: Any, index: int, what: str) -> Row:
     return row[0], row[1]
 
 
-class _IndexedRows(TorchDataset[tuple[int, Row]]):
-    """``dataset[i]`` with its index, so that a bad row can be named from inside a reader process."""
+def _stack(rows: list[Any], indices: Sequence[int], what: str) -> tuple[Tensor, Tensor]:
+    """Rows ``indices`` (as read: ``rows``) stacked into ``(inputs, targets)``.
+
+    The rows are stacked first and checked only when stacking fails: a check of every row
+    in Python cost as much as reading them.  A bad row is then a :class:`DataError` naming it.
+    """
+    if not all(isinstance(row, (tuple, list)) and len(row) == 2 for row in rows):
+        for row, index in zip(rows, indices):
+            check_pair(row, index, what)
+    try:
+        inputs, targets = default_collate(rows)
+    except (RuntimeError, TypeError, ValueError) as error:
+        first_input, first_target = rows[0]
+        for (value, target), index in zip(rows, indices):
+            if _shape(value) != _shape(first_input) or _shape(target) != _shape(first_target):
+                raise DataError(
+                    f"{what} rows disagree in shape: row {indices[0]} has input {_shape(first_input)} and "
+                    f"target {_shape(first_target)}, row {index} has input {_shape(value)} and target {_shape(target)}"
+                ) from None
+        raise DataError(f"{what} rows {indices[0]}..{indices[-1]} cannot be stacked: {error}") from None
+    return torch.as_tensor(inputs), torch.as_tensor(targets)
+
+
+class _Rows(TorchDataset[Any]):
+    """The user's dataset read a batch of rows at a time (``DataLoader`` calls ``__getitems__``).
+
+    Reading and stacking a shard happen in one call, in the reader process when there is
+    one; the user's own ``__getitems__``, if the dataset has one, reads the rows.
+    """
 
     def __init__(self, dataset: TorchDataset[Any], what: str) -> None:
         self.dataset = dataset
         self.what = what
 
-    def __getitem__(self, index: int) -> tuple[int, Row]:
-        return index, check_pair(self.dataset[index], index, self.what)
+    def __getitem__(self, index: int) -> Row:
+        return check_pair(self.dataset[index], index, self.what)
+
+    def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
+        getitems = getattr(self.dataset, "__getitems__", None)
+        rows = getitems(indices) if callable(getitems) else [self.dataset[index] for index in indices]
+        return _stack(rows, indices, self.what)
 
 
-class _Collate:
-    """Stack indexed rows into ``(inputs, targets)``; rows that disagree in shape are a :class:`DataError`."""
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-
-    def __call__(self, rows: Sequence[tuple[int, Row]]) -> tuple[Tensor, Tensor]:
-        first_index, (first_input, first_target) = rows[0]
-        for index, (value, target) in rows[1:]:
-            if _shape(value) != _shape(first_input) or _shape(target) != _shape(first_target):
-                raise DataError(
-                    f"{self.what} rows disagree in shape: row {first_index} has input {_shape(first_input)} and "
-                    f"target {_shape(first_target)}, row {index} has input {_shape(value)} and target {_shape(target)}"
-                )
-        inputs, targets = default_collate([row for _, row in rows])
-        return torch.as_tensor(inputs), torch.as_tensor(targets)
+def _stacked(batch: Any) -> Any:
+    """The loader's ``collate_fn``: :meth:`_Rows.__getitems__` has stacked the shard already."""
+    return batch
 
 
 class _IndexLists(Sampler[list[int]]):
-    """A batch sampler: the given index lists, in order (the DataLoader asks only for ``iter``)."""
+    """A batch sampler: the given index lists, in order (the DataLoader asks only for ``iter``).
 
-    def __init__(self, lists: Iterable[list[int]]) -> None:
+    ``lists`` may be replaced between epochs: the loader's main process draws the index
+    lists, so a persistent loader reads the new epoch's lists without restarting its readers.
+    """
+
+    def __init__(self, lists: Iterable[list[int]] = ()) -> None:
         super().__init__()
         self.lists = lists
 
@@ -96,8 +119,11 @@ class StreamedRows:
         self.dataset = dataset
         self.rows = rows
         self.what = what
-        self._indexed = _IndexedRows(dataset, what)
-        self._collate = _Collate(what)
+        self._rows = _Rows(dataset, what)
+        # One loader per reader count, kept across epochs so that its reader processes start
+        # once per run, not once per epoch (forking a process that holds torch is not free).
+        self._loaders: dict[int, tuple[DataLoader[Any], _IndexLists]] = {}
+        self._reading = False
 
     def __len__(self) -> int:
         return len(self.rows) if self.rows is not None else len(self.dataset)  # type: ignore[arg-type]
@@ -114,14 +140,13 @@ class StreamedRows:
 
     def read(self, positions: Tensor) -> Dataset:
         """The rows at ``positions`` of this view, read now and stacked."""
-        indices = self._dataset_rows(positions)
-        inputs, targets = self._collate([self._indexed[i] for i in indices])
+        inputs, targets = self._rows.__getitems__(self._dataset_rows(positions))
         return Dataset(inputs, targets)
 
     def row(self, position: int) -> Row:
         """One row of this view as the dataset returns it (for start-up checks)."""
         index = self._dataset_rows(torch.tensor([position]))[0]
-        return self._indexed[index][1]
+        return self._rows[index]
 
     def chunks(self, size: int = EVAL_CHUNK) -> Iterator[Dataset]:
         """Consecutive rows, at most ``size`` at a time, each chunk read when it is reached."""
@@ -135,14 +160,36 @@ class StreamedRows:
         computes; with 0 each shard is read when it is reached.
         """
         lists = (self._dataset_rows(index) for index in indices)
+        if self._reading:
+            # Another read of this view is still open: it owns the kept loader, so this one
+            # gets its own (a caller interleaving two epochs' batches; not hpcopt's trainer).
+            loader, sampler = self._new_loader(num_workers)
+        else:
+            if num_workers not in self._loaders:
+                self._loaders[num_workers] = self._new_loader(num_workers)
+            loader, sampler = self._loaders[num_workers]
+        sampler.lists = lists
+        reading, self._reading = self._reading, True
+        try:
+            for inputs, targets in loader:
+                yield Dataset(inputs, targets)
+        finally:
+            self._reading = reading
+
+    def close(self) -> None:
+        """End the reader processes kept between epochs (the next :meth:`batches` starts new ones)."""
+        self._loaders.clear()
+
+    def _new_loader(self, num_workers: int) -> tuple[DataLoader[Any], _IndexLists]:
+        sampler = _IndexLists()
         loader = DataLoader(
-            self._indexed,
-            batch_sampler=_IndexLists(lists),
+            self._rows,
+            batch_sampler=sampler,
             num_workers=num_workers,
-            collate_fn=self._collate,
+            collate_fn=_stacked,
+            persistent_workers=num_workers > 0,
         )
-        for inputs, targets in loader:
-            yield Dataset(inputs, targets)
+        return loader, sampler
 
     @property
     def inputs(self) -> Tensor:

@@ -9,6 +9,7 @@ Order of work, chosen so that bad input never hangs a job:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -383,7 +384,8 @@ def _train(
         every=cfg.progress_every,
         seconds=cfg.progress_seconds,
     )
-    with log, progress:
+    # closing(problem.train): a user's Dataset keeps its reader processes across epochs; they end here.
+    with log, progress, contextlib.closing(problem.train):
         log.open(attributes, metric_names=metric_names)
         start = time.perf_counter()
         comm_seconds_at_start = comm.stats.seconds

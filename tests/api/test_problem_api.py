@@ -8,6 +8,8 @@ and curvature products run once on a few rows).  Both are tested here in one pro
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -96,6 +98,36 @@ def test_a_dataset_becomes_rows_read_on_demand_and_tensors_stay_in_memory() -> N
         DataError, match=r"train rows disagree in shape: row 6 has input \(3,\).*row 7 has input \(2,\)"
     ):
         list(odd.train.batches([torch.tensor([6, 7])]))
+
+
+class ReaderPids(Dataset[tuple[Tensor, Tensor]]):
+    """Row i is (i, the pid of the process that read it): shows which process reads each row."""
+
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        return torch.tensor([float(index)]), torch.tensor(os.getpid())
+
+
+def test_reader_processes_are_kept_across_epochs_and_end_on_close() -> None:
+    rows = StreamedRows(ReaderPids())
+    epoch = [torch.tensor([3, 1]), torch.tensor([5, 0]), torch.tensor([2, 4])]
+
+    def read_epoch() -> tuple[list[list[float]], set[int]]:
+        shards = list(rows.batches(epoch, num_workers=1))
+        return [s.inputs[:, 0].tolist() for s in shards], {int(p) for s in shards for p in s.targets}
+
+    first, first_pids = read_epoch()
+    # An epoch left half-read (a run stopped mid-epoch) does not disturb the next one.
+    next(iter(rows.batches(epoch, num_workers=1)))
+    second, second_pids = read_epoch()
+    assert first == second == [[3.0, 1.0], [5.0, 0.0], [2.0, 4.0]]
+    assert len(first_pids) == 1 and first_pids == second_pids and os.getpid() not in first_pids
+    rows.close()
+    _, third_pids = read_epoch()
+    assert third_pids.isdisjoint(first_pids)
+    rows.close()
 
 
 def test_default_batch_and_names() -> None:
