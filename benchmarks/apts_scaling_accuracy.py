@@ -17,7 +17,12 @@ tuned baseline (best of ``--adam-lrs``).  Variants (APTS-D ``--set`` options):
 * ``sum-model`` / ``average-model``: the same with ``predicted=model`` (ρ divides by the
   decrease the global L-SR1 model predicts for the combined step);
 * ``average-fast``: ``combine=average`` with ``gamma_inc=2`` (the radius doubles after a
-  very successful boundary step instead of growing by 1.2).
+  very successful boundary step instead of growing by 1.2);
+* ``average-gn``: ``combine=average`` whose global pass is a Gauss–Newton trust-region
+  step on the whole batch (``global_solver=steihaug``, ``curvature=ggn``, up to 20 CG
+  iterations), the pass the PINN defaults use: its curvature comes from all P shards,
+  so it does not thin out as P grows; with HF's radius factors (×2 on a very successful
+  boundary step, ×0.5 on a rejection) so that a badly chosen Δ₀ is left quickly.
 
 The Δ₀ sweep raises ``radius_max`` to Δ₀ where Δ₀ exceeds its default 2.
 
@@ -42,6 +47,14 @@ VARIANTS: dict[str, dict[str, object]] = {
     "sum-model": {"predicted": "model"},
     "average-model": {"combine": "average", "predicted": "model"},
     "average-fast": {"combine": "average", "gamma_inc": 2.0},
+    "average-gn": {
+        "combine": "average",
+        "gamma_inc": 2.0,
+        "gamma_dec": 0.5,
+        "global_solver": "steihaug",
+        "curvature": "ggn",
+        "max_cg_iterations": 20,
+    },
 }
 
 

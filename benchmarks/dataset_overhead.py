@@ -1,6 +1,6 @@
 """Overhead of training from a map-style ``Dataset`` instead of tensors in memory, per epoch.
 
-Run: ``mpiexec -n 2 python -m mpi4py benchmarks/dataset_overhead.py [--data-dir DIR] [--epochs N] [--csv FILE]``
+Run: ``mpiexec -n 2 python -m mpi4py benchmarks/dataset_overhead.py [--data-dir DIR] [--models M1,M2] [--epochs N]``
 
 The same MNIST rows train the same model with APTS-D (identical losses, checked) given
 four ways through :func:`hpcopt.problem`:
@@ -17,8 +17,10 @@ variants alternate, ``--repeats`` rounds, and the table gives the median seconds
 and its ratio to ``tensors`` (goal: ≤ 1.10 with one reader process).  The ``read s``
 column is the time one rank takes to read its shards of one epoch and nothing else
 (reader start-up included): the cost of the path itself, apart from what a reader
-process takes from the ranks when they share too few cores.  Rank 0 prints the table
-and writes the CSV.
+process takes from the ranks when they share too few cores.  Each model of ``--models``
+is measured in turn: the reading costs the same per step whatever the model, so its
+share of an epoch is largest for the cheapest model.  Rank 0 prints the table and
+writes the CSV and a PNG of the ratios.
 """
 
 from __future__ import annotations
@@ -84,12 +86,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     default_data = Path(os.environ.get("HPCOPT_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
     parser.add_argument("--data-dir", default=str(default_data / "mnist"))
-    parser.add_argument("--model", default="mlp", choices=("mlp", "cnn-small", "cnn"))
+    parser.add_argument("--models", default="mlp,cnn-small", help="comma-separated: mlp, cnn-small, cnn")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=400)
     parser.add_argument("--repeats", type=int, default=3, help="rounds of all variants (the median is reported)")
     parser.add_argument("--limit", type=int, help="use only the first N training rows")
     parser.add_argument("--csv", default="dataset_overhead.csv")
+    parser.add_argument("--png", default="dataset_overhead.png")
     args = parser.parse_args()
     comm = Communicator()
     torch.set_num_threads(1)
@@ -102,8 +105,44 @@ def main() -> None:
         np.save(folder / "train.npy", train[0].numpy())
         np.save(folder / "val.npy", val[0].numpy())
     comm.barrier()
-    builder = getattr(models, args.model.replace("-", "_"))
+    names = [name.strip() for name in args.models.split(",") if name.strip()]
+    unknown = [name for name in names if name not in ("mlp", "cnn-small", "cnn")]
+    if unknown:
+        parser.error(f"unknown model(s) {', '.join(unknown)}: choose from mlp, cnn-small, cnn")
+    rows: list[dict[str, object]] = []
+    same = True
+    for name in names:
+        model_rows, model_same = measure(name, args, comm, train, val, folder)
+        rows += model_rows
+        same = same and model_same
+    if not comm.is_root:
+        return
+    print(f"MNIST {len(train[1])} train rows, APTS-D, {comm.size} ranks, batch {args.batch_size}, {args.epochs} epochs")
+    print(f"{'model':<10} {'variant':<12} {'workers':>7} {'s/epoch':>9} {'ratio':>6} {'read s':>7}")
+    for row in rows:
+        print(
+            f"{row['model']:<10} {row['variant']:<12} {row['num_workers']:>7} {row['seconds_per_epoch']:>9.3f} "
+            f"{row['ratio']:>6.3f} {row['read_seconds_per_epoch']:>7.3f}"
+        )
+    print(f"identical losses in every variant: {'yes' if same else 'NO'}")
+    with open(args.csv, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {args.csv}")
+    write_figure(rows, Path(args.png), comm.size, args.batch_size)
 
+
+def measure(
+    model: str,
+    args: argparse.Namespace,
+    comm: Communicator,
+    train: tuple[Tensor, Tensor],
+    val: tuple[Tensor, Tensor],
+    folder: Path,
+) -> tuple[list[dict[str, object]], bool]:
+    """One model's rows of the table, and whether every variant gave the same losses."""
+    builder = getattr(models, model.replace("-", "_"))
     variants: dict[str, tuple[Callable[[], hpcopt.Problem], int]] = {
         "tensors": (lambda: hpcopt.problem(builder, F.cross_entropy, train, val, metric="accuracy"), 0),
         "dataset": (
@@ -147,15 +186,13 @@ def main() -> None:
             reading[name].append(read_seconds(make(), args.batch_size, comm, workers))
             steps = result.steps
     same = all(run == losses["tensors"] for run in losses.values())
-    if not comm.is_root:
-        return
     base = statistics.median(seconds["tensors"])
-    rows = [
+    rows: list[dict[str, object]] = [
         {
+            "model": model,
             "variant": name,
             "num_workers": variants[name][1],
             "ranks": comm.size,
-            "model": args.model,
             "steps_per_epoch": steps // args.epochs,
             "seconds_per_epoch": statistics.median(times),
             "ratio": statistics.median(times) / base,
@@ -163,19 +200,48 @@ def main() -> None:
         }
         for name, times in seconds.items()
     ]
-    print(f"MNIST {len(train[1])} train rows, {args.model}, APTS-D, {comm.size} ranks, batch {args.batch_size}")
-    print(f"{'variant':<12} {'workers':>7} {'s/epoch':>9} {'ratio':>6} {'read s':>7}")
-    for row in rows:
-        print(
-            f"{row['variant']:<12} {row['num_workers']:>7} {row['seconds_per_epoch']:>9.3f} {row['ratio']:>6.3f} "
-            f"{row['read_seconds_per_epoch']:>7.3f}"
+    return rows, same
+
+
+def write_figure(rows: list[dict[str, object]], path: Path, ranks: int, batch_size: int) -> None:
+    """Bars of each variant's ratio to the in-memory path, one group per model, the goal as a line."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"no {path.name}: the figure needs matplotlib (pip install 'hpcopt[plot]')")
+        return
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    model_names = list(dict.fromkeys(str(row["model"]) for row in rows))
+    variant_names = list(dict.fromkeys(str(row["variant"]) for row in rows))
+    width = 0.8 / len(variant_names)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for v, variant in enumerate(variant_names):
+        ratios = [
+            float(str(row["ratio"]))
+            for m in model_names
+            for row in rows
+            if row["model"] == m and row["variant"] == variant
+        ]
+        bars = ax.bar(
+            [m + (v - (len(variant_names) - 1) / 2) * width for m in range(len(model_names))],
+            ratios,
+            width,
+            label=variant,
         )
-    print(f"identical losses in every variant: {'yes' if same else 'NO'}")
-    with open(args.csv, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {args.csv}")
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.axhline(1.10, color="k", linestyle="--", linewidth=1, label="goal with one reader: 1.10")
+    ax.set_xticks(range(len(model_names)), model_names)
+    ax.set_ylabel("seconds per epoch / in-memory tensors")
+    ax.set_ylim(0.9, max(1.2, max(float(str(row["ratio"])) for row in rows) + 0.05))
+    ax.set_title(f"Dataset path on MNIST (60 000 rows), APTS-D, {ranks} ranks, batch {batch_size}", fontsize=9)
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

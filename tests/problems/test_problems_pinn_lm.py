@@ -29,10 +29,17 @@ def _interface(diffusion: float):
     return net
 
 
-def test_poisson3d_residual_of_exact_solution_vanishes() -> None:
-    problem = make_problem("poisson3d", options={"interior": 50, "boundary": 30, "val_grid": 3})
-    outputs = problem.forward(lambda x: exact_solution(x)[:, None], problem.train.inputs.double())
-    assert float(problem.criterion(outputs, problem.train.targets.double())) < 1e-10
+@pytest.mark.parametrize("normalize", [True, False])
+def test_poisson3d_residual_of_exact_solution_vanishes(normalize: bool) -> None:
+    options = {"interior": 50, "boundary": 30, "val_grid": 3, "normalize_residual": normalize}
+    problem = make_problem("poisson3d", options=options)
+    inputs, targets = problem.train.inputs.double(), problem.train.targets.double()
+    outputs = problem.forward(lambda x: exact_solution(x)[:, None], inputs)
+    assert float(problem.criterion(outputs, targets)) < 1e-10
+    # Normalised, a residual row's target f / (3 pi^2) is u* itself, at most 1; else f, up to 3 pi^2.
+    residual = inputs[:, 3] < 0.5
+    expected = exact_solution(inputs[residual, :3]) * (1.0 if normalize else 3 * math.pi**2)
+    torch.testing.assert_close(targets[residual], expected, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["allen-cahn", "allen-cahn-time"])
