@@ -130,6 +130,37 @@ def test_reader_processes_are_kept_across_epochs_and_end_on_close() -> None:
     rows.close()
 
 
+class BatchedPairs(Pairs):
+    """A dataset that reads many rows in one call (torch's ``__getitems__``), counting the calls."""
+
+    def __init__(self, inputs: Tensor, targets: Tensor) -> None:
+        super().__init__(inputs, targets)
+        self.calls: list[list[int]] = []
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[Tensor, Tensor]]:
+        self.calls.append(list(indices))
+        return [(self.inputs[i], self.targets[i]) for i in indices]
+
+
+def test_a_shard_is_read_in_one_call_when_the_dataset_can() -> None:
+    dataset = BatchedPairs(X, Y)
+    rows = StreamedRows(dataset)
+    shards = list(rows.batches([torch.tensor([3, 1, 4]), torch.tensor([5])]))
+    assert dataset.calls == [[3, 1, 4], [5]]
+    assert torch.equal(shards[0].inputs, X[[3, 1, 4]]) and torch.equal(shards[1].targets, Y[[5]])
+
+
+def test_rows_that_cannot_be_stacked_are_named() -> None:
+    class Words(Pairs):
+        def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+            return self.inputs[index], "cat" if index == 2 else self.targets[index]  # type: ignore[return-value]
+
+    with pytest.raises(DataError, match=r"train rows 1\.\.2 cannot be stacked"):
+        StreamedRows(Words(X, Y)).read(torch.tensor([1, 2]))
+    with pytest.raises(DataError, match=r"train row 3 is a Tensor, not an \(input, target\) pair"):
+        StreamedRows(X).read(torch.tensor([3, 4]))  # type: ignore[arg-type]
+
+
 def test_default_batch_and_names() -> None:
     big = hpcopt.problem(linear, F.cross_entropy, train=(torch.randn(2500, 3), torch.zeros(2500).long()))
     assert big.default_batch_size == 1000 and big.name == "custom" and big.default_model == "linear"
