@@ -22,7 +22,9 @@ tuned baseline (best of ``--adam-lrs``).  Variants (APTS-D ``--set`` options):
   step on the whole batch (``global_solver=steihaug``, ``curvature=ggn``, up to 20 CG
   iterations), the pass the PINN defaults use: its curvature comes from all P shards,
   so it does not thin out as P grows; with HF's radius factors (×2 on a very successful
-  boundary step, ×0.5 on a rejection) so that a badly chosen Δ₀ is left quickly.
+  boundary step, ×0.5 on a rejection) so that a badly chosen Δ₀ is left quickly;
+* ``average-gn-step``: ``average-gn`` with ``shrink_to_step=true`` (a rejection shrinks
+  from min(Δ, ‖s‖), so a Δ₀ far above the steps' length is left at the first rejection).
 
 The Δ₀ sweep raises ``radius_max`` to Δ₀ where Δ₀ exceeds its default 2.
 
@@ -56,6 +58,7 @@ VARIANTS: dict[str, dict[str, object]] = {
         "max_cg_iterations": 20,
     },
 }
+VARIANTS["average-gn-step"] = {**VARIANTS["average-gn"], "shrink_to_step": True}
 
 
 def _floats(text: str) -> list[float]:

@@ -87,7 +87,7 @@ BENCHMARK_ARGUMENTS = {
     "checkpoint_cost.py": "--steps 1 --models mlp",
     "kernels.py": "--sizes 1e4 --repeats 2",
     "scaling.py": "--steps 1",
-    "dataset_overhead.py": "--limit 2000 --repeats 1",
+    "dataset_overhead.py": "--limit 2000 --repeats 1 --epochs 1 --models mlp",
 }
 # Which blocks need which dataset: (file that shows it is there, what in a block uses it).
 DATASETS = {

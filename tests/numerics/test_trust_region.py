@@ -94,6 +94,19 @@ def test_policy_presets() -> None:
     assert decide(local, 1.0, 1.0, 0.0, 1.0, 1.0).radius == pytest.approx(1.5)
 
 
+def test_shrink_to_step_shrinks_from_the_shorter_of_radius_and_step() -> None:
+    to_step = dataclasses.replace(DEFAULT, shrink_to_step=True, gamma_dec=0.5)
+    # A rejected interior step of length 0.2 inside radius 10: the next radius is 0.1, not 5.
+    assert decide(to_step, 10.0, 1.0, 2.0, 1.0, 0.2).radius == pytest.approx(0.1)
+    assert decide(dataclasses.replace(to_step, shrink_to_step=False), 10.0, 1.0, 2.0, 1.0, 0.2).radius == 5.0
+    # A boundary step shrinks as before; the floor still holds; acceptance is unchanged.
+    assert decide(to_step, 1.0, 1.0, 2.0, 1.0, 1.0).radius == pytest.approx(0.5)
+    assert decide(to_step, 1.0, 1.0, 2.0, 1.0, 1e-9).radius == DEFAULT.radius_min
+    assert decide(to_step, 10.0, 1.0, 0.0, 1.0, 0.2) == decide(DEFAULT, 10.0, 1.0, 0.0, 1.0, 0.2)
+    # A zero step (nothing to shrink to) falls back to the radius.
+    assert decide(to_step, 1.0, 1.0, 2.0, 1.0, 0.0).radius == pytest.approx(0.5)
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(
     "changes",
@@ -113,6 +126,7 @@ def test_policy_presets() -> None:
         {"eta1": NAN},
         {"gamma_inc": "2"},
         {"eta2": True},
+        {"shrink_to_step": 1},
     ],
 )
 def test_policy_validate_rejects(changes: dict) -> None:

@@ -28,6 +28,10 @@ class RadiusPolicy:
         radius_max: Upper clamp of the radius (default 2.0).
         expand_fraction: Expand only when ``||s|| >= expand_fraction * radius``
             (default 0.9), i.e. when the radius actually limited the step.
+        shrink_to_step: On a rejection shrink from ``min(radius, ||s||)`` instead of
+            from the radius (default off).  A rejected step shorter than the radius
+            (an interior CG solution, an average of local steps) would otherwise come
+            back unchanged until the radius has shrunk below it.
 
     The defaults are the global defaults of the APTS papers' code.
     """
@@ -39,10 +43,15 @@ class RadiusPolicy:
     radius_min: float = 1e-3
     radius_max: float = 2.0
     expand_fraction: float = 0.9
+    shrink_to_step: bool = False
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` unless every field is a sensible finite number."""
+        if not isinstance(self.shrink_to_step, bool):
+            raise ConfigError(f"radius policy shrink_to_step must be true or false, got {self.shrink_to_step!r}")
         for field in fields(self):
+            if field.name == "shrink_to_step":
+                continue
             value = getattr(self, field.name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ConfigError(f"radius policy {field.name} must be a finite number, got {value!r}")
@@ -61,7 +70,7 @@ class RadiusPolicy:
             raise ConfigError(f"radius policy expand_fraction must be in (0, 1], got {self.expand_fraction}")
 
     @classmethod
-    def from_options(cls, options: object, prefix: str = "", **overrides: float) -> RadiusPolicy:
+    def from_options(cls, options: object, prefix: str = "", **overrides: float | bool) -> RadiusPolicy:
         """The policy named by an optimizer config's fields ``{prefix}eta1``, ``{prefix}gamma_inc``, ….
 
         Fields the config lacks keep their defaults; ``overrides`` win over both
@@ -122,9 +131,11 @@ def decide(
     Returns:
         The :class:`Decision`.  A non-finite trial loss (or a ratio that overflows),
         ``pred <= 0`` or non-finite, and ``ratio < eta1`` all reject with
-        ``radius <- max(radius_min, gamma_dec * radius)``.
+        ``radius <- max(radius_min, gamma_dec * radius)`` (``gamma_dec * min(radius, ||s||)``
+        with ``shrink_to_step``).
     """
-    shrunk = max(policy.radius_min, policy.gamma_dec * radius)
+    base = min(radius, step_norm) if policy.shrink_to_step and step_norm > 0 else radius
+    shrunk = max(policy.radius_min, policy.gamma_dec * base)
     nan = float("nan")
     if not (math.isfinite(trial_loss) and math.isfinite(loss)):
         return Decision(False, nan, shrunk, "rejected_nonfinite")

@@ -28,6 +28,8 @@ class APTSOptions:
         eta2: expand when ρ > eta2 and ‖s‖ ≥ 0.9Δ (0.75).
         gamma_inc: expansion factor (1.2).
         gamma_dec: shrink factor (0.9).
+        shrink_to_step: on a rejection shrink from min(Δ, ‖s‖) instead of Δ (off) *(ours)*:
+            a rejected step shorter than Δ is otherwise tried again unchanged.
         local_iterations: L, local TR iterations per outer iteration (3).
         local_solver: ``cauchy``, ``steihaug`` or ``lsr1`` (lsr1).
         local_eta1: local phase: accept a local step when ρ ≥ local_eta1 (0.3).
@@ -48,6 +50,7 @@ class APTSOptions:
     eta2: float = 0.75
     gamma_inc: float = 1.2
     gamma_dec: float = 0.9
+    shrink_to_step: bool = False
     local_iterations: int = 3
     local_solver: str = "lsr1"
     local_eta1: float = 0.3
