@@ -43,6 +43,10 @@ from pathlib import Path
 import _common
 import numpy as np
 
+from hpcopt.optimizers.apts.apts_d import APTSDConfig
+
+DEFAULT_RADIUS = APTSDConfig().radius
+
 VARIANTS: dict[str, dict[str, object]] = {
     "sum": {},
     "average": {"combine": "average"},
@@ -159,12 +163,18 @@ def _plot(rows: list[dict[str, object]], args: argparse.Namespace, adam_best: fl
         sweep = [
             (float(str(r["run"])[len(prefix) :]), r["final_accuracy"]) for r in rows if str(r["run"]).startswith(prefix)
         ]
+        # The run at the default Δ₀ belongs to the sweep too.
+        sweep += [(DEFAULT_RADIUS, r["final_accuracy"]) for r in rows if r["run"] == f"{variant}.P{args.radius_ranks}"]
         if sweep:
             by_radius.semilogx(*zip(*sorted(sweep)), marker="o", label=variant)
     for axis in {by_ranks, by_radius}:
         if adam_best is not None:
             axis.axhline(adam_best, color="grey", linestyle="--", label="Adam, best lr (P = 2)")
         axis.set_ylabel("final validation accuracy (%)")
+        low, high = axis.get_ylim()
+        if high - low < 2.0:  # at least two points of accuracy, so that tenths do not look like a cliff
+            middle = (low + high) / 2
+            axis.set_ylim(middle - 1.0, middle + 1.0)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     by_ranks.set_xlabel("ranks P")
