@@ -1,4 +1,4 @@
-"""``hpcopt`` command line: ``train``, ``analyze``, ``jobs``, ``calibrate``, ``options`` and ``info``.
+"""``hpcopt`` command line: ``train``, ``analyze``, ``jobs``, ``study``, ``calibrate``, ``options`` and ``info``.
 
 Errors a user can cause end with one line, ``hpcopt: error: …``, on every rank and
 exit status 2; the traceback of anything else is kept, because that is a bug.
@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import hpcopt
@@ -163,6 +164,66 @@ def _run_calibrate(args: argparse.Namespace) -> str:
     )
 
 
+def _study_parser(sub: Any) -> None:
+    p = sub.add_parser("study", help="studies made of many runs: robustness to each optimizer's tuning knob")
+    study_sub = p.add_subparsers(dest="study_command", required=True)
+    q = study_sub.add_parser(
+        "robustness",
+        help="each optimizer over a grid of its one tuning knob (lr, Δ₀, damping); one figure",
+        description=(
+            "Run each optimizer over a grid of its tuning knob (learning rate of sgd/adam/nlcg/neumann, initial "
+            "radius of the APTS variants, damping of hf) with mpiexec, then write robustness.csv and "
+            "robustness.png (final metric against the knob) into --outdir. Train arguments go after --."
+        ),
+    )
+    q.add_argument("--problem", required=True, help="built-in problem or plug-in spec (FILE.py:ATTR, MODULE:ATTR)")
+    q.add_argument("--optimizers", required=True, help="comma-separated, e.g. adam,apts-d,hf")
+    q.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="OPTIMIZER=V1,V2,...",
+        help="knob values of one optimizer (default: five decades, see docs/scaling.md)",
+    )
+    q.add_argument("--ranks", type=int, default=1, help="mpiexec -n of every run (default 1)")
+    q.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
+    q.add_argument("--outdir", required=True, help="run logs, their output, robustness.csv and robustness.png")
+    q.add_argument("--report-only", dest="report_only", action="store_true", help="read the logs there; run nothing")
+    q.add_argument("--python", help="interpreter of the runs (default: this one)")
+    q.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then extra hpcopt train arguments")
+
+
+def _run_study(args: argparse.Namespace) -> str:
+    from hpcopt.analysis.robustness import plot_robustness, read_results, robustness_table, write_table
+    from hpcopt.analysis.tables import format_table
+    from hpcopt.jobs.robustness import RobustnessSpec, parse_grid, run_robustness, study_points
+
+    extra = list(args.train_args)
+    if extra and extra[0] == "--":
+        extra = extra[1:]
+    grids = dict(parse_grid(text) for text in args.grid)
+    spec = RobustnessSpec(
+        problem=args.problem,
+        optimizers=[name.strip() for name in args.optimizers.split(",") if name.strip()],
+        outdir=args.outdir,
+        ranks=args.ranks,
+        grids=grids,
+        threads=args.threads,
+        python=args.python or sys.executable,
+        train_args=extra,
+    )
+    points = study_points(spec)
+    if not args.report_only:
+        run_robustness(spec)
+    results = read_results([(p.optimizer, p.knob, p.value, log) for p, log in points])
+    outdir = Path(spec.outdir)
+    write_table(results, outdir / "robustness.csv")
+    title = f"{spec.problem}, {spec.ranks} rank(s)" + (f", {' '.join(extra)}" if extra else "")
+    figure = plot_robustness(results, outdir / "robustness.png", title)
+    table = format_table(robustness_table(results))
+    return f"{table}\nwrote {outdir / 'robustness.csv'} and {figure}"
+
+
 def _run_jobs(args: argparse.Namespace) -> str:
     from hpcopt.jobs.local import run_local
     from hpcopt.jobs.render import SweepSpec, parse_ranks, render_sweep
@@ -291,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub)
     _analyze_parser(sub)
     _jobs_parser(sub)
+    _study_parser(sub)
     _calibrate_parser(sub)
     _info_parser(sub)
     add_options_parser(sub)
@@ -372,6 +434,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "jobs":
             print(_run_jobs(args))
+            return 0
+        if args.command == "study":
+            print(_run_study(args))
             return 0
         if args.command == "options":
             print(run_options(args))

@@ -26,15 +26,15 @@ from typing import IO
 from hpcopt.errors import OutputError
 from hpcopt.jobs.render import SweepSpec, prepare_outdir
 
-__all__ = ["run_local"]
+__all__ = ["STOPPED", "run_forwarding_signals", "run_local"]
 
 # Exit statuses of a graceful stop of hpcopt train (hpcopt.training.preemption, not imported:
 # this module stays free of training code).
-_STOPPED = {75: "preempted", 130: "interrupted"}
+STOPPED = {75: "preempted", 130: "interrupted"}
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
-def _run_forwarding_signals(command: list[str], stream: IO[str], env: dict[str, str], timeout: float | None) -> int:
+def run_forwarding_signals(command: list[str], stream: IO[str], env: dict[str, str], timeout: float | None) -> int:
     """Run ``command`` in its own session; forward this process's stop signals to it; its exit status."""
     process = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
@@ -94,13 +94,13 @@ def run_local(spec: SweepSpec, *, mpiexec: str | None = None, timeout: float | N
             stream.write("$ " + shlex.join(command) + "\n")
             stream.flush()
             try:
-                code = _run_forwarding_signals(command, stream, env, timeout)
+                code = run_forwarding_signals(command, stream, env, timeout)
             except subprocess.TimeoutExpired:
                 raise OutputError(f"sweep point {point.name} ran past {timeout} s; see {output}") from None
-        if code in _STOPPED:
+        if code in STOPPED:
             raise OutputError(
-                f"sweep point {point.name} was {_STOPPED[code]} by a signal (exit {code}); run log {log} "
-                f"closed as {_STOPPED[code]}, later points not run; see {output}"
+                f"sweep point {point.name} was {STOPPED[code]} by a signal (exit {code}); run log {log} "
+                f"closed as {STOPPED[code]}, later points not run; see {output}"
             )
         if code != 0:
             raise OutputError(f"sweep point {point.name} failed (exit {code}); see {output}")

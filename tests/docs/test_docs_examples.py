@@ -276,6 +276,12 @@ def _shorten_command(command: str, data_dir: Path) -> str | None:
         sweep, dashes, train = command.partition(" -- ")
         sweep = _option("--ranks").sub(_ranks_list, sweep)
         command = f"{sweep}{dashes}{_shorten_train(train)}" if dashes else _shorten_train(f"{sweep} --")
+    elif re.search(r"\bhpcopt\s+study\s+robustness\b", command):
+        study, dashes, train = command.partition(" -- ")
+        study = re.sub(r"(--optimizers[ =])([\w-]+)\S*", r"\1\2", _cap(study, "--ranks", MAX_RANKS))
+        first = re.search(r"--optimizers[ =]([\w-]+)", study)
+        study = f"{study.rstrip()} --grid {first[1]}=0.01,0.1" if first else study
+        command = f"{study}{dashes}{_shorten_train(train)}" if dashes else study
     command = _cap(command, "--calibrate-ranks", MAX_RANKS)
     for script, arguments in BENCHMARK_ARGUMENTS.items():
         if re.search(rf"\bbenchmarks/{re.escape(script)}(?!\S)", command):
@@ -301,6 +307,8 @@ def shorten(source: str, lang: str, data_dir: Path) -> str:
         run), ``--batch-size`` at most 64, ``--time-limit`` at most 10.
       - ``hpcopt jobs local``: ``--ranks`` keeps the counts up to 2; the train arguments
         after ``--`` are capped as for ``hpcopt train``.
+      - ``hpcopt study robustness``: ``--ranks`` at most 2, the first optimizer only, at
+        two knob values (``--grid NAME=0.01,0.1``); train arguments as for ``hpcopt train``.
       - ``hpcopt analyze --calibrate-ranks N``: at most 2.
       - ``benchmarks/NAME.py``: ``BENCHMARK_ARGUMENTS[NAME]`` appended (tiny sizes,
         one run of a study).
