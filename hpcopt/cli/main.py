@@ -183,7 +183,7 @@ def _study_parser(sub: Any) -> None:
         action="append",
         default=[],
         metavar="OPTIMIZER=V1,V2,...",
-        help="knob values of one optimizer (default: five decades, see docs/scaling.md)",
+        help="knob values of one optimizer (default: five decades, see docs/cli.md)",
     )
     q.add_argument("--ranks", type=int, default=1, help="mpiexec -n of every run (default 1)")
     q.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")

@@ -1,9 +1,10 @@
-"""Scaling sweeps: SLURM job scripts (``hpcopt jobs render``) and a local runner (``hpcopt jobs local``).
+"""Studies of many runs: scaling sweeps (``hpcopt jobs render``/``local``) and ``hpcopt study robustness``.
 
 Owns the sweep description (:class:`~hpcopt.jobs.render.SweepSpec`: strong or weak
 scaling over a list of rank counts), the rendering of the job templates in
 ``jobs/templates/`` (:mod:`hpcopt.jobs.render`, which also says where an installed
-copy finds them) and the local runner (:mod:`hpcopt.jobs.local`).
+copy finds them), the local runner (:mod:`hpcopt.jobs.local`) and the runs of the
+robustness study (:mod:`hpcopt.jobs.robustness`, which runs them as the local runner does).
 
 It may import :mod:`hpcopt.errors` and the standard library only: the jobs start
 ``hpcopt train`` as a separate program, so rendering a sweep on a login node needs

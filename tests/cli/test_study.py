@@ -9,10 +9,20 @@ from pathlib import Path
 import pytest
 
 from hpcopt.errors import ConfigError
+from hpcopt.jobs import robustness
 from hpcopt.jobs.robustness import KNOBS, RobustnessSpec, parse_grid
+from hpcopt.optimizers.apts.options import APTSOptions
 from tests.conftest import run_hpcopt
 
 pytestmark = pytest.mark.timeout(300)
+
+
+def test_the_apts_bounds_the_study_widens_are_the_optimizers_defaults() -> None:
+    # hpcopt.jobs may not import the optimizers (no torch on a login node), so it repeats them.
+    assert (robustness._APTS_RADIUS_MIN, robustness._APTS_RADIUS_MAX) == (
+        APTSOptions.radius_min,
+        APTSOptions.radius_max,
+    )
 
 
 def test_parse_grid() -> None:
