@@ -163,8 +163,10 @@ def _plot(rows: list[dict[str, object]], args: argparse.Namespace, adam_best: fl
         sweep = [
             (float(str(r["run"])[len(prefix) :]), r["final_accuracy"]) for r in rows if str(r["run"]).startswith(prefix)
         ]
-        # The run at the default Δ₀ belongs to the sweep too.
-        sweep += [(DEFAULT_RADIUS, r["final_accuracy"]) for r in rows if r["run"] == f"{variant}.P{args.radius_ranks}"]
+        if sweep:  # the run at the default Δ₀ belongs to the sweep too
+            sweep += [
+                (DEFAULT_RADIUS, r["final_accuracy"]) for r in rows if r["run"] == f"{variant}.P{args.radius_ranks}"
+            ]
         if sweep:
             by_radius.semilogx(*zip(*sorted(sweep)), marker="o", label=variant)
     for axis in {by_ranks, by_radius}:
