@@ -164,6 +164,12 @@ def _run_calibrate(args: argparse.Namespace) -> str:
     )
 
 
+def _train_arguments(args: argparse.Namespace) -> list[str]:
+    """The ``hpcopt train`` arguments given after ``--`` (``jobs``, ``study``)."""
+    extra = list(args.train_args)
+    return extra[1:] if extra and extra[0] == "--" else extra
+
+
 def _study_parser(sub: Any) -> None:
     p = sub.add_parser("study", help="studies made of many runs: robustness to each optimizer's tuning knob")
     study_sub = p.add_subparsers(dest="study_command", required=True)
@@ -198,9 +204,7 @@ def _run_study(args: argparse.Namespace) -> str:
     from hpcopt.analysis.tables import format_table
     from hpcopt.jobs.robustness import RobustnessSpec, parse_grid, run_robustness, study_points
 
-    extra = list(args.train_args)
-    if extra and extra[0] == "--":
-        extra = extra[1:]
+    extra = _train_arguments(args)
     grids = dict(parse_grid(text) for text in args.grid)
     spec = RobustnessSpec(
         problem=args.problem,
@@ -228,9 +232,7 @@ def _run_jobs(args: argparse.Namespace) -> str:
     from hpcopt.jobs.local import run_local
     from hpcopt.jobs.render import SweepSpec, parse_ranks, render_sweep
 
-    extra = list(args.train_args)
-    if extra and extra[0] == "--":
-        extra = extra[1:]
+    extra = _train_arguments(args)
     ranks = parse_ranks(args.ranks)
     note = ""
     batch_size = args.batch_size

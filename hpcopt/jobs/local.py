@@ -26,7 +26,7 @@ from typing import IO
 from hpcopt.errors import OutputError
 from hpcopt.jobs.render import SweepSpec, prepare_outdir
 
-__all__ = ["STOPPED", "run_forwarding_signals", "run_local"]
+__all__ = ["STOPPED", "launcher_for", "run_forwarding_signals", "run_local", "run_logged", "thread_env"]
 
 # Exit statuses of a graceful stop of hpcopt train (hpcopt.training.preemption, not imported:
 # this module stays free of training code).
@@ -55,6 +55,41 @@ def run_forwarding_signals(command: list[str], stream: IO[str], env: dict[str, s
             signal.signal(signum, handler)
 
 
+def launcher_for(python: str, mpiexec: str | None = None) -> str:
+    """``mpiexec`` if given; else the one beside ``python``, which belongs to the MPI its
+    mpi4py uses (the mpich wheel puts it into the venv's bin/); else ``mpiexec`` on PATH."""
+    launcher = mpiexec or str(Path(python).parent / "mpiexec")
+    return launcher if os.path.exists(launcher) else "mpiexec"
+
+
+def thread_env(threads: int) -> dict[str, str]:
+    """This process's environment with OpenMP/MKL limited to ``threads`` per rank."""
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
+def run_logged(
+    what: str, command: list[str], log: Path, output: Path, env: dict[str, str], timeout: float | None
+) -> int:
+    """Run ``command`` with its output (headed by the command line) in ``output``; its exit status.
+
+    A run past ``timeout`` or stopped by a signal (exit 75 or 130) is an :class:`OutputError`
+    naming ``what``: the caller's later runs are not started.
+    """
+    with open(output, "w") as stream:
+        stream.write("$ " + shlex.join(command) + "\n")
+        stream.flush()
+        try:
+            code = run_forwarding_signals(command, stream, env, timeout)
+        except subprocess.TimeoutExpired:
+            raise OutputError(f"{what} ran past {timeout} s; see {output}") from None
+    if code in STOPPED:
+        raise OutputError(
+            f"{what} was {STOPPED[code]} by a signal (exit {code}); run log {log} closed as {STOPPED[code]}, "
+            f"later points not run; see {output}"
+        )
+    return code
+
+
 def run_local(spec: SweepSpec, *, mpiexec: str | None = None, timeout: float | None = None) -> list[Path]:
     """Run every point now with ``mpiexec -n P`` (oversubscribing cores if P is larger); return the logs.
 
@@ -62,12 +97,8 @@ def run_local(spec: SweepSpec, *, mpiexec: str | None = None, timeout: float | N
     naming its output file, after the earlier points have finished.
     """
     outdir = prepare_outdir(spec)
-    # The mpiexec beside the jobs' interpreter first: it belongs to the MPI that
-    # interpreter's mpi4py uses (the mpich wheel puts it into the venv's bin/).
-    launcher = mpiexec or str(Path(spec.python).parent / "mpiexec")
-    if not os.path.exists(launcher):
-        launcher = "mpiexec"
-    env = {**os.environ, "OMP_NUM_THREADS": str(spec.threads), "MKL_NUM_THREADS": str(spec.threads)}
+    launcher = launcher_for(spec.python, mpiexec)
+    env = thread_env(spec.threads)
     logs: list[Path] = []
     for point in spec.points():
         log = outdir / f"{point.name}-local.h5"
@@ -90,18 +121,7 @@ def run_local(spec: SweepSpec, *, mpiexec: str | None = None, timeout: float | N
             "--overwrite",
             "--quiet",
         ]
-        with open(output, "w") as stream:
-            stream.write("$ " + shlex.join(command) + "\n")
-            stream.flush()
-            try:
-                code = run_forwarding_signals(command, stream, env, timeout)
-            except subprocess.TimeoutExpired:
-                raise OutputError(f"sweep point {point.name} ran past {timeout} s; see {output}") from None
-        if code in STOPPED:
-            raise OutputError(
-                f"sweep point {point.name} was {STOPPED[code]} by a signal (exit {code}); run log {log} "
-                f"closed as {STOPPED[code]}, later points not run; see {output}"
-            )
+        code = run_logged(f"sweep point {point.name}", command, log, output, env, timeout)
         if code != 0:
             raise OutputError(f"sweep point {point.name} failed (exit {code}); see {output}")
         logs.append(log)

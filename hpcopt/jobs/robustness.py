@@ -14,16 +14,13 @@ Run names are ``OPTIMIZER.KNOB=VALUE`` (``adam.lr=0.001``); logs ``OUTDIR/<name>
 from __future__ import annotations
 
 import math
-import os
-import shlex
-import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from hpcopt.errors import ConfigError, OutputError
-from hpcopt.jobs.local import STOPPED, run_forwarding_signals
+from hpcopt.jobs.local import launcher_for, run_logged, thread_env
 
 __all__ = ["KNOBS", "RobustnessPoint", "RobustnessSpec", "parse_grid", "run_robustness"]
 
@@ -174,27 +171,13 @@ def run_robustness(
         outdir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise OutputError(f"cannot create output directory {spec.outdir}: {error.strerror or error}") from None
-    launcher = mpiexec or str(Path(spec.python).parent / "mpiexec")
-    if not os.path.exists(launcher):
-        launcher = "mpiexec"
-    env = {**os.environ, "OMP_NUM_THREADS": str(spec.threads), "MKL_NUM_THREADS": str(spec.threads)}
+    launcher = launcher_for(spec.python, mpiexec)
+    env = thread_env(spec.threads)
     done: list[tuple[RobustnessPoint, Path]] = []
     for point in spec.points():
         log = outdir / f"{point.name}.h5"
         output = outdir / f"{point.name}.out"
-        command = spec.command(point, launcher, log)
-        with open(output, "w") as stream:
-            stream.write("$ " + shlex.join(command) + "\n")
-            stream.flush()
-            try:
-                code = run_forwarding_signals(command, stream, env, timeout)
-            except subprocess.TimeoutExpired:
-                raise OutputError(f"study run {point.name} ran past {timeout} s; see {output}") from None
-        if code in STOPPED:
-            raise OutputError(
-                f"study run {point.name} was {STOPPED[code]} by a signal (exit {code}); "
-                f"later runs not run; see {output}"
-            )
+        code = run_logged(f"study run {point.name}", spec.command(point, launcher, log), log, output, env, timeout)
         print(f"{point.name}: {'done' if code == 0 else f'failed (exit {code}), see {output}'}", flush=True)
         if code == 0:
             done.append((point, log))

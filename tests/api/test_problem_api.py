@@ -21,6 +21,7 @@ from hpcopt.errors import ConfigError, DataError
 from hpcopt.problems.base import Dataset as Rows
 from hpcopt.problems.custom import CustomProblem, curvature_in_use
 from hpcopt.problems.streamed import StreamedRows
+from tests.api.tanh_functions import FusedTanh, LegacyTanh
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -199,23 +200,6 @@ def _check(problem: CustomProblem, curvature: str | None = None) -> None:
     problem.check_model(problem.build_model(), curvature)
 
 
-class FusedTanh(torch.autograd.Function):
-    """tanh as a fused kernel whose backward cannot itself be differentiated (no double backward)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[no-untyped-def,override]
-        y = torch.tanh(x)
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[no-untyped-def,override]
-        if torch.is_grad_enabled():  # create_graph=True: a second derivative was asked for
-            raise RuntimeError("the double backward of this kernel is not implemented")
-        (y,) = ctx.saved_tensors
-        return grad * (1 - y * y)
-
-
 class FusedNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -223,22 +207,6 @@ class FusedNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.last(FusedTanh.apply(self.first(x)))
-
-
-class LegacyTanh(torch.autograd.Function):
-    """tanh as an autograd.Function in the old style (forward takes ctx): twice differentiable
-    by autograd, but torch.func transforms refuse it (no setup_context)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[no-untyped-def,override]
-        y = torch.tanh(x)
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[no-untyped-def,override]
-        (y,) = ctx.saved_tensors
-        return grad * (1 - y * y)
 
 
 class LegacyNet(FusedNet):

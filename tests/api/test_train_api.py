@@ -27,6 +27,7 @@ from hpcopt.distributed.sharding import GlobalBatches, contiguous_slice
 from hpcopt.errors import ConfigError
 from hpcopt.problems import models
 from hpcopt.problems.custom import PROBE_ROWS
+from tests.api.tanh_functions import FusedTanh
 from tests.conftest import mnist_dir
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_thread")]
@@ -262,21 +263,6 @@ def test_least_squares_runs_record_gauss_newton_and_the_users_choice_wins(tmp_pa
         chosen = json.loads(log.attrs["config_json"])["optimizer"]
     assert (default["global_solver"], default["curvature"]) == ("steihaug", "ggn")
     assert (chosen["global_solver"], chosen["curvature"]) == ("lsr1", "ggn")
-
-
-class FusedTanh(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[no-untyped-def,override]
-        y = torch.tanh(x)
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[no-untyped-def,override]
-        if torch.is_grad_enabled():
-            raise RuntimeError("the double backward of this kernel is not implemented")
-        (y,) = ctx.saved_tensors
-        return grad * (1 - y * y)
 
 
 class FusedNet(nn.Module):
