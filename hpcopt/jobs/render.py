@@ -64,6 +64,7 @@ __all__ = [
     "SweepPoint",
     "SweepSpec",
     "fill_template",
+    "make_outdir",
     "parse_ranks",
     "prepare_outdir",
     "render_sweep",
@@ -295,11 +296,16 @@ def prepare_outdir(spec: SweepSpec) -> Path:
             raise ConfigError(f"{arg.split('=', 1)[0]} is set by the sweep; leave it out of the arguments after --")
         if spec.requeue and arg.split("=", 1)[0] in _RESERVED_REQUEUE_ARGS:
             raise ConfigError(f"{arg.split('=', 1)[0]} is set by --requeue; leave it out of the arguments after --")
-    path = Path(spec.outdir).resolve()
+    return make_outdir(spec.outdir)
+
+
+def make_outdir(outdir: str) -> Path:
+    """``outdir`` created if need be (absolute); an :class:`OutputError` when it cannot be."""
+    path = Path(outdir).resolve()
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise OutputError(f"cannot create output directory {spec.outdir}: {error.strerror or error}") from None
+        raise OutputError(f"cannot create output directory {outdir}: {error.strerror or error}") from None
     return path
 
 

@@ -19,8 +19,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hpcopt.errors import ConfigError, OutputError
+from hpcopt.errors import ConfigError
 from hpcopt.jobs.local import launcher_for, run_logged, thread_env
+from hpcopt.jobs.render import make_outdir
 
 __all__ = ["KNOBS", "RobustnessPoint", "RobustnessSpec", "parse_grid", "run_robustness"]
 
@@ -166,11 +167,7 @@ def run_robustness(
     by a signal ends the study with an :class:`OutputError` naming it.
     """
     spec.validate()
-    outdir = Path(spec.outdir).resolve()
-    try:
-        outdir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise OutputError(f"cannot create output directory {spec.outdir}: {error.strerror or error}") from None
+    outdir = make_outdir(spec.outdir)
     launcher = launcher_for(spec.python, mpiexec)
     env = thread_env(spec.threads)
     done: list[tuple[RobustnessPoint, Path]] = []
