@@ -42,6 +42,9 @@ METHODS: dict[str, tuple[str, dict]] = {
     # steps gives the 5-step check only 8 chances, each after the damage is done.
     "nlcg": ("nlcg", {"check_every": 1}),
     "nlcg-paper": ("nlcg", {}),  # the heuristic as published: a check every 5 steps
+    # Polak–Ribière with the step length that minimises the Gauss–Newton model along d
+    # (docs/optimizers/nlcg.md#a-step-length-from-the-curvature); lr scales that length.
+    "nlcg-gn": ("nlcg", {"check_every": 1, "beta": "pr", "step_length": "curvature"}),
     # The paper's algorithm with its constants except β, whose shell radius is carried over
     # relative to ‖w‖ (docs/optimizers/neumann.md#the-regulariser-on-a-small-model).
     "neumann": ("neumann", {"beta_rule": "relative"}),
@@ -54,6 +57,7 @@ DEFAULT_METHODS = ("hf-cg", "nlcg", "neumann", "sgd", "adam")
 LEARNING_RATES: dict[str, tuple[float, ...]] = {
     "nlcg": (0.03, 0.1, 0.3),
     "nlcg-paper": (0.03, 0.1, 0.3),
+    "nlcg-gn": (1.0, 2.0, 3.0),
     "neumann": (0.03, 0.1, 0.3),
     "neumann-paper": (0.03, 0.1, 0.3),
     "sgd": (0.03, 0.1, 0.3),

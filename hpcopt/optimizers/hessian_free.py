@@ -20,11 +20,8 @@ Vector updates go through ``self.kernels`` where there is a fused backend (GPU):
 Martens' CG and Steihaug's CG fuse their steps, and every trial point θ + s is
 one ``tr_trial`` pass; BiCGSTAB stays on torch ops.
 
-The curvature sub-batch is ``strided`` by default *(ours)*: global row p of the
-batch is used when ``⌈(p+1)·fraction⌉ > ⌈p·fraction⌉``, so C is the same set of
-rows whatever the number of ranks and the run is rank-count invariant.  ``head``
-(each rank's first ``fraction`` of its shard, as in He et al.) is cheaper to slice
-but makes C depend on P.
+The curvature sub-batch is ``strided`` by default (rank-count invariant; see
+:mod:`hpcopt.distributed.curvature_batch`).
 """
 
 from __future__ import annotations
@@ -35,16 +32,16 @@ from dataclasses import dataclass
 import torch
 
 from hpcopt.config import require
+from hpcopt.distributed.curvature_batch import SAMPLINGS, sampled_curvature
 from hpcopt.distributed.data_parallel import DistributedCurvature, DistributedObjective
 from hpcopt.errors import NonFiniteError
-from hpcopt.numerics.curvature import CurvatureKind, CurvatureOperator, LocalObjective, parse_curvature
+from hpcopt.numerics.curvature import CurvatureKind, parse_curvature
 from hpcopt.numerics.krylov.cg import steihaug_cg
 from hpcopt.numerics.krylov.martens import HFSolveResult, bicgstab, martens_cg
 from hpcopt.numerics.trust_region import RadiusPolicy, decide
 from hpcopt.optimizers.base import Optimizer, StepResult
 
 SOLVERS = ("cg", "bicgstab", "steihaug")
-SAMPLINGS = ("strided", "head")
 
 
 @dataclass
@@ -144,23 +141,6 @@ class HFConfig:
         return RadiusPolicy.from_options(self)
 
 
-def curvature_rows(
-    local_size: int, offset: int, global_size: int, fraction: float, sampling: str
-) -> tuple[torch.Tensor, int]:
-    """This rank's curvature rows (indices into its shard) and the global count |C|.
-
-    ``offset`` is the position of the shard's first row in the global batch.
-    """
-    if sampling == "head":
-        count = max(1, math.ceil(fraction * local_size)) if local_size else 0
-        return torch.arange(count), round(count * global_size / max(local_size, 1))
-    positions = torch.arange(offset, offset + local_size, dtype=torch.float64)
-    selected = torch.ceil((positions + 1) * fraction) > torch.ceil(positions * fraction)
-    everywhere = torch.arange(global_size, dtype=torch.float64)
-    total = int((torch.ceil((everywhere + 1) * fraction) > torch.ceil(everywhere * fraction)).sum())
-    return torch.nonzero(selected).flatten(), total
-
-
 class HessianFree(Optimizer):
     name = "hf"
     config_class = HFConfig
@@ -183,31 +163,10 @@ class HessianFree(Optimizer):
     def curvature_operator(self, damping: float) -> DistributedCurvature:
         """The distributed damped curvature at the current parameters, on the curvature sub-batch."""
         cfg = self.config
-        objective = self.objective
-        local_objective = objective.local
-        local_size = int(local_objective.inputs.shape[0])
-        global_size = round(local_size / objective.weight) if objective.weight > 0 else 0
-        size = objective.comm.size
-        sampling = cfg.curvature_sampling if local_size * size == global_size else "head"
-        rows, total = curvature_rows(
-            local_size, objective.comm.rank * local_size, global_size, cfg.curvature_fraction, sampling
+        operator, self.curvature_rows = sampled_curvature(
+            self.objective, self.kind, cfg.curvature_fraction, cfg.curvature_sampling, damping, watch_negative=True
         )
-        self.curvature_rows = total
-        local: CurvatureOperator | None = None
-        if len(rows):
-            if len(rows) < local_size:
-                local_objective = LocalObjective(
-                    self.flat,
-                    objective.problem.forward,
-                    objective.problem.criterion,
-                    local_objective.inputs[rows],
-                    local_objective.targets[rows],
-                )
-            # The same dropout mask on every evaluation of this batch, whatever the RNG did before.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(objective.noise_seed)
-                local = local_objective.curvature(self.kind)
-        return DistributedCurvature(objective, local, len(rows) / max(total, 1), damping, watch_negative=True)
+        return operator
 
     def _value_at(self, theta: torch.Tensor, step: torch.Tensor) -> float:
         self.move_to(theta, step)

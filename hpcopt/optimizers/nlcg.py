@@ -10,8 +10,14 @@ Per step, with s the previous step and y = g_k − g_{k−1}:
    ``h ← |h − (h∘s)²/(sᵀdiag(h)s) + (y∘y)/(yᵀs)|``; h₀ = 1, M = 1/(h + 1e-8);
 2. r = −g, z = M∘r; Fletcher–Reeves β = rₖᵀzₖ / rₖ₋₁ᵀzₖ₋₁ or Polak–Ribière
    β = (rₖᵀzₖ − rₖᵀzₖ₋₁)/rₖ₋₁ᵀzₖ₋₁, clipped to [0, beta_max]; d = z + β d_{k−1};
-3. θ ← θ + lr(t)·c·d, with c from the loss-average heuristic and lr(t) a linear
-   warm-up followed by step decay.
+3. θ ← θ + lr(t)·c·α·d, with c from the loss-average heuristic, lr(t) a linear
+   warm-up followed by step decay, and α = 1 (``step_length=fixed``, the paper's) or
+   *(ours)* α = −gᵀd / (dᵀBd + λ‖d‖²), the minimiser of the quadratic model along d
+   with B the Gauss–Newton matrix on a strided curvature sub-batch
+   (``step_length=curvature``): the exact line search of linear CG, applied to the
+   model of the network's loss.  It costs one curvature product per step, one
+   forward pass and two backward passes on the sub-batch and one scalar allreduce:
+   dᵀBd is a local dot of replicated vectors after the product's allreduce.
 
 With a fused-kernel backend (``self.kernels``: CUDA kernels on a GPU with CuPy)
 steps 1–3 are three passes over the state, updated in place: ``nlcg_dots``
@@ -28,12 +34,15 @@ from dataclasses import dataclass
 import torch
 
 from hpcopt.config import require
+from hpcopt.distributed.curvature_batch import SAMPLINGS, sampled_curvature
 from hpcopt.distributed.data_parallel import DistributedObjective
 from hpcopt.kernels import Kernels
+from hpcopt.numerics.curvature import parse_curvature
 from hpcopt.optimizers.base import Optimizer, StepResult
 from hpcopt.optimizers.sgd import check_finite_loss
 
 BETAS = ("fr", "pr")
+STEP_LENGTHS = ("fixed", "curvature")
 
 # Loss-average heuristic *(ours where §5 leaves the numbers open)*: the EMA ratio
 # thresholds above 1.01 and the matching shrink factors, mildest first.
@@ -57,6 +66,12 @@ class NLCGConfig:
         check_every: compare the loss EMA with its value this many steps before (5).
         c_grow: factor of c when the loss fell (ratio < 1.01) (1.05); c is capped at 1.
         c_min: floor of c (1e-4).
+        step_length: ``fixed`` (θ += lr·c·d, the paper's) or ``curvature`` (θ += lr·c·α·d, α
+            minimising the Gauss–Newton model along d) (fixed).
+        curvature: curvature of the ``curvature`` step length: ``ggn`` or ``hessian`` (ggn).
+        curvature_fraction: share of the global batch its curvature product uses (0.1).
+        curvature_sampling: ``strided`` (rank-count invariant) or ``head`` (strided).
+        damping: λ added to the curvature along d, relative to ‖d‖² (0.0).
     """
 
     lr: float = 0.1
@@ -71,6 +86,11 @@ class NLCGConfig:
     check_every: int = 5
     c_grow: float = 1.05
     c_min: float = 1e-4
+    step_length: str = "fixed"
+    curvature: str = "ggn"
+    curvature_fraction: float = 0.1
+    curvature_sampling: str = "strided"
+    damping: float = 0.0
 
     def validate(self) -> None:
         require(self.lr > 0, f"nlcg: lr must be > 0, got {self.lr}")
@@ -81,6 +101,20 @@ class NLCGConfig:
         require(0 <= self.ema < 1, f"nlcg: ema must be in [0, 1), got {self.ema}")
         require(self.check_every >= 1, f"nlcg: check_every must be >= 1, got {self.check_every}")
         require(self.c_grow >= 1 and 0 < self.c_min <= 1, "nlcg: need c_grow >= 1 and 0 < c_min <= 1")
+        require(
+            self.step_length in STEP_LENGTHS,
+            f"nlcg: step_length must be one of {', '.join(STEP_LENGTHS)}, got '{self.step_length}'",
+        )
+        parse_curvature(self.curvature)
+        require(
+            0 < self.curvature_fraction <= 1,
+            f"nlcg: curvature_fraction must be in (0, 1], got {self.curvature_fraction}",
+        )
+        require(
+            self.curvature_sampling in SAMPLINGS,
+            f"nlcg: curvature_sampling must be one of {', '.join(SAMPLINGS)}, got '{self.curvature_sampling}'",
+        )
+        require(self.damping >= 0, f"nlcg: damping must be >= 0, got {self.damping}")
 
     def learning_rate(self, step: int) -> float:
         """lr(t) for the t-th step (0-based)."""
@@ -113,6 +147,7 @@ def clipped_beta(kind: str, rz: float, rz_cross: float, prev_rz: float, beta_max
 class NLCG(Optimizer):
     name = "nlcg"
     config_class = NLCGConfig
+    objective: DistributedObjective
     state_attributes = (
         *("h", "prev_grad", "prev_z", "prev_rz", "direction", "prev_step"),
         *("c", "loss_ema", "ema_history"),
@@ -146,20 +181,62 @@ class NLCG(Optimizer):
         self.c = max(cfg.c_min, self.c * factor)
 
     def step(self) -> StepResult:
-        if self.kernels is not None:
-            return self._fused_step(self.kernels)
         cfg = self.config
+        if self.kernels is not None and cfg.step_length == "fixed":
+            return self._fused_step(self.kernels)
         loss, grad = self.objective.value_and_grad()
         check_finite_loss(self.name, loss, self.steps)
         direction, beta, raw_beta, updated = self.search_direction(grad)
+        extras: dict[str, object] = {}
+        alpha = 1.0
+        if cfg.step_length == "curvature":
+            direction, alpha, extras = self.curvature_step_length(grad, direction)
+            beta = beta if extras["restarted"] is False else 0.0
         if cfg.loss_average:
             self._update_c(loss)
         lr = cfg.learning_rate(self.steps)
-        step = self.move(direction, lr * self.c)
+        step = self.move(direction, lr * self.c * alpha)
         return StepResult(
             loss=loss,
             step_norm=float(step.norm()),
-            extras={"beta": beta, "beta_raw": raw_beta, "c": self.c, "lr": lr, "preconditioner_updated": updated},
+            extras={
+                "beta": beta,
+                "beta_raw": raw_beta,
+                "c": self.c,
+                "lr": lr,
+                "preconditioner_updated": updated,
+                **extras,
+            },
+        )
+
+    def curvature_step_length(
+        self, grad: torch.Tensor, direction: torch.Tensor
+    ) -> tuple[torch.Tensor, float, dict[str, object]]:
+        """``(d, α, extras)``: α = −gᵀd / (dᵀBd + λ‖d‖²) on the curvature sub-batch.
+
+        A direction that does not descend (gᵀd ≥ 0, possible for FR without an exact
+        line search) is replaced by the preconditioned gradient z, which always does,
+        and β counts as 0.  Where the curvature along d is not positive (``hessian``
+        only) α falls back to 1, the fixed step.  Every input of α is replicated, so
+        every rank takes the same step.
+        """
+        cfg = self.config
+        slope = float(torch.dot(grad, direction))
+        restarted = False
+        if slope >= 0 and self.prev_z is not None:
+            direction = self.direction = self.prev_z
+            slope = float(torch.dot(grad, direction))
+            restarted = True
+        operator, rows = sampled_curvature(
+            self.objective, parse_curvature(cfg.curvature), cfg.curvature_fraction, cfg.curvature_sampling
+        )
+        curvature = float(torch.dot(direction, operator(direction)))
+        curvature += cfg.damping * float(torch.dot(direction, direction))
+        alpha = -slope / curvature if curvature > 0 and slope < 0 else 1.0
+        return (
+            direction,
+            alpha,
+            {"alpha": alpha, "slope": slope, "dBd": curvature, "restarted": restarted, "curvature_rows": rows},
         )
 
     def search_direction(self, grad: torch.Tensor) -> tuple[torch.Tensor, float, float, bool]:

@@ -16,11 +16,11 @@ from mpi4py import MPI
 from torch import nn
 
 from hpcopt.comm import Communicator
+from hpcopt.distributed.curvature_batch import curvature_rows
 from hpcopt.distributed.data_parallel import DistributedCurvature
 from hpcopt.errors import ConfigError, NonFiniteError
 from hpcopt.numerics.krylov.martens import bicgstab, martens_cg
 from hpcopt.optimizers import HessianFree, make_config
-from hpcopt.optimizers.hessian_free import curvature_rows
 from hpcopt.problems import make_problem
 from hpcopt.training.trainer import TrainConfig, train
 from tests.conftest import ObjectiveFactory

@@ -89,6 +89,47 @@ def test_identity_preconditioner_and_exact_line_search_is_linear_cg(
 
 
 @pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("beta", ["fr", "pr"])
+def test_curvature_step_length_on_a_quadratic_is_linear_cg(objective_factory: ObjectiveFactory, beta: str) -> None:
+    """``step_length=curvature`` computes the exact α itself: on a linear least-squares
+    problem the Gauss–Newton matrix is A, so ``step()`` alone follows scipy's CG."""
+    objective, inputs, targets = _stretched_objective(objective_factory)
+    options = {"beta": beta, "precondition": False, "beta_max": 1e6, "loss_average": False, "lr": 1.0}
+    options |= {"step_length": "curvature", "curvature_fraction": 1.0}
+    optimizer = NLCG(objective, make_config("nlcg", options))
+    matrix, rhs = _normal_equations(inputs, targets)
+    start = optimizer.flat.data.double().numpy().copy()
+    expected = _scipy_cg_iterates(matrix, rhs, start, len(rhs))
+    scale = np.linalg.norm(expected[-1])
+    for k, reference in enumerate(expected):
+        result = optimizer.step()
+        assert result.extras["restarted"] is False
+        ours = optimizer.flat.data.double().numpy()
+        # float32 here also in α's curvature product, not only in the gradient: 3e-3, not 1e-3
+        assert np.linalg.norm(ours - reference) <= 3e-3 * scale, f"iterate {k + 1}"
+
+
+@pytest.mark.mpi(min_size=1)
+def test_curvature_step_length_restarts_a_direction_that_does_not_descend(
+    objective_factory: ObjectiveFactory,
+) -> None:
+    """A stored direction pointing uphill is replaced by the preconditioned gradient, β by 0."""
+    objective, _, _ = _stretched_objective(objective_factory)
+    options = {"precondition": False, "loss_average": False, "step_length": "curvature", "curvature_fraction": 1.0}
+    optimizer = NLCG(objective, make_config("nlcg", options))
+    optimizer.step()
+    assert optimizer.direction is not None
+    _, grad = objective.value_and_grad()
+    optimizer.direction = grad.clone() * 100.0  # uphill, and large enough to dominate z + β·d
+    before = optimizer.flat.data.clone()
+    result = optimizer.step()
+    assert result.extras["restarted"] is True and result.extras["beta"] == 0.0
+    assert float(result.extras["slope"]) < 0
+    assert objective.value() < float(result.loss)  # the restarted step went downhill
+    assert not torch.equal(before, optimizer.flat.data)
+
+
+@pytest.mark.mpi(min_size=1)
 def test_fixed_step_lengths_do_not_reach_the_cg_iterates(objective_factory: ObjectiveFactory) -> None:
     """The comparison above can fail: with the configured lr instead of the exact α, NLCG is not CG."""
     objective, inputs, targets = _stretched_objective(objective_factory)
@@ -100,6 +141,15 @@ def test_fixed_step_lengths_do_not_reach_the_cg_iterates(objective_factory: Obje
         optimizer.step()
     ours = optimizer.flat.data.double().numpy()
     assert np.linalg.norm(ours - expected[-1]) > 1e-2 * np.linalg.norm(expected[-1])
+
+
+def test_step_length_options_are_checked() -> None:
+    with pytest.raises(ConfigError, match="step_length must be one of fixed, curvature"):
+        make_config("nlcg", {"step_length": "armijo"})
+    with pytest.raises(ConfigError, match="curvature_fraction must be in"):
+        make_config("nlcg", {"step_length": "curvature", "curvature_fraction": 0.0})
+    with pytest.raises(ConfigError, match="damping must be >= 0"):
+        make_config("nlcg", {"damping": -1.0})
 
 
 def test_beta_max_may_exceed_one_but_not_be_negative() -> None:
