@@ -3,18 +3,19 @@
 Run: ``mpiexec -n 2 python -m mpi4py benchmarks/dataset_overhead.py [--data-dir DIR] [--models M1,M2] [--epochs N]``
 
 The same MNIST rows train the same model with APTS-D (identical losses, checked) given
-four ways through :func:`hpcopt.problem`:
+six ways through :func:`hpcopt.problem`:
 
 * ``tensors``: the in-memory fast path (each shard is an index into the tensors);
 * ``dataset``: a map-style ``Dataset`` over the same tensors, read by a ``DataLoader``
   in the training process (``num_workers=0``);
 * ``dataset-1w``: the same with one reader process ahead of the optimizer (``num_workers=1``);
-* ``memmap-1w``: rows read from a memory-mapped ``.npy`` file on disk, one reader process:
-  a data set that need not fit in memory.
+* ``dataset-thread``: the same read ahead by a thread of each rank (``read_ahead=2``);
+* ``memmap-1w``, ``memmap-thread``: rows read from a memory-mapped ``.npy`` file on disk
+  (a data set that need not fit in memory), by one reader process or by a thread.
 
 Each variant trains ``--epochs`` epochs (evaluation included, once at the end); the
 variants alternate, ``--repeats`` rounds, and the table gives the median seconds per epoch
-and its ratio to ``tensors`` (goal: ≤ 1.10 with one reader process).  The ``read s``
+and its ratio to ``tensors`` (goal: ≤ 1.10 with one reader).  The ``read s``
 column is the time one rank takes to read its shards of one epoch and nothing else
 (reader start-up included): the cost of the path itself, apart from what a reader
 process takes from the ranks when they share too few cores.  Each model of ``--models``
@@ -73,11 +74,12 @@ class MemmapRows(Dataset[tuple[Tensor, Tensor]]):
         return torch.from_numpy(np.array(self.inputs[index])), self.targets[index]
 
 
-def read_seconds(problem: hpcopt.Problem, batch_size: int, comm: Communicator, workers: int) -> float:
+def read_seconds(problem: hpcopt.Problem, batch_size: int, comm: Communicator, reader: tuple[int, int]) -> float:
     """Seconds to read this rank's shards of one epoch (no training)."""
     batches = GlobalBatches(len(problem.train), batch_size, 0, comm.rank, comm.size)
     start = time.perf_counter()
-    for _ in problem.train.batches(batches.epoch(0), num_workers=workers):
+    workers, ahead = reader
+    for _ in problem.train.batches(batches.epoch(0), num_workers=workers, read_ahead=ahead):
         pass
     return time.perf_counter() - start
 
@@ -118,11 +120,11 @@ def main() -> None:
     if not comm.is_root:
         return
     print(f"MNIST {len(train[1])} train rows, APTS-D, {comm.size} ranks, batch {args.batch_size}, {args.epochs} epochs")
-    print(f"{'model':<10} {'variant':<12} {'workers':>7} {'s/epoch':>9} {'ratio':>6} {'read s':>7}")
+    print(f"{'model':<10} {'variant':<15} {'workers':>7} {'ahead':>5} {'s/epoch':>9} {'ratio':>6} {'read s':>7}")
     for row in rows:
         print(
-            f"{row['model']:<10} {row['variant']:<12} {row['num_workers']:>7} {row['seconds_per_epoch']:>9.3f} "
-            f"{row['ratio']:>6.3f} {row['read_seconds_per_epoch']:>7.3f}"
+            f"{row['model']:<10} {row['variant']:<15} {row['num_workers']:>7} {row['read_ahead']:>5} "
+            f"{row['seconds_per_epoch']:>9.3f} {row['ratio']:>6.3f} {row['read_seconds_per_epoch']:>7.3f}"
         )
     print(f"identical losses in every variant: {'yes' if same else 'NO'}")
     with open(args.csv, "w", newline="") as handle:
@@ -143,47 +145,49 @@ def measure(
 ) -> tuple[list[dict[str, object]], bool]:
     """One model's rows of the table, and whether every variant gave the same losses."""
     builder = getattr(models, model.replace("-", "_"))
-    variants: dict[str, tuple[Callable[[], hpcopt.Problem], int]] = {
-        "tensors": (lambda: hpcopt.problem(builder, F.cross_entropy, train, val, metric="accuracy"), 0),
-        "dataset": (
-            lambda: hpcopt.problem(builder, F.cross_entropy, TensorRows(*train), TensorRows(*val), metric="accuracy"),
-            0,
-        ),
-        "dataset-1w": (
-            lambda: hpcopt.problem(builder, F.cross_entropy, TensorRows(*train), TensorRows(*val), metric="accuracy"),
-            1,
-        ),
-        "memmap-1w": (
-            lambda: hpcopt.problem(
-                builder,
-                F.cross_entropy,
-                MemmapRows(folder / "train.npy", train[1]),
-                MemmapRows(folder / "val.npy", val[1]),
-                metric="accuracy",
-            ),
-            1,
-        ),
+
+    def in_memory() -> hpcopt.Problem:
+        return hpcopt.problem(builder, F.cross_entropy, train, val, metric="accuracy")
+
+    def tensor_rows() -> hpcopt.Problem:
+        return hpcopt.problem(builder, F.cross_entropy, TensorRows(*train), TensorRows(*val), metric="accuracy")
+
+    def memmap_rows() -> hpcopt.Problem:
+        train_rows = MemmapRows(folder / "train.npy", train[1])
+        return hpcopt.problem(
+            builder, F.cross_entropy, train_rows, MemmapRows(folder / "val.npy", val[1]), metric="accuracy"
+        )
+
+    # name: (problem, (num_workers, read_ahead))
+    variants: dict[str, tuple[Callable[[], hpcopt.Problem], tuple[int, int]]] = {
+        "tensors": (in_memory, (0, 0)),
+        "dataset": (tensor_rows, (0, 0)),
+        "dataset-1w": (tensor_rows, (1, 0)),
+        "dataset-thread": (tensor_rows, (0, 2)),
+        "memmap-1w": (memmap_rows, (1, 0)),
+        "memmap-thread": (memmap_rows, (0, 2)),
     }
     seconds: dict[str, list[float]] = {name: [] for name in variants}
     reading: dict[str, list[float]] = {name: [] for name in variants}
     losses: dict[str, list[float]] = {}
     steps = 0
     for _ in range(args.repeats):
-        for name, (make, workers) in variants.items():
+        for name, (make, reader) in variants.items():
             result = hpcopt.train(
                 make(),
                 optimizer="apts-d",
                 epochs=args.epochs,
                 batch_size=args.batch_size,
                 eval_every=args.epochs,
-                num_workers=workers,
+                num_workers=reader[0],
+                read_ahead=reader[1],
                 quiet=True,
                 comm=comm,
             )
             # The slowest rank's time is the epoch's time.
             seconds[name].append(comm.allreduce_scalars([result.wall_time], op="max")[0] / args.epochs)
             losses.setdefault(name, result.losses)
-            reading[name].append(read_seconds(make(), args.batch_size, comm, workers))
+            reading[name].append(read_seconds(make(), args.batch_size, comm, reader))
             steps = result.steps
     same = all(run == losses["tensors"] for run in losses.values())
     base = statistics.median(seconds["tensors"])
@@ -191,7 +195,8 @@ def measure(
         {
             "model": model,
             "variant": name,
-            "num_workers": variants[name][1],
+            "num_workers": variants[name][1][0],
+            "read_ahead": variants[name][1][1],
             "ranks": comm.size,
             "steps_per_epoch": steps // args.epochs,
             "seconds_per_epoch": statistics.median(times),

@@ -60,13 +60,13 @@ class Dataset:
         for start in range(0, len(self), size):
             yield self.subset(slice(start, start + size))
 
-    def batches(self, indices: Iterable[Tensor], num_workers: int = 0) -> Iterator[Dataset]:
+    def batches(self, indices: Iterable[Tensor], num_workers: int = 0, read_ahead: int = 0) -> Iterator[Dataset]:
         """The rows of each index tensor in turn: this rank's shards of an epoch's global batches.
 
-        ``num_workers`` is for rows read on demand (:class:`~hpcopt.problems.streamed.StreamedRows`);
-        rows in memory need no reader.
+        ``num_workers`` and ``read_ahead`` are for rows read on demand
+        (:class:`~hpcopt.problems.streamed.StreamedRows`); rows in memory need no reader.
         """
-        del num_workers
+        del num_workers, read_ahead
         for index in indices:
             yield self.subset(index)
 

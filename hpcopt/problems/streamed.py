@@ -7,7 +7,8 @@ stands and offers the same three reads, each of which touches only the rows aske
 
 * :meth:`StreamedRows.batches`: this rank's shard of each global batch of an epoch,
   through a ``torch.utils.data.DataLoader`` whose batch sampler yields those index
-  lists (``num_workers`` processes read ahead while the optimizer steps);
+  lists (``num_workers`` processes, or one thread of the rank reading ``read_ahead``
+  shards, read ahead while the optimizer steps);
 * :meth:`StreamedRows.chunks`: consecutive rows, for evaluation in bounded memory;
 * :meth:`StreamedRows.subset`: a view of some rows (another :class:`StreamedRows`),
   such as this rank's slice of the validation set.
@@ -18,6 +19,8 @@ rows given as tensors would: the losses of a run do not depend on how its data w
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -106,6 +109,59 @@ class _IndexLists(Sampler[list[int]]):
         return iter(self.lists)
 
 
+_DONE = object()
+
+
+def produced_ahead(items: Iterable[Any], depth: int) -> Iterator[Any]:
+    """``items`` in order, produced by a thread that stays up to ``depth`` items ahead.
+
+    The reader of a rank whose cores are all taken by ranks: a thread needs no process
+    of its own and hands a shard over as a Python reference, where a reader process
+    sends it through shared memory (a file descriptor per tensor).  torch releases the
+    GIL in its kernels, so the thread reads while the optimizer computes or waits in a
+    collective.  An exception in the thread is raised here, at the item it stopped at;
+    closing this generator early stops the thread.
+    """
+    ready: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((_DONE, None))
+        except BaseException as error:  # raised again in the consumer, at this item
+            put((None, error))
+        finally:
+            close = getattr(items, "close", None)
+            if callable(close):
+                close()  # a generator left early releases what it holds, in this thread
+
+    thread = threading.Thread(target=produce, name="hpcopt-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = ready.get()
+            if error is not None:
+                raise error
+            if item is _DONE:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
 class StreamedRows:
     """Rows of a map-style dataset, read only when asked for.
 
@@ -153,12 +209,17 @@ class StreamedRows:
         for start in range(0, len(self), size):
             yield self.read(torch.arange(start, min(start + size, len(self))))
 
-    def batches(self, indices: Iterable[Tensor], num_workers: int = 0) -> Iterator[Dataset]:
+    def batches(self, indices: Iterable[Tensor], num_workers: int = 0, read_ahead: int = 0) -> Iterator[Dataset]:
         """The rows of each index tensor (positions of this view) in turn, read by a ``DataLoader``.
 
         With ``num_workers`` > 0 that many processes read the next shards while the caller
-        computes; with 0 each shard is read when it is reached.
+        computes; else with ``read_ahead`` > 0 one thread of this process reads up to that
+        many shards ahead (:func:`produced_ahead`); with both 0 each shard is read when it is
+        reached.
         """
+        if read_ahead > 0 and num_workers == 0:
+            yield from produced_ahead(self.batches(indices), read_ahead)
+            return
         lists = (self._dataset_rows(index) for index in indices)
         if self._reading:
             # Another read of this view is still open: it owns the kept loader, so this one

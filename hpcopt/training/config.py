@@ -65,6 +65,11 @@ class TrainConfig:
             current step with a checkpoint, run-log status ``preempted`` and exit status 75
             (``USR1``, what ``#SBATCH --signal=USR1@120`` sends; ``none``: SIGTERM only).
             SIGINT stops it as ``interrupted``, exit 130 (:mod:`hpcopt.training.preemption`).
+        read_ahead: shards of a user's ``Dataset`` that one thread of each rank reads ahead
+            of the optimizer, without reader processes (0: none): for ranks that already
+            take every core, where a reader process would take time from a rank.  Not
+            together with ``num_workers``; a dataset that draws from torch's global random
+            generator is then read concurrently with the training and loses reproducibility.
     """
 
     # The field order is that of the run log's config_json attribute; keep it.
@@ -109,6 +114,9 @@ class TrainConfig:
         "(default USR1)",
         choices=STOP_SIGNALS,
     )
+    read_ahead: int = flag_field(
+        0, help="shards of a Dataset read ahead by a thread of each rank, no processes (default 0: none)"
+    )
 
     def validate(self) -> None:
         require(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
@@ -125,6 +133,11 @@ class TrainConfig:
         )
         require(self.progress_every >= 0, f"--progress-every must be >= 0, got {self.progress_every}")
         require(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}")
+        require(self.read_ahead >= 0, f"--read-ahead must be >= 0, got {self.read_ahead}")
+        require(
+            not (self.read_ahead and self.num_workers),
+            "--read-ahead and --num-workers are two ways to read ahead: give one of them",
+        )
         require(
             self.stop_signal in STOP_SIGNALS,
             f"--stop-signal must be one of {', '.join(STOP_SIGNALS)}, got {self.stop_signal!r}",

@@ -402,9 +402,10 @@ def _train(
                 epoch_losses = [float(x) for x in resume["epoch_losses"]]
             progress.start_epoch(epoch, batches.batches_per_epoch, done=len(epoch_losses))
             # Shards done before the checkpoint this run resumed from are skipped unread; rows
-            # of a user's Dataset are read here, this rank's only (num_workers read ahead).
+            # of a user's Dataset are read here, this rank's only (num_workers or a
+            # read_ahead thread read ahead).
             indices = itertools.islice(batches.epoch(epoch - 1), len(epoch_losses), None)
-            shards = problem.train.batches(indices, num_workers=cfg.num_workers)
+            shards = problem.train.batches(indices, num_workers=cfg.num_workers, read_ahead=cfg.read_ahead)
             for batch_index, shard in enumerate(shards, start=len(epoch_losses)):
                 if shard.inputs.device != flat.device:
                     shard = Dataset(shard.inputs.to(flat.device), shard.targets.to(flat.device))

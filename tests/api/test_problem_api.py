@@ -9,6 +9,7 @@ and curvature products run once on a few rows).  Both are tested here in one pro
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 import torch
@@ -129,6 +130,45 @@ def test_reader_processes_are_kept_across_epochs_and_end_on_close() -> None:
     _, third_pids = read_epoch()
     assert third_pids.isdisjoint(first_pids)
     rows.close()
+
+
+class SlowThreadRows(Dataset[tuple[Tensor, Tensor]]):
+    """Row i is (i, 0); records the thread that read each row; row ``bad`` raises."""
+
+    def __init__(self, bad: int | None = None) -> None:
+        self.bad = bad
+        self.threads: set[str] = set()
+
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        self.threads.add(threading.current_thread().name)
+        if index == self.bad:
+            raise OSError(f"cannot read row {index}")
+        return torch.tensor([float(index)]), torch.tensor(0)
+
+
+def test_a_reader_thread_reads_ahead_in_order_raises_where_it_failed_and_ends() -> None:
+    epoch = [torch.tensor([3, 1]), torch.tensor([5, 0]), torch.tensor([2, 4]), torch.tensor([7, 6])]
+    data = SlowThreadRows()
+    rows = StreamedRows(data)
+    shards = [s.inputs[:, 0].tolist() for s in rows.batches(epoch, read_ahead=2)]
+    assert shards == [[3.0, 1.0], [5.0, 0.0], [2.0, 4.0], [7.0, 6.0]]
+    assert data.threads == {"hpcopt-read-ahead"}  # not this thread, no process
+    # A run that stops mid-epoch closes the generator: the thread ends with it.
+    reading = rows.batches(epoch, read_ahead=1)
+    next(reading)
+    reading.close()
+    assert not any(t.name == "hpcopt-read-ahead" for t in threading.enumerate())
+    # A failed read is raised at the shard it failed on, after the shards before it.
+    failing = StreamedRows(SlowThreadRows(bad=2))
+    read: list[list[float]] = []
+    with pytest.raises(OSError, match="cannot read row 2"):
+        for shard in failing.batches(epoch, read_ahead=3):
+            read.append(shard.inputs[:, 0].tolist())
+    assert read == [[3.0, 1.0], [5.0, 0.0]]
+    assert not any(t.name == "hpcopt-read-ahead" for t in threading.enumerate())
 
 
 class BatchedPairs(Pairs):

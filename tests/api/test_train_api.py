@@ -221,6 +221,8 @@ def test_a_dataset_gives_the_losses_of_tensors_and_each_rank_reads_only_its_rows
 
     ahead = hpcopt.train(problem(RecordingRows(*train), RecordingRows(*val)), num_workers=1, **run)
     assert ahead.losses == from_tensors.losses  # a reader process ahead changes nothing
+    threaded = hpcopt.train(problem(RecordingRows(*train), RecordingRows(*val)), read_ahead=2, **run)
+    assert threaded.losses == from_tensors.losses  # nor does a reader thread
 
 
 @pytest.mark.mpi(min_size=1)

@@ -51,6 +51,7 @@ def bad_idx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ([*FAST, "--set", "no_such_option=1"], "unknown apts-d option 'no_such_option'"),
         ([*FAST, "--set", "radius"], "--set expects key=value"),
         ([*FAST, "--epochs", "0"], "--epochs must be >= 1"),
+        ([*FAST, "--read-ahead", "2", "--num-workers", "1"], "two ways to read ahead: give one of them"),
     ],
 )
 def test_bad_input_fails_cleanly_on_every_rank(args: list[str], message: str) -> None:

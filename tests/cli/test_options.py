@@ -48,6 +48,7 @@ TRAIN_FLAGS: dict[str, tuple[type | None, tuple[str, ...] | None, bool]] = {
     "--progress-seconds": (float, None, False),
     "--num-workers": (int, None, False),
     "--stop-signal": (None, ("USR1", "USR2", "HUP", "XCPU", "none"), False),
+    "--read-ahead": (int, None, False),
 }
 
 
