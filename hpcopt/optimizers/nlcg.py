@@ -71,7 +71,7 @@ class NLCGConfig:
         curvature: curvature of the ``curvature`` step length: ``ggn`` or ``hessian`` (ggn).
         curvature_fraction: share of the global batch its curvature product uses (0.1).
         curvature_sampling: ``strided`` (rank-count invariant) or ``head`` (strided).
-        damping: λ added to the curvature along d, relative to ‖d‖² (0.0).
+        damping: λ of the curvature step length, which divides by dᵀBd + λ‖d‖² (0.0).
     """
 
     lr: float = 0.1
