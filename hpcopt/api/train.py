@@ -97,7 +97,7 @@ def train(
         comm: the ranks to train on (default: every rank of ``MPI_COMM_WORLD``).
         **train_options: any other option of ``hpcopt train`` by its field name
             (``max_steps``, ``eval_every``, ``target``, ``time_limit``, ``quiet``,
-            ``checkpoint_every``, ``num_workers``, ``threads``, ``overwrite``, …;
+            ``checkpoint_every``, ``num_workers``, ``read_ahead``, ``threads``, ``overwrite``, …;
             ``hpcopt options train`` lists them).  ``threads`` defaults to 1, one rank per
             core; the caller's torch thread count is restored on return.
 
