@@ -209,6 +209,18 @@ class DistributedCurvature:
             product.add_(v, alpha=self.damping)
         return product
 
+    def quadratic_form(self, v: torch.Tensor) -> float:
+        """``vᵀ(Σ_r w_r B_r)v + λ‖v‖²`` with one allreduce of one scalar, not of n floats.
+
+        A line search needs only the curvature along v, and vᵀBv = Σ_r w_r·vᵀB_r v, so
+        each rank reduces its own number (``v`` is replicated).  Not watched for
+        negative curvature.
+        """
+        local = 0.0 if self.local is None else self.weight * self.local.quadratic_form(v)
+        (total,) = self.comm.allreduce_scalars([local])
+        self.products += 1
+        return total + self.damping * float(torch.dot(v, v))
+
     def _watch(self, v: torch.Tensor, product: torch.Tensor) -> None:
         vv = float(torch.dot(v, v))
         vbv = float(torch.dot(v, product))

@@ -131,8 +131,19 @@ class CurvatureOperator:
             product = product.add(v, alpha=self.damping)
         return product
 
+    def quadratic_form(self, v: Tensor) -> float:
+        """``vᵀ(B + damping·I)v``: the curvature along ``v`` (a line search needs no more)."""
+        if v.shape != (self.numel,):
+            raise ValueError(f"expected a flat vector of shape ({self.numel},), got {tuple(v.shape)}")
+        value = self._quadratic_form(v.detach().to(self._dtype))
+        self.products += 1
+        return value + self.damping * float(torch.dot(v, v))
+
     def _product(self, v: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def _quadratic_form(self, v: Tensor) -> float:
+        return float(torch.dot(v, self._product(v)))
 
 
 class _DoubleBackwardHVP(CurvatureOperator):
@@ -227,21 +238,29 @@ class _GaussNewton(CurvatureOperator):
         self._jt_u = jt_u
         self._u = u
 
-    def _product(self, v: Tensor) -> Tensor:
+    def _output_space(self, v: Tensor) -> tuple[Tensor, Tensor] | None:
+        """``(J v, H_L J v)``, or None where the model or the criterion ignores the parameters."""
         # J v: Jᵀu is linear in u, so its vjp with v w.r.t. u is Jv (double-vjp trick).
         if not self._jt_u.requires_grad:
-            return torch.zeros_like(v)
+            return None
         (jv,) = torch.autograd.grad(self._jt_u, self._u, v, retain_graph=True, allow_unused=True)
-        if jv is None:
-            return torch.zeros_like(v)
+        if jv is None or not self._dloss.requires_grad:
+            return None
         # H_L (J v): double backward of the criterion alone, in output space (cheap).
-        if not self._dloss.requires_grad:
-            return torch.zeros_like(v)
         (hjv,) = torch.autograd.grad(self._dloss, self._outputs_leaf, jv, retain_graph=True, allow_unused=True)
-        if hjv is None:
+        return None if hjv is None else (jv, hjv)
+
+    def _quadratic_form(self, v: Tensor) -> float:
+        # vᵀJᵀH_L J v = (Jv)ᵀ(H_L Jv): the backward through the model that a product ends with is not needed.
+        pair = self._output_space(v)
+        return 0.0 if pair is None else float(torch.sum(pair[0] * pair[1]))
+
+    def _product(self, v: Tensor) -> Tensor:
+        pair = self._output_space(v)
+        if pair is None:
             return torch.zeros_like(v)
         # Jᵀ (H_L J v): one ordinary backward through the stored forward.
-        (gv,) = torch.autograd.grad(self._outputs, self._theta, hjv, retain_graph=True, allow_unused=True)
+        (gv,) = torch.autograd.grad(self._outputs, self._theta, pair[1], retain_graph=True, allow_unused=True)
         return torch.zeros_like(v) if gv is None else gv
 
 

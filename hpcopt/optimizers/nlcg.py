@@ -1,8 +1,9 @@
 """Preconditioned nonlinear conjugate gradients (docs/algorithms.md §5; Adya et al.).
 
-Data-parallel with one allreduce(n+1) of ``[g; loss]`` per step; all state (the
-diagonal preconditioner h, the previous gradient, direction and step) is
-replicated, so every rank computes the same step from the same reduced values.
+Data-parallel with one allreduce(n+1) of ``[g; loss]`` per step (and one scalar
+allreduce more with ``step_length=curvature``); all state (the diagonal
+preconditioner h, the previous gradient, direction and step) is replicated, so
+every rank computes the same step from the same reduced values.
 
 Per step, with s the previous step and y = g_k − g_{k−1}:
 
@@ -15,9 +16,10 @@ Per step, with s the previous step and y = g_k − g_{k−1}:
    *(ours)* α = −gᵀd / (dᵀBd + λ‖d‖²), the minimiser of the quadratic model along d
    with B the Gauss–Newton matrix on a strided curvature sub-batch
    (``step_length=curvature``): the exact line search of linear CG, applied to the
-   model of the network's loss.  It costs one curvature product per step, one
-   forward pass and two backward passes on the sub-batch and one scalar allreduce:
-   dᵀBd is a local dot of replicated vectors after the product's allreduce.
+   model of the network's loss.  It costs, per step, a forward pass and two backward
+   passes on the sub-batch (the Gauss–Newton quadratic form (Jd)ᵀH_L(Jd) needs no
+   backward through the model after them) and one allreduce of one scalar, each
+   rank's share of dᵀBd; gᵀd is a local dot of replicated vectors.
 
 With a fused-kernel backend (``self.kernels``: CUDA kernels on a GPU with CuPy)
 steps 1–3 are three passes over the state, updated in place: ``nlcg_dots``
@@ -230,8 +232,7 @@ class NLCG(Optimizer):
         operator, rows = sampled_curvature(
             self.objective, parse_curvature(cfg.curvature), cfg.curvature_fraction, cfg.curvature_sampling
         )
-        curvature = float(torch.dot(direction, operator(direction)))
-        curvature += cfg.damping * float(torch.dot(direction, direction))
+        curvature = operator.quadratic_form(direction) + cfg.damping * float(torch.dot(direction, direction))
         alpha = -slope / curvature if curvature > 0 and slope < 0 else 1.0
         return (
             direction,

@@ -56,15 +56,24 @@ def _run(optimizer: str, options: dict, comm: Communicator, **train_options: obj
 @pytest.mark.mpi(min_size=1)
 @pytest.mark.parametrize(
     ("optimizer", "options"),
-    [("sgd", {"lr": 0.5}), ("sgd", {"lr": 0.1, "momentum": 0.9, "nesterov": True}), ("adam", {"lr": 0.05})],
+    [
+        ("sgd", {"lr": 0.5}),
+        ("sgd", {"lr": 0.1, "momentum": 0.9, "nesterov": True}),
+        ("adam", {"lr": 0.05}),
+        # one scalar allreduce of each rank's share of dᵀBd on the strided sub-batch
+        ("nlcg", {"lr": 1.0, "beta": "pr", "step_length": "curvature", "curvature_fraction": 0.3}),
+    ],
 )
 def test_data_parallel_baselines_match_the_single_process_run(optimizer: str, options: dict) -> None:
     world = Communicator()
     distributed = _run(optimizer, options, world)
     alone = _run(optimizer, options, Communicator(MPI.COMM_SELF))
     assert distributed.steps == alone.steps == 15
-    torch.testing.assert_close(distributed.parameters, alone.parameters, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(torch.tensor(distributed.losses), torch.tensor(alone.losses), rtol=1e-5, atol=1e-6)
+    # NLCG's step length is a ratio of two float32 sums taken in another order at each P,
+    # and conjugate directions carry its rounding forward: 1e-4, not 1e-5.
+    rtol, atol = (1e-4, 1e-5) if optimizer == "nlcg" else (1e-5, 1e-6)
+    torch.testing.assert_close(distributed.parameters, alone.parameters, rtol=rtol, atol=atol)
+    torch.testing.assert_close(torch.tensor(distributed.losses), torch.tensor(alone.losses), rtol=rtol, atol=atol)
     assert distributed.losses[-1] < distributed.losses[0]
 
 

@@ -164,6 +164,24 @@ def test_ggn_matches_explicit_jt_hl_j(name: str) -> None:
     assert torch.linalg.eigvalsh(dense).min() > -1e-10 * torch.linalg.eigvalsh(dense).max()
 
 
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_quadratic_form_is_v_dot_the_product(kind: CurvatureKind) -> None:
+    """The Gauss–Newton form skips the last backward: (Jv)ᵀH_L(Jv) must still equal vᵀ(Bv)."""
+    _, flat, objective = make_objective("mlp", torch.float64)
+    dense = explicit_ggn(objective) if kind is CurvatureKind.GGN else None
+    operator = objective.curvature(kind, damping=0.3)
+    torch.manual_seed(7)
+    for _ in range(3):
+        v = torch.randn(flat.numel, dtype=torch.float64)
+        form = operator.quadratic_form(v)
+        assert form == pytest.approx(float(v @ operator(v)), rel=1e-10)
+        if dense is not None:
+            assert form == pytest.approx(float(v @ dense @ v) + 0.3 * float(v @ v), rel=1e-10)
+    assert operator.products == 6  # a form counts as one product
+    with pytest.raises(ValueError, match="expected a flat vector"):
+        operator.quadratic_form(torch.zeros(3, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
 def test_ggn_is_positive_semidefinite_where_hessian_is_not(name: str) -> None:
     _, flat, objective = make_objective(name, torch.float64)
