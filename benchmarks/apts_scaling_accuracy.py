@@ -26,7 +26,11 @@ tuned baseline (best of ``--adam-lrs``).  Variants (APTS-D ``--set`` options):
 * ``average-gn-step``: ``average-gn`` with ``shrink_to_step=true`` (a rejection shrinks
   from min(Δ, ‖s‖), so a Δ₀ far above the steps' length is left at the first rejection).
 
-The Δ₀ sweep raises ``radius_max`` to Δ₀ where Δ₀ exceeds its default 2.
+The Δ₀ sweep raises ``radius_max`` to Δ₀ where Δ₀ exceeds its default 2.  Every rank
+takes an equal share of the global batch, so at a P that does not divide ``--batch``
+the batch is rounded down to a multiple of P (10 000 rows at P = 6 run as 9 996); the
+CSV records each run's batch.  ``--adam-best`` draws Adam's best accuracy measured in
+another study when this one has no Adam run, ``--goal`` a goal line.
 
 Writes ``OUTDIR/apts_scaling_accuracy.csv`` (one row per run: final and best validation
 accuracy, accepted combined steps, median ρ, final radius, seconds) and
@@ -94,10 +98,19 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, int, dict[str, object
     return runs
 
 
+def batch_for(batch: int, ranks: int) -> int:
+    """The global batch at ``ranks`` ranks: ``--batch`` rounded down to a multiple of P.
+
+    Every rank takes an equal share, so 10 000 rows at P = 6 run as 9 996.
+    """
+    return batch - batch % ranks
+
+
 def launch_run(run: tuple[str, str, int, dict[str, object]], args: argparse.Namespace) -> None:
     name, optimizer, ranks, options = run
     command = _common.train_command(ranks, "--problem", "mnist", "--data-dir", args.data_dir, "--model", args.model)
-    command += ["--optimizer", optimizer, "--batch-size", str(args.batch), "--epochs", str(args.epochs)]
+    batch = batch_for(args.batch, ranks)
+    command += ["--optimizer", optimizer, "--batch-size", str(batch), "--epochs", str(args.epochs)]
     _common.launch(name, command + _common.log_arguments(args, name) + _common.set_options(options))
 
 
@@ -121,6 +134,7 @@ def report(runs: list[tuple[str, str, int, dict[str, object]]], args: argparse.N
             "run": name,
             "optimizer": optimizer,
             "ranks": ranks,
+            "batch": int(str(run.attributes.get("batch_size", batch_for(args.batch, ranks)))),
             "options": " ".join(f"{k}={v}" for k, v in options.items()),
             "final_accuracy": round(float(acc[-1]), 3),
             "best_accuracy": round(float(acc.max()), 3),
@@ -143,7 +157,8 @@ def report(runs: list[tuple[str, str, int, dict[str, object]]], args: argparse.N
     adam = [row["final_accuracy"] for row in rows if row["optimizer"] == "adam"]
     if adam:
         print(f"\nAdam's best of {len(adam)} learning rates: {max(adam):.2f} %")
-    _plot(rows, args, max(adam) if adam else None, outdir / "apts_scaling_accuracy.png")
+    adam_best = max(adam) if adam else args.adam_best
+    _plot(rows, args, adam_best, outdir / "apts_scaling_accuracy.png")
 
 
 def _plot(rows: list[dict[str, object]], args: argparse.Namespace, adam_best: float | None, path: Path) -> None:
@@ -171,7 +186,9 @@ def _plot(rows: list[dict[str, object]], args: argparse.Namespace, adam_best: fl
             by_radius.semilogx(*zip(*sorted(sweep)), marker="o", label=variant)
     for axis in {by_ranks, by_radius}:
         if adam_best is not None:
-            axis.axhline(adam_best, color="grey", linestyle="--", label="Adam, best lr (P = 2)")
+            axis.axhline(adam_best, color="grey", linestyle="--", label=f"Adam, best lr (P = 2): {adam_best:.2f} %")
+        if args.goal is not None:
+            axis.axhline(args.goal, color="k", linestyle=":", linewidth=1, label=f"goal: {args.goal:g} %")
         axis.set_ylabel("final validation accuracy (%)")
         low, high = axis.get_ylim()
         if high - low < 2.0:  # at least two points of accuracy, so that tenths do not look like a cliff
@@ -180,7 +197,9 @@ def _plot(rows: list[dict[str, object]], args: argparse.Namespace, adam_best: fl
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     by_ranks.set_xlabel("ranks P")
-    by_ranks.set_title(f"APTS-D, {args.model}, batch {args.batch}, {args.epochs} epochs")
+    uneven = any(args.batch % int(str(r["ranks"])) for r in rows)
+    batch = f"batch {args.batch}" + (" (or less: a multiple of P)" if uneven else "")
+    by_ranks.set_title(f"APTS-D, {args.model}, {batch}, {args.epochs} epochs", fontsize=9)
     if sweeping:
         by_radius.set_xlabel(f"initial radius Δ₀ (P = {args.radius_ranks})")
     fig.tight_layout()
@@ -202,6 +221,10 @@ def main() -> None:
     parser.add_argument("--radii", default="1e-3,1e-2,1e-1,1,10", help="Δ₀ values of the radius sweep ('' for none)")
     parser.add_argument("--radius-ranks", type=int, default=4)
     parser.add_argument("--adam-lrs", default="1e-3,3e-3,1e-2", help="Adam's learning rates ('' for none)")
+    parser.add_argument(
+        "--adam-best", type=float, help="Adam's best accuracy (%%) measured elsewhere, drawn when no Adam run is here"
+    )
+    parser.add_argument("--goal", type=float, help="draw this accuracy (%%) as the goal line")
     args = parser.parse_args()
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
     if unknown:
