@@ -30,7 +30,8 @@ The Δ₀ sweep raises ``radius_max`` to Δ₀ where Δ₀ exceeds its default 2
 takes an equal share of the global batch, so at a P that does not divide ``--batch``
 the batch is rounded down to a multiple of P (10 000 rows at P = 6 run as 9 996); the
 CSV records each run's batch.  ``--adam-best`` draws Adam's best accuracy measured in
-another study when this one has no Adam run, ``--goal`` a goal line.
+another study when this one has no Adam run, ``--goal`` and ``--radius-goal`` goal
+lines against P and against Δ₀.
 
 Writes ``OUTDIR/apts_scaling_accuracy.csv`` (one row per run: final and best validation
 accuracy, accepted combined steps, median ρ, final radius, seconds) and
@@ -187,8 +188,9 @@ def _plot(rows: list[dict[str, object]], args: argparse.Namespace, adam_best: fl
     for axis in {by_ranks, by_radius}:
         if adam_best is not None:
             axis.axhline(adam_best, color="grey", linestyle="--", label=f"Adam, best lr (P = 2): {adam_best:.2f} %")
-        if args.goal is not None:
-            axis.axhline(args.goal, color="k", linestyle=":", linewidth=1, label=f"goal: {args.goal:g} %")
+        goal = args.goal if axis is by_ranks else args.radius_goal
+        if goal is not None:
+            axis.axhline(goal, color="k", linestyle=":", linewidth=1, label=f"goal: {goal:g} %")
         axis.set_ylabel("final validation accuracy (%)")
         low, high = axis.get_ylim()
         if high - low < 2.0:  # at least two points of accuracy, so that tenths do not look like a cliff
@@ -224,7 +226,8 @@ def main() -> None:
     parser.add_argument(
         "--adam-best", type=float, help="Adam's best accuracy (%%) measured elsewhere, drawn when no Adam run is here"
     )
-    parser.add_argument("--goal", type=float, help="draw this accuracy (%%) as the goal line")
+    parser.add_argument("--goal", type=float, help="draw this accuracy (%%) as the goal line against P")
+    parser.add_argument("--radius-goal", type=float, help="draw this accuracy (%%) as the goal line against Δ₀")
     args = parser.parse_args()
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
     if unknown:
