@@ -193,7 +193,8 @@ class NLCG(Optimizer):
         alpha = 1.0
         if cfg.step_length == "curvature":
             direction, alpha, extras = self.curvature_step_length(grad, direction)
-            beta = beta if extras["restarted"] is False else 0.0
+            if extras["restarted"]:
+                beta = 0.0
         if cfg.loss_average:
             self._update_c(loss)
         lr = cfg.learning_rate(self.steps)
@@ -229,10 +230,11 @@ class NLCG(Optimizer):
             direction = self.direction = self.prev_z
             slope = float(torch.dot(grad, direction))
             restarted = True
+        # λ goes to the operator, whose quadratic form adds λ‖d‖² itself.
         operator, rows = sampled_curvature(
-            self.objective, parse_curvature(cfg.curvature), cfg.curvature_fraction, cfg.curvature_sampling
+            self.objective, parse_curvature(cfg.curvature), cfg.curvature_fraction, cfg.curvature_sampling, cfg.damping
         )
-        curvature = operator.quadratic_form(direction) + cfg.damping * float(torch.dot(direction, direction))
+        curvature = operator.quadratic_form(direction)
         alpha = -slope / curvature if curvature > 0 and slope < 0 else 1.0
         return (
             direction,

@@ -130,6 +130,20 @@ def test_curvature_step_length_restarts_a_direction_that_does_not_descend(
 
 
 @pytest.mark.mpi(min_size=1)
+def test_curvature_step_length_damping_adds_lambda_times_the_squared_direction(
+    objective_factory: ObjectiveFactory,
+) -> None:
+    options = {"precondition": False, "loss_average": False, "step_length": "curvature", "curvature_fraction": 1.0}
+    plain = NLCG(_stretched_objective(objective_factory)[0], make_config("nlcg", options))
+    damped = NLCG(_stretched_objective(objective_factory)[0], make_config("nlcg", {**options, "damping": 0.5}))
+    first, second = plain.step(), damped.step()
+    assert plain.direction is not None
+    squared = float(torch.dot(plain.direction, plain.direction))
+    assert float(second.extras["dBd"]) == pytest.approx(float(first.extras["dBd"]) + 0.5 * squared, rel=1e-5)
+    assert float(second.extras["alpha"]) < float(first.extras["alpha"])
+
+
+@pytest.mark.mpi(min_size=1)
 def test_fixed_step_lengths_do_not_reach_the_cg_iterates(objective_factory: ObjectiveFactory) -> None:
     """The comparison above can fail: with the configured lr instead of the exact α, NLCG is not CG."""
     objective, inputs, targets = _stretched_objective(objective_factory)
