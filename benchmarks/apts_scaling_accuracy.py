@@ -24,7 +24,12 @@ tuned baseline (best of ``--adam-lrs``).  Variants (APTS-D ``--set`` options):
   so it does not thin out as P grows; with HF's radius factors (×2 on a very successful
   boundary step, ×0.5 on a rejection) so that a badly chosen Δ₀ is left quickly;
 * ``average-gn-step``: ``average-gn`` with ``shrink_to_step=true`` (a rejection shrinks
-  from min(Δ, ‖s‖), so a Δ₀ far above the steps' length is left at the first rejection).
+  from min(Δ, ‖s‖), so a Δ₀ far above the steps' length is left at the first rejection);
+* ``average-gn-sub``: ``average-gn`` whose curvature products use a tenth of the batch
+  (``curvature_fraction=0.1``, strided rows), so that the pass costs about two
+  gradients instead of eight;
+* ``average-gn-nm``: ``average-gn`` with the non-monotone acceptance of the combined
+  step over a window of 5 outer iterations (``nonmonotone=5``).
 
 The Δ₀ sweep raises ``radius_max`` to Δ₀ where Δ₀ exceeds its default 2.  Every rank
 takes an equal share of the global batch, so at a P that does not divide ``--batch``
@@ -68,6 +73,8 @@ VARIANTS: dict[str, dict[str, object]] = {
     },
 }
 VARIANTS["average-gn-step"] = {**VARIANTS["average-gn"], "shrink_to_step": True}
+VARIANTS["average-gn-sub"] = {**VARIANTS["average-gn"], "curvature_fraction": 0.1}
+VARIANTS["average-gn-nm"] = {**VARIANTS["average-gn"], "nonmonotone": 5}
 
 
 def _floats(text: str) -> list[float]:

@@ -36,8 +36,10 @@ def _shared_dir(comm: Communicator, tmp_path: Path) -> Path:
 
 
 # Options that make each optimizer's state non-trivial within 12 steps (Neumann: warm-up
-# ends at step 2 and its momentum resets every 4 steps, so the restart at 7 is mid-cycle).
+# ends at step 2 and its momentum resets every 4 steps, so the restart at 7 is mid-cycle;
+# APTS-P: the non-monotone window of the last 3 losses must come back with the radius).
 OPTIMIZER_OPTIONS: dict[str, dict[str, object]] = {
+    "apts-p": {"nonmonotone": 3},
     "neumann": {"epoch_steps": 2, "warmup_epochs": 1, "reset_epochs": 2},
     "hf": {"max_iterations": 5},
 }

@@ -50,7 +50,8 @@ def _train(comm: Communicator, directory: Path, replicas: int, **options: object
         quiet=True,
         **options,  # type: ignore[arg-type]
     )
-    return train(cfg, {"replicas": replicas, "radius": 0.05}, dict(LM_OPTIONS), comm=comm)
+    # A non-monotone window of 3: its losses are state that the restart must restore.
+    return train(cfg, {"replicas": replicas, "radius": 0.05, "nonmonotone": 3}, dict(LM_OPTIONS), comm=comm)
 
 
 def _layout_or_skip(comm: Communicator, stages: int, replicas: int) -> None:
@@ -116,6 +117,7 @@ def test_apts_ip_checkpoint_holds_every_stage_and_the_layout(tmp_path: Path) -> 
     assert set(state["buffers"]) == {name for name, _ in whole_model.named_buffers()}  # whole-model names
     assert len(state["rng"]) == comm.size and state["step"] == FIRST and state["batch_in_epoch"] == 2
     assert state["optimizer"]["steps"] == FIRST and state["optimizer"]["radius"] > 0
+    assert len(state["optimizer"]["window"]) == 2  # nonmonotone=3: the two losses before the last
 
     # Every rank's stage sits in the gathered vector at its stage's offset.
     blocks = comm.allgather_object(result.parameters)

@@ -13,6 +13,7 @@ from hpcopt.numerics.trust_region.loop import (
     trust_region_loop,
 )
 from hpcopt.numerics.trust_region.lsr1 import LSR1Operator
+from hpcopt.numerics.trust_region.nonmonotone import ReferenceWindow
 from hpcopt.numerics.trust_region.radius import Decision, RadiusPolicy, decide
 from hpcopt.numerics.trust_region.subproblem import (
     CauchySolver,
@@ -31,6 +32,7 @@ __all__ = [
     "LSR1Solver",
     "LoopResult",
     "RadiusPolicy",
+    "ReferenceWindow",
     "SteihaugSolver",
     "SubproblemResult",
     "SubproblemSolver",

@@ -116,7 +116,13 @@ class Decision:
 
 
 def decide(
-    policy: RadiusPolicy, radius: float, loss: float, trial_loss: float, pred: float, step_norm: float
+    policy: RadiusPolicy,
+    radius: float,
+    loss: float,
+    trial_loss: float,
+    pred: float,
+    step_norm: float,
+    reference: float | None = None,
 ) -> Decision:
     """Accept or reject a trial step and update the radius (docs/algorithms.md §0).
 
@@ -127,6 +133,10 @@ def decide(
         trial_loss: ``f(theta + s)``.
         pred: Predicted reduction ``m(0) - m(s)`` of the model.
         step_norm: ``||s||``.
+        reference: A non-monotone reference value ``f_ref >= loss`` (None: monotone).
+            The ratio is then ``max(ratio, (f_ref - trial_loss) / (f_ref - loss + pred))``
+            (Toint 1997; :mod:`hpcopt.numerics.trust_region.nonmonotone`), and both the
+            acceptance and the radius update use it.
 
     Returns:
         The :class:`Decision`.  A non-finite trial loss (or a ratio that overflows),
@@ -143,6 +153,8 @@ def decide(
     if not math.isfinite(pred) or pred <= 0.0:
         return Decision(False, nan, shrunk, "rejected_pred")
     ratio = (loss - trial_loss) / pred
+    if reference is not None and math.isfinite(reference) and reference > loss:
+        ratio = max(ratio, (reference - trial_loss) / (reference - loss + pred))
     if not math.isfinite(ratio):
         return Decision(False, ratio, shrunk, "rejected_nonfinite")
     if ratio < policy.eta1:

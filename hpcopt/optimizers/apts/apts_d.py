@@ -28,11 +28,12 @@ from typing import Any, ClassVar
 import torch
 
 from hpcopt.config import require
+from hpcopt.distributed.curvature_batch import SAMPLINGS, sampled_curvature
 from hpcopt.distributed.data_parallel import DistributedObjective
 from hpcopt.errors import NonFiniteError
 from hpcopt.numerics.curvature import parse_curvature
 from hpcopt.numerics.krylov.cg import MatVec
-from hpcopt.numerics.trust_region import LSR1Solver, decide, make_subproblem_solver
+from hpcopt.numerics.trust_region import LSR1Solver, ReferenceWindow, decide, make_subproblem_solver
 from hpcopt.optimizers.apts.local_phase import first_order_consistent, local_phase
 from hpcopt.optimizers.apts.options import SOLVERS, APTSOptions
 from hpcopt.optimizers.apts.outcome import outer_step_result
@@ -57,6 +58,11 @@ class APTSDConfig(APTSOptions):
             −(gᵀs + ½ sᵀBs) that the global L-SR1 model B predicts for the combined
             step s itself (needs ``global_solver=lsr1``; no extra communication).
             Σ pred_r ignores how the local steps interact; the global model does not.
+        curvature_fraction: share of the global batch the global pass's curvature products
+            (``steihaug``) are taken on (1.0) *(ours, as Hessian-free's)*: a product then
+            costs that share of a gradient; the gradient stays the whole batch's.
+        curvature_sampling: ``strided`` (the same rows at any P) or ``head`` (each rank's
+            first rows) for ``curvature_fraction`` < 1 (strided).
         shard: how the ranks split each global batch: ``batch`` (contiguous slices of
             the shuffled batch) or ``spatial`` (PINNs: the batch ordered by the first
             coordinate, so each rank owns an interval of x; the thesis' PINN variant).
@@ -69,6 +75,8 @@ class APTSDConfig(APTSOptions):
     global_solver: str = "lsr1"
     combine: str = "sum"
     predicted: str = "sum"
+    curvature_fraction: float = 1.0
+    curvature_sampling: str = "strided"
     shard: str = "batch"
 
     def validate(self) -> None:
@@ -86,6 +94,14 @@ class APTSDConfig(APTSOptions):
             self.predicted == "sum" or self.global_solver == "lsr1",
             f"{name}: predicted=model uses the global L-SR1 model; it needs global_solver=lsr1, "
             f"not '{self.global_solver}'",
+        )
+        require(
+            0.0 < self.curvature_fraction <= 1.0,
+            f"{name}: curvature_fraction must be in (0, 1], got {self.curvature_fraction}",
+        )
+        require(
+            self.curvature_sampling in SAMPLINGS,
+            f"{name}: curvature_sampling must be one of {', '.join(SAMPLINGS)}, got '{self.curvature_sampling}'",
         )
         require(self.shard in ("batch", "spatial"), f"{name}: shard must be batch or spatial, got '{self.shard}'")
 
@@ -110,6 +126,7 @@ class APTSD(Optimizer):
         )
         self.combined = objective.comm_buffer()
         self.world_size = objective.comm.size
+        self.window = ReferenceWindow(config.nonmonotone)
 
     def state_dict(self) -> dict[str, Any]:
         # The local solver is reset every outer iteration; only the global one carries memory.
@@ -117,12 +134,14 @@ class APTSD(Optimizer):
             **super().state_dict(),
             "radius": self.radius,
             "global_solver": self.global_solver.state_dict(),
+            "window": self.window.state(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
         self.radius = float(state["radius"])
         self.global_solver.load_state_dict(dict(state["global_solver"]))
+        self.window.load(list(state.get("window", [])))
 
     # -- local phase (no communication) ---------------------------------------
 
@@ -199,6 +218,14 @@ class APTSD(Optimizer):
         curvature = solver.operator.matvec(step)
         return -float(grad.dot(step) + 0.5 * step.dot(curvature))
 
+    def _global_curvature(self) -> MatVec:
+        """The global pass's curvature at the current parameters: the whole batch or its sub-batch."""
+        cfg = self.config
+        if cfg.curvature_fraction >= 1.0:
+            return self.objective.curvature(self.curvature)
+        operator, _ = sampled_curvature(self.objective, self.curvature, cfg.curvature_fraction, cfg.curvature_sampling)
+        return operator
+
     # -- one outer iteration ----------------------------------------------------
 
     def step(self) -> StepResult:
@@ -227,7 +254,10 @@ class APTSD(Optimizer):
             trial_grad = trial_grad_view.clone()
         else:
             trial_loss = objective.value()
-        decision = decide(self.policy, self.radius, loss, trial_loss, pred, step_norm)
+        # The loss is allreduced, so every rank keeps the same window and the same decision.
+        reference = self.window.reference(loss)
+        self.window.record(loss)
+        decision = decide(self.policy, self.radius, loss, trial_loss, pred, step_norm, reference)
         self.radius = decision.radius
         if trial_grad is not None and math.isfinite(trial_loss) and step_norm > 0:
             self.global_solver.update(step, trial_grad - grad)
@@ -241,7 +271,7 @@ class APTSD(Optimizer):
         for g_pass in range(cfg.global_passes):
             assert current_grad is not None
             # One allreduce per product: Σ_r w_r B_r v, the operator of Hessian-free's solves.
-            matvec = objective.curvature(self.curvature) if self.global_solver.needs_matvec else None
+            matvec = self._global_curvature() if self.global_solver.needs_matvec else None
             result = self.global_solver.solve(current_grad, self.radius, matvec)
             if not (result.pred > 0 and math.isfinite(result.pred)):
                 break

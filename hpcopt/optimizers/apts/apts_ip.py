@@ -66,7 +66,7 @@ from hpcopt.distributed.sharding import contiguous_slice
 from hpcopt.errors import ConfigError, NonFiniteError
 from hpcopt.numerics.curvature import LocalObjective, parse_curvature
 from hpcopt.numerics.krylov.cg import MatVec
-from hpcopt.numerics.trust_region import decide, make_subproblem_solver
+from hpcopt.numerics.trust_region import ReferenceWindow, decide, make_subproblem_solver
 from hpcopt.optimizers.apts.local_phase import first_order_consistent, local_phase
 from hpcopt.optimizers.apts.options import APTSOptions
 from hpcopt.optimizers.apts.outcome import outer_step_result
@@ -124,9 +124,9 @@ class APTSIP(Optimizer):
     config_class = APTSIPConfig
     #: This rank's stage, cut by :meth:`build` from the whole model.
     objective: PipelineObjective
-    # The radius is all that an outer iteration hands to the next: the local solver is
-    # reset at the start of every local phase, and the pipeline's caches (stage inputs,
-    # output gradients) are rebuilt by each step's gradient pass before they are read.
+    # The radius (and the non-monotone window) is all that an outer iteration hands to the
+    # next: the local solver is reset at the start of every local phase, and the pipeline's
+    # caches (stage inputs, output gradients) are rebuilt by each step's gradient pass.
     state_attributes: ClassVar[tuple[str, ...]] = ("radius",)
 
     @classmethod
@@ -224,6 +224,7 @@ class APTSIP(Optimizer):
         self.comm = objective.comm
         self.layout = objective.layout
         self.radius = config.radius
+        self.window = ReferenceWindow(config.nonmonotone)
         self.policy = config.global_policy()
         self.curvature = parse_curvature(config.curvature)
         # The local solve works on this stage's block only (rank-private vectors), so the
@@ -300,6 +301,13 @@ class APTSIP(Optimizer):
         objective.replica_comm.allreduce_(sums, reuse=False)
         return problem.eval_metrics(sums)
 
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "window": self.window.state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.window.load(list(state.get("window", [])))
+
     def _local_objective(self) -> LocalObjective:
         pipeline = self.pipeline
         objective = self.objective
@@ -359,7 +367,9 @@ class APTSIP(Optimizer):
 
         self.flat.copy_(theta_k + step)
         trial_loss = objective.value()
-        decision = decide(self.policy, self.radius, loss, trial_loss, pred, step_norm)
+        reference = self.window.reference(loss)
+        self.window.record(loss)
+        decision = decide(self.policy, self.radius, loss, trial_loss, pred, step_norm, reference)
         self.radius = decision.radius
         if not decision.accepted:
             self.flat.copy_(theta_k)

@@ -30,6 +30,9 @@ class APTSOptions:
         gamma_dec: shrink factor (0.9).
         shrink_to_step: on a rejection shrink from min(Δ, ‖s‖) instead of Δ (off) *(ours)*:
             a rejected step shorter than Δ is otherwise tried again unchanged.
+        nonmonotone: window M of the non-monotone acceptance of the combined step (1: monotone)
+            *(ours, Toint 1997)*: ρ = max(ρ, (f_ref − f(θ+s))/(f_ref − f(θ) + pred)), f_ref the
+            largest f(θ) of the last M outer iterations.
         local_iterations: L, local TR iterations per outer iteration (3).
         local_solver: ``cauchy``, ``steihaug`` or ``lsr1`` (lsr1).
         local_eta1: local phase: accept a local step when ρ ≥ local_eta1 (0.3).
@@ -51,6 +54,7 @@ class APTSOptions:
     gamma_inc: float = 1.2
     gamma_dec: float = 0.9
     shrink_to_step: bool = False
+    nonmonotone: int = 1
     local_iterations: int = 3
     local_solver: str = "lsr1"
     local_eta1: float = 0.3
@@ -68,6 +72,10 @@ class APTSOptions:
             0 < self.radius_min <= self.radius <= self.radius_max,
             f"{name}: need 0 < radius_min <= radius <= radius_max, got {self.radius_min}, "
             f"{self.radius}, {self.radius_max}",
+        )
+        require(
+            isinstance(self.nonmonotone, int) and self.nonmonotone >= 1,
+            f"{name}: nonmonotone (the window M) must be an integer >= 1, got {self.nonmonotone}",
         )
         require(self.local_iterations >= 0, f"{name}: local_iterations must be >= 0, got {self.local_iterations}")
         require(
