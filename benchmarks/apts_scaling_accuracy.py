@@ -29,7 +29,11 @@ tuned baseline (best of ``--adam-lrs``).  Variants (APTS-D ``--set`` options):
   (``curvature_fraction=0.1``, strided rows), so that the pass costs about two
   gradients instead of eight;
 * ``average-gn-nm``: ``average-gn`` with the non-monotone acceptance of the combined
-  step over a window of 5 outer iterations (``nonmonotone=5``).
+  step over a window of 5 outer iterations (``nonmonotone=5``);
+* ``average-gn-local``: the Gauss–Newton step moved into the local phase: one local
+  iteration per outer iteration, a Steihaug solve on the rank's own shard with its GGN
+  (up to 10 products, no communication), the average of the local steps, and the
+  default L-SR1 global pass (traffic 3n).
 
 The Δ₀ sweep raises ``radius_max`` to Δ₀ where Δ₀ exceeds its default 2.  Every rank
 takes an equal share of the global batch, so at a P that does not divide ``--batch``
@@ -75,6 +79,15 @@ VARIANTS: dict[str, dict[str, object]] = {
 VARIANTS["average-gn-step"] = {**VARIANTS["average-gn"], "shrink_to_step": True}
 VARIANTS["average-gn-sub"] = {**VARIANTS["average-gn"], "curvature_fraction": 0.1}
 VARIANTS["average-gn-nm"] = {**VARIANTS["average-gn"], "nonmonotone": 5}
+VARIANTS["average-gn-local"] = {
+    "combine": "average",
+    "gamma_inc": 2.0,
+    "gamma_dec": 0.5,
+    "local_solver": "steihaug",
+    "local_iterations": 1,
+    "curvature": "ggn",
+    "max_cg_iterations": 10,
+}
 
 
 def _floats(text: str) -> list[float]:

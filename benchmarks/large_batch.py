@@ -58,7 +58,7 @@ LEARNING_RATES: dict[str, tuple[float, ...]] = {
     "nlcg": (0.03, 0.1, 0.3),
     "nlcg-paper": (0.03, 0.1, 0.3),
     "nlcg-gn": (1.0, 2.0, 3.0),
-    "neumann": (0.03, 0.1, 0.3),
+    "neumann": (0.1, 0.2, 0.3),
     "neumann-paper": (0.03, 0.1, 0.3),
     "sgd": (0.03, 0.1, 0.3),
     "adam": (3e-3, 1e-2, 3e-2),

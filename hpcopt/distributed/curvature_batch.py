@@ -38,16 +38,8 @@ def curvature_rows(
     return torch.nonzero(selected).flatten(), total
 
 
-def sampled_curvature(
-    objective: DistributedObjective,
-    kind: CurvatureKind,
-    fraction: float,
-    sampling: str,
-    damping: float = 0.0,
-    *,
-    watch_negative: bool = False,
-) -> tuple[DistributedCurvature, int]:
-    """The damped curvature at the current parameters on the curvature sub-batch, and |C|.
+def _sampled_rows(objective: DistributedObjective, fraction: float, sampling: str) -> tuple[LocalObjective, int, int]:
+    """This rank's curvature sub-batch as a local objective, its row count, and |C|.
 
     Shards of unequal size (the last batch of an epoch) fall back to ``head``
     sampling: strided positions need every shard to have the same size.
@@ -58,19 +50,49 @@ def sampled_curvature(
     size = objective.comm.size
     sampling = sampling if local_size * size == global_size else "head"
     rows, total = curvature_rows(local_size, objective.comm.rank * local_size, global_size, fraction, sampling)
-    local: CurvatureOperator | None = None
-    if len(rows):
-        if len(rows) < local_size:
-            local_objective = LocalObjective(
-                local_objective.flat,
-                objective.problem.forward,
-                objective.problem.criterion,
-                local_objective.inputs[rows],
-                local_objective.targets[rows],
-            )
-        # The same dropout mask on every evaluation of this batch, whatever the RNG did before.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(objective.noise_seed)
-            local = local_objective.curvature(kind)
-    operator = DistributedCurvature(objective, local, len(rows) / max(total, 1), damping, watch_negative=watch_negative)
+    if 0 < len(rows) < local_size:
+        local_objective = LocalObjective(
+            local_objective.flat,
+            objective.problem.forward,
+            objective.problem.criterion,
+            local_objective.inputs[rows],
+            local_objective.targets[rows],
+        )
+    return local_objective, len(rows), total
+
+
+def _curvature_of(
+    objective: DistributedObjective, local_objective: LocalObjective, kind: CurvatureKind
+) -> CurvatureOperator:
+    # The same dropout mask on every evaluation of this batch, whatever the RNG did before.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(objective.noise_seed)
+        return local_objective.curvature(kind)
+
+
+def sampled_curvature(
+    objective: DistributedObjective,
+    kind: CurvatureKind,
+    fraction: float,
+    sampling: str,
+    damping: float = 0.0,
+    *,
+    watch_negative: bool = False,
+) -> tuple[DistributedCurvature, int]:
+    """The damped curvature at the current parameters on the curvature sub-batch, and |C|."""
+    local_objective, count, total = _sampled_rows(objective, fraction, sampling)
+    local = _curvature_of(objective, local_objective, kind) if count else None
+    operator = DistributedCurvature(objective, local, count / max(total, 1), damping, watch_negative=watch_negative)
     return operator, total
+
+
+def sampled_local_curvature(
+    objective: DistributedObjective, kind: CurvatureKind, fraction: float, sampling: str
+) -> CurvatureOperator | None:
+    """This rank's own curvature B_r on its rows of the curvature sub-batch (no communication).
+
+    The mean over those rows, so it estimates the shard's B_r at ``fraction`` of the
+    cost; ``None`` when the rank holds none of them (``head`` keeps at least one row).
+    """
+    local_objective, count, _ = _sampled_rows(objective, fraction, sampling)
+    return _curvature_of(objective, local_objective, kind) if count else None

@@ -286,3 +286,27 @@ def test_state_dict_carries_the_nonmonotone_window() -> None:
     fresh = APTSD(objective, make_config("apts-d", {"radius": 1.0, "nonmonotone": 3}))
     fresh.load_state_dict(state)
     assert fresh.window.state() == optimizer.window.state()
+
+
+@pytest.mark.mpi(min_size=1)
+def test_local_products_on_the_curvature_sub_batch_are_this_ranks_rows_and_local() -> None:
+    from hpcopt.distributed.curvature_batch import curvature_rows
+
+    comm, problem, flat, _, optimizer = _setup(
+        "logistic", {"n": 400, "dim": 10}, local_solver="steihaug", curvature="hessian", curvature_fraction=0.25
+    )
+    theta = flat.clone()
+    matvec = optimizer._local_matvec(theta, torch.zeros_like(theta))
+    v = torch.linspace(-1, 1, flat.numel)
+    calls = comm.stats.calls
+    product = matvec(v)
+    assert comm.stats.calls == calls  # the local phase never communicates
+    # Reference in float64: the mean Hessian over this rank's strided rows of the global batch.
+    shard_size = len(problem.train) // comm.size
+    rows, _ = curvature_rows(shard_size, comm.rank * shard_size, shard_size * comm.size, 0.25, "strided")
+    inputs = problem.train.inputs[comm.rank * shard_size : (comm.rank + 1) * shard_size][rows]
+    design = torch.cat([inputs, torch.ones(len(rows), 1)], 1).double()
+    probability = torch.sigmoid(design @ theta.double())
+    hessian = design.T @ (design * (probability * (1 - probability))[:, None]) / len(rows)
+    torch.testing.assert_close(product.double(), hessian @ v.double(), rtol=1e-4, atol=1e-6)
+    assert len(rows) == shard_size // 4

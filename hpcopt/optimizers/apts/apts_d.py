@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import torch
 
 from hpcopt.config import require
-from hpcopt.distributed.curvature_batch import SAMPLINGS, sampled_curvature
+from hpcopt.distributed.curvature_batch import SAMPLINGS, sampled_curvature, sampled_local_curvature
 from hpcopt.distributed.data_parallel import DistributedObjective
 from hpcopt.errors import NonFiniteError
 from hpcopt.numerics.curvature import parse_curvature
@@ -58,9 +58,9 @@ class APTSDConfig(APTSOptions):
             −(gᵀs + ½ sᵀBs) that the global L-SR1 model B predicts for the combined
             step s itself (needs ``global_solver=lsr1``; no extra communication).
             Σ pred_r ignores how the local steps interact; the global model does not.
-        curvature_fraction: share of the global batch the global pass's curvature products
-            (``steihaug``) are taken on (1.0) *(ours, as Hessian-free's)*: a product then
-            costs that share of a gradient; the gradient stays the whole batch's.
+        curvature_fraction: share of the batch that curvature products (``steihaug``) are
+            taken on, the global pass's and the local phase's (1.0) *(ours, as Hessian-free's)*:
+            a product then costs that share of a gradient; gradients stay the whole batch's.
         curvature_sampling: ``strided`` (the same rows at any P) or ``head`` (each rank's
             first rows) for ``curvature_fraction`` < 1 (strided).
         shard: how the ranks split each global batch: ``batch`` (contiguous slices of
@@ -176,6 +176,14 @@ class APTSD(Optimizer):
     def _local_matvec(self, theta_k: torch.Tensor, step_r: torch.Tensor) -> MatVec:
         # The FOC term is linear, so f̃_r has the curvature of f_r at the current local point.
         self.move_to(theta_k, step_r)
+        cfg = self.config
+        if cfg.curvature_fraction < 1.0:
+            # B_r on this rank's rows of the curvature sub-batch; a rank without any keeps its shard's.
+            sampled = sampled_local_curvature(
+                self.objective, self.curvature, cfg.curvature_fraction, cfg.curvature_sampling
+            )
+            if sampled is not None:
+                return sampled
         return self.objective.local_curvature(self.curvature)
 
     def _combined_step(
