@@ -23,3 +23,9 @@ from types import MappingProxyType
 APTS_D_GAUSS_NEWTON: Mapping[str, object] = MappingProxyType(
     {"global_solver": "steihaug", "curvature": "ggn", "max_cg_iterations": 100, "global_passes": 2}
 )
+#: The PINNs' optimizer defaults: the same Gauss–Newton passes for APTS-D and APTS-P (whose
+#: global pass is APTS-D's, over all parameters; a custom ``least_squares`` problem gets the
+#: same, :mod:`hpcopt.problems.custom`).
+GAUSS_NEWTON_DEFAULTS: Mapping[str, Mapping[str, object]] = MappingProxyType(
+    {"apts-d": APTS_D_GAUSS_NEWTON, "apts-p": APTS_D_GAUSS_NEWTON}
+)

@@ -40,7 +40,7 @@ from hpcopt.numerics.jets import ScalarJet
 from hpcopt.problems import models
 from hpcopt.problems.base import Dataset, Net, Problem, ProblemOptions, as_sums, build_options, evaluation_mode
 from hpcopt.problems.defaults import TrainingDefaults
-from hpcopt.problems.pinn import APTS_D_GAUSS_NEWTON
+from hpcopt.problems.pinn import GAUSS_NEWTON_DEFAULTS
 from hpcopt.problems.pinn.poisson import laplacian
 
 
@@ -150,7 +150,7 @@ class AllenCahnOptions(_AllenCahnOptionDocs):
     # Measured in docs/problems.md ("Defaults for train"): the target ends the run (after
     # ~50 full-batch steps); the epochs and the time limit only cap it.
     train_defaults: ClassVar[TrainingDefaults] = TrainingDefaults(
-        epochs=2000, eval_every=10, target=1e-2, time_limit=110, optimizer_options={"apts-d": APTS_D_GAUSS_NEWTON}
+        epochs=2000, eval_every=10, target=1e-2, time_limit=110, optimizer_options=GAUSS_NEWTON_DEFAULTS
     )
     minimum: ClassVar[Mapping[str, float]] = {
         "interior": 1,
@@ -176,7 +176,7 @@ class AllenCahnTimeOptions(_AllenCahnOptionDocs):
     problem: ClassVar[str] = "allen-cahn-time"
     # Measured in docs/problems.md ("Defaults for train"): the target ends the run (after ~35 full-batch steps).
     train_defaults: ClassVar[TrainingDefaults] = TrainingDefaults(
-        epochs=2000, eval_every=5, target=1e-2, time_limit=110, optimizer_options={"apts-d": APTS_D_GAUSS_NEWTON}
+        epochs=2000, eval_every=5, target=1e-2, time_limit=110, optimizer_options=GAUSS_NEWTON_DEFAULTS
     )
     minimum: ClassVar[Mapping[str, float]] = {
         "interior": 1,

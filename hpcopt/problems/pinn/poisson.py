@@ -30,7 +30,7 @@ from hpcopt.numerics.jets import ScalarJet
 from hpcopt.problems import models
 from hpcopt.problems.base import Dataset, Net, Problem, ProblemOptions, as_sums, build_options, evaluation_mode
 from hpcopt.problems.defaults import TrainingDefaults
-from hpcopt.problems.pinn import APTS_D_GAUSS_NEWTON
+from hpcopt.problems.pinn import APTS_D_GAUSS_NEWTON, GAUSS_NEWTON_DEFAULTS
 
 
 @dataclass
@@ -57,7 +57,7 @@ class PoissonOptions(ProblemOptions):
         eval_every=1,
         target=1e-2,
         time_limit=100,
-        optimizer_options={"apts-d": {**APTS_D_GAUSS_NEWTON, "global_passes": 4}},
+        optimizer_options={"apts-d": {**APTS_D_GAUSS_NEWTON, "global_passes": 4}, "apts-p": APTS_D_GAUSS_NEWTON},
     )
 
     interior: int = 4000
@@ -78,7 +78,7 @@ class Poisson1DOptions(PoissonOptions):
     problem: ClassVar[str] = "poisson1d"
     # The target ends the run (after ~50 full-batch steps); the epochs and the time limit only cap it.
     train_defaults: ClassVar[TrainingDefaults] = TrainingDefaults(
-        epochs=2000, eval_every=10, target=1e-2, time_limit=110, optimizer_options={"apts-d": APTS_D_GAUSS_NEWTON}
+        epochs=2000, eval_every=10, target=1e-2, time_limit=110, optimizer_options=GAUSS_NEWTON_DEFAULTS
     )
 
     interior: int = 200
@@ -101,7 +101,7 @@ class Poisson2DOptions(PoissonOptions):
         eval_every=2,
         target=1e-2,
         time_limit=110,
-        optimizer_options={"apts-d": APTS_D_GAUSS_NEWTON},
+        optimizer_options=GAUSS_NEWTON_DEFAULTS,
     )
 
     interior: int = 2000
