@@ -30,6 +30,8 @@ tuned baseline (best of ``--adam-lrs``).  Variants (APTS-D ``--set`` options):
   gradients instead of eight;
 * ``average-gn-nm``: ``average-gn`` with the non-monotone acceptance of the combined
   step over a window of 5 outer iterations (``nonmonotone=5``);
+* ``average-gn-start``: ``average-gn`` whose local phases start from 1.5× the last
+  combined step's length instead of the whole ball (``local_start=step``);
 * ``average-gn-local``: the Gauss–Newton step moved into the local phase: one local
   iteration per outer iteration, a Steihaug solve on the rank's own shard with its GGN
   (up to 10 products, no communication), the average of the local steps, and the
@@ -79,6 +81,7 @@ VARIANTS: dict[str, dict[str, object]] = {
 VARIANTS["average-gn-step"] = {**VARIANTS["average-gn"], "shrink_to_step": True}
 VARIANTS["average-gn-sub"] = {**VARIANTS["average-gn"], "curvature_fraction": 0.1}
 VARIANTS["average-gn-nm"] = {**VARIANTS["average-gn"], "nonmonotone": 5}
+VARIANTS["average-gn-start"] = {**VARIANTS["average-gn"], "local_start": "step"}
 VARIANTS["average-gn-local"] = {
     "combine": "average",
     "gamma_inc": 2.0,

@@ -310,3 +310,58 @@ def test_local_products_on_the_curvature_sub_batch_are_this_ranks_rows_and_local
     hessian = design.T @ (design * (probability * (1 - probability))[:, None]) / len(rows)
     torch.testing.assert_close(product.double(), hessian @ v.double(), rtol=1e-4, atol=1e-6)
     assert len(rows) == shard_size // 4
+
+
+@pytest.mark.mpi(min_size=1)
+def test_local_start_follows_the_combined_step_and_is_the_same_on_every_rank() -> None:
+    comm, _, flat, _, optimizer = _setup(
+        "logistic", {"n": 400, "dim": 10}, radius=1.0, combine="average", local_start="step"
+    )
+    cfg = optimizer.config
+    for _ in range(8):
+        before = optimizer.local_start
+        result = optimizer.step()
+        combined = float(result.extras["combined_norm"])
+        if result.extras["pred"] > 0 and combined > 0:
+            expected = cfg.local_gamma_inc * combined
+        else:
+            expected = before * cfg.local_gamma_dec**cfg.local_iterations
+        assert optimizer.local_start == pytest.approx(max(cfg.radius_min, expected), rel=1e-12)
+        assert _all_equal(comm, (optimizer.local_start, result.accepted, float(flat.data.sum())))
+
+
+@pytest.mark.mpi(min_size=1)
+def test_local_phase_starts_from_the_local_start_not_the_ball() -> None:
+    # From a start of 1e-3 three local iterations (radius ×1.5 at most per success) stay
+    # within 1e-3·(1 + 1.5 + 2.25); from the whole ball (Δ = 1) the local steps are longer.
+    _, _, flat, objective, optimizer = _setup(
+        "logistic", {"n": 400, "dim": 10}, radius=1.0, combine="average", local_start="step"
+    )
+    theta, loss_local, grad_local, grad = outer_start(flat, objective)
+    optimizer.local_start = 1e-3
+    short, _, _ = optimizer._local_phase(theta, loss_local, grad_local, grad)
+    assert float(short.norm()) <= 4.75e-3 * (1 + 1e-6)
+    optimizer.config.local_start = "ball"
+    long, _, _ = optimizer._local_phase(theta, loss_local, grad_local, grad)
+    assert float(long.norm()) > 4.75e-3
+
+
+@pytest.mark.mpi(min_size=1)
+def test_state_dict_carries_the_local_start() -> None:
+    _, _, _, objective, optimizer = _setup(
+        "logistic", {"n": 400, "dim": 10}, radius=1.0, combine="average", local_start="step"
+    )
+    for _ in range(3):
+        optimizer.step()
+    fresh = APTSD(objective, make_config("apts-d", {"radius": 1.0, "combine": "average", "local_start": "step"}))
+    fresh.load_state_dict(optimizer.state_dict())
+    assert fresh.local_start == optimizer.local_start != 1.0
+
+
+def test_local_start_is_validated() -> None:
+    from hpcopt.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="local_start must be ball or step"):
+        make_config("apts-d", {"local_start": "half"})
+    with pytest.raises(ConfigError, match="apts-p: local_start must be 'ball'"):
+        make_config("apts-p", {"local_start": "step"})

@@ -58,6 +58,12 @@ class APTSDConfig(APTSOptions):
             −(gᵀs + ½ sᵀBs) that the global L-SR1 model B predicts for the combined
             step s itself (needs ``global_solver=lsr1``; no extra communication).
             Σ pred_r ignores how the local steps interact; the global model does not.
+        local_start: the local radius each local phase starts from: ``ball`` (§1: the
+            whole local ball) or ``step`` *(ours)*: local_gamma_inc × the length of the
+            last combined step, or the last start × local_gamma_dec^L after a combination
+            that made no local progress, within [radius_min, ball].  From the ball, the
+            first local step of an empty L-SR1 memory is a gradient step to its edge,
+            which on a network is rejected more often than not.
         curvature_fraction: share of the batch that curvature products (``steihaug``) are
             taken on, the global pass's and the local phase's (1.0) *(ours, as Hessian-free's)*:
             a product then costs that share of a gradient; gradients stay the whole batch's.
@@ -75,6 +81,7 @@ class APTSDConfig(APTSOptions):
     global_solver: str = "lsr1"
     combine: str = "sum"
     predicted: str = "sum"
+    local_start: str = "ball"
     curvature_fraction: float = 1.0
     curvature_sampling: str = "strided"
     shard: str = "batch"
@@ -94,6 +101,10 @@ class APTSDConfig(APTSOptions):
             self.predicted == "sum" or self.global_solver == "lsr1",
             f"{name}: predicted=model uses the global L-SR1 model; it needs global_solver=lsr1, "
             f"not '{self.global_solver}'",
+        )
+        require(
+            self.local_start in ("ball", "step"),
+            f"{name}: local_start must be ball or step, got '{self.local_start}'",
         )
         require(
             0.0 < self.curvature_fraction <= 1.0,
@@ -127,6 +138,8 @@ class APTSD(Optimizer):
         self.combined = objective.comm_buffer()
         self.world_size = objective.comm.size
         self.window = ReferenceWindow(config.nonmonotone)
+        # local_start=step: where the next local phases start, from replicated lengths only.
+        self.local_start = config.radius
 
     def state_dict(self) -> dict[str, Any]:
         # The local solver is reset every outer iteration; only the global one carries memory.
@@ -135,6 +148,7 @@ class APTSD(Optimizer):
             "radius": self.radius,
             "global_solver": self.global_solver.state_dict(),
             "window": self.window.state(),
+            "local_start": self.local_start,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -142,6 +156,7 @@ class APTSD(Optimizer):
         self.radius = float(state["radius"])
         self.global_solver.load_state_dict(dict(state["global_solver"]))
         self.window.load(list(state.get("window", [])))
+        self.local_start = float(state.get("local_start", self.config.radius))
 
     # -- local phase (no communication) ---------------------------------------
 
@@ -167,8 +182,15 @@ class APTSD(Optimizer):
         )
         faults.inject("local_solve", objective.comm.rank, objective.step)
         # f̃_r(θ_k) = f_r(θ_k); its gradient there is g with FOC and g_r without.
+        start = min(ball, self.local_start) if cfg.local_start == "step" else ball
         phase = local_phase(
-            model, self.local_solver, cfg, ball=ball, value0=loss_local, grad0=grad if cfg.foc else grad_local
+            model,
+            self.local_solver,
+            cfg,
+            ball=ball,
+            value0=loss_local,
+            grad0=grad if cfg.foc else grad_local,
+            radius=start,
         )
         self.flat.copy_(theta_k)
         return phase.step, phase.decrease, phase.counts
@@ -226,6 +248,15 @@ class APTSD(Optimizer):
         curvature = solver.operator.matvec(step)
         return -float(grad.dot(step) + 0.5 * step.dot(curvature))
 
+    def _next_local_start(self, pred: float, combined_norm: float) -> None:
+        """Update where the next local phases start (local_start=step) from replicated values."""
+        cfg = self.config
+        if pred > 0 and combined_norm > 0:
+            start = cfg.local_gamma_inc * combined_norm
+        else:
+            start = self.local_start * cfg.local_gamma_dec ** max(1, cfg.local_iterations)
+        self.local_start = max(cfg.radius_min, start)
+
     def _global_curvature(self) -> MatVec:
         """The global pass's curvature at the current parameters: the whole batch or its sub-batch."""
         cfg = self.config
@@ -253,6 +284,8 @@ class APTSD(Optimizer):
         grad = grad_view.clone()
 
         step, pred, step_norm, combined_norm, counts = self._combined_step(theta_k, loss_local, grad_local, grad)
+        if cfg.local_start == "step":
+            self._next_local_start(pred, combined_norm)
 
         # Trial point; the trial gradient rides along when the global pass needs it.
         self.move_to(theta_k, step)

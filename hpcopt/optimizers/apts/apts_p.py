@@ -60,6 +60,7 @@ class APTSPConfig(APTSDConfig):
     def validate(self) -> None:
         super().validate()
         require(self.combine == "sum", "apts-p: combine must be 'sum' (the owned blocks are concatenated)")
+        require(self.local_start == "ball", "apts-p: local_start must be 'ball' (step is APTS-D's)")
         require(self.blocks in BLOCK_MODES, f"apts-p: blocks must be one of {', '.join(BLOCK_MODES)}")
         require(self.max_imbalance >= 1.0, f"apts-p: max_imbalance must be >= 1, got {self.max_imbalance}")
         require(self.norm in ("2", "inf"), f"apts-p: norm must be '2' or 'inf', got '{self.norm}'")

@@ -80,12 +80,13 @@ def local_phase(
     ball: float,
     value0: float,
     grad0: torch.Tensor,
+    radius: float | None = None,
 ) -> LocalStep:
     """``options.local_iterations`` iterations on ``model`` from ``s = 0``, keeping ``‖s‖ ≤ ball``.
 
-    The solver starts from an empty memory; the local radius starts at ``ball`` under
-    ``options.local_policy(ball)``.  ``value0`` and ``grad0`` are the model's value
-    and gradient at ``s = 0``.
+    The solver starts from an empty memory; the local radius starts at ``radius``
+    (default: ``ball``) under ``options.local_policy(ball)``.  ``value0`` and ``grad0``
+    are the model's value and gradient at ``s = 0``.
     """
     solver.reset()
     result = trust_region_loop(
@@ -95,7 +96,7 @@ def local_phase(
         x0=torch.zeros_like(grad0),
         value0=value0,
         grad0=grad0,
-        radius=ball,
+        radius=ball if radius is None else min(radius, ball),
         max_iter=options.local_iterations,
         ball=ball,
     )
