@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from hpcopt.config import require
-from hpcopt.distributed.curvature_batch import SAMPLINGS, sampled_curvature
+from hpcopt.distributed.curvature_batch import sampled_curvature
 from hpcopt.distributed.data_parallel import DistributedCurvature, DistributedObjective
 from hpcopt.errors import NonFiniteError
 from hpcopt.numerics.curvature import CurvatureKind, parse_curvature
@@ -40,6 +40,7 @@ from hpcopt.numerics.krylov.cg import steihaug_cg
 from hpcopt.numerics.krylov.martens import HFSolveResult, bicgstab, martens_cg
 from hpcopt.numerics.trust_region import RadiusPolicy, decide
 from hpcopt.optimizers.base import Optimizer, StepResult
+from hpcopt.optimizers.curvature_sample import require_curvature_sample
 
 SOLVERS = ("cg", "bicgstab", "steihaug")
 
@@ -112,13 +113,7 @@ class HFConfig:
     def validate(self) -> None:
         require(self.solver in SOLVERS, f"hf: unknown solver '{self.solver}' (choose from {', '.join(SOLVERS)})")
         parse_curvature(self.curvature)
-        require(
-            0 < self.curvature_fraction <= 1, f"hf: curvature_fraction must be in (0, 1], got {self.curvature_fraction}"
-        )
-        require(
-            self.curvature_sampling in SAMPLINGS,
-            f"hf: curvature_sampling must be one of {', '.join(SAMPLINGS)}, got '{self.curvature_sampling}'",
-        )
+        require_curvature_sample("hf", self.curvature_fraction, self.curvature_sampling)
         require(self.damping >= 0, f"hf: damping must be >= 0, got {self.damping}")
         require(
             self.damping_inc >= 1 and 0 < self.damping_dec <= 1, "hf: need damping_inc >= 1 and 0 < damping_dec <= 1"

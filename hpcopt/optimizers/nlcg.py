@@ -36,11 +36,12 @@ from dataclasses import dataclass
 import torch
 
 from hpcopt.config import require
-from hpcopt.distributed.curvature_batch import SAMPLINGS, sampled_curvature
+from hpcopt.distributed.curvature_batch import sampled_curvature
 from hpcopt.distributed.data_parallel import DistributedObjective
 from hpcopt.kernels import Kernels
 from hpcopt.numerics.curvature import parse_curvature
 from hpcopt.optimizers.base import Optimizer, StepResult
+from hpcopt.optimizers.curvature_sample import require_curvature_sample
 from hpcopt.optimizers.sgd import check_finite_loss
 
 BETAS = ("fr", "pr")
@@ -108,14 +109,7 @@ class NLCGConfig:
             f"nlcg: step_length must be one of {', '.join(STEP_LENGTHS)}, got '{self.step_length}'",
         )
         parse_curvature(self.curvature)
-        require(
-            0 < self.curvature_fraction <= 1,
-            f"nlcg: curvature_fraction must be in (0, 1], got {self.curvature_fraction}",
-        )
-        require(
-            self.curvature_sampling in SAMPLINGS,
-            f"nlcg: curvature_sampling must be one of {', '.join(SAMPLINGS)}, got '{self.curvature_sampling}'",
-        )
+        require_curvature_sample("nlcg", self.curvature_fraction, self.curvature_sampling)
         require(self.damping >= 0, f"nlcg: damping must be >= 0, got {self.damping}")
 
     def learning_rate(self, step: int) -> float:

@@ -4,8 +4,8 @@ A monotone trust region accepts θ + s only when f falls by a fraction of the mo
 prediction, ρ = (f(θ) − f(θ+s)) / pred ≥ η₁.  On a noisy or curved path this rejects
 steps that a few iterations later would have paid off.  The non-monotone rule of
 Toint (1997) compares the trial value instead with a *reference* value f_ref ≥ f(θ), the
-largest of the last M accepted values (the window of Grippo, Lampariello & Lucidi,
-1986), and relaxes the denominator by the same amount:
+largest f(θ) at the start of the last M outer iterations (the window of Grippo,
+Lampariello & Lucidi, 1986), and relaxes the denominator by the same amount:
 
     ρ_ref = (f_ref − f(θ+s)) / (f_ref − f(θ) + pred),   ρ = max(ρ_mono, ρ_ref).
 
@@ -13,7 +13,8 @@ An accepted step therefore has f(θ+s) ≤ f_ref − η₁·(f_ref − f(θ) + p
 reference sequence still falls, which is what the convergence theory needs, while a
 single iterate may rise above its predecessor.  With M = 1, f_ref = f(θ) and ρ is the
 monotone ratio.  (Zhang & Hager's averaged reference is the other common choice; the
-windowed maximum is the rule the APTS authors' non-monotone variant describes.)
+windowed maximum is the one closest to the windowed rule reported for the APTS
+authors' non-monotone variant.)
 
 The window holds values the caller allreduced, so every rank keeps the same window.
 """

@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import torch
 
 from hpcopt.config import require
-from hpcopt.distributed.curvature_batch import SAMPLINGS, sampled_curvature, sampled_local_curvature
+from hpcopt.distributed.curvature_batch import sampled_curvature, sampled_local_curvature
 from hpcopt.distributed.data_parallel import DistributedObjective
 from hpcopt.errors import NonFiniteError
 from hpcopt.numerics.curvature import parse_curvature
@@ -38,6 +38,7 @@ from hpcopt.optimizers.apts.local_phase import first_order_consistent, local_pha
 from hpcopt.optimizers.apts.options import SOLVERS, APTSOptions
 from hpcopt.optimizers.apts.outcome import outer_step_result
 from hpcopt.optimizers.base import Optimizer, StepResult
+from hpcopt.optimizers.curvature_sample import require_curvature_sample
 from hpcopt.testing import faults
 
 
@@ -106,14 +107,7 @@ class APTSDConfig(APTSOptions):
             self.local_start in ("ball", "step"),
             f"{name}: local_start must be ball or step, got '{self.local_start}'",
         )
-        require(
-            0.0 < self.curvature_fraction <= 1.0,
-            f"{name}: curvature_fraction must be in (0, 1], got {self.curvature_fraction}",
-        )
-        require(
-            self.curvature_sampling in SAMPLINGS,
-            f"{name}: curvature_sampling must be one of {', '.join(SAMPLINGS)}, got '{self.curvature_sampling}'",
-        )
+        require_curvature_sample(name, self.curvature_fraction, self.curvature_sampling)
         require(self.shard in ("batch", "spatial"), f"{name}: shard must be batch or spatial, got '{self.shard}'")
 
 
