@@ -107,7 +107,10 @@ class Poisson2DOptions(PoissonOptions):
     interior: int = 2000
     boundary: int = 400
     val_grid: int = 101
-    normalize_residual: bool = False
+    # On, as in 3-d: unscaled (f up to 2π² ≈ 20), APTS-D and APTS-P sat near 1.1e-1 for a
+    # minute at P = 2 before the boundary rows caught up (1e-2 after 96 s or not within
+    # 110 s); scaled, both reach 1e-2 within 7 s (docs/problems.md, "Defaults for train").
+    normalize_residual: bool = True
 
 
 @dataclass
