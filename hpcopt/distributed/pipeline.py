@@ -255,14 +255,16 @@ class Pipeline:
 
     # -- messages ---------------------------------------------------------------
 
-    def _isend(self, tensor: Tensor, dest: int, tag: int) -> list[PointToPointRequest]:
+    def isend(self, tensor: Tensor, dest: int, tag: int) -> list[PointToPointRequest]:
+        """Send ``tensor`` (any shape) to the stage ``dest``; wait on the requests before reusing it."""
         header = torch.zeros(_HEADER, dtype=torch.int64)
         header[0] = tensor.dim()
         header[1 : 1 + tensor.dim()] = torch.tensor(tensor.shape, dtype=torch.int64)
         payload = tensor.detach().contiguous()
         return [self.comm.isend(header, dest, tag), self.comm.isend(payload, dest, tag)]
 
-    def _recv(self, source: int, tag: int) -> Tensor:
+    def recv(self, source: int, tag: int) -> Tensor:
+        """Receive a tensor sent by :meth:`isend` of the stage ``source`` (its shape comes first)."""
         header = self.comm.recv_(torch.zeros(_HEADER, dtype=torch.int64), source, tag)
         shape = header[1 : 1 + int(header[0])].tolist()
         return self.comm.recv_(torch.empty(shape, dtype=self.flat.dtype, device=self.flat.device), source, tag)
@@ -284,7 +286,7 @@ class Pipeline:
         loss_total = 0.0
         with torch.set_grad_enabled(backward):
             for chunk in chunks:
-                x = payload.encode(inputs[chunk]) if self.first else self._recv(self.stage - 1, FORWARD_TAG)
+                x = payload.encode(inputs[chunk]) if self.first else self.recv(self.stage - 1, FORWARD_TAG)
                 if backward and not self.first:
                     x.requires_grad_()
                 out = payload.apply(self.module, x)
@@ -292,7 +294,7 @@ class Pipeline:
                     out = criterion(payload.decode(out, inputs[chunk]), targets[chunk]) * (len(chunk) / rows)
                     loss_total += float(out.detach())
                 else:
-                    pending += self._isend(out, self.stage + 1, FORWARD_TAG)
+                    pending += self.isend(out, self.stage + 1, FORWARD_TAG)
                 if backward:
                     saved.append((x, out))
         if backward:
@@ -302,12 +304,12 @@ class Pipeline:
                 if self.last:
                     out.backward()
                 else:
-                    grad_out = self._recv(self.stage + 1, BACKWARD_TAG)
+                    grad_out = self.recv(self.stage + 1, BACKWARD_TAG)
                     out.backward(grad_out)
                     grads.append(grad_out)
                 if not self.first:
                     # x is a received activation that requires grad: the backward above set x.grad.
-                    pending += self._isend(cast(Tensor, x.grad), self.stage - 1, BACKWARD_TAG)
+                    pending += self.isend(cast(Tensor, x.grad), self.stage - 1, BACKWARD_TAG)
             self.stage_inputs = torch.cat([x.detach() for x, _ in saved])
             self.output_grads = None if self.last else torch.cat(grads[::-1])
         for request in pending:
@@ -317,10 +319,10 @@ class Pipeline:
     def outputs(self, inputs: Tensor) -> Tensor:
         """The model's outputs for ``inputs`` on every rank (evaluation; not a hot path)."""
         with torch.no_grad():
-            x = inputs if self.first else self._recv(self.stage - 1, FORWARD_TAG)
+            x = inputs if self.first else self.recv(self.stage - 1, FORWARD_TAG)
             out = self.module(x)
             if not self.last:
-                for request in self._isend(out, self.stage + 1, FORWARD_TAG):
+                for request in self.isend(out, self.stage + 1, FORWARD_TAG):
                     request.wait()
         shape = self.comm.bcast_object(tuple(out.shape) if self.last else None, root=self.stages - 1)
         result = out if self.last else torch.empty(shape, dtype=self.flat.dtype, device=self.flat.device)

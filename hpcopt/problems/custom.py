@@ -38,7 +38,7 @@ from hpcopt.errors import ConfigError, DataError, HpcoptError
 from hpcopt.numerics.curvature import LocalObjective, parse_curvature
 from hpcopt.numerics.flat import FlatParameters
 from hpcopt.problems.base import Dataset, Net, Problem, as_sums, evaluation_mode
-from hpcopt.problems.pinn import APTS_D_GAUSS_NEWTON
+from hpcopt.problems.pinn import APTS_D_GAUSS_NEWTON, APTS_IP_GAUSS_NEWTON
 from hpcopt.problems.streamed import StreamedRows
 
 Loss = Callable[[Tensor, Tensor], Tensor]
@@ -243,11 +243,13 @@ class CustomProblem(Problem):
         return self._loss(outputs, targets)
 
     def default_optimizer_options(self, optimizer: str) -> Mapping[str, object]:
-        """For a least-squares loss, APTS-D/-P's global passes on Gauss–Newton products, as for the PINNs."""
+        """For a least-squares loss, the APTS global passes on Gauss–Newton products, as for the PINNs."""
         if not self.least_squares:
             return {}
         if optimizer in ("apts-d", "apts-p"):
             return APTS_D_GAUSS_NEWTON
+        if optimizer == "apts-ip":
+            return APTS_IP_GAUSS_NEWTON
         if optimizer == "hf":
             return {"curvature": "ggn"}
         return {}

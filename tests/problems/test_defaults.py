@@ -23,7 +23,7 @@ from hpcopt.optimizers import make_config
 from hpcopt.problems import PROBLEM_OPTIONS, PROBLEMS, make_problem
 from hpcopt.problems.base import ProblemOptions
 from hpcopt.problems.defaults import TrainingDefaults
-from hpcopt.problems.pinn import APTS_D_GAUSS_NEWTON
+from hpcopt.problems.pinn import APTS_D_GAUSS_NEWTON, APTS_IP_GAUSS_NEWTON
 from hpcopt.training.config import TrainConfig
 from tests.conftest import datasets_dir
 
@@ -125,8 +125,8 @@ def test_set_beats_the_problems_optimizer_defaults() -> None:
 
 
 def test_optimizer_defaults_reach_only_the_optimizer_they_name() -> None:
-    assert set(_defaults("poisson2d").optimizer_options) == {"apts-d", "apts-p"}
-    for optimizer in ("sgd", "apts-ip", "hf"):
+    assert set(_defaults("poisson2d").optimizer_options) == {"apts-d", "apts-p", "apts-ip"}
+    for optimizer in ("sgd", "hf"):
         cfg, optimizer_options, _ = _resolve("--problem", "poisson2d", "--optimizer", optimizer)
         assert optimizer_options == {}, optimizer
         make_config(cfg.optimizer, optimizer_options)
@@ -134,6 +134,10 @@ def test_optimizer_defaults_reach_only_the_optimizer_they_name() -> None:
     cfg, optimizer_options, _ = _resolve("--problem", "poisson2d", "--optimizer", "apts-p")
     assert optimizer_options == dict(APTS_D_GAUSS_NEWTON)
     assert make_config("apts-p", optimizer_options).global_solver == "steihaug"
+    # APTS-IP gets its own pipelined Gauss–Newton passes, which its config accepts.
+    cfg, optimizer_options, _ = _resolve("--problem", "poisson2d", "--optimizer", "apts-ip")
+    assert optimizer_options == dict(APTS_IP_GAUSS_NEWTON)
+    assert make_config(cfg.optimizer, optimizer_options).global_passes == 2
     # The train defaults (epochs, target, ...) are the problem's whatever the optimizer.
     cfg, _, _ = _resolve("--problem", "poisson2d", "--optimizer", "sgd")
     assert (cfg.epochs, cfg.eval_every, cfg.target, cfg.time_limit) == _train_part(_defaults("poisson2d"))

@@ -23,9 +23,18 @@ from types import MappingProxyType
 APTS_D_GAUSS_NEWTON: Mapping[str, object] = MappingProxyType(
     {"global_solver": "steihaug", "curvature": "ggn", "max_cg_iterations": 100, "global_passes": 2}
 )
+#: APTS-IP's: the same two Gauss–Newton passes, whose products are taken through the
+#: pipeline (:mod:`hpcopt.distributed.pipeline_curvature`); without them its first-order
+#: stage models stall near 1e-1 (docs/results.md, "PINNs with no --set").  One
+#: micro-batch: on a CPU a product over a PINN's batch of 600 split in four took 41 ms
+#: at P = 2, against 26 ms unsplit (the per-call overhead of four small passes outweighs
+#: the overlap of two stages).
+APTS_IP_GAUSS_NEWTON: Mapping[str, object] = MappingProxyType(
+    {"max_cg_iterations": 100, "global_passes": 2, "micro_batches": 1}
+)
 #: The PINNs' optimizer defaults: the same Gauss–Newton passes for APTS-D and APTS-P (whose
 #: global pass is APTS-D's, over all parameters; a custom ``least_squares`` problem gets the
-#: same, :mod:`hpcopt.problems.custom`).
+#: same, :mod:`hpcopt.problems.custom`) and APTS-IP.
 GAUSS_NEWTON_DEFAULTS: Mapping[str, Mapping[str, object]] = MappingProxyType(
-    {"apts-d": APTS_D_GAUSS_NEWTON, "apts-p": APTS_D_GAUSS_NEWTON}
+    {"apts-d": APTS_D_GAUSS_NEWTON, "apts-p": APTS_D_GAUSS_NEWTON, "apts-ip": APTS_IP_GAUSS_NEWTON}
 )
