@@ -8,7 +8,8 @@ A smaller part: ``--ranks 2,4 --variants sum,average-model --radii ''`` (no Δ�
 ``--data-dir ../shared/datasets/mnist --batch 2000`` (the 8 000/2 000 split).  Every run
 is one ``hpcopt train`` job writing ``OUTDIR/NAME.h5``; ``--report-only`` re-reads the logs.
 
-Runs: ``VARIANT.P{P}`` for every variant and rank count (default Δ₀), ``VARIANT.P{P0}.r{Δ₀}``
+Runs: ``VARIANT.P{P}`` for every variant and rank count (default Δ₀: MNIST's problem default
+for ``apts-d``, 0.5, which ``hpcopt train`` applies when no radius is set), ``VARIANT.P{P0}.r{Δ₀}``
 for the Δ₀ sweep of each variant at ``--radius-ranks`` ranks, and ``adam.P2.lr{LR}``, the
 tuned baseline (best of ``--adam-lrs``).  Variants (APTS-D ``--set`` options):
 
@@ -58,10 +59,6 @@ from pathlib import Path
 
 import _common
 import numpy as np
-
-from hpcopt.optimizers.apts.apts_d import APTSDConfig
-
-DEFAULT_RADIUS = APTSDConfig().radius
 
 VARIANTS: dict[str, dict[str, object]] = {
     "sum": {},
@@ -160,6 +157,9 @@ def report(runs: list[tuple[str, str, int, dict[str, object]]], args: argparse.N
             "ranks": ranks,
             "batch": int(str(run.attributes.get("batch_size", batch_for(args.batch, ranks)))),
             "options": " ".join(f"{k}={v}" for k, v in options.items()),
+            # Δ₀ as the run used it (the radius logged before its first step): a run without
+            # --set radius takes MNIST's problem default for apts-d, not APTSDConfig's.
+            "initial_radius": float(radius[0]),
             "final_accuracy": round(float(acc[-1]), 3),
             "best_accuracy": round(float(acc.max()), 3),
             "accepted": f"{int(np.nansum(accepted))}/{len(accepted)}",
@@ -199,12 +199,12 @@ def _plot(rows: list[dict[str, object]], args: argparse.Namespace, adam_best: fl
         if points:
             by_ranks.plot(*zip(*sorted(points)), marker="o", label=variant)
         prefix = f"{variant}.P{args.radius_ranks}.r"
-        sweep = [
-            (float(str(r["run"])[len(prefix) :]), r["final_accuracy"]) for r in rows if str(r["run"]).startswith(prefix)
-        ]
+        sweep = [(r["initial_radius"], r["final_accuracy"]) for r in rows if str(r["run"]).startswith(prefix)]
         if sweep:  # the run at the default Δ₀ belongs to the sweep too
             sweep += [
-                (DEFAULT_RADIUS, r["final_accuracy"]) for r in rows if r["run"] == f"{variant}.P{args.radius_ranks}"
+                (r["initial_radius"], r["final_accuracy"])
+                for r in rows
+                if r["run"] == f"{variant}.P{args.radius_ranks}"
             ]
         if sweep:
             by_radius.semilogx(*zip(*sorted(sweep)), marker="o", label=variant)
