@@ -26,6 +26,21 @@ import numpy as np
 # name: (optimizer, --set options)
 RUNS: dict[str, tuple[str, dict[str, object]]] = {
     "apts-d": ("apts-d", {}),
+    # The best APTS-D set of the MNIST scaling study (benchmarks/apts_scaling_accuracy.py,
+    # variant average-gn-start): the mean of the local steps, a Gauss–Newton global pass,
+    # HF's radius factors and local phases that start from the last step's length.
+    "apts-d-gn-start": (
+        "apts-d",
+        {
+            "combine": "average",
+            "gamma_inc": 2.0,
+            "gamma_dec": 0.5,
+            "global_solver": "steihaug",
+            "curvature": "ggn",
+            "max_cg_iterations": 20,
+            "local_start": "step",
+        },
+    ),
     "apts-ip": ("apts-ip", {}),
     "adam.lr1e-3": ("adam", {"lr": 1e-3}),
     "adam.lr3e-3": ("adam", {"lr": 3e-3}),
@@ -45,7 +60,7 @@ def launch_run(name: str, args: argparse.Namespace) -> None:
 def report(names: list[str], outdir: Path) -> None:
     rows: dict[str, tuple[float, float, int, float, float]] = {}
     for name in names:
-        found = _common.evaluated_run(outdir, name, "val_loss", 14)
+        found = _common.evaluated_run(outdir, name, "val_loss", 16)
         if found is None:
             continue
         run, val = found
@@ -54,11 +69,11 @@ def report(names: list[str], outdir: Path) -> None:
         rows[name] = (float(val[-1]), float(np.nanmin(val)), steps, wall, _common.traffic(run))
     adam = [best for name, (_f, best, *_rest) in rows.items() if name.startswith("adam")]
     adam_best = min(adam) if adam else float("nan")
-    header = f"{'run':<14}{'val':>8}{'best':>8}{'/Adam':>7}{'steps':>7}{'wall s':>8}{'traffic':>9}"
+    header = f"{'run':<16}{'val':>8}{'best':>8}{'/Adam':>7}{'steps':>7}{'wall s':>8}{'traffic':>9}"
     print(header)
     print("-" * len(header))
     for name, (final, best, steps, wall, moved) in rows.items():
-        print(f"{name:<14}{final:>8.3f}{best:>8.3f}{best / adam_best:>7.3f}{steps:>7}{wall:>8.0f}{moved:>8.2f}n")
+        print(f"{name:<16}{final:>8.3f}{best:>8.3f}{best / adam_best:>7.3f}{steps:>7}{wall:>8.0f}{moved:>8.2f}n")
     print(
         f"(val: nats per character; an untrained model scores ln 65 = {np.log(65):.3f}; /Adam: best over Adam's best)"
     )
