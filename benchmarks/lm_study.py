@@ -22,25 +22,15 @@ from pathlib import Path
 
 import _common
 import numpy as np
+from apts_scaling_accuracy import VARIANTS as APTS_VARIANTS
 
 # name: (optimizer, --set options)
 RUNS: dict[str, tuple[str, dict[str, object]]] = {
     "apts-d": ("apts-d", {}),
-    # The best APTS-D set of the MNIST scaling study (benchmarks/apts_scaling_accuracy.py,
-    # variant average-gn-start): the mean of the local steps, a Gauss–Newton global pass,
-    # HF's radius factors and local phases that start from the last step's length.
-    "apts-d-gn-start": (
-        "apts-d",
-        {
-            "combine": "average",
-            "gamma_inc": 2.0,
-            "gamma_dec": 0.5,
-            "global_solver": "steihaug",
-            "curvature": "ggn",
-            "max_cg_iterations": 20,
-            "local_start": "step",
-        },
-    ),
+    # The best APTS-D set of the MNIST scaling study (variant average-gn-start there): the
+    # mean of the local steps, a Gauss–Newton global pass, HF's radius factors and local
+    # phases that start from the last step's length.
+    "apts-d-gn-start": ("apts-d", dict(APTS_VARIANTS["average-gn-start"])),
     "apts-ip": ("apts-ip", {}),
     "adam.lr1e-3": ("adam", {"lr": 1e-3}),
     "adam.lr3e-3": ("adam", {"lr": 3e-3}),
