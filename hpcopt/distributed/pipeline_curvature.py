@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.func import functional_call
 
 from hpcopt.comm import PointToPointRequest
 from hpcopt.distributed.pipeline import Criterion, Pipeline, PipelineObjective
@@ -72,7 +73,14 @@ class PipelineGaussNewton(CurvatureOperator):
         # A clone: the operator stays linearised here while the optimizer moves flat.data.
         self._theta = flat.data.detach().clone().requires_grad_()
         self._micro_batches: list[_MicroBatch] = []
-        net = flat.functional(self._theta)
+        # Private copies of the buffers: this forward must not update batch-norm running
+        # statistics, which the gradient pass of the same batch already did.
+        state = {name: buffer.detach().clone() for name, buffer in flat.model.named_buffers()}
+        state.update(flat.unflatten(self._theta))
+
+        def net(stage_inputs: Tensor) -> Tensor:
+            return functional_call(flat.model, state, (stage_inputs,))
+
         payload = pipeline.payload
         rows = inputs.shape[0]
         pending: list[PointToPointRequest] = []

@@ -130,3 +130,24 @@ def test_global_passes_lower_a_pinn_loss_further_and_every_rank_decides_alike() 
 def test_global_passes_must_not_be_negative() -> None:
     with pytest.raises(ConfigError, match="global_passes must be >= 0"):
         make_config("apts-ip", {"global_passes": -1})
+
+
+@pytest.mark.mpi(min_size=1)
+def test_building_the_operator_leaves_batch_norm_statistics_alone() -> None:
+    comm = Communicator()
+    torch.manual_seed(4)
+    model = nn.Sequential(
+        nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3)
+    ).double()
+    if comm.size > 3:
+        pytest.skip("three layers with parameters: at most three stages")
+    generator = torch.Generator().manual_seed(2)
+    inputs = torch.randn(16, 5, generator=generator, dtype=torch.float64)
+    targets = torch.randint(0, 3, (16,), generator=generator)
+    pipeline = Pipeline(model, comm, 2)
+    before = {name: buffer.clone() for name, buffer in pipeline.module.named_buffers()}
+    operator = PipelineGaussNewton(pipeline, inputs, targets, nn.functional.cross_entropy)
+    product = operator(_direction(pipeline.flat.numel))
+    assert torch.isfinite(product).all() and float(product.norm()) > 0
+    for name, buffer in pipeline.module.named_buffers():
+        assert torch.equal(buffer, before[name]), name
