@@ -33,6 +33,9 @@ tuned baseline (best of ``--adam-lrs``).  Variants (APTS-D ``--set`` options):
   step over a window of 5 outer iterations (``nonmonotone=5``);
 * ``average-gn-start``: ``average-gn`` whose local phases start from 1.5× the last
   combined step's length instead of the whole ball (``local_start=step``);
+* ``average-gn-start-sub``: ``average-gn-start`` whose global pass takes its products on
+  a tenth of the batch, as ``average-gn-sub`` does;
+* ``average-gn-start-sub-l2``: the same with two local iterations instead of three;
 * ``average-gn-local``: the Gauss–Newton step moved into the local phase: one local
   iteration per outer iteration, a Steihaug solve on the rank's own shard with its GGN
   (up to 10 products, no communication), the average of the local steps, and the
@@ -79,6 +82,8 @@ VARIANTS["average-gn-step"] = {**VARIANTS["average-gn"], "shrink_to_step": True}
 VARIANTS["average-gn-sub"] = {**VARIANTS["average-gn"], "curvature_fraction": 0.1}
 VARIANTS["average-gn-nm"] = {**VARIANTS["average-gn"], "nonmonotone": 5}
 VARIANTS["average-gn-start"] = {**VARIANTS["average-gn"], "local_start": "step"}
+VARIANTS["average-gn-start-sub"] = {**VARIANTS["average-gn-start"], "curvature_fraction": 0.1}
+VARIANTS["average-gn-start-sub-l2"] = {**VARIANTS["average-gn-start-sub"], "local_iterations": 2}
 VARIANTS["average-gn-local"] = {
     "combine": "average",
     "gamma_inc": 2.0,
@@ -220,7 +225,8 @@ def _plot(rows: list[dict[str, object]], args: argparse.Namespace, adam_best: fl
             middle = (low + high) / 2
             axis.set_ylim(middle - 1.0, middle + 1.0)
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
+        if axis.get_legend_handles_labels()[0]:  # a panel can be empty (a run of the other sweep only)
+            axis.legend(fontsize=8)
     by_ranks.set_xlabel("ranks P")
     uneven = any(args.batch % int(str(r["ranks"])) for r in rows)
     batch = f"batch {args.batch}" + (" (or less: a multiple of P)" if uneven else "")

@@ -106,7 +106,7 @@ class PipelineGaussNewton(CurvatureOperator):
                 kept = [i for i, t in enumerate(transposed) if t is not None and t.requires_grad]
                 self._micro_batches.append(
                     _MicroBatch(
-                        None if received is None else received,
+                        received,
                         outputs,
                         dummy,
                         [transposed[i] for i in kept],
