@@ -29,7 +29,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.func import functional_call
 
 from hpcopt.comm import PointToPointRequest
 from hpcopt.distributed.pipeline import Criterion, Pipeline, PipelineObjective
@@ -75,12 +74,7 @@ class PipelineGaussNewton(CurvatureOperator):
         self._micro_batches: list[_MicroBatch] = []
         # Private copies of the buffers: this forward must not update batch-norm running
         # statistics, which the gradient pass of the same batch already did.
-        state = {name: buffer.detach().clone() for name, buffer in flat.model.named_buffers()}
-        state.update(flat.unflatten(self._theta))
-
-        def net(stage_inputs: Tensor) -> Tensor:
-            return functional_call(flat.model, state, (stage_inputs,))
-
+        net = flat.functional(self._theta, flat.buffer_snapshot())
         payload = pipeline.payload
         rows = inputs.shape[0]
         pending: list[PointToPointRequest] = []

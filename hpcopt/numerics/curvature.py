@@ -45,7 +45,6 @@ from typing import cast
 
 import torch
 from torch import Tensor
-from torch.func import functional_call
 
 from hpcopt.errors import ConfigError
 from hpcopt.numerics.flat import FlatParameters
@@ -293,24 +292,8 @@ class LocalObjective:
 
     # -- evaluation helpers -------------------------------------------------
 
-    def _buffer_snapshot(self) -> dict[str, Tensor]:
-        """A private copy of the module's buffers, for passes that must not update them."""
-        return {name: buf.detach().clone() for name, buf in self.flat.model.named_buffers()}
-
-    def _net(self, theta: Tensor, buffers: dict[str, Tensor] | None) -> Callable[[Tensor], Tensor]:
-        """The model at ``theta``; with the module's own buffers when ``buffers`` is None."""
-        if buffers is None:
-            return self.flat.functional(theta)
-        state = {**buffers, **self.flat.unflatten(theta)}
-        model = self.flat.model
-
-        def net(inputs: Tensor) -> Tensor:
-            return functional_call(model, state, (inputs,))
-
-        return net
-
     def _loss(self, theta: Tensor, buffers: dict[str, Tensor] | None) -> Tensor:
-        return self.criterion(self.forward(self._net(theta, buffers), self.inputs), self.targets)
+        return self.criterion(self.forward(self.flat.functional(theta, buffers), self.inputs), self.targets)
 
     def _forward_mode_loss(self, snapshot: dict[str, Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
         """``(θ, targets) ↦ loss`` for torch.func transforms, never touching the module's buffers."""
@@ -319,7 +302,7 @@ class LocalObjective:
             # Fresh buffer copies per call: torch.func forbids mutating a captured
             # tensor, and batch norm updates its running statistics in place.
             buffers = {name: buf.clone() for name, buf in snapshot.items()}
-            return self.criterion(self.forward(self._net(theta, buffers), self.inputs), targets)
+            return self.criterion(self.forward(self.flat.functional(theta, buffers), self.inputs), targets)
 
         return loss_fn
 
@@ -351,7 +334,7 @@ class LocalObjective:
         """
         theta = (self.flat.data if theta is None else theta).detach()
         with torch.enable_grad():
-            loss = self._loss(theta, self._buffer_snapshot())
+            loss = self._loss(theta, self.flat.buffer_snapshot())
         return float(loss.detach())
 
     def value_and_grad(self) -> tuple[float, Tensor]:
@@ -398,7 +381,7 @@ class LocalObjective:
         # this θ even after the optimizer moves flat.data (trial steps, line search),
         # and in-place writes to flat.data must not trip autograd's version checks.
         theta = self.flat.data.detach().clone().requires_grad_()
-        snapshot = self._buffer_snapshot()
+        snapshot = self.flat.buffer_snapshot()
         # Only a pass that also delivers the gradient may update running statistics.
         pass_buffers = None if want_grad else snapshot
         with torch.enable_grad():
@@ -426,7 +409,7 @@ class LocalObjective:
     def _build_ggn(
         self, theta: Tensor, buffers: dict[str, Tensor] | None, damping: float
     ) -> tuple[float, Tensor, CurvatureOperator]:
-        outputs = self.forward(self._net(theta, buffers), self.inputs)
+        outputs = self.forward(self.flat.functional(theta, buffers), self.inputs)
         # The criterion is cut from the model at the outputs so that its Hessian
         # H_L can be applied by a double backward that never re-enters the model.
         outputs_leaf = outputs.detach().requires_grad_()

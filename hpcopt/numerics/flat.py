@@ -96,16 +96,26 @@ class FlatParameters:
             with torch.no_grad():
                 self.data.copy_(saved)
 
-    def functional(self, theta: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    def buffer_snapshot(self) -> dict[str, torch.Tensor]:
+        """A private copy of the module's buffers, for passes that must not update them.
+
+        A curvature pass runs the forward of a batch whose gradient pass already
+        updated the batch-norm running statistics; with a snapshot it leaves them alone.
+        """
+        return {name: buffer.detach().clone() for name, buffer in self.model.named_buffers()}
+
+    def functional(
+        self, theta: torch.Tensor, buffers: dict[str, torch.Tensor] | None = None
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
         """The model as a function of its inputs with parameters ``theta`` (a flat vector).
 
         Composable with ``torch.func`` transforms and with ordinary autograd, which
         is how curvature products differentiate the model w.r.t. a flat vector.
-        Buffers (e.g. batch-norm statistics) are the module's own.
+        Buffers (e.g. batch-norm statistics) are the module's own, or ``buffers``
+        (a :meth:`buffer_snapshot`) when given.
         """
-        params = self.unflatten(theta)
-        buffers = dict(self.model.named_buffers())
-        state = {**buffers, **params}
+        own = dict(self.model.named_buffers()) if buffers is None else buffers
+        state = {**own, **self.unflatten(theta)}
         model = self.model
 
         def net(inputs: torch.Tensor) -> torch.Tensor:
