@@ -90,7 +90,7 @@ def linearized_operator(objective: LocalObjective) -> CurvatureOperator:
     """Gradient pass + a ``torch.func.linearize``-based forward-over-reverse operator."""
     objective.value_and_grad()
     return _ForwardOverReverseHVP(
-        objective._forward_mode_loss(objective._buffer_snapshot()),
+        objective._forward_mode_loss(objective.flat.buffer_snapshot()),
         objective.flat.clone(),
         objective.targets,
         objective._seeded_rng(),
