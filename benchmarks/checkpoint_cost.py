@@ -37,7 +37,8 @@ def setup(comm: Communicator, data_dir: str, model_name: str, batch_size: int): 
     torch.manual_seed(0)
     flat = FlatParameters(problem.build_model(model_name))
     objective = DistributedObjective(problem, flat, comm)
-    optimizer = APTSD(objective, make_config("apts-d", {}))
+    # The L-SR1 global pass: its pairs are the largest state APTS-D checkpoints.
+    optimizer = APTSD(objective, make_config("apts-d", {"global_solver": "lsr1"}))
     batches = GlobalBatches(len(problem.train), batch_size, 0, comm.rank, comm.size)
     index = next(batches.epoch(0))
     shard = problem.train.subset(index)

@@ -8,7 +8,8 @@ into ``--outdir``; ``--report-only`` re-prints the table from those logs.  A run
 stops at the first evaluation after the budget, so every method gets the same
 wall time (up to one evaluation period).  Adam runs data-parallel at three
 learning rates and the best one is the reference; APTS-D runs data-parallel
-with its defaults, APTS-IP cuts the transformer into P pipeline stages.
+with §1's set (``apts-d``) and its defaults (``apts-d-gn-start``), APTS-IP cuts the
+transformer into P pipeline stages.
 
 Columns: final and best validation loss (nats per character), the ratio of the
 best validation loss to Adam's best (the goal: ≤ 1.15), outer steps,
@@ -26,10 +27,11 @@ from apts_scaling_accuracy import VARIANTS as APTS_VARIANTS
 
 # name: (optimizer, --set options)
 RUNS: dict[str, tuple[str, dict[str, object]]] = {
-    "apts-d": ("apts-d", {}),
-    # The best APTS-D set of the MNIST scaling study (variant average-gn-start there): the
-    # mean of the local steps, a Gauss–Newton global pass, HF's radius factors and local
-    # phases that start from the last step's length.
+    # §1 (APTS-D's defaults when the study was first run).
+    "apts-d": ("apts-d", dict(APTS_VARIANTS["sum"])),
+    # The best APTS-D set of the MNIST scaling study (variant average-gn-start there, APTS-D's
+    # defaults since 2026-12-04): the mean of the local steps, a Gauss–Newton global pass,
+    # HF's radius factors and local phases that start from the last step's length.
     "apts-d-gn-start": ("apts-d", dict(APTS_VARIANTS["average-gn-start"])),
     # The same with the global pass's products on a tenth of the batch and two local
     # iterations: the one set of that study within the cost goal (more outer steps per budget).

@@ -40,14 +40,20 @@ PROBLEMS = {
 # every step, no target (no relative error reaches 0), and APTS-D's own options.
 FULL_BATCH = {"poisson2d": "2048", "allen-cahn": "258"}
 PINNED = ["--eval-every", "1", "--target", "0"]
-ONE_PASS = ["--set", "global_passes=1"]
-APTS_D_OWN = ["--set", "global_solver=lsr1", "--set", "curvature=hessian", "--set", "max_cg_iterations=20", *ONE_PASS]
+
+
+def _sets(**options: object) -> list[str]:
+    """``--set KEY=VALUE`` arguments."""
+    return [arg for key, value in options.items() for arg in ("--set", f"{key}={value}")]
+
+
+# One global pass with §1's combination, local start and radius factors (APTS-D's defaults
+# when this study ran).
+ONE_PASS = _sets(global_passes=1, combine="sum", local_start="ball", gamma_inc=1.2, gamma_dec=0.9)
+APTS_D_OWN = [*_sets(global_solver="lsr1", curvature="hessian", max_cg_iterations=20), *ONE_PASS]
 APTS_RUNS = {
     "apts-d": ("apts-d", APTS_D_OWN),
-    "apts-d+ggn": (
-        "apts-d",
-        ["--set", "global_solver=steihaug", "--set", "curvature=ggn", "--set", "max_cg_iterations=50", *ONE_PASS],
-    ),
+    "apts-d+ggn": ("apts-d", [*_sets(global_solver="steihaug", curvature="ggn", max_cg_iterations=50), *ONE_PASS]),
     "apts-p": ("apts-p", []),
     "apts-p+ggn": (
         "apts-p",

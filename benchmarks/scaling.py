@@ -25,6 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+from apts_scaling_accuracy import SECTION_1
 
 from hpcopt.analysis.perfmodel import CollectiveProfile, Network, calibrate, predict
 from hpcopt.analysis.plots import plot_predictions
@@ -39,6 +40,8 @@ TARGET = Network(2e-6, 25e9, "auto")
 # One evaluation, at the end: every timed step is a training step.
 TRAIN_ARGS = ["--model", "cnn", "--epochs", "10", "--eval-every", "10"]
 RANKS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
+# APTS-D as the table in docs/results.md was measured: §1's set (its defaults then).
+OPTIONS = {"apts-d": [arg for key, value in SECTION_1.items() for arg in ("--set", f"{key}={value}")]}
 
 
 def run_sweeps(args: argparse.Namespace) -> None:
@@ -51,7 +54,9 @@ def run_sweeps(args: argparse.Namespace) -> None:
             optimizer=optimizer,
             outdir=str(args.outdir),
             threads=1,
-            train_args=[*TRAIN_ARGS, "--data-dir", args.data_dir, "--max-steps", str(args.steps)],
+            train_args=[
+                *TRAIN_ARGS, "--data-dir", args.data_dir, "--max-steps", str(args.steps), *OPTIONS.get(optimizer, [])
+            ],
         )
         run_local(spec, timeout=900)
 

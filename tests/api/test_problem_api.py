@@ -285,7 +285,7 @@ class Frozen(nn.Module):
         ({"loss": lambda out, y: F.cross_entropy(out.detach(), y)}, None, "does not depend on the model's parameters"),
         ({"metric": lambda out, y: 0.5}, None, "the metric returned a float; it must return (sum, count)"),
         ({"model": FusedNet}, "ggn", "curvature products (curvature=ggn) fail on this model"),
-        ({"model": FusedNet}, "hessian", "global_solver lsr1 or cauchy (their defaults), or --optimizer sgd, adam"),
+        ({"model": FusedNet}, "hessian", "apts-d with --set global_solver=lsr1, apts-p and apts-ip"),
         ({"model": LegacyNet}, "hvp-forward-over-reverse", "torch.func.jvp over torch.func.grad"),
     ],
 )
@@ -298,7 +298,7 @@ def test_start_up_check_names_what_is_wrong(pieces: dict, curvature: str | None,
 
 
 def test_what_the_curvature_message_advises_works() -> None:
-    # Without curvature products (the APTS defaults) the fused kernel is fine, and so is
+    # Without curvature products (APTS-P's and APTS-IP's defaults) the fused kernel is fine, and so is
     # .item() in the forward for products by double backward.
     _check(CustomProblem(FusedNet, F.cross_entropy, (X, Y)), None)
     _check(CustomProblem(LegacyNet, F.cross_entropy, (X, Y)), "hessian")
@@ -332,8 +332,9 @@ def test_the_check_leaves_the_model_and_the_random_stream_alone() -> None:
 def test_curvature_in_use_reads_the_optimizer_config() -> None:
     from hpcopt.optimizers import make_config
 
-    assert curvature_in_use(make_config("apts-d", {})) is None  # L-SR1 local and global models
-    assert curvature_in_use(make_config("apts-d", {"global_solver": "steihaug", "curvature": "ggn"})) == "ggn"
+    assert curvature_in_use(make_config("apts-d", {})) == "ggn"  # the Gauss–Newton global pass
+    assert curvature_in_use(make_config("apts-d", {"global_solver": "lsr1"})) is None  # L-SR1 local and global
+    assert curvature_in_use(make_config("apts-p", {})) is None
     assert curvature_in_use(make_config("apts-ip", {"local_solver": "steihaug"})) == "hessian"
     assert curvature_in_use(make_config("hf", {})) == "ggn"
     assert curvature_in_use(make_config("sgd", {})) is None

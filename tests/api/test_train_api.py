@@ -304,9 +304,10 @@ def test_bad_input_is_one_error_on_every_rank(pieces: dict, run: dict, message: 
 
 @pytest.mark.mpi(min_size=1)
 def test_the_advised_first_order_run_trains_the_same_model() -> None:
-    # The message above advises APTS-D's defaults (L-SR1 models, no curvature products).
+    # The message above advises APTS-D with L-SR1 models only (no curvature products).
     problem = hpcopt.problem(FusedNet, F.cross_entropy, blobs())
-    result = hpcopt.train(problem, optimizer="apts-d", epochs=2, batch_size=BATCH, **QUIET)
+    options = {"global_solver": "lsr1"}
+    result = hpcopt.train(problem, optimizer="apts-d", epochs=2, batch_size=BATCH, options=options, **QUIET)
     assert result.losses[-1] < result.losses[0]
 
 

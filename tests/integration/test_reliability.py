@@ -52,7 +52,7 @@ def test_nan_at_the_trial_point_rejects_and_leaves_parameters_bit_identical(apts
     assert not result.accepted and result.extras["reason"] == "rejected_nonfinite"
     assert math.isnan(result.extras["trial_loss"])  # the NaN reached every rank through the allreduce
     assert torch.equal(flat.data, before)
-    assert optimizer.radius == max(0.001, 0.9 * radius)  # shrunk by gamma_dec
+    assert optimizer.radius == max(0.001, optimizer.config.gamma_dec * radius)  # shrunk by gamma_dec
     assert _same_everywhere(comm, (result.accepted, optimizer.radius))
 
 

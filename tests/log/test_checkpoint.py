@@ -39,6 +39,7 @@ def _shared_dir(comm: Communicator, tmp_path: Path) -> Path:
 # ends at step 2 and its momentum resets every 4 steps, so the restart at 7 is mid-cycle;
 # APTS-P: the non-monotone window of the last 3 losses must come back with the radius).
 OPTIMIZER_OPTIONS: dict[str, dict[str, object]] = {
+    "apts-d-lsr1": {"global_solver": "lsr1"},
     "apts-p": {"nonmonotone": 3},
     "neumann": {"epoch_steps": 2, "warmup_epochs": 1, "reset_epochs": 2},
     "hf": {"max_iterations": 5},
@@ -46,12 +47,13 @@ OPTIMIZER_OPTIONS: dict[str, dict[str, object]] = {
 
 
 def _train(comm: Communicator, optimizer: str, **options: object) -> TrainResult:
-    cfg = TrainConfig(**BASE, optimizer=optimizer, **options)  # type: ignore[arg-type]
+    # "apts-d-lsr1": APTS-D with its first-order L-SR1 global pass, whose pairs are state.
+    cfg = TrainConfig(**BASE, optimizer=optimizer.removesuffix("-lsr1"), **options)  # type: ignore[arg-type]
     return train(cfg, dict(OPTIMIZER_OPTIONS.get(optimizer, {})), dict(PROBLEM), comm=comm)
 
 
 @pytest.mark.mpi(min_size=1)
-@pytest.mark.parametrize("optimizer", ["apts-d", "apts-p", "adam", "sgd", "hf", "nlcg", "neumann"])
+@pytest.mark.parametrize("optimizer", ["apts-d", "apts-d-lsr1", "apts-p", "adam", "sgd", "hf", "nlcg", "neumann"])
 def test_restart_is_bit_identical_to_an_uninterrupted_run(optimizer: str, tmp_path: Path) -> None:
     comm = Communicator()
     directory = _shared_dir(comm, tmp_path)
@@ -75,7 +77,7 @@ def test_apts_d_state_holds_radius_and_lsr1_memory(tmp_path: Path) -> None:
     comm = Communicator()
     directory = _shared_dir(comm, tmp_path)
     ckpt = str(directory / "state.ckpt")
-    _train(comm, "apts-d", max_steps=4, checkpoint=ckpt, checkpoint_every=2)
+    _train(comm, "apts-d-lsr1", max_steps=4, checkpoint=ckpt, checkpoint_every=2)
     state = checkpoint.load(ckpt)
     assert state["step"] == 4 and state["world_size"] == comm.size
     assert state["epoch"] == 1 and state["batch_in_epoch"] == 4 and len(state["epoch_losses"]) == 4

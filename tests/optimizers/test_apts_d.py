@@ -137,7 +137,7 @@ def test_traffic_per_outer_iteration_is_packed() -> None:
     # Without the global pass: [g; f] and [s; pred] (2n+2 floats) and the trial value (1);
     # with one global pass the trial gradient rides with the trial value (3n+3) plus the
     # pass's trial value (1).
-    comm, _, flat, _, optimizer = _setup("logistic", {"n": 400, "dim": 10})
+    comm, _, flat, _, optimizer = _setup("logistic", {"n": 400, "dim": 10}, global_solver="lsr1")
     n = flat.numel
     for passes, floats in ((0, 2 * n + 3), (1, 3 * n + 4)):
         optimizer.config.global_passes = passes
@@ -176,7 +176,7 @@ def test_model_predicted_decrease_is_the_global_models_decrease_at_the_combined_
     # then pred must equal the true decrease f(θ) − f(θ + s) of the combined step, at
     # any P, which Σ pred_r does not promise.
     comm, _, flat, objective, optimizer = _setup(
-        "quadratic", {"n": 400, "dim": 3}, predicted="model", radius=0.5, memory=5
+        "quadratic", {"n": 400, "dim": 3}, predicted="model", global_solver="lsr1", radius=0.5, memory=5
     )
     theta, loss_local, grad_local, grad = outer_start(flat, objective)
     loss = objective.value()
@@ -249,6 +249,10 @@ def _global_pass_run(comm: Communicator, fraction: float) -> torch.Tensor:
         "curvature": "ggn",
         "curvature_fraction": fraction,
         "radius": 1.0,
+        # §0's radius factors: with APTS-D's ×2 / ×0.5 the whole batch's and the
+        # sub-batch's runs end bit for bit equal on this problem (curvature-blind steps).
+        "gamma_inc": 1.2,
+        "gamma_dec": 0.9,
     }
     cfg = TrainConfig(problem="logistic", optimizer="apts-d", epochs=2, batch_size=96, quiet=True, seed=5)
     return train(cfg, options, {"n": 480, "dim": 12}, comm=comm).parameters

@@ -47,11 +47,19 @@ class APTSDConfig(APTSOptions):
     """Options of ``--optimizer apts-d``: those of :class:`APTSOptions` and
 
     Attributes:
+        gamma_inc: expansion factor (2.0; §0: 1.2), Hessian-free's: from Δ₀ = 1e-3 the
+            radius reaches the steps' scale within five outer iterations.
+        gamma_dec: shrink factor (0.5; §0: 0.9): from Δ₀ = 10, two rejections halve it twice.
+        curvature: products for ``steihaug``: ``hessian`` or ``ggn`` (ggn; §0: hessian).
+            The Gauss–Newton matrix is positive semi-definite for a convex loss of the
+            outputs (cross-entropy, squared residuals), so the global pass's CG takes full
+            Newton-like steps without meeting negative curvature.
         foc: first-order-consistency term in the local model (on).
         global_passes: G, TR iterations on the global f after the combination (1).
-        global_solver: ``cauchy``, ``steihaug`` or ``lsr1`` (lsr1).
-        combine: ``sum`` (§1: local radius Δ/P, s = Σ s_r, pred = Σ pred_r) or
-            ``average`` *(ours)*: local radius Δ, s and pred are the means over ranks.
+        global_solver: ``cauchy``, ``steihaug`` or ``lsr1`` (steihaug; §1: lsr1): a
+            Steihaug CG solve of the whole batch's model, up to ``max_cg_iterations`` products.
+        combine: ``average`` *(ours, the default)*: local radius Δ, s and pred are the
+            means over ranks, or ``sum`` (§1: local radius Δ/P, s = Σ s_r, pred = Σ pred_r).
             The sum sees only 1/P of the curvature of each local step, so its ratio
             degrades as Δ grows; the average keeps ‖s‖ ≤ Δ without that bias.
         predicted: what the ratio test divides by for the combined step: ``sum``
@@ -59,10 +67,11 @@ class APTSDConfig(APTSOptions):
             −(gᵀs + ½ sᵀBs) that the global L-SR1 model B predicts for the combined
             step s itself (needs ``global_solver=lsr1``; no extra communication).
             Σ pred_r ignores how the local steps interact; the global model does not.
-        local_start: the local radius each local phase starts from: ``ball`` (§1: the
-            whole local ball) or ``step`` *(ours)*: local_gamma_inc × the length of the
+        local_start: the local radius each local phase starts from: ``step`` *(ours, the
+            default)*: local_gamma_inc × the length of the
             last combined step, or the last start × local_gamma_dec^L after a combination
-            that made no local progress, within [radius_min, ball].  From the ball, the
+            that made no local progress, within [radius_min, ball], or ``ball`` (§1: the
+            whole local ball).  From the ball, the
             first local step of an empty L-SR1 memory is a gradient step to its edge,
             which on a network is rejected more often than not.
         curvature_fraction: share of the batch that curvature products (``steihaug``) are
@@ -77,12 +86,22 @@ class APTSDConfig(APTSOptions):
 
     option_prefix: ClassVar[str] = "apts-d"
 
+    # APTS-D's defaults differ from §1 in five places, each measured against §1 on the
+    # full MNIST split at P = 2..8 and Δ₀ = 1e-3..10 (docs/results.md, "APTS-D accuracy
+    # against P and Δ₀"): the average instead of the sum, a Gauss–Newton global pass
+    # (curvature from all P shards, so it does not thin out as P grows), HF's radius
+    # factors (a bad Δ₀ is left within a few outer iterations) and local phases that
+    # start from the last combined step's length.  ``--set combine=sum local_start=ball
+    # global_solver=lsr1 curvature=hessian gamma_inc=1.2 gamma_dec=0.9`` is §1.
+    gamma_inc: float = 2.0
+    gamma_dec: float = 0.5
+    curvature: str = "ggn"
     foc: bool = True
     global_passes: int = 1
-    global_solver: str = "lsr1"
-    combine: str = "sum"
+    global_solver: str = "steihaug"
+    combine: str = "average"
     predicted: str = "sum"
-    local_start: str = "ball"
+    local_start: str = "step"
     curvature_fraction: float = 1.0
     curvature_sampling: str = "strided"
     shard: str = "batch"

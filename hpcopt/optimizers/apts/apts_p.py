@@ -39,11 +39,19 @@ from hpcopt.optimizers.apts.local_phase import first_order_consistent, local_pha
 
 @dataclass
 class APTSPConfig(APTSDConfig):
-    """Options of ``--optimizer apts-p``: those of APTS-D (same defaults) plus the ones below.
+    """Options of ``--optimizer apts-p``: those of APTS-D plus the ones below.
 
-    ``combine`` must stay ``sum``: the blocks are disjoint, so the pieces concatenate.
+    Its defaults are §0/§2's, not APTS-D's: ``combine=sum`` (it must stay so: the blocks
+    are disjoint, so the pieces concatenate), ``local_start=ball``, ``global_solver=lsr1``,
+    ``curvature=hessian``, ``gamma_inc=1.2``, ``gamma_dec=0.9``.
 
     Attributes:
+        gamma_inc: expansion factor (§0: 1.2).
+        gamma_dec: shrink factor (§0: 0.9).
+        curvature: products for ``steihaug``: ``hessian`` or ``ggn`` (§0: hessian).
+        global_solver: ``cauchy``, ``steihaug`` or ``lsr1`` (§2: lsr1).
+        combine: ``sum`` only (§2: the owned blocks concatenate).
+        local_start: ``ball`` only (§2: each block's local phase starts from its whole ball).
         blocks: ``auto`` (whole tensors when balanced within ``max_imbalance``, else
             chunks), ``tensors`` or ``chunks`` (auto).
         max_imbalance: max/mean owned elements accepted by ``auto`` for whole tensors (1.25).
@@ -53,6 +61,15 @@ class APTSPConfig(APTSDConfig):
 
     option_prefix: ClassVar[str] = "apts-p"
 
+    # §2 as published: the owned blocks concatenate (no average, no local start from the
+    # combined step), and APTS-D's Gauss–Newton pass and radius factors were measured for
+    # APTS-D only, so APTS-P keeps §0's (the PINN defaults give it the Gauss–Newton pass).
+    combine: str = "sum"
+    local_start: str = "ball"
+    global_solver: str = "lsr1"
+    curvature: str = "hessian"
+    gamma_inc: float = 1.2
+    gamma_dec: float = 0.9
     blocks: str = "auto"
     max_imbalance: float = 1.25
     norm: str = "2"
