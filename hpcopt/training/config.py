@@ -16,6 +16,8 @@ from hpcopt.config import flag_field, require
 
 #: ``--stop-signal`` values: early-warning signals a batch system can be told to send.
 STOP_SIGNALS: tuple[str, ...] = ("USR1", "USR2", "HUP", "XCPU", "none")
+#: ``--heap`` values (:mod:`hpcopt.training.heap`).
+HEAP_MODES: tuple[str, ...] = ("keep", "release")
 
 
 @dataclass
@@ -36,6 +38,10 @@ class TrainConfig:
         out: HDF5 run log path; ``None`` → no log.
         overwrite: replace an existing run log.
         threads: torch threads per rank (1: one rank per core is the MPI way).
+        heap: ``keep`` (glibc serves a step's large buffers from its heap and keeps
+            freed pages for the next step: no page faults per step, the process keeps
+            its peak memory) or ``release`` (glibc's defaults); for the whole process
+            (:mod:`hpcopt.training.heap`).
         eval_every: evaluate every this many epochs (1).
         max_steps: stop after this many outer iterations (None: no limit).
         time_limit: stop at the first evaluation after this many seconds (None: no limit).
@@ -87,6 +93,12 @@ class TrainConfig:
     out: str | None = flag_field(None, help="HDF5 run log to write")
     overwrite: bool = flag_field(False, help="replace an existing --out file")
     threads: int = flag_field(1, help="torch threads per rank (default 1)")
+    heap: str = flag_field(
+        "keep",
+        help="keep (default: large buffers reuse the heap's pages, no page faults per step) or release "
+        "(the C library's defaults)",
+        choices=HEAP_MODES,
+    )
     eval_every: int = flag_field(1, help="evaluate every N epochs")
     max_steps: int | None = flag_field(None, help="stop after N outer iterations")
     time_limit: float | None = flag_field(None, help="stop at the first evaluation after N seconds")
@@ -138,6 +150,7 @@ class TrainConfig:
             not (self.read_ahead and self.num_workers),
             "--read-ahead and --num-workers are two ways to read ahead: give one of them",
         )
+        require(self.heap in HEAP_MODES, f"--heap must be one of {', '.join(HEAP_MODES)}, got {self.heap!r}")
         require(
             self.stop_signal in STOP_SIGNALS,
             f"--stop-signal must be one of {', '.join(STOP_SIGNALS)}, got {self.stop_signal!r}",

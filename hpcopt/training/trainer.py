@@ -41,6 +41,7 @@ from hpcopt.problems.defaults import under
 from hpcopt.testing import faults
 from hpcopt.training.config import TrainConfig
 from hpcopt.training.device import resolve_kind, select_device
+from hpcopt.training.heap import set_heap
 from hpcopt.training.preemption import Stop, StopSignals
 from hpcopt.training.progress import Progress
 from hpcopt.training.signature import check_same_on_every_rank, run_signature
@@ -281,6 +282,7 @@ def _train(
     optimizer_options = dict(optimizer_options or {})
     problem_options = dict(problem_options or {})
     torch.set_num_threads(cfg.threads)
+    set_heap(cfg.heap)
     error: HpcoptError | None = None
     try:
         optimizer_config, problem, batches, model = _setup(cfg, optimizer_options, problem_options, comm, given)
