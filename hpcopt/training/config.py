@@ -38,9 +38,9 @@ class TrainConfig:
         out: HDF5 run log path; ``None`` → no log.
         overwrite: replace an existing run log.
         threads: torch threads per rank (1: one rank per core is the MPI way).
-        heap: ``keep`` (glibc serves a step's large buffers from its heap and keeps
-            freed pages for the next step: no page faults per step, the process keeps
-            its peak memory) or ``release`` (glibc's defaults); for the whole process
+        heap: ``release`` (glibc's defaults) or ``keep`` (glibc serves a step's large
+            buffers from its heap and keeps freed pages for the next step: no page faults
+            per step, but the heap only grows); for the whole process
             (:mod:`hpcopt.training.heap`).
         eval_every: evaluate every this many epochs (1).
         max_steps: stop after this many outer iterations (None: no limit).
@@ -94,9 +94,9 @@ class TrainConfig:
     overwrite: bool = flag_field(False, help="replace an existing --out file")
     threads: int = flag_field(1, help="torch threads per rank (default 1)")
     heap: str = flag_field(
-        "keep",
-        help="keep (default: large buffers reuse the heap's pages, no page faults per step) or release "
-        "(the C library's defaults)",
+        "release",
+        help="release (default: the C library's behaviour) or keep (large buffers reuse the heap's pages: "
+        "no page faults per step, more memory)",
         choices=HEAP_MODES,
     )
     eval_every: int = flag_field(1, help="evaluate every N epochs")

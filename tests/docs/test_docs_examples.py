@@ -76,6 +76,7 @@ MAX_TIME_LIMIT = 10
 BENCHMARK_ARGUMENTS = {
     "comm_overhead.py": "--repeats 3 --sizes 1e3,1e4",
     "hvp_cost.py": "--repeats 1 --products 2 --models mlp",
+    "heap_cost.py": "--model mlp --rows 200 --repeats 1 --products 2 --rounds 1",
     "mnist_apts.py": "--epochs 1 --runs adam.P2.small.lr1e-3",
     "apts_scaling_accuracy.py": (
         "--epochs 1 --batch 8000 --model mlp --ranks 2 --variants average --radii '' --adam-lrs ''"

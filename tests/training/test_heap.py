@@ -1,45 +1,41 @@
-"""``--heap``: glibc keeps a freed large buffer for the next allocation (``keep``) or unmaps it (``release``)."""
+"""``--heap``: the setting reaches glibc, a run records it, and bad values are refused.
+
+What ``keep`` saves (time, system time, page faults) and costs (peak memory) is
+measured, not asserted: ``benchmarks/heap_cost.py``.
+"""
 
 from __future__ import annotations
 
-import resource
+import json
 
 import pytest
-import torch
 
+import hpcopt
 from hpcopt.config import build_config
 from hpcopt.errors import ConfigError
 from hpcopt.training.config import TrainConfig
 from hpcopt.training.heap import _glibc, set_heap
 
-glibc_only = pytest.mark.skipif(_glibc() is None, reason="the C library is not glibc: --heap changes nothing")
 
-# Above glibc's largest mmap threshold (32 MiB), so that with its defaults every
-# allocation of this size is a fresh mapping whose pages fault in when first written.
-ROWS = 64 * 2**20 // 4
-
-
-def _faults_of_one_buffer() -> int:
-    """Minor page faults of allocating, writing and freeing one 64 MiB buffer."""
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    buffer = torch.empty(ROWS, dtype=torch.float32)
-    buffer.fill_(1.0)
-    del buffer
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-
-
-@glibc_only
-def test_keep_reuses_the_pages_of_a_freed_large_buffer() -> None:
-    pages = ROWS * 4 // resource.getpagesize()
+@pytest.mark.skipif(_glibc() is None, reason="the C library is not glibc: --heap changes nothing")
+def test_glibc_accepts_both_settings() -> None:
     try:
+        assert set_heap("keep")  # mallopt returned 1 for M_MMAP_MAX and M_TRIM_THRESHOLD
         assert set_heap("release")
-        assert _faults_of_one_buffer() >= 0.9 * pages  # warm-up
-        assert _faults_of_one_buffer() >= 0.9 * pages  # mapped afresh: every page faults again
-        assert set_heap("keep")
-        _faults_of_one_buffer()  # the first one comes from the heap and grows it
-        assert _faults_of_one_buffer() <= 0.05 * pages  # the second reuses those pages
     finally:
-        set_heap("keep")  # what every training run sets
+        set_heap("release")
+
+
+def test_a_run_records_its_heap_setting(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import h5py
+
+    out = tmp_path / "run.h5"
+    try:
+        hpcopt.train("quadratic", optimizer="sgd", epochs=1, out=out, quiet=True, heap="keep")
+    finally:
+        set_heap("release")
+    with h5py.File(out, "r") as log:
+        assert json.loads(log.attrs["config_json"])["train"]["heap"] == "keep"
 
 
 def test_bad_modes_are_refused() -> None:
