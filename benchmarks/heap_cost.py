@@ -1,6 +1,9 @@
-"""What ``--heap keep`` saves: a gradient and Gauss–Newton products with glibc's defaults and with the heap kept.
+"""What ``--heap keep`` and glibc's huge-page tunable save: a gradient and Gauss–Newton products under each.
 
-Each mode runs in its own process (the setting is process-wide), one thread, on
+Three modes: ``release`` (glibc's defaults, ``--heap release``), ``keep`` (``--heap
+keep``) and ``hugetlb`` (``--heap release`` in a process started with
+``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``).  Each runs in its own process (the settings
+are process-wide), one thread, on
 random MNIST-shaped data (``--rows`` rows, ``--model`` of the MNIST problem): the
 median time of a gradient (``LocalObjective.value_and_grad``) and of a Gauss–Newton
 operator's set-up plus ``--products`` products, over ``--repeats`` runs, with the
@@ -17,13 +20,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
 import sys
 import time
 
-MODES = ("release", "keep")
+MODES = ("release", "keep", "hugetlb")
+HUGETLB = "glibc.malloc.hugetlb=1"
 
 
 def measure(args: argparse.Namespace) -> dict[str, float]:
@@ -35,7 +40,7 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
     from hpcopt.problems import models
     from hpcopt.training.heap import set_heap
 
-    set_heap(args.mode)
+    set_heap("keep" if args.mode == "keep" else "release")
     torch.set_num_threads(1)
     torch.manual_seed(0)
     builders = {"mlp": models.mlp, "cnn-small": models.cnn_small, "cnn": models.cnn}
@@ -88,16 +93,21 @@ def main() -> None:
     for _ in range(args.rounds):
         for mode in MODES:
             child = [sys.executable, __file__, "--mode", mode, *sys.argv[1:]]
-            out = subprocess.run(child, capture_output=True, text=True, check=True)
+            env = dict(os.environ)
+            if mode == "hugetlb":
+                env["GLIBC_TUNABLES"] = HUGETLB
+            else:
+                env.pop("GLIBC_TUNABLES", None)
+            out = subprocess.run(child, capture_output=True, text=True, check=True, env=env)
             figures[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
     keys = ("gradient_s", "ggn_s", "system_s", "user_s", "minor_faults", "max_rss_gb")
     medians = {mode: {key: statistics.median(f[key] for f in figures[mode]) for key in keys} for mode in MODES}
     print(f"{args.model}, {args.rows} rows, 1 thread; GGN = set-up + {args.products} products; median of {args.rounds}")
-    print(f"{'':<14}{'release':>12}{'keep':>12}{'release/keep':>14}")
+    print(f"{'':<14}{'release':>12}{'keep':>12}{'hugetlb':>12}{'release/keep':>14}{'release/hugetlb':>17}")
     for key in keys:
-        release, keep = medians["release"][key], medians["keep"][key]
-        ratio = f"{release / keep:.2f}" if keep else "-"
-        print(f"{key:<14}{release:>12.3f}{keep:>12.3f}{ratio:>14}")
+        release, keep, huge = (medians[mode][key] for mode in MODES)
+        ratios = [f"{release / other:.2f}" if other else "-" for other in (keep, huge)]
+        print(f"{key:<14}{release:>12.3f}{keep:>12.3f}{huge:>12.3f}{ratios[0]:>14}{ratios[1]:>17}")
 
 
 if __name__ == "__main__":
