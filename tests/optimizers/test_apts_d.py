@@ -45,8 +45,15 @@ def _all_equal(comm: Communicator, value: object) -> bool:
 def test_first_order_consistent_model_has_the_global_gradient() -> None:
     # With FOC, every rank's first local Cauchy step is along −g (the global gradient),
     # not along its own −g_r: the correction must change the gradient, not just the value.
+    # §1's local ball Δ/P, entered at its edge.
     comm, _, flat, objective, optimizer = _setup(
-        "logistic", {"n": 400, "dim": 10}, local_solver="cauchy", local_iterations=1, global_passes=0
+        "logistic",
+        {"n": 400, "dim": 10},
+        local_solver="cauchy",
+        local_iterations=1,
+        global_passes=0,
+        combine="sum",
+        local_start="ball",
     )
     theta, loss_local, grad_local, grad = outer_start(flat, objective)
     step_r, pred_r, _ = optimizer._local_phase(theta, loss_local, grad_local, grad)
