@@ -16,7 +16,9 @@ blocks of one size do not always fit a later block of another, so the heap grows
 the peak that glibc's defaults need (the same ``cnn`` runs: 12.2 GB per rank against
 7.4 GB, killed for memory on a 24 GB machine), which is why ``release``, glibc's
 defaults, is the default.  Both apply to the whole process and to allocations made
-after the call; where the C library is not glibc nothing is changed.
+after the call; where the C library is not glibc nothing is changed.  ``release`` in a
+process that never kept its heap changes nothing either: any ``mallopt`` call would fix
+glibc's mmap threshold, which it otherwise raises by itself as large blocks are freed.
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ from hpcopt.training.config import HEAP_MODES
 # mallopt(3) parameters (glibc's malloc.h).
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
-# glibc's own defaults, restored by "release".
+# glibc's own defaults, restored by "release" after "keep".
 _DEFAULT_TRIM_THRESHOLD = 128 * 1024
 _DEFAULT_MMAP_MAX = 65536
+_kept = False  # whether this process has set "keep"
 
 
 @functools.cache
@@ -52,14 +55,19 @@ def _glibc() -> ctypes.CDLL | None:
 
 def set_heap(mode: str) -> bool:
     """Apply ``mode`` (``keep`` or ``release``) to this process's C heap; ``False`` when it is not glibc's."""
+    global _kept
     if mode not in HEAP_MODES:
         raise ValueError(f"heap mode must be one of {', '.join(HEAP_MODES)}, got {mode!r}")
     libc = _glibc()
     if libc is None:
         return False
+    if mode == "release" and not _kept:
+        return True  # glibc's defaults are in place, its dynamic mmap threshold included
+    _kept = mode == "keep"
     if mode == "keep":
         settings = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
     else:
+        # The mmap threshold stays fixed from here on (a mallopt call ends its adjustment).
         settings = ((_M_MMAP_MAX, _DEFAULT_MMAP_MAX), (_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD))
     # mallopt returns 1 on success and 0 on error.
     return all(libc.mallopt(parameter, value) == 1 for parameter, value in settings)

@@ -86,7 +86,7 @@ class APTSDConfig(APTSOptions):
 
     option_prefix: ClassVar[str] = "apts-d"
 
-    # APTS-D's defaults differ from §1 in five places, each measured against §1 on the
+    # APTS-D's defaults differ from §1 in six options, each measured against §1 on the
     # full MNIST split at P = 2..8 and Δ₀ = 1e-3..10 (docs/results.md, "APTS-D accuracy
     # against P and Δ₀"): the average instead of the sum, a Gauss–Newton global pass
     # (curvature from all P shards, so it does not thin out as P grows), HF's radius
