@@ -34,6 +34,7 @@ TRAIN_FLAGS: dict[str, tuple[type | None, tuple[str, ...] | None, bool]] = {
     "--out": (None, None, False),
     "--overwrite": (None, None, True),
     "--threads": (int, None, False),
+    "--heap": (None, ("keep", "release"), False),
     "--eval-every": (int, None, False),
     "--max-steps": (int, None, False),
     "--time-limit": (float, None, False),
