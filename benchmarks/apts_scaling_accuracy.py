@@ -68,17 +68,12 @@ from pathlib import Path
 import _common
 import numpy as np
 
+from hpcopt.optimizers.apts.apts_d import SECTION_1_OPTIONS
+
 # §1 as published, spelled out: APTS-D's defaults are the average-gn-start set below
 # (since 2026-12-04); every variant is stated against §1, so each run's options stay the
 # ones it was measured with whatever the defaults are.
-SECTION_1: dict[str, object] = {
-    "combine": "sum",
-    "local_start": "ball",
-    "global_solver": "lsr1",
-    "curvature": "hessian",
-    "gamma_inc": 1.2,
-    "gamma_dec": 0.9,
-}
+SECTION_1: dict[str, object] = dict(SECTION_1_OPTIONS)
 VARIANTS: dict[str, dict[str, object]] = {
     "sum": dict(SECTION_1),
     "average": {**SECTION_1, "combine": "average"},
@@ -167,6 +162,7 @@ def report(runs: list[tuple[str, str, int, dict[str, object]]], args: argparse.N
     print(header)
     print("-" * len(header))
     rows = []
+    curves: list[tuple[str, _common.Run]] = []
     for name, optimizer, ranks, options in runs:
         found = _common.evaluated_run(outdir, name, "val_accuracy", 28)
         if found is None:
@@ -197,6 +193,7 @@ def report(runs: list[tuple[str, str, int, dict[str, object]]], args: argparse.N
             "time_to_goal_s": round(float(times[reached[0]]), 1) if len(reached) else "",
         }
         rows.append(row)
+        curves.append((name, run))
         print(
             f"{name:<28}{ranks:>3}{row['final_accuracy']:>7.2f}{row['best_accuracy']:>7.2f}{row['accepted']:>10}"
             f"{row['median_ratio']!s:>11}{row['final_radius']!s:>8}{wall:>8.0f}{row['time_to_goal_s']!s:>10}"
@@ -212,10 +209,10 @@ def report(runs: list[tuple[str, str, int, dict[str, object]]], args: argparse.N
         print(f"\nAdam's best of {len(adam)} learning rates: {max(adam):.2f} %")
     adam_best = max(adam) if adam else args.adam_best
     _plot(rows, args, adam_best, outdir / "apts_scaling_accuracy.png")
-    _plot_curves([str(row["run"]) for row in rows], args, outdir / "apts_scaling_curves.png")
+    _plot_curves(curves, args, outdir / "apts_scaling_curves.png")
 
 
-def _plot_curves(names: list[str], args: argparse.Namespace, path: Path) -> None:
+def _plot_curves(curves: list[tuple[str, _common.Run]], args: argparse.Namespace, path: Path) -> None:
     """Validation accuracy of every run against epochs and against wall time."""
     import matplotlib
 
@@ -224,8 +221,7 @@ def _plot_curves(names: list[str], args: argparse.Namespace, path: Path) -> None
 
     fig, (by_epoch, by_time) = plt.subplots(1, 2, figsize=(11, 4))
     finals = []
-    for name in names:
-        run = _common.load_run(Path(args.outdir) / f"{name}.h5")
+    for name, run in curves:
         evaluations = run.evaluations
         accuracy = np.asarray(evaluations["val_accuracy"], dtype=float) * 100
         finals.append(float(accuracy[-1]))

@@ -1,10 +1,9 @@
 """What ``--heap keep`` and glibc's huge-page tunable save: a gradient and Gauss–Newton products under each.
 
-Three modes: ``release`` (glibc's defaults, ``--heap release``), ``keep`` (``--heap
+Three modes: ``release`` (glibc's defaults: ``--heap release``, the default), ``keep`` (``--heap
 keep``) and ``hugetlb`` (``--heap release`` in a process started with
 ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``).  Each runs in its own process (the settings
-are process-wide), one thread, on
-random MNIST-shaped data (``--rows`` rows, ``--model`` of the MNIST problem): the
+are process-wide), one thread, on random MNIST-shaped data (``--rows`` rows, ``--model`` of the MNIST problem): the
 median time of a gradient (``LocalObjective.value_and_grad``) and of a Gauss–Newton
 operator's set-up plus ``--products`` products, over ``--repeats`` runs, with the
 process's system time, minor page faults and peak resident memory.  The modes
@@ -37,14 +36,13 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
 
     from hpcopt.numerics.curvature import LocalObjective
     from hpcopt.numerics.flat import FlatParameters
-    from hpcopt.problems import models
+    from hpcopt.problems.mnist.problem import MODELS
     from hpcopt.training.heap import set_heap
 
     set_heap("keep" if args.mode == "keep" else "release")
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    builders = {"mlp": models.mlp, "cnn-small": models.cnn_small, "cnn": models.cnn}
-    flat = FlatParameters(builders[args.model]())
+    flat = FlatParameters(MODELS[args.model]())
     inputs = torch.randn(args.rows, 1, 28, 28)
     targets = torch.randint(0, 10, (args.rows,))
     objective = LocalObjective(flat, lambda net, x: net(x), torch.nn.functional.cross_entropy, inputs, targets)

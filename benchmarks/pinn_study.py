@@ -28,7 +28,9 @@ import sys
 import time
 
 import torch
-from _common import REPO, run_job, train_command
+from _common import REPO, run_job, set_options, train_command
+
+from hpcopt.optimizers.apts.apts_d import SECTION_1_OPTIONS
 
 PROBLEMS = {
     "poisson2d": ["--set", "problem.interior=1024", "--set", "problem.boundary=1024"],
@@ -40,20 +42,14 @@ PROBLEMS = {
 # every step, no target (no relative error reaches 0), and APTS-D's own options.
 FULL_BATCH = {"poisson2d": "2048", "allen-cahn": "258"}
 PINNED = ["--eval-every", "1", "--target", "0"]
-
-
-def _sets(**options: object) -> list[str]:
-    """``--set KEY=VALUE`` arguments."""
-    return [arg for key, value in options.items() for arg in ("--set", f"{key}={value}")]
-
-
-# One global pass with §1's combination, local start and radius factors (APTS-D's defaults
-# when this study ran).
-ONE_PASS = _sets(global_passes=1, combine="sum", local_start="ball", gamma_inc=1.2, gamma_dec=0.9)
-APTS_D_OWN = [*_sets(global_solver="lsr1", curvature="hessian", max_cg_iterations=20), *ONE_PASS]
+# APTS-D with one global pass and §1's options (its defaults when this study ran); the
+# second run swaps the L-SR1 pass for a Gauss–Newton one.
+SECTION_1_ONE_PASS = {**SECTION_1_OPTIONS, "global_passes": 1}
+APTS_D_OWN = set_options({**SECTION_1_ONE_PASS, "max_cg_iterations": 20})
+GAUSS_NEWTON_PASS = {"global_solver": "steihaug", "curvature": "ggn", "max_cg_iterations": 50}
 APTS_RUNS = {
     "apts-d": ("apts-d", APTS_D_OWN),
-    "apts-d+ggn": ("apts-d", [*_sets(global_solver="steihaug", curvature="ggn", max_cg_iterations=50), *ONE_PASS]),
+    "apts-d+ggn": ("apts-d", set_options({**SECTION_1_ONE_PASS, **GAUSS_NEWTON_PASS})),
     "apts-p": ("apts-p", []),
     "apts-p+ggn": (
         "apts-p",

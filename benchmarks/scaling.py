@@ -25,7 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from apts_scaling_accuracy import SECTION_1
+from _common import set_options
 
 from hpcopt.analysis.perfmodel import CollectiveProfile, Network, calibrate, predict
 from hpcopt.analysis.plots import plot_predictions
@@ -34,6 +34,7 @@ from hpcopt.analysis.scaling import SCALING_COLUMNS, find_sweeps, iteration_time
 from hpcopt.analysis.tables import format_table, load_run
 from hpcopt.jobs.local import run_local
 from hpcopt.jobs.render import SweepSpec
+from hpcopt.optimizers.apts.apts_d import SECTION_1_OPTIONS
 
 OPTIMIZERS = ("apts-d", "sgd", "hf")
 TARGET = Network(2e-6, 25e9, "auto")
@@ -41,7 +42,7 @@ TARGET = Network(2e-6, 25e9, "auto")
 TRAIN_ARGS = ["--model", "cnn", "--epochs", "10", "--eval-every", "10"]
 RANKS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 # APTS-D as the table in docs/results.md was measured: §1's set (its defaults then).
-OPTIONS = {"apts-d": [arg for key, value in SECTION_1.items() for arg in ("--set", f"{key}={value}")]}
+OPTIONS = {"apts-d": set_options(SECTION_1_OPTIONS)}
 
 
 def run_sweeps(args: argparse.Namespace) -> None:

@@ -13,8 +13,8 @@ gradient on 1 000 rows took twice as long as with the heap kept (docs/scaling.md
 memory back to the system (``mallopt(M_MMAP_MAX, 0)`` and ``mallopt(M_TRIM_THRESHOLD,
 -1)``), so a step reuses the pages of the step before.  The price is memory: freed
 blocks of one size do not always fit a later block of another, so the heap grows past
-the peak that glibc's defaults need (the same ``cnn`` runs: 12.2 GB per rank against
-7.4 GB, killed for memory on a 24 GB machine), which is why ``release``, glibc's
+the peak that glibc's defaults need (the same ``cnn`` runs: a rank killed for memory on a
+24 GB machine at 12.2 GB, against about 7.4 GB per rank with the defaults), which is why ``release``, glibc's
 defaults, is the default.  Both apply to the whole process and to allocations made
 after the call; where the C library is not glibc nothing is changed.  ``release`` in a
 process that never kept its heap changes nothing either: any ``mallopt`` call would fix

@@ -141,3 +141,17 @@ def test_steps_agree_across_ranks_and_decrease_the_loss(local_solver: str) -> No
     parameters = comm.allgather_object(flat.clone())
     assert all(torch.equal(p, parameters[0]) for p in parameters)
     assert losses[-1] < losses[0]
+
+
+def test_apts_p_defaults_are_section_1_where_apts_d_departs_from_it() -> None:
+    import dataclasses
+
+    from hpcopt.optimizers import make_config
+    from hpcopt.optimizers.apts.apts_d import SECTION_1_OPTIONS
+
+    apts_p, apts_d = make_config("apts-p", {}), make_config("apts-d", {})
+    assert {key: getattr(apts_p, key) for key in SECTION_1_OPTIONS} == dict(SECTION_1_OPTIONS)
+    # APTS-D departs from §1 in exactly those options, and SECTION_1_OPTIONS undoes every one.
+    section_1 = make_config("apts-d", dict(SECTION_1_OPTIONS))
+    names = [field.name for field in dataclasses.fields(apts_d)]
+    assert {name for name in names if getattr(apts_d, name) != getattr(section_1, name)} == set(SECTION_1_OPTIONS)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import torch
@@ -40,6 +41,19 @@ from hpcopt.optimizers.apts.outcome import outer_step_result
 from hpcopt.optimizers.base import Optimizer, StepResult
 from hpcopt.optimizers.curvature_sample import require_curvature_sample
 from hpcopt.testing import faults
+
+#: §1 as published (APTS-D's defaults until 2026-12-04): the six options on which APTS-D's
+#: defaults differ from it, as ``--set`` takes them.  APTS-P's defaults are these values.
+SECTION_1_OPTIONS: Mapping[str, object] = MappingProxyType(
+    {
+        "combine": "sum",
+        "local_start": "ball",
+        "global_solver": "lsr1",
+        "curvature": "hessian",
+        "gamma_inc": 1.2,
+        "gamma_dec": 0.9,
+    }
+)
 
 
 @dataclass
@@ -91,8 +105,7 @@ class APTSDConfig(APTSOptions):
     # against P and Δ₀"): the average instead of the sum, a Gauss–Newton global pass
     # (curvature from all P shards, so it does not thin out as P grows), HF's radius
     # factors (a bad Δ₀ is left within a few outer iterations) and local phases that
-    # start from the last combined step's length.  ``--set combine=sum local_start=ball
-    # global_solver=lsr1 curvature=hessian gamma_inc=1.2 gamma_dec=0.9`` is §1.
+    # start from the last combined step's length.  SECTION_1_OPTIONS undoes them.
     gamma_inc: float = 2.0
     gamma_dec: float = 0.5
     curvature: str = "ggn"

@@ -61,9 +61,10 @@ class APTSPConfig(APTSDConfig):
 
     option_prefix: ClassVar[str] = "apts-p"
 
-    # §2 as published: the owned blocks concatenate (no average, no local start from the
-    # combined step), and APTS-D's Gauss–Newton pass and radius factors were measured for
-    # APTS-D only, so APTS-P keeps §0's (the PINN defaults give it the Gauss–Newton pass).
+    # §2 as published (apts_d.SECTION_1_OPTIONS, checked in tests/optimizers/test_apts_p.py):
+    # the owned blocks concatenate (no average, no local start from the combined step), and
+    # APTS-D's Gauss–Newton pass and radius factors were measured for APTS-D only, so APTS-P
+    # keeps §0's (the PINN defaults give it the Gauss–Newton pass).
     combine: str = "sum"
     local_start: str = "ball"
     global_solver: str = "lsr1"

@@ -62,6 +62,10 @@ class MnistOptions(ProblemOptions):
     limit: int | None = None
 
 
+#: The MNIST models by name (``--model``).
+MODELS = {"mlp": models.mlp, "cnn-small": models.cnn_small, "cnn": models.cnn}
+
+
 class MnistProblem(Problem):
     """Ten-class classification of 28x28 digits with a cross-entropy loss."""
 
@@ -69,7 +73,7 @@ class MnistProblem(Problem):
     metric_name = "val_accuracy"
     metric_higher_is_better = True
     default_model = "cnn-small"
-    models = ("mlp", "cnn-small", "cnn")
+    models = tuple(MODELS)
 
     def __init__(
         self, *, data_dir: str | None = None, seed: int = 0, options: Mapping[str, object] | None = None
@@ -102,8 +106,7 @@ class MnistProblem(Problem):
         self.default_batch_size = opts.train_defaults.batch_for(len(self.train))
 
     def _make_model(self, name: str) -> nn.Module:
-        builders = {"mlp": models.mlp, "cnn-small": models.cnn_small, "cnn": models.cnn}
-        return builders[name]()
+        return MODELS[name]()
 
     def forward(self, net: Net, inputs: Tensor) -> Tensor:
         return net(inputs)
