@@ -38,6 +38,12 @@ tuned baseline (best of ``--adam-lrs``).  Variants (APTS-D ``--set`` options):
 * ``average-gn-start-sub``: ``average-gn-start`` whose global pass takes its products on
   a tenth of the batch, as ``average-gn-sub`` does;
 * ``average-gn-start-sub-l2``: the same with two local iterations instead of three;
+* ``average-gn-start-subspace``: ``average-gn-start`` whose global pass is the exact
+  Gauss–Newton trust-region step in span{g, the last two steps} (``global_solver=subspace``)
+  instead of up to 20 CG products: three Jacobian-vector products per rank and one
+  allreduce of 3 × 3 scalars, so the traffic is 3n;
+* ``average-gn-start-subspace-sub-l2``: the same on a tenth of the batch with two local
+  iterations, as ``average-gn-start-sub-l2``;
 * ``defaults``: no ``--set`` at all, APTS-D's defaults of the checkout that runs it;
 * ``average-gn-local``: the Gauss–Newton step moved into the local phase: one local
   iteration per outer iteration, a Steihaug solve on the rank's own shard with its GGN
@@ -98,6 +104,12 @@ VARIANTS["average-gn-start-sub"] = {**VARIANTS["average-gn-start"], "curvature_f
 VARIANTS["average-gn-start-sub-l2"] = {**VARIANTS["average-gn-start-sub"], "local_iterations": 2}
 # Whatever APTS-D's defaults are in this checkout (today: the average-gn-start set).
 VARIANTS["defaults"] = {}
+VARIANTS["average-gn-start-subspace"] = {**VARIANTS["average-gn-start"], "global_solver": "subspace", "subspace_steps": 2}
+VARIANTS["average-gn-start-subspace-sub-l2"] = {
+    **VARIANTS["average-gn-start-subspace"],
+    "curvature_fraction": 0.1,
+    "local_iterations": 2,
+}
 VARIANTS["average-gn-local"] = {
     **SECTION_1,
     "combine": "average",

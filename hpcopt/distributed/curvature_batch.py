@@ -96,3 +96,48 @@ def sampled_local_curvature(
     """
     local_objective, count, _ = _sampled_rows(objective, fraction, sampling)
     return _curvature_of(objective, local_objective, kind) if count else None
+
+
+class BatchCurvature:
+    """The global curvature at the current parameters, on the whole batch or its sub-batch.
+
+    A product builds the distributed operator on first use (:func:`sampled_curvature` or
+    :meth:`DistributedObjective.curvature`: a forward and a backward with graph) and
+    reduces n floats per product.  :meth:`gram` needs neither: each rank forms
+    ``[vᵢᵀ B_r vⱼ]`` for a few replicated vectors (for Gauss–Newton by forward-mode
+    Jacobian-vector products, :meth:`LocalObjective.gram`) and the ranks reduce k²
+    scalars.  The subspace solver asks for the Gram, CG for products.
+    """
+
+    def __init__(self, objective: DistributedObjective, kind: CurvatureKind, fraction: float, sampling: str) -> None:
+        self.objective = objective
+        self.kind = kind
+        self.fraction = fraction
+        self.sampling = sampling
+        self._operator: DistributedCurvature | None = None
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        if self._operator is None:
+            if self.fraction >= 1.0:
+                self._operator = self.objective.curvature(self.kind)
+            else:
+                self._operator, _ = sampled_curvature(self.objective, self.kind, self.fraction, self.sampling)
+        return self._operator(v)
+
+    def gram(self, vectors: list[torch.Tensor]) -> torch.Tensor:
+        """``[vᵢᵀ(Σ_r w_r B_r)vⱼ]`` with one allreduce of k² scalars."""
+        objective = self.objective
+        k = len(vectors)
+        if self.fraction >= 1.0:
+            local_objective, count, weight = objective.local, 1, objective.weight
+        else:
+            local_objective, count, total = _sampled_rows(objective, self.fraction, self.sampling)
+            weight = count / max(total, 1)
+        local = torch.zeros(k, k, dtype=torch.float64)
+        if count:
+            # The batch's dropout mask, as for the product operator (_curvature_of).
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(objective.noise_seed)
+                local = weight * local_objective.gram(self.kind, vectors)
+        summed = objective.comm.allreduce_scalars(local.flatten().tolist())
+        return torch.tensor(summed, dtype=torch.float64).reshape(k, k)

@@ -39,7 +39,7 @@ Forward passes, batch norm and dropout — what the operators guarantee:
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import cast
 
@@ -138,11 +138,28 @@ class CurvatureOperator:
         self.products += 1
         return value + self.damping * float(torch.dot(v, v))
 
+    def gram(self, vectors: Sequence[Tensor]) -> Tensor:
+        """``[vᵢᵀ(B + damping·I)vⱼ]`` (float64, symmetric): a subspace's curvature, k products."""
+        for v in vectors:
+            if v.shape != (self.numel,):
+                raise ValueError(f"expected flat vectors of shape ({self.numel},), got {tuple(v.shape)}")
+        flat_vectors = [v.detach().to(self._dtype) for v in vectors]
+        matrix = self._gram(flat_vectors).to(torch.float64)
+        self.products += len(vectors)
+        if self.damping:
+            metric = torch.stack(flat_vectors).to(torch.float64)
+            matrix = matrix + self.damping * (metric @ metric.T)
+        return 0.5 * (matrix + matrix.T)
+
     def _product(self, v: Tensor) -> Tensor:
         raise NotImplementedError
 
     def _quadratic_form(self, v: Tensor) -> float:
         return float(torch.dot(v, self._product(v)))
+
+    def _gram(self, vectors: list[Tensor]) -> Tensor:
+        products = torch.stack([self._product(v) for v in vectors]).to(torch.float64)
+        return torch.stack(vectors).to(torch.float64) @ products.T
 
 
 class _DoubleBackwardHVP(CurvatureOperator):
@@ -254,6 +271,15 @@ class _GaussNewton(CurvatureOperator):
         pair = self._output_space(v)
         return 0.0 if pair is None else float(torch.sum(pair[0] * pair[1]))
 
+    def _gram(self, vectors: list[Tensor]) -> Tensor:
+        # (J vᵢ)ᵀ H_L (J vⱼ) from k output-space pairs: no backward through the model per entry.
+        pairs = [self._output_space(v) for v in vectors]
+        if any(pair is None for pair in pairs):
+            return torch.zeros(len(vectors), len(vectors), dtype=torch.float64)
+        jv = torch.stack([pair[0].reshape(-1) for pair in pairs if pair is not None]).to(torch.float64)
+        hjv = torch.stack([pair[1].reshape(-1) for pair in pairs if pair is not None]).to(torch.float64)
+        return jv @ hjv.T
+
     def _product(self, v: Tensor) -> Tensor:
         pair = self._output_space(v)
         if pair is None:
@@ -359,6 +385,56 @@ class LocalObjective:
         """
         _, _, operator = self._build(parse_curvature(kind), damping, want_grad=False)
         return operator
+
+    def gram(self, kind: CurvatureKind | str, vectors: Sequence[Tensor]) -> Tensor:
+        """``[vᵢᵀ B vⱼ]`` (k × k, float64) at the current ``flat.data``, B of ``kind``.
+
+        For Gauss–Newton no operator is built: k forward-mode Jacobian-vector products
+        ``J vᵢ`` and the criterion's Hessian in output space give ``(J vᵢ)ᵀ H_L (J vⱼ)``,
+        which skips the backward with graph that a product operator needs (on a CPU
+        that set-up costs more than the products).  Other kinds build their operator
+        and take k products.  Buffers and dropout masks are as for :meth:`curvature`.
+        """
+        kind = parse_curvature(kind)
+        if kind is not CurvatureKind.GGN:
+            return self.curvature(kind).gram(vectors)
+        theta = self.flat.data.detach()
+        for v in vectors:
+            if v.shape != theta.shape:
+                raise ValueError(f"expected flat vectors of shape {tuple(theta.shape)}, got {tuple(v.shape)}")
+        snapshot = self.flat.buffer_snapshot()
+        rng = self._seeded_rng()
+
+        def outputs_of(point: Tensor) -> Tensor:
+            buffers = {name: buf.clone() for name, buf in snapshot.items()}
+            return self.forward(self.flat.functional(point, buffers), self.inputs)
+
+        k = len(vectors)
+        jvs: list[Tensor] = []
+        outputs: Tensor | None = None
+        # Grad mode on: a problem's forward may differentiate w.r.t. its inputs (PINN).
+        with torch.enable_grad():
+            for v in vectors:
+                with rng():
+                    outputs, jv = cast(
+                        "tuple[Tensor, Tensor]", torch.func.jvp(outputs_of, (theta,), (v.detach().to(theta.dtype),))
+                    )
+                jvs.append(jv.detach())
+            if outputs is None:
+                return torch.zeros(0, 0, dtype=torch.float64)
+            outputs_leaf = outputs.detach().requires_grad_()
+            loss = self.criterion(outputs_leaf, self.targets)
+            (dloss,) = torch.autograd.grad(loss, outputs_leaf, create_graph=True)
+            if not dloss.requires_grad:  # a criterion linear in the outputs: H_L = 0
+                return torch.zeros(k, k, dtype=torch.float64)
+            hjvs = []
+            for jv in jvs:
+                (hjv,) = torch.autograd.grad(dloss, outputs_leaf, jv, retain_graph=True, allow_unused=True)
+                hjvs.append(torch.zeros_like(jv) if hjv is None else hjv)
+        left = torch.stack([jv.reshape(-1) for jv in jvs]).to(torch.float64)
+        right = torch.stack([hjv.reshape(-1) for hjv in hjvs]).to(torch.float64)
+        matrix = left @ right.T
+        return 0.5 * (matrix + matrix.T)
 
     def value_grad_and_curvature(
         self, kind: CurvatureKind | str, *, damping: float = 0.0

@@ -182,6 +182,27 @@ def test_quadratic_form_is_v_dot_the_product(kind: CurvatureKind) -> None:
         operator.quadratic_form(torch.zeros(3, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_gram_is_the_matrix_of_the_products(kind: CurvatureKind) -> None:
+    """A subspace's [vᵢᵀ(B + λI)vⱼ]: Gauss–Newton's from output-space pairs must equal the products'."""
+    _, flat, objective = make_objective("mlp", torch.float64)
+    dense = explicit_ggn(objective) if kind is CurvatureKind.GGN else None
+    operator = objective.curvature(kind, damping=0.3)
+    torch.manual_seed(8)
+    vectors = [torch.randn(flat.numel, dtype=torch.float64) for _ in range(3)]
+    gram = operator.gram(vectors)
+    products = torch.stack([operator(v) for v in vectors])
+    reference = torch.stack(vectors) @ products.T
+    assert gram.shape == (3, 3) and gram.dtype == torch.float64
+    torch.testing.assert_close(gram, 0.5 * (reference + reference.T), rtol=1e-10, atol=1e-12)
+    if dense is not None:
+        stacked = torch.stack(vectors)
+        torch.testing.assert_close(gram, stacked @ dense @ stacked.T + 0.3 * stacked @ stacked.T, rtol=1e-10, atol=1e-12)
+    assert operator.products == 6  # three for the Gram, three for the reference
+    with pytest.raises(ValueError, match="expected flat vectors"):
+        operator.gram([torch.zeros(3, dtype=torch.float64)])
+
+
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
 def test_ggn_is_positive_semidefinite_where_hessian_is_not(name: str) -> None:
     _, flat, objective = make_objective(name, torch.float64)
@@ -422,3 +443,16 @@ def test_parse_curvature_names_and_errors() -> None:
     _, _, objective = make_objective("mlp")
     with pytest.raises(ConfigError):
         objective.curvature("newton")
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "regression"])
+@pytest.mark.parametrize("kind", [CurvatureKind.GGN, CurvatureKind.HVP_REVERSE])
+def test_objective_gram_equals_the_operators_gram(name: str, kind: CurvatureKind) -> None:
+    """The forward-mode Gauss–Newton Gram (no operator built) against the product operator's."""
+    _, flat, objective = make_objective(name, torch.float64)
+    torch.manual_seed(9)
+    vectors = [torch.randn(flat.numel, dtype=torch.float64) for _ in range(3)]
+    expected = objective.curvature(kind).gram(vectors)
+    torch.testing.assert_close(objective.gram(kind, vectors), expected, rtol=1e-9, atol=1e-11)
+    if kind is CurvatureKind.GGN:
+        assert float(torch.linalg.eigvalsh(expected)[0]) >= -1e-10 * float(expected.abs().max())

@@ -292,7 +292,7 @@ def test_factory_and_solver_contracts() -> None:
     assert isinstance(steihaug, SteihaugSolver) and steihaug.needs_matvec and steihaug.max_iter == 7
     lsr1 = make_subproblem_solver("lsr1", memory=3)
     assert isinstance(lsr1, LSR1Solver) and not lsr1.needs_matvec and lsr1.operator.memory == 3
-    message = r"unknown subproblem solver 'newton' \(choose from cauchy, steihaug, lsr1\)"
+    message = r"unknown subproblem solver 'newton' \(choose from cauchy, steihaug, lsr1, subspace\)"
     with pytest.raises(ConfigError, match=message):
         make_subproblem_solver("newton")
     with pytest.raises(TypeError, match="needs a curvature product"):

@@ -23,6 +23,7 @@ from hpcopt.numerics.trust_region.subproblem import (
     SubproblemSolver,
     make_subproblem_solver,
 )
+from hpcopt.numerics.trust_region.subspace import SubspaceSolver, small_trust_region
 
 __all__ = [
     "CauchySolver",
@@ -36,9 +37,11 @@ __all__ = [
     "SteihaugSolver",
     "SubproblemResult",
     "SubproblemSolver",
+    "SubspaceSolver",
     "TrustRegionModel",
     "decide",
     "make_subproblem_solver",
     "minimize_trust_region",
+    "small_trust_region",
     "trust_region_loop",
 ]

@@ -1,12 +1,14 @@
 """Trust-region subproblem solvers: ``min g's + 1/2 s'Bs`` subject to ``||s|| <= radius``.
 
-Three interchangeable solvers share the :class:`SubproblemSolver` protocol:
+Four interchangeable solvers share the :class:`SubproblemSolver` protocol:
 
 * ``cauchy`` -- first-order model (``B = 0``): the step to the boundary along ``-g``.
 * ``steihaug`` -- truncated CG on a curvature product the caller supplies per solve
   (Hessian-vector or Gauss-Newton product, possibly distributed).
 * ``lsr1`` -- truncated CG on a limited-memory SR1 matrix kept by the solver and fed
   through :meth:`SubproblemSolver.update`.
+* ``subspace`` -- the exact step in span{g, last steps} on a curvature the caller
+  supplies (:mod:`hpcopt.numerics.trust_region.subspace`).
 
 Optimizers choose one with :func:`make_subproblem_solver` and never branch on it.
 The two CG-based solvers pass an optional fused-kernel backend on to
@@ -28,7 +30,7 @@ from hpcopt.numerics.trust_region.lsr1 import LSR1Operator
 if TYPE_CHECKING:
     from hpcopt.kernels import Kernels
 
-SOLVER_NAMES = ("cauchy", "steihaug", "lsr1")
+SOLVER_NAMES = ("cauchy", "steihaug", "lsr1", "subspace")
 
 
 @dataclass
@@ -243,15 +245,17 @@ def make_subproblem_solver(
     memory: int = 5,
     max_iter: int | None = None,
     kernels: Kernels | None = None,
+    subspace_steps: int = 2,
 ) -> SubproblemSolver:
     """Build a subproblem solver by name.
 
     Args:
-        name: ``cauchy``, ``steihaug`` or ``lsr1``.
+        name: ``cauchy``, ``steihaug``, ``lsr1`` or ``subspace``.
         dot: Inner product for all solvers (default :func:`hpcopt.numerics.krylov.cg.default_dot`).
         memory: SR1 pairs kept by ``lsr1`` (default 5).
         max_iter: CG iteration limit for ``steihaug`` and ``lsr1`` (default ``None``).
         kernels: Fused vector updates for ``steihaug`` and ``lsr1`` (default ``None``).
+        subspace_steps: last steps that span ``subspace``'s subspace with g (default 2).
 
     Raises:
         ConfigError: For an unknown name.
@@ -262,4 +266,9 @@ def make_subproblem_solver(
         return SteihaugSolver(dot=dot, max_iter=max_iter, kernels=kernels)
     if name == "lsr1":
         return LSR1Solver(dot=dot, memory=memory, max_iter=max_iter, kernels=kernels)
+    if name == "subspace":
+        # Imported here: subspace.py builds on this module's SubproblemResult.
+        from hpcopt.numerics.trust_region.subspace import SubspaceSolver
+
+        return SubspaceSolver(dot=dot, steps=subspace_steps)
     raise ConfigError(f"unknown subproblem solver {name!r} (choose from {', '.join(SOLVER_NAMES)})")

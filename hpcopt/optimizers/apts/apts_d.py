@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import torch
 
 from hpcopt.config import require
-from hpcopt.distributed.curvature_batch import sampled_curvature, sampled_local_curvature
+from hpcopt.distributed.curvature_batch import BatchCurvature, sampled_local_curvature
 from hpcopt.distributed.data_parallel import DistributedObjective
 from hpcopt.errors import NonFiniteError
 from hpcopt.numerics.curvature import parse_curvature
@@ -70,8 +70,11 @@ class APTSDConfig(APTSOptions):
             Newton-like steps without meeting negative curvature.
         foc: first-order-consistency term in the local model (on).
         global_passes: G, TR iterations on the global f after the combination (1).
-        global_solver: ``cauchy``, ``steihaug`` or ``lsr1`` (steihaug; §1: lsr1): a
-            Steihaug CG solve of the whole batch's model, up to ``max_cg_iterations`` products.
+        global_solver: ``cauchy``, ``steihaug``, ``lsr1`` or ``subspace`` (steihaug; §1: lsr1):
+            a Steihaug CG solve of the whole batch's model, up to ``max_cg_iterations`` products.
+            ``subspace`` *(ours)*: the exact step of the same model in span{g, the last
+            ``subspace_steps`` steps}; its curvature is a k × k block per rank, summed by
+            one allreduce of k² scalars instead of one n-float allreduce per product.
         combine: ``average`` *(ours, the default)*: local radius Δ, s and pred are the
             means over ranks, or ``sum`` (§1: local radius Δ/P, s = Σ s_r, pred = Σ pred_r).
             The sum sees only 1/P of the curvature of each local step, so its ratio
@@ -155,12 +158,14 @@ class APTSD(Optimizer):
         self.curvature = parse_curvature(config.curvature)
         # Both solves run on replicated (global) or rank-private (local) vectors, so the
         # fused kernels' local sums are the sums the solvers need.
-        self.local_solver = make_subproblem_solver(
-            config.local_solver, memory=config.memory, max_iter=config.max_cg_iterations, kernels=self.kernels
-        )
-        self.global_solver = make_subproblem_solver(
-            config.global_solver, memory=config.memory, max_iter=config.max_cg_iterations, kernels=self.kernels
-        )
+        solver_options = {
+            "memory": config.memory,
+            "max_iter": config.max_cg_iterations,
+            "kernels": self.kernels,
+            "subspace_steps": config.subspace_steps,
+        }
+        self.local_solver = make_subproblem_solver(config.local_solver, **solver_options)
+        self.global_solver = make_subproblem_solver(config.global_solver, **solver_options)
         self.combined = objective.comm_buffer()
         self.world_size = objective.comm.size
         self.window = ReferenceWindow(config.nonmonotone)
@@ -284,12 +289,13 @@ class APTSD(Optimizer):
         self.local_start = max(cfg.radius_min, start)
 
     def _global_curvature(self) -> MatVec:
-        """The global pass's curvature at the current parameters: the whole batch or its sub-batch."""
+        """The global pass's curvature at the current parameters: the whole batch or its sub-batch.
+
+        Built on first use, so the subspace solver, which asks for a Gram matrix
+        only, never pays for the product operator's set-up.
+        """
         cfg = self.config
-        if cfg.curvature_fraction >= 1.0:
-            return self.objective.curvature(self.curvature)
-        operator, _ = sampled_curvature(self.objective, self.curvature, cfg.curvature_fraction, cfg.curvature_sampling)
-        return operator
+        return BatchCurvature(self.objective, self.curvature, cfg.curvature_fraction, cfg.curvature_sampling)
 
     # -- one outer iteration ----------------------------------------------------
 

@@ -245,7 +245,11 @@ class APTSIP(Optimizer):
         # The local solve works on this stage's block only (rank-private vectors), so the
         # fused kernels' local sums are the sums it needs.
         self.local_solver = make_subproblem_solver(
-            config.local_solver, memory=config.memory, max_iter=config.max_cg_iterations, kernels=self.kernels
+            config.local_solver,
+            memory=config.memory,
+            max_iter=config.max_cg_iterations,
+            kernels=self.kernels,
+            subspace_steps=config.subspace_steps,
         )
         self._scalars = torch.zeros(3, dtype=torch.float64)
         # The global pass works on whole-model vectors held as one block per stage: its

@@ -13,7 +13,7 @@ from hpcopt.config import require
 from hpcopt.numerics.curvature import parse_curvature
 from hpcopt.numerics.trust_region import RadiusPolicy
 
-SOLVERS = ("cauchy", "steihaug", "lsr1")
+SOLVERS = ("cauchy", "steihaug", "lsr1", "subspace")
 
 
 @dataclass
@@ -34,7 +34,7 @@ class APTSOptions:
             *(ours, Toint 1997)*: ρ = max(ρ, (f_ref − f(θ+s))/(f_ref − f(θ) + pred)), f_ref the
             largest f(θ) of the last M outer iterations.
         local_iterations: L, local TR iterations per outer iteration (3).
-        local_solver: ``cauchy``, ``steihaug`` or ``lsr1`` (lsr1).
+        local_solver: ``cauchy``, ``steihaug``, ``lsr1`` or ``subspace`` (lsr1).
         local_eta1: local phase: accept a local step when ρ ≥ local_eta1 (0.3).
         local_eta2: local phase: expand the local radius when ρ > local_eta2 (0.7).
         local_gamma_inc: local phase: radius expansion factor (1.5).
@@ -42,6 +42,8 @@ class APTSOptions:
         memory: L-SR1 memory (5).
         curvature: products for ``steihaug``: ``hessian`` or ``ggn`` (hessian).
         max_cg_iterations: cap on Steihaug CG iterations (20).
+        subspace_steps: ``subspace`` solver: the last steps that span its subspace with the
+            gradient (2) *(ours)*.
     """
 
     option_prefix: ClassVar[str] = "apts"  # names the optimizer in error messages
@@ -64,6 +66,7 @@ class APTSOptions:
     memory: int = 5
     curvature: str = "hessian"
     max_cg_iterations: int = 20
+    subspace_steps: int = 2
 
     def validate(self) -> None:
         name = self.option_prefix
@@ -84,6 +87,7 @@ class APTSOptions:
         )
         require(self.memory >= 1, f"{name}: memory must be >= 1, got {self.memory}")
         require(self.max_cg_iterations >= 1, f"{name}: max_cg_iterations must be >= 1")
+        require(self.subspace_steps >= 0, f"{name}: subspace_steps must be >= 0, got {self.subspace_steps}")
         parse_curvature(self.curvature)
         self.global_policy().validate()
         self.local_policy(1.0).validate()
