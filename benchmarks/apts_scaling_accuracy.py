@@ -44,6 +44,7 @@ tuned baseline (best of ``--adam-lrs``).  Variants (APTS-D ``--set`` options):
   allreduce of 3 × 3 scalars, so the traffic is 3n;
 * ``average-gn-start-subspace-sub-l2``: the same on a tenth of the batch with two local
   iterations, as ``average-gn-start-sub-l2``;
+* ``average-gn-start-subspace6-sub-l2``: the same in span{g, the last six steps};
 * ``defaults``: no ``--set`` at all, APTS-D's defaults of the checkout that runs it;
 * ``average-gn-local``: the Gauss–Newton step moved into the local phase: one local
   iteration per outer iteration, a Steihaug solve on the rank's own shard with its GGN
@@ -110,6 +111,7 @@ VARIANTS["average-gn-start-subspace-sub-l2"] = {
     "curvature_fraction": 0.1,
     "local_iterations": 2,
 }
+VARIANTS["average-gn-start-subspace6-sub-l2"] = {**VARIANTS["average-gn-start-subspace-sub-l2"], "subspace_steps": 6}
 VARIANTS["average-gn-local"] = {
     **SECTION_1,
     "combine": "average",
