@@ -105,7 +105,11 @@ VARIANTS["average-gn-start-sub"] = {**VARIANTS["average-gn-start"], "curvature_f
 VARIANTS["average-gn-start-sub-l2"] = {**VARIANTS["average-gn-start-sub"], "local_iterations": 2}
 # Whatever APTS-D's defaults are in this checkout (today: the average-gn-start set).
 VARIANTS["defaults"] = {}
-VARIANTS["average-gn-start-subspace"] = {**VARIANTS["average-gn-start"], "global_solver": "subspace", "subspace_steps": 2}
+VARIANTS["average-gn-start-subspace"] = {
+    **VARIANTS["average-gn-start"],
+    "global_solver": "subspace",
+    "subspace_steps": 2,
+}
 VARIANTS["average-gn-start-subspace-sub-l2"] = {
     **VARIANTS["average-gn-start-subspace"],
     "curvature_fraction": 0.1,

@@ -197,7 +197,9 @@ def test_gram_is_the_matrix_of_the_products(kind: CurvatureKind) -> None:
     torch.testing.assert_close(gram, 0.5 * (reference + reference.T), rtol=1e-10, atol=1e-12)
     if dense is not None:
         stacked = torch.stack(vectors)
-        torch.testing.assert_close(gram, stacked @ dense @ stacked.T + 0.3 * stacked @ stacked.T, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(
+            gram, stacked @ dense @ stacked.T + 0.3 * stacked @ stacked.T, rtol=1e-10, atol=1e-12
+        )
     assert operator.products == 6  # three for the Gram, three for the reference
     with pytest.raises(ValueError, match="expected flat vectors"):
         operator.gram([torch.zeros(3, dtype=torch.float64)])

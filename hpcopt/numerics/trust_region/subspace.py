@@ -140,9 +140,7 @@ class SubspaceSolver:
         weights, basis = torch.linalg.eigh(0.5 * (metric + metric.T))
         keep = weights > _DEPENDENT * float(weights.max())
         transform = basis[:, keep] / weights[keep].sqrt()
-        coefficients = transform @ small_trust_region(
-            transform.T @ linear, transform.T @ curvature @ transform, radius
-        )
+        coefficients = transform @ small_trust_region(transform.T @ linear, transform.T @ curvature @ transform, radius)
         pred = -float(linear @ coefficients + 0.5 * coefficients @ curvature @ coefficients)
         step = torch.zeros_like(grad)
         for weight, v in zip(coefficients.tolist(), directions):

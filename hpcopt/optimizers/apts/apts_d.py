@@ -158,14 +158,16 @@ class APTSD(Optimizer):
         self.curvature = parse_curvature(config.curvature)
         # Both solves run on replicated (global) or rank-private (local) vectors, so the
         # fused kernels' local sums are the sums the solvers need.
-        solver_options = {
-            "memory": config.memory,
-            "max_iter": config.max_cg_iterations,
-            "kernels": self.kernels,
-            "subspace_steps": config.subspace_steps,
-        }
-        self.local_solver = make_subproblem_solver(config.local_solver, **solver_options)
-        self.global_solver = make_subproblem_solver(config.global_solver, **solver_options)
+        self.local_solver, self.global_solver = (
+            make_subproblem_solver(
+                name,
+                memory=config.memory,
+                max_iter=config.max_cg_iterations,
+                kernels=self.kernels,
+                subspace_steps=config.subspace_steps,
+            )
+            for name in (config.local_solver, config.global_solver)
+        )
         self.combined = objective.comm_buffer()
         self.world_size = objective.comm.size
         self.window = ReferenceWindow(config.nonmonotone)
