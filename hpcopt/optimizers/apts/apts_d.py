@@ -64,7 +64,7 @@ class APTSDConfig(APTSOptions):
         gamma_inc: expansion factor (2.0; §0: 1.2), Hessian-free's: from Δ₀ = 1e-3 the
             radius reaches the steps' scale within five outer iterations.
         gamma_dec: shrink factor (0.5; §0: 0.9): from Δ₀ = 10, two rejections halve it twice.
-        curvature: products for ``steihaug``: ``hessian`` or ``ggn`` (ggn; §0: hessian).
+        curvature: products for ``steihaug`` and ``subspace``: ``hessian`` or ``ggn`` (ggn; §0: hessian).
             The Gauss–Newton matrix is positive semi-definite for a convex loss of the
             outputs (cross-entropy, squared residuals), so the global pass's CG takes full
             Newton-like steps without meeting negative curvature.

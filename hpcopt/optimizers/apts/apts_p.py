@@ -48,8 +48,8 @@ class APTSPConfig(APTSDConfig):
     Attributes:
         gamma_inc: expansion factor (§0: 1.2).
         gamma_dec: shrink factor (§0: 0.9).
-        curvature: products for ``steihaug``: ``hessian`` or ``ggn`` (§0: hessian).
-        global_solver: ``cauchy``, ``steihaug`` or ``lsr1`` (§2: lsr1).
+        curvature: products for ``steihaug`` and ``subspace``: ``hessian`` or ``ggn`` (§0: hessian).
+        global_solver: ``cauchy``, ``steihaug``, ``lsr1`` or ``subspace`` (§2: lsr1).
         combine: ``sum`` only (§2: the owned blocks concatenate).
         local_start: ``ball`` only (§2: each block's local phase starts from its whole ball).
         blocks: ``auto`` (whole tensors when balanced within ``max_imbalance``, else

@@ -40,7 +40,7 @@ class APTSOptions:
         local_gamma_inc: local phase: radius expansion factor (1.5).
         local_gamma_dec: local phase: radius shrink factor (0.6).
         memory: L-SR1 memory (5).
-        curvature: products for ``steihaug``: ``hessian`` or ``ggn`` (hessian).
+        curvature: products for ``steihaug`` and ``subspace``: ``hessian`` or ``ggn`` (hessian).
         max_cg_iterations: cap on Steihaug CG iterations (20).
         subspace_steps: ``subspace`` solver: the last steps that span its subspace with the
             gradient (2) *(ours)*.
