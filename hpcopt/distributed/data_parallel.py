@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -220,26 +220,6 @@ class DistributedCurvature:
         (total,) = self.comm.allreduce_scalars([local])
         self.products += 1
         return total + self.damping * float(torch.dot(v, v))
-
-    def gram(self, vectors: Sequence[torch.Tensor]) -> torch.Tensor:
-        """``[vᵢᵀ(Σ_r w_r B_r)vⱼ] + λ[vᵢᵀvⱼ]`` with one allreduce of k² scalars.
-
-        The vectors are replicated, so each rank forms its own k × k block (for
-        Gauss–Newton from k Jacobian-vector products) and only the blocks are summed:
-        the subspace solver's curvature costs no n-float collective.
-        """
-        k = len(vectors)
-        if self.local is None:
-            local = torch.zeros(k, k, dtype=torch.float64)
-        else:
-            local = self.weight * self.local.gram(vectors)
-        total = torch.tensor(self.comm.allreduce_scalars(local.flatten().tolist()), dtype=torch.float64)
-        self.products += k
-        matrix = total.reshape(k, k)
-        if self.damping:
-            metric = torch.stack([v.detach() for v in vectors]).to(torch.float64)
-            matrix = matrix + self.damping * (metric @ metric.T)
-        return matrix
 
     def _watch(self, v: torch.Tensor, product: torch.Tensor) -> None:
         vv = float(torch.dot(v, v))

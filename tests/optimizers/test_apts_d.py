@@ -382,21 +382,24 @@ def test_local_start_is_validated() -> None:
 
 
 @pytest.mark.mpi(min_size=1)
-def test_distributed_gram_is_the_products_gram_on_any_rank_count() -> None:
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+def test_batch_gram_is_the_products_gram_on_any_rank_count(fraction: float) -> None:
+    """The subspace solver's k × k curvature: one allreduce of k² float64, equal to the products'."""
     from mpi4py import MPI
 
+    from hpcopt.distributed.curvature_batch import BatchCurvature
     from hpcopt.numerics.curvature import CurvatureKind
 
     grams = []
     for comm in (Communicator(), Communicator(MPI.COMM_SELF)):
         _, _, flat, objective, _ = _setup_on(comm, "logistic", {"n": 400, "dim": 10})
-        operator = objective.curvature(CurvatureKind.GGN)
         generator = torch.Generator().manual_seed(11)
         vectors = [torch.randn(flat.numel, generator=generator) for _ in range(3)]
         before = comm.stats.bytes
-        gram = operator.gram(vectors)
+        gram = BatchCurvature(objective, CurvatureKind.GGN, fraction, "strided").gram(vectors)
         if comm.size > 1:
             assert comm.stats.bytes - before == 8 * 9  # one allreduce of 3 × 3 float64
+        operator = BatchCurvature(objective, CurvatureKind.GGN, fraction, "strided")  # products, built on use
         products = torch.stack([operator(v) for v in vectors]).double()
         reference = torch.stack(vectors).double() @ products.T
         torch.testing.assert_close(gram, 0.5 * (reference + reference.T), rtol=1e-5, atol=1e-6)
