@@ -10,7 +10,7 @@ What it buys in a distributed solve: ``DᵀBD`` of a Gauss–Newton matrix is
 ``Σ_r (J_r D)ᵀ H_r (J_r D)``, so every rank forms its own k × k block from k
 Jacobian-vector products and the ranks reduce k² scalars, where truncated CG
 reduces one n-vector per product (a curvature operator with a ``gram`` method, such
-as :class:`hpcopt.distributed.data_parallel.DistributedCurvature`, does this; a plain
+as :class:`hpcopt.distributed.curvature_batch.BatchCurvature`, does this; a plain
 ``matvec`` falls back to k products).  The idea is that of two-dimensional subspace
 trust-region steps (Byrd, Schnabel & Shultz 1988) and of Krylov subspace descent
 (Vinyals & Povey 2012), which minimise a Gauss–Newton model over the gradient and the
