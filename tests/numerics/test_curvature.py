@@ -164,15 +164,20 @@ def test_ggn_matches_explicit_jt_hl_j(name: str) -> None:
     assert torch.linalg.eigvalsh(dense).min() > -1e-10 * torch.linalg.eigvalsh(dense).max()
 
 
+def damped_mlp_operator(kind: CurvatureKind, seed: int) -> tuple[Tensor | None, CurvatureOperator, list[Tensor]]:
+    """The MLP's ``B + 0.3·I`` in float64, its dense GGN (None for other kinds) and three random vectors."""
+    _, flat, objective = make_objective("mlp", torch.float64)
+    dense = explicit_ggn(objective) if kind is CurvatureKind.GGN else None
+    generator = torch.Generator().manual_seed(seed)
+    vectors = [torch.randn(flat.numel, dtype=torch.float64, generator=generator) for _ in range(3)]
+    return dense, objective.curvature(kind, damping=0.3), vectors
+
+
 @pytest.mark.parametrize("kind", ALL_KINDS)
 def test_quadratic_form_is_v_dot_the_product(kind: CurvatureKind) -> None:
     """The Gauss–Newton form skips the last backward: (Jv)ᵀH_L(Jv) must still equal vᵀ(Bv)."""
-    _, flat, objective = make_objective("mlp", torch.float64)
-    dense = explicit_ggn(objective) if kind is CurvatureKind.GGN else None
-    operator = objective.curvature(kind, damping=0.3)
-    torch.manual_seed(7)
-    for _ in range(3):
-        v = torch.randn(flat.numel, dtype=torch.float64)
+    dense, operator, vectors = damped_mlp_operator(kind, 7)
+    for v in vectors:
         form = operator.quadratic_form(v)
         assert form == pytest.approx(float(v @ operator(v)), rel=1e-10)
         if dense is not None:
@@ -185,11 +190,7 @@ def test_quadratic_form_is_v_dot_the_product(kind: CurvatureKind) -> None:
 @pytest.mark.parametrize("kind", ALL_KINDS)
 def test_gram_is_the_matrix_of_the_products(kind: CurvatureKind) -> None:
     """A subspace's [vᵢᵀ(B + λI)vⱼ]: Gauss–Newton's from output-space pairs must equal the products'."""
-    _, flat, objective = make_objective("mlp", torch.float64)
-    dense = explicit_ggn(objective) if kind is CurvatureKind.GGN else None
-    operator = objective.curvature(kind, damping=0.3)
-    torch.manual_seed(8)
-    vectors = [torch.randn(flat.numel, dtype=torch.float64) for _ in range(3)]
+    dense, operator, vectors = damped_mlp_operator(kind, 8)
     gram = operator.gram(vectors)
     products = torch.stack([operator(v) for v in vectors])
     reference = torch.stack(vectors) @ products.T

@@ -22,8 +22,16 @@ from tests.optimizers.apts_support import outer_start
 pytestmark = pytest.mark.timeout(120)
 
 
-def _setup(problem_name: str, options: dict, *, seed: int = 0, model: str | None = None, **apts: object):
-    comm = Communicator()
+def _setup(
+    problem_name: str,
+    options: dict,
+    *,
+    seed: int = 0,
+    model: str | None = None,
+    comm: Communicator | None = None,
+    **apts: object,
+):
+    comm = Communicator() if comm is None else comm
     problem = make_problem(problem_name, seed=seed, options=options)
     torch.manual_seed(seed)
     net = problem.build_model(model)
@@ -127,11 +135,12 @@ def test_every_decision_and_radius_is_identical_on_every_rank() -> None:
 
 @pytest.mark.mpi(min_size=1)
 @pytest.mark.parametrize("problem_name", ["quadratic", "logistic"])
-def test_apts_d_reaches_the_known_minimiser(problem_name: str) -> None:
+@pytest.mark.parametrize("global_solver", ["steihaug", "subspace"])
+def test_apts_d_reaches_the_known_minimiser(problem_name: str, global_solver: str) -> None:
     problem = make_problem(problem_name, options={"n": 400, "dim": 5})
     result = train(
         TrainConfig(problem=problem_name, epochs=60, quiet=True),
-        {"radius": 1.0},
+        {"radius": 1.0, "global_solver": global_solver},
         {"n": 400, "dim": 5},
     )
     exact = problem.exact_minimizer()
@@ -392,7 +401,7 @@ def test_batch_gram_is_the_products_gram_on_any_rank_count(fraction: float) -> N
 
     grams = []
     for comm in (Communicator(), Communicator(MPI.COMM_SELF)):
-        _, _, flat, objective, _ = _setup_on(comm, "logistic", {"n": 400, "dim": 10})
+        _, _, flat, objective, _ = _setup("logistic", {"n": 400, "dim": 10}, comm=comm)
         generator = torch.Generator().manual_seed(11)
         vectors = [torch.randn(flat.numel, generator=generator) for _ in range(3)]
         before = comm.stats.bytes
@@ -406,17 +415,6 @@ def test_batch_gram_is_the_products_gram_on_any_rank_count(fraction: float) -> N
         assert _all_equal(comm, gram.tolist())
         grams.append(gram)
     torch.testing.assert_close(grams[0], grams[1], rtol=1e-5, atol=1e-6)  # P ranks = one process
-
-
-def _setup_on(comm: Communicator, problem_name: str, options: dict, **apts: object):
-    problem = make_problem(problem_name, seed=0, options=options)
-    torch.manual_seed(0)
-    flat = FlatParameters(problem.build_model(None))
-    objective = DistributedObjective(problem, flat, comm)
-    shard_size = len(problem.train) // comm.size
-    shard = problem.train.subset(slice(comm.rank * shard_size, (comm.rank + 1) * shard_size))
-    objective.set_batch(shard.inputs, shard.targets, shard_size * comm.size, noise_seed=0)
-    return comm, problem, flat, objective, APTSD(objective, make_config("apts-d", apts))
 
 
 @pytest.mark.mpi(min_size=1)
@@ -433,17 +431,3 @@ def test_subspace_global_pass_moves_three_n_floats_and_decides_alike_on_every_ra
         moved = comm.stats.bytes - before
         assert 4 * (3 * n + 3) < moved <= 4 * (3 * n + 4) + 8 * 9
         assert _all_equal(comm, (result.accepted, result.radius, float(flat.data.sum())))
-
-
-@pytest.mark.mpi(min_size=1)
-@pytest.mark.parametrize("problem_name", ["quadratic", "logistic"])
-def test_apts_d_with_the_subspace_pass_reaches_the_known_minimiser(problem_name: str) -> None:
-    problem = make_problem(problem_name, options={"n": 400, "dim": 5})
-    result = train(
-        TrainConfig(problem=problem_name, epochs=60, quiet=True),
-        {"radius": 1.0, "global_solver": "subspace"},
-        {"n": 400, "dim": 5},
-    )
-    exact = problem.exact_minimizer()
-    error = float((result.parameters.double() - exact).norm() / exact.norm())
-    assert error < 2e-3, f"relative distance to the minimiser {error:.2e}"
