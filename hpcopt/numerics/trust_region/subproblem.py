@@ -18,7 +18,6 @@ The two CG-based solvers pass an optional fused-kernel backend on to
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
@@ -26,29 +25,13 @@ import torch
 from hpcopt.errors import ConfigError
 from hpcopt.numerics.krylov.cg import Dot, MatVec, SteihaugResult, default_dot, steihaug_cg
 from hpcopt.numerics.trust_region.lsr1 import LSR1Operator
+from hpcopt.numerics.trust_region.result import SubproblemResult
+from hpcopt.numerics.trust_region.subspace import SubspaceSolver
 
 if TYPE_CHECKING:
     from hpcopt.kernels import Kernels
 
 SOLVER_NAMES = ("cauchy", "steihaug", "lsr1", "subspace")
-
-
-@dataclass
-class SubproblemResult:
-    """A step and what the model predicts for it.
-
-    Attributes:
-        step: The step ``s``, ``||s|| <= radius``.
-        pred: ``m(0) - m(s) = -(g's + 1/2 s'Bs)``.
-        exit: ``converged``, ``boundary``, ``negative_curvature``, ``max_iters`` or
-            ``nonfinite``.
-        iterations: Curvature products used (0 for ``cauchy``).
-    """
-
-    step: torch.Tensor
-    pred: float
-    exit: str
-    iterations: int
 
 
 @runtime_checkable
@@ -267,8 +250,5 @@ def make_subproblem_solver(
     if name == "lsr1":
         return LSR1Solver(dot=dot, memory=memory, max_iter=max_iter, kernels=kernels)
     if name == "subspace":
-        # Imported here: subspace.py builds on this module's SubproblemResult.
-        from hpcopt.numerics.trust_region.subspace import SubspaceSolver
-
         return SubspaceSolver(dot=dot, steps=subspace_steps)
     raise ConfigError(f"unknown subproblem solver {name!r} (choose from {', '.join(SOLVER_NAMES)})")

@@ -26,7 +26,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from hpcopt.numerics.krylov.cg import Dot, MatVec, default_dot
-from hpcopt.numerics.trust_region.subproblem import SubproblemResult
+from hpcopt.numerics.trust_region.result import SubproblemResult
 
 # Directions whose share of the span is below this (relative eigenvalue of the
 # normalised DᵀD) are dropped: they are numerically dependent on the others.
