@@ -271,15 +271,6 @@ class _GaussNewton(CurvatureOperator):
         pair = self._output_space(v)
         return 0.0 if pair is None else float(torch.sum(pair[0] * pair[1]))
 
-    def _gram(self, vectors: list[Tensor]) -> Tensor:
-        # (J vᵢ)ᵀ H_L (J vⱼ) from k output-space pairs: no backward through the model per entry.
-        pairs = [self._output_space(v) for v in vectors]
-        if any(pair is None for pair in pairs):
-            return torch.zeros(len(vectors), len(vectors), dtype=torch.float64)
-        jv = torch.stack([pair[0].reshape(-1) for pair in pairs if pair is not None]).to(torch.float64)
-        hjv = torch.stack([pair[1].reshape(-1) for pair in pairs if pair is not None]).to(torch.float64)
-        return jv @ hjv.T
-
     def _product(self, v: Tensor) -> Tensor:
         pair = self._output_space(v)
         if pair is None:

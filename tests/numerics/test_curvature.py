@@ -189,7 +189,7 @@ def test_quadratic_form_is_v_dot_the_product(kind: CurvatureKind) -> None:
 
 @pytest.mark.parametrize("kind", ALL_KINDS)
 def test_gram_is_the_matrix_of_the_products(kind: CurvatureKind) -> None:
-    """A subspace's [vᵢᵀ(B + λI)vⱼ]: Gauss–Newton's from output-space pairs must equal the products'."""
+    """A subspace's [vᵢᵀ(B + λI)vⱼ]: the products' matrix, and for Gauss–Newton the dense JᵀH_LJ's."""
     dense, operator, vectors = damped_mlp_operator(kind, 8)
     gram = operator.gram(vectors)
     products = torch.stack([operator(v) for v in vectors])
