@@ -50,6 +50,10 @@ METHODS: dict[str, tuple[str, dict]] = {
     "neumann": ("neumann", {"beta_rule": "relative"}),
     # The paper's constants as published: β = 1e-5·n.
     "neumann-paper": ("neumann", {"beta_rule": "paper"}),
+    # The paper's schedules (5 epochs of burn-in, first reset after 10, μ and η over
+    # epochs) with its "epoch" scaled so that this run is as long as the paper's
+    # (PAPER_RUN_EPOCHS); β relative as in "neumann" (docs/optimizers/neumann.md).
+    "neumann-scaled": ("neumann", {"beta_rule": "relative", "warmup_epochs": 5, "reset_epochs": 10}),
     "sgd": ("sgd", {"momentum": 0.9}),
     "adam": ("adam", {}),
 }
@@ -60,10 +64,14 @@ LEARNING_RATES: dict[str, tuple[float, ...]] = {
     "nlcg-gn": (1.0, 2.0, 3.0),
     "neumann": (0.1, 0.2, 0.3),
     "neumann-paper": (0.03, 0.1, 0.3),
+    "neumann-scaled": (0.5, 1.0, 2.0),
     "sgd": (0.03, 0.1, 0.3),
     "adam": (3e-3, 1e-2, 3e-2),
 }
 WARMUP_FRACTION = 0.1  # of the steps (SGD, Adam, NLCG) or of the epochs (Neumann's burn-in)
+# The paper's ResNet-50 runs are 230 epochs of ImageNet long (updates × batch / 1 281 167
+# for its five batch sizes: 226, 230, 258, 210, 237); "neumann-scaled" maps them onto this run.
+PAPER_RUN_EPOCHS = 230
 
 
 @dataclass(frozen=True)
@@ -106,7 +114,9 @@ def configurations(
             opts = dict(options)
             if optimizer in ("sgd", "adam", "nlcg"):
                 opts["warmup_steps"] = warmup_steps
-            if optimizer == "neumann":
+            if method == "neumann-scaled":
+                opts["epoch_steps"] = round(epochs * steps_per_epoch / PAPER_RUN_EPOCHS, 4)
+            elif optimizer == "neumann":
                 # the paper's schedules count epochs: burn-in 10 % of them, first reset period 2 epochs
                 opts |= {"epoch_steps": steps_per_epoch, "warmup_epochs": WARMUP_FRACTION * epochs}
                 opts["reset_epochs"] = 2

@@ -56,7 +56,12 @@ def run_sweeps(args: argparse.Namespace) -> None:
             outdir=str(args.outdir),
             threads=1,
             train_args=[
-                *TRAIN_ARGS, "--data-dir", args.data_dir, "--max-steps", str(args.steps), *OPTIONS.get(optimizer, [])
+                *TRAIN_ARGS,
+                "--data-dir",
+                args.data_dir,
+                "--max-steps",
+                str(args.steps),
+                *OPTIONS.get(optimizer, []),
             ],
         )
         run_local(spec, timeout=900)

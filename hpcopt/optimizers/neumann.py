@@ -69,7 +69,8 @@ class NeumannConfig:
         shell_ratio: the regulariser's minimum ‖w−v‖ over ‖w‖ (0.84, the paper's on ResNet-50; beta_rule=relative).
         gamma: decay of the moving anchor v (0.99).
         mu_min, mu_max: clip of the momentum μ (0.5, 0.9).
-        epoch_steps: steps per "epoch" of the schedules below (100; set it to the data's).
+        epoch_steps: steps per "epoch" of the schedules below, > 0 and possibly fractional (100;
+            set it to the data's, or to the run's steps over the paper's 230 epochs).
         warmup_epochs: epochs of plain SGD first (5).
         reset_epochs: first reset period K in epochs; K doubles after each reset (10).
     """
@@ -82,7 +83,7 @@ class NeumannConfig:
     gamma: float = 0.99
     mu_min: float = 0.5
     mu_max: float = 0.9
-    epoch_steps: int = 100
+    epoch_steps: float = 100.0
     warmup_epochs: float = 5.0
     reset_epochs: float = 10.0
 
@@ -96,7 +97,7 @@ class NeumannConfig:
         require(self.shell_ratio > 0, f"neumann: shell_ratio must be > 0, got {self.shell_ratio}")
         require(0 <= self.gamma < 1, f"neumann: gamma must be in [0, 1), got {self.gamma}")
         require(0 <= self.mu_min <= self.mu_max < 1, "neumann: need 0 <= mu_min <= mu_max < 1")
-        require(self.epoch_steps >= 1, f"neumann: epoch_steps must be >= 1, got {self.epoch_steps}")
+        require(self.epoch_steps > 0, f"neumann: epoch_steps must be > 0, got {self.epoch_steps}")
         require(self.warmup_epochs >= 0, "neumann: warmup_epochs must be >= 0")
         require(self.reset_epochs > 0, "neumann: reset_epochs must be > 0")
 

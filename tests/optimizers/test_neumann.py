@@ -79,6 +79,19 @@ def test_resets_come_with_a_doubling_period(neumann: Callable[..., Neumann]) -> 
 
 
 @pytest.mark.mpi(min_size=1)
+def test_a_fractional_epoch_scales_every_schedule(neumann: Callable[..., Neumann]) -> None:
+    # 40 steps as the paper's 230 epochs (benchmarks/large_batch.py, neumann-scaled): burn-in
+    # round(5·0.1739) = 1 step, reset periods round(10·0.1739) = 2, 4, 8, 16 steps.
+    optimizer = neumann(lr=0.1, epoch_steps=0.1739, warmup_epochs=5, reset_epochs=10)
+    phases = [optimizer.step().extras["phase"] for _ in range(32)]
+    assert [t for t, phase in enumerate(phases) if phase == "reset"] == [1, 3, 7, 15, 31]
+    eta, mu = optimizer.config.schedule(39)
+    assert eta == pytest.approx(0.1 / (1 + 38 / 0.1739)) and mu == 0.9
+    with pytest.raises(ConfigError, match="epoch_steps must be > 0, got 0"):
+        make_config("neumann", {"epoch_steps": 0})
+
+
+@pytest.mark.mpi(min_size=1)
 def test_non_finite_loss_stops_with_a_clear_error(neumann: Callable[..., Neumann]) -> None:
     optimizer = neumann()
     optimizer.flat.copy_(torch.full_like(optimizer.flat.data, math.nan))
