@@ -10,7 +10,8 @@ writing an HDF5 run log into ``--outdir``; a run whose log exists and says
 resumes where it stopped.  SGD (momentum 0.9), Adam, NLCG and Neumann get the best of
 three learning rates (``LEARNING_RATES``, or ``--lrs``); HF runs with the options in
 ``METHODS``.  SGD, Adam and NLCG warm their learning rate up linearly over the first
-10 % of the steps; Neumann runs its own SGD burn-in over the first 10 % of the epochs.
+10 % of the steps; Neumann runs its own SGD burn-in over the first 10 % of the epochs
+(``neumann-scaled``: the paper's 5 of 230 epochs, with the run taken as 230 of them).
 
 Output: a table per run (final and best validation accuracy in %, steps, wall time,
 median seconds per step in the run, traffic in n-sized collectives per step), the best
