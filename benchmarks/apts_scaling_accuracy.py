@@ -105,6 +105,9 @@ VARIANTS["average-gn-start-sub"] = {**VARIANTS["average-gn-start"], "curvature_f
 VARIANTS["average-gn-start-sub-l2"] = {**VARIANTS["average-gn-start-sub"], "local_iterations": 2}
 # Whatever APTS-D's defaults are in this checkout (today: the average-gn-start set).
 VARIANTS["defaults"] = {}
+# The defaults in Adam's ellipsoid (docs/optimizers/apts-d.md, "metric=adam").
+VARIANTS["metric-adam"] = {"metric": "adam"}
+VARIANTS["metric-adam-l5"] = {"metric": "adam", "local_iterations": 5}
 VARIANTS["average-gn-start-subspace"] = {
     **VARIANTS["average-gn-start"],
     "global_solver": "subspace",

@@ -13,12 +13,16 @@ transformer into P pipeline stages.
 
 Columns: final and best validation loss (nats per character), the ratio of the
 best validation loss to Adam's best (the goal: ≤ 1.15), outer steps,
-wall time, and traffic (bytes rank 0 moved per step over 4n).
+wall time, and traffic (bytes rank 0 moved per step over 4n).  The report also
+writes ``lm_study.csv`` (one row per run, the table's columns) and ``lm_study.png``
+(validation loss against steps and against wall time, one line per run) into
+``--outdir``.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 from pathlib import Path
 
 import _common
@@ -36,6 +40,12 @@ RUNS: dict[str, tuple[str, dict[str, object]]] = {
     # The same with the global pass's products on a tenth of the batch and two local
     # iterations: the one set of that study within the cost goal (more outer steps per budget).
     "apts-d-gn-start-sub-l2": ("apts-d", dict(APTS_VARIANTS["average-gn-start-sub-l2"])),
+    # The defaults in Adam's ellipsoid (metric=adam, docs/optimizers/apts-d.md), with and
+    # without the global pass.
+    "apts-d-metric": ("apts-d", {**APTS_VARIANTS["average-gn-start"], "metric": "adam"}),
+    "apts-d-metric-g0": ("apts-d", {**APTS_VARIANTS["average-gn-start"], "metric": "adam", "global_passes": 0}),
+    # ... and with five local iterations instead of three.
+    "apts-d-metric-l5": ("apts-d", {**APTS_VARIANTS["average-gn-start"], "metric": "adam", "local_iterations": 5}),
     "apts-ip": ("apts-ip", {}),
     "adam.lr1e-3": ("adam", {"lr": 1e-3}),
     "adam.lr3e-3": ("adam", {"lr": 3e-3}),
@@ -54,25 +64,74 @@ def launch_run(name: str, args: argparse.Namespace) -> None:
 
 def report(names: list[str], outdir: Path) -> None:
     rows: dict[str, tuple[float, float, int, float, float]] = {}
+    curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     for name in names:
         found = _common.evaluated_run(outdir, name, "val_loss", 16)
         if found is None:
             continue
         run, val = found
-        wall = float(np.asarray(run.evaluations["wall_time"], dtype=float)[-1])
+        wall = np.asarray(run.evaluations["wall_time"], dtype=float)
         steps = len(run.iterations["loss"])
-        rows[name] = (float(val[-1]), float(np.nanmin(val)), steps, wall, _common.traffic(run))
+        rows[name] = (float(val[-1]), float(np.nanmin(val)), steps, float(wall[-1]), _common.traffic(run))
+        # One step per batch: the steps at an evaluation are its epoch's share of the run's.
+        epochs = np.asarray(run.evaluations["epoch"], dtype=float)
+        eval_steps = epochs * steps / epochs[-1]
+        curves[name] = (eval_steps, wall, np.asarray(val, dtype=float))
     adam = [best for name, (_f, best, *_rest) in rows.items() if name.startswith("adam")]
     adam_best = min(adam) if adam else float("nan")
     width = max([16, *(len(name) + 2 for name in rows)])
     header = f"{'run':<{width}}{'val':>8}{'best':>8}{'/Adam':>7}{'steps':>7}{'wall s':>8}{'traffic':>9}"
     print(header)
     print("-" * len(header))
-    for name, (final, best, steps, wall, moved) in rows.items():
-        print(f"{name:<{width}}{final:>8.3f}{best:>8.3f}{best / adam_best:>7.3f}{steps:>7}{wall:>8.0f}{moved:>8.2f}n")
+    for name, (final, best, steps, wall_s, moved) in rows.items():
+        print(f"{name:<{width}}{final:>8.3f}{best:>8.3f}{best / adam_best:>7.3f}{steps:>7}{wall_s:>8.0f}{moved:>8.2f}n")
     print(
         f"(val: nats per character; an untrained model scores ln 65 = {np.log(65):.3f}; /Adam: best over Adam's best)"
     )
+    if rows:
+        write_csv(rows, adam_best, outdir / "lm_study.csv")
+        write_figure(curves, outdir / "lm_study.png")
+
+
+def write_csv(rows: dict[str, tuple[float, float, int, float, float]], adam_best: float, path: Path) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        columns = ["run", "final_val_loss", "best_val_loss", "best_over_adam_best", "steps", "wall_s", "traffic_n"]
+        writer.writerow(columns)
+        for name, (final, best, steps, wall, moved) in rows.items():
+            writer.writerow(
+                [name, f"{final:.4f}", f"{best:.4f}", f"{best / adam_best:.4f}", steps, f"{wall:.1f}", f"{moved:.2f}"]
+            )
+    print(f"wrote {path}")
+
+
+def write_figure(curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], path: Path) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"no {path.name}: the figure needs matplotlib (pip install 'hpcopt[plot]')")
+        return
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for index, (name, (steps, wall, val)) in enumerate(curves.items()):
+        style = {"marker": "o", "markersize": 3, "color": f"C{index}", "label": f"{name} (best {np.nanmin(val):.3f})"}
+        axes[0].plot(steps, val, **style)
+        axes[1].plot(wall, val, **style)
+    for ax, xlabel in zip(axes, ("steps (outer iterations for APTS)", "wall time (s)"), strict=True):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("validation loss (nats per character)")
+        ax.set_xscale("log" if xlabel.startswith("steps") else "linear")
+        ax.grid(alpha=0.3)
+    axes[0].set_title("TinyShakespeare: validation loss against steps")
+    axes[1].set_title("against wall time")
+    axes[1].legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
 
 
 def main() -> None:

@@ -40,6 +40,7 @@ def _shared_dir(comm: Communicator, tmp_path: Path) -> Path:
 # APTS-P: the non-monotone window of the last 3 losses must come back with the radius).
 OPTIMIZER_OPTIONS: dict[str, dict[str, object]] = {
     "apts-d-lsr1": {"global_solver": "lsr1"},
+    "apts-d-metric": {"metric": "adam"},
     "apts-p": {"nonmonotone": 3},
     "neumann": {"epoch_steps": 2, "warmup_epochs": 1, "reset_epochs": 2},
     "hf": {"max_iterations": 5},
@@ -47,13 +48,17 @@ OPTIMIZER_OPTIONS: dict[str, dict[str, object]] = {
 
 
 def _train(comm: Communicator, optimizer: str, **options: object) -> TrainResult:
-    # "apts-d-lsr1": APTS-D with its first-order L-SR1 global pass, whose pairs are state.
-    cfg = TrainConfig(**BASE, optimizer=optimizer.removesuffix("-lsr1"), **options)  # type: ignore[arg-type]
+    # "apts-d-lsr1": APTS-D with its first-order L-SR1 global pass, whose pairs are state;
+    # "apts-d-metric": APTS-D in Adam's ellipsoid, whose second moments are state.
+    name = optimizer.removesuffix("-lsr1").removesuffix("-metric")
+    cfg = TrainConfig(**BASE, optimizer=name, **options)  # type: ignore[arg-type]
     return train(cfg, dict(OPTIMIZER_OPTIONS.get(optimizer, {})), dict(PROBLEM), comm=comm)
 
 
 @pytest.mark.mpi(min_size=1)
-@pytest.mark.parametrize("optimizer", ["apts-d", "apts-d-lsr1", "apts-p", "adam", "sgd", "hf", "nlcg", "neumann"])
+@pytest.mark.parametrize(
+    "optimizer", ["apts-d", "apts-d-lsr1", "apts-d-metric", "apts-p", "adam", "sgd", "hf", "nlcg", "neumann"]
+)
 def test_restart_is_bit_identical_to_an_uninterrupted_run(optimizer: str, tmp_path: Path) -> None:
     comm = Communicator()
     directory = _shared_dir(comm, tmp_path)

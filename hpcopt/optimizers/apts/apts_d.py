@@ -36,6 +36,7 @@ from hpcopt.numerics.curvature import parse_curvature
 from hpcopt.numerics.krylov.cg import MatVec
 from hpcopt.numerics.trust_region import LSR1Solver, ReferenceWindow, decide, make_subproblem_solver
 from hpcopt.optimizers.apts.local_phase import first_order_consistent, local_phase
+from hpcopt.optimizers.apts.metric import METRICS, make_metric
 from hpcopt.optimizers.apts.options import SOLVERS, APTSOptions
 from hpcopt.optimizers.apts.outcome import outer_step_result
 from hpcopt.optimizers.base import Optimizer, StepResult
@@ -99,6 +100,11 @@ class APTSDConfig(APTSOptions):
         shard: how the ranks split each global batch: ``batch`` (contiguous slices of
             the shuffled batch) or ``spatial`` (PINNs: the batch ordered by the first
             coordinate, so each rank owns an interval of x; the thesis' PINN variant).
+        metric: the trust region's norm: ``euclidean`` (§1) or ``adam`` *(ours)*: ‖s‖_A with
+            A the diagonal of Adam's step (√v̂ + ε, normalised to mean 1), so that the
+            model's steepest descent is Adam's direction (docs/optimizers/apts-d.md).
+        metric_beta: ``metric=adam``: decay of the moving average of g² (0.999, Adam's β₂).
+        metric_eps: ``metric=adam``: added to √v̂ (1e-8, Adam's ε).
     """
 
     option_prefix: ClassVar[str] = "apts-d"
@@ -121,6 +127,9 @@ class APTSDConfig(APTSOptions):
     curvature_fraction: float = 1.0
     curvature_sampling: str = "strided"
     shard: str = "batch"
+    metric: str = "euclidean"
+    metric_beta: float = 0.999
+    metric_eps: float = 1e-8
 
     def validate(self) -> None:
         super().validate()
@@ -144,6 +153,13 @@ class APTSDConfig(APTSOptions):
         )
         require_curvature_sample(name, self.curvature_fraction, self.curvature_sampling)
         require(self.shard in ("batch", "spatial"), f"{name}: shard must be batch or spatial, got '{self.shard}'")
+        require(self.metric in METRICS, f"{name}: metric must be one of {', '.join(METRICS)}, got '{self.metric}'")
+        require(0 <= self.metric_beta < 1, f"{name}: metric_beta must be in [0, 1), got {self.metric_beta}")
+        require(self.metric_eps > 0, f"{name}: metric_eps must be > 0, got {self.metric_eps}")
+        require(
+            self.metric == "euclidean" or "subspace" not in (self.local_solver, self.global_solver),
+            f"{name}: metric={self.metric} scales the CG solvers' products; the subspace solver needs metric=euclidean",
+        )
 
 
 class APTSD(Optimizer):
@@ -173,6 +189,8 @@ class APTSD(Optimizer):
         self.window = ReferenceWindow(config.nonmonotone)
         # local_start=step: where the next local phases start, from replicated lengths only.
         self.local_start = config.radius
+        # The trust region's norm; every solve below runs in its scaled coordinates u = A^½ s.
+        self.metric = make_metric(config.metric, config.metric_beta, config.metric_eps)
 
     def state_dict(self) -> dict[str, Any]:
         # The local solver is reset every outer iteration; only the global one carries memory.
@@ -182,6 +200,7 @@ class APTSD(Optimizer):
             "global_solver": self.global_solver.state_dict(),
             "window": self.window.state(),
             "local_start": self.local_start,
+            "metric": self.metric.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -190,29 +209,36 @@ class APTSD(Optimizer):
         self.global_solver.load_state_dict(dict(state["global_solver"]))
         self.window.load(list(state.get("window", [])))
         self.local_start = float(state.get("local_start", self.config.radius))
+        self.metric.load_state_dict(dict(state.get("metric", {})))
 
     # -- local phase (no communication) ---------------------------------------
 
     def _local_phase(
         self, theta_k: torch.Tensor, loss_local: float, grad_local: torch.Tensor, grad: torch.Tensor
     ) -> tuple[torch.Tensor, float, dict[str, int]]:
-        """L TR iterations on f̃_r inside the ball Δ/P; returns (s_r, pred_r, counts)."""
+        """L TR iterations on f̃_r inside the ball Δ/P; returns (u_r, pred_r, counts).
+
+        The phase runs in the metric's scaled coordinates: u_r is the scaled local step.
+        """
         cfg = self.config
         objective = self.objective
+        metric = self.metric
         ball = self.radius / self.world_size if cfg.combine == "sum" else self.radius
-        correction = grad - grad_local if cfg.foc else torch.zeros_like(grad)
+        correction = metric.gradient(grad - grad_local) if cfg.foc else torch.zeros_like(grad)
 
-        def value(step: torch.Tensor) -> float:
-            self.move_to(theta_k, step)
+        def value(scaled: torch.Tensor) -> float:
+            self.move_to(theta_k, metric.step(scaled))
             return objective.local_value()
 
-        def value_and_grad(step: torch.Tensor) -> tuple[float, torch.Tensor]:
-            self.move_to(theta_k, step)
-            return objective.local_value_and_grad()
+        def value_and_grad(scaled: torch.Tensor) -> tuple[float, torch.Tensor]:
+            self.move_to(theta_k, metric.step(scaled))
+            loss_r, grad_r = objective.local_value_and_grad()
+            return loss_r, metric.gradient(grad_r)
 
-        model = first_order_consistent(
-            value, value_and_grad, lambda step: self._local_matvec(theta_k, step), correction
-        )
+        def curvature(scaled: torch.Tensor) -> MatVec:
+            return metric.curvature(self._local_matvec(theta_k, metric.step(scaled)))
+
+        model = first_order_consistent(value, value_and_grad, curvature, correction)
         faults.inject("local_solve", objective.comm.rank, objective.step)
         # f̃_r(θ_k) = f_r(θ_k); its gradient there is g with FOC and g_r without.
         start = min(ball, self.local_start) if cfg.local_start == "step" else ball
@@ -222,7 +248,7 @@ class APTSD(Optimizer):
             cfg,
             ball=ball,
             value0=loss_local,
-            grad0=grad if cfg.foc else grad_local,
+            grad0=metric.gradient(grad if cfg.foc else grad_local),
             radius=start,
         )
         self.flat.copy_(theta_k)
@@ -244,10 +270,11 @@ class APTSD(Optimizer):
     def _combined_step(
         self, theta_k: torch.Tensor, loss_local: float, grad_local: torch.Tensor, grad: torch.Tensor
     ) -> tuple[torch.Tensor, float, float, float, dict[str, float]]:
-        """Local phase and combination: one allreduce of [s_r; pred_r].
+        """Local phase and combination: one allreduce of [u_r; pred_r].
 
-        Returns ``(s, pred, ‖s‖, ‖s‖ before the rounding guard, counts)``; the hook that
-        the parameter-decomposed variant (APTS-P) overrides.
+        Returns ``(s, pred, ‖u‖, ‖u‖ before the rounding guard, counts)``, u = A^½ s the
+        step in the metric's coordinates (u = s for the Euclidean one); the hook that the
+        parameter-decomposed variant (APTS-P) overrides.
         """
         step_r, pred_r, local_counts = self._local_phase(theta_k, loss_local, grad_local, grad)
         counts: dict[str, float] = dict(local_counts)
@@ -266,8 +293,8 @@ class APTSD(Optimizer):
             step.mul_(self.radius / step_norm)
             step_norm = self.radius
         if self.config.predicted == "model":
-            pred = self.model_decrease(grad, step)
-        return step, pred, step_norm, combined_norm, counts
+            pred = self.model_decrease(self.metric.gradient(grad), step)
+        return self.metric.step(step), pred, step_norm, combined_norm, counts
 
     def model_decrease(self, grad: torch.Tensor, step: torch.Tensor) -> float:
         """−(gᵀs + ½ sᵀBs): the decrease the global L-SR1 model predicts for ``step``.
@@ -316,6 +343,7 @@ class APTSD(Optimizer):
                 "the trust region cannot recover from a non-finite starting value"
             )
         grad = grad_view.clone()
+        self.metric.update(grad)  # replicated g: every rank builds the same A
 
         step, pred, step_norm, combined_norm, counts = self._combined_step(theta_k, loss_local, grad_local, grad)
         if cfg.local_start == "step":
@@ -335,7 +363,7 @@ class APTSD(Optimizer):
         decision = decide(self.policy, self.radius, loss, trial_loss, pred, step_norm, reference)
         self.radius = decision.radius
         if trial_grad is not None and math.isfinite(trial_loss) and step_norm > 0:
-            self.global_solver.update(step, trial_grad - grad)
+            self.global_solver.update(*self.metric.pair(step, trial_grad - grad))
         if decision.accepted:
             current_loss, current_grad = trial_loss, trial_grad
         else:
@@ -346,12 +374,13 @@ class APTSD(Optimizer):
         for g_pass in range(cfg.global_passes):
             assert current_grad is not None
             # One allreduce per product: Σ_r w_r B_r v, the operator of Hessian-free's solves.
-            matvec = self._global_curvature() if self.global_solver.needs_matvec else None
-            result = self.global_solver.solve(current_grad, self.radius, matvec)
+            matvec = self.metric.curvature(self._global_curvature()) if self.global_solver.needs_matvec else None
+            result = self.global_solver.solve(self.metric.gradient(current_grad), self.radius, matvec)
             if not (result.pred > 0 and math.isfinite(result.pred)):
                 break
             theta = self.flat.clone()
-            self.move_to(theta, result.step)
+            pass_step = self.metric.step(result.step)
+            self.move_to(theta, pass_step)
             if g_pass < cfg.global_passes - 1:
                 pass_loss, pass_grad_view = objective.value_and_grad()
                 pass_grad: torch.Tensor | None = pass_grad_view.clone()
@@ -362,7 +391,7 @@ class APTSD(Optimizer):
             )
             self.radius = pass_decision.radius
             if pass_grad is not None and math.isfinite(pass_loss):
-                self.global_solver.update(result.step, pass_grad - current_grad)
+                self.global_solver.update(*self.metric.pair(pass_step, pass_grad - current_grad))
             if pass_decision.accepted:
                 global_accepted += 1
                 current_loss, current_grad = pass_loss, pass_grad

@@ -52,6 +52,7 @@ class APTSPConfig(APTSDConfig):
         global_solver: ``cauchy``, ``steihaug``, ``lsr1`` or ``subspace`` (§2: lsr1).
         combine: ``sum`` only (§2: the owned blocks concatenate).
         local_start: ``ball`` only (§2: each block's local phase starts from its whole ball).
+        metric: ``euclidean`` only (``adam`` is APTS-D's).
         blocks: ``auto`` (whole tensors when balanced within ``max_imbalance``, else
             chunks), ``tensors`` or ``chunks`` (auto).
         max_imbalance: max/mean owned elements accepted by ``auto`` for whole tensors (1.25).
@@ -79,6 +80,7 @@ class APTSPConfig(APTSDConfig):
         super().validate()
         require(self.combine == "sum", "apts-p: combine must be 'sum' (the owned blocks are concatenated)")
         require(self.local_start == "ball", "apts-p: local_start must be 'ball' (step is APTS-D's)")
+        require(self.metric == "euclidean", "apts-p: metric must be 'euclidean' (adam is APTS-D's)")
         require(self.blocks in BLOCK_MODES, f"apts-p: blocks must be one of {', '.join(BLOCK_MODES)}")
         require(self.max_imbalance >= 1.0, f"apts-p: max_imbalance must be >= 1, got {self.max_imbalance}")
         require(self.norm in ("2", "inf"), f"apts-p: norm must be '2' or 'inf', got '{self.norm}'")
