@@ -16,6 +16,14 @@ if TYPE_CHECKING:
     from hpcopt.distributed.objective import Objective
 
 
+def second_moment_root(exp_avg_sq: torch.Tensor, beta2: float, steps: int, eps: float) -> torch.Tensor:
+    """√(v / (1 − β₂ᵗ)) + ε, Adam's per-coordinate denominator after t updates of v (a new tensor).
+
+    APTS-D's ``metric=adam`` measures its trust region in the same diagonal.
+    """
+    return (exp_avg_sq / (1 - beta2**steps)).sqrt_().add_(eps)
+
+
 @dataclass
 class AdamConfig:
     """Options of ``--optimizer adam`` (Kingma & Ba; defaults as in the paper).
@@ -63,8 +71,7 @@ class Adam(Optimizer):
         self.exp_avg.mul_(cfg.beta1).add_(grad, alpha=1 - cfg.beta1)
         self.exp_avg_sq.mul_(cfg.beta2).addcmul_(grad, grad, value=1 - cfg.beta2)
         bias1 = 1 - cfg.beta1**self.steps
-        bias2 = 1 - cfg.beta2**self.steps
-        denom = (self.exp_avg_sq / bias2).sqrt_().add_(cfg.eps)
+        denom = second_moment_root(self.exp_avg_sq, cfg.beta2, self.steps, cfg.eps)
         update = self.exp_avg / denom
         lr = linear_warmup(cfg.lr, self.steps - 1, cfg.warmup_steps)
         step_size = lr / bias1

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from hpcopt.numerics.krylov.cg import MatVec
+from hpcopt.optimizers.adam import second_moment_root
 
 
 class EuclideanMetric:
@@ -85,8 +86,7 @@ class AdamMetric(EuclideanMetric):
 
     def _rebuild(self) -> None:
         assert self.second_moment is not None
-        corrected = self.second_moment / (1.0 - self.beta**self.updates)
-        diagonal = corrected.sqrt().add_(self.eps)
+        diagonal = second_moment_root(self.second_moment, self.beta, self.updates, self.eps)
         diagonal.div_(diagonal.mean())
         self.inverse_root = diagonal.rsqrt_()
 
