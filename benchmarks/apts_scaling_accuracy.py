@@ -34,7 +34,7 @@ tuned baseline (best of ``--adam-lrs``).  Variants (APTS-D ``--set`` options):
   step over a window of 5 outer iterations (``nonmonotone=5``);
 * ``average-gn-start``: ``average-gn`` whose local phases start from 1.5× the last
   combined step's length instead of the whole ball (``local_start=step``): APTS-D's
-  defaults since 2026-12-04;
+  defaults from 2026-12-04 to 2026-12-05;
 * ``average-gn-start-sub``: ``average-gn-start`` whose global pass takes its products on
   a tenth of the batch, as ``average-gn-sub`` does;
 * ``average-gn-start-sub-l2``: the same with two local iterations instead of three;
@@ -46,6 +46,10 @@ tuned baseline (best of ``--adam-lrs``).  Variants (APTS-D ``--set`` options):
   iterations, as ``average-gn-start-sub-l2``;
 * ``average-gn-start-subspace6-sub-l2``: the same in span{g, the last six steps};
 * ``defaults``: no ``--set`` at all, APTS-D's defaults of the checkout that runs it;
+* ``metric-adam``: ``average-gn-start`` whose trust region is measured in Adam's diagonal
+  norm (``metric=adam``);
+* ``metric-adam-l5``: the same with five local iterations: APTS-D's defaults since
+  2026-12-05;
 * ``average-gn-local``: the Gauss–Newton step moved into the local phase: one local
   iteration per outer iteration, a Steihaug solve on the rank's own shard with its GGN
   (up to 10 products, no communication), the average of the local steps, and the
@@ -103,11 +107,12 @@ VARIANTS["average-gn-nm"] = {**VARIANTS["average-gn"], "nonmonotone": 5}
 VARIANTS["average-gn-start"] = {**VARIANTS["average-gn"], "local_start": "step"}
 VARIANTS["average-gn-start-sub"] = {**VARIANTS["average-gn-start"], "curvature_fraction": 0.1}
 VARIANTS["average-gn-start-sub-l2"] = {**VARIANTS["average-gn-start-sub"], "local_iterations": 2}
-# Whatever APTS-D's defaults are in this checkout (today: the average-gn-start set).
+# Whatever APTS-D's defaults are in this checkout (today: the metric-adam-l5 set).
 VARIANTS["defaults"] = {}
-# The defaults in Adam's ellipsoid (docs/optimizers/apts-d.md, "metric=adam").
-VARIANTS["metric-adam"] = {"metric": "adam"}
-VARIANTS["metric-adam-l5"] = {"metric": "adam", "local_iterations": 5}
+# average-gn-start in Adam's ellipsoid (docs/optimizers/apts-d.md, "metric=adam"); with five
+# local iterations, APTS-D's defaults since 2026-12-05.
+VARIANTS["metric-adam"] = {**VARIANTS["average-gn-start"], "metric": "adam"}
+VARIANTS["metric-adam-l5"] = {**VARIANTS["metric-adam"], "local_iterations": 5}
 VARIANTS["average-gn-start-subspace"] = {
     **VARIANTS["average-gn-start"],
     "global_solver": "subspace",

@@ -8,7 +8,8 @@ into ``--outdir``; ``--report-only`` re-prints the table from those logs.  A run
 stops at the first evaluation after the budget, so every method gets the same
 wall time (up to one evaluation period).  Adam runs data-parallel at three
 learning rates and the best one is the reference; APTS-D runs data-parallel
-with §1's set (``apts-d``) and its defaults (``apts-d-gn-start``), APTS-IP cuts the
+with §1's set (``apts-d``), ``average-gn-start`` (``apts-d-gn-start``, its defaults from
+2026-12-04) and its defaults since 2026-12-05 (``apts-d-metric-l5``), APTS-IP cuts the
 transformer into P pipeline stages.
 
 Columns: final and best validation loss (nats per character), the ratio of the
@@ -34,18 +35,18 @@ RUNS: dict[str, tuple[str, dict[str, object]]] = {
     # §1 (APTS-D's defaults when the study was first run).
     "apts-d": ("apts-d", dict(APTS_VARIANTS["sum"])),
     # The best APTS-D set of the MNIST scaling study (variant average-gn-start there, APTS-D's
-    # defaults since 2026-12-04): the mean of the local steps, a Gauss–Newton global pass,
+    # defaults from 2026-12-04 to 2026-12-05): the mean of the local steps, a Gauss–Newton global pass,
     # HF's radius factors and local phases that start from the last step's length.
     "apts-d-gn-start": ("apts-d", dict(APTS_VARIANTS["average-gn-start"])),
     # The same with the global pass's products on a tenth of the batch and two local
     # iterations: the one set of that study within the cost goal (more outer steps per budget).
     "apts-d-gn-start-sub-l2": ("apts-d", dict(APTS_VARIANTS["average-gn-start-sub-l2"])),
-    # The defaults in Adam's ellipsoid (metric=adam, docs/optimizers/apts-d.md), with and
+    # average-gn-start in Adam's ellipsoid (metric=adam, docs/optimizers/apts-d.md), with and
     # without the global pass.
-    "apts-d-metric": ("apts-d", {**APTS_VARIANTS["average-gn-start"], "metric": "adam"}),
-    "apts-d-metric-g0": ("apts-d", {**APTS_VARIANTS["average-gn-start"], "metric": "adam", "global_passes": 0}),
-    # ... and with five local iterations instead of three.
-    "apts-d-metric-l5": ("apts-d", {**APTS_VARIANTS["average-gn-start"], "metric": "adam", "local_iterations": 5}),
+    "apts-d-metric": ("apts-d", dict(APTS_VARIANTS["metric-adam"])),
+    "apts-d-metric-g0": ("apts-d", {**APTS_VARIANTS["metric-adam"], "global_passes": 0}),
+    # ... and with five local iterations instead of three: APTS-D's defaults since 2026-12-05.
+    "apts-d-metric-l5": ("apts-d", dict(APTS_VARIANTS["metric-adam-l5"])),
     "apts-ip": ("apts-ip", {}),
     "adam.lr1e-3": ("adam", {"lr": 1e-3}),
     "adam.lr3e-3": ("adam", {"lr": 3e-3}),

@@ -264,17 +264,35 @@ def test_hessian_free_with_cpu_kernels_matches_the_plain_path(optimizer_factory:
         assert products - 3 <= spy.calls["cg_step_"] <= products and spy.calls["cg_step_"] > 0
 
 
-@pytest.mark.parametrize("local_solver", ["steihaug", "lsr1"])
-def test_apts_d_with_cpu_kernels_matches_the_plain_path(
-    optimizer_factory: OptimizerFactory, local_solver: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    options: dict[str, object] = {
+class Float32ReductionKernels(SpyKernels):
+    """The CPU kernels with the plain path's float32 reductions instead of float64 ones."""
+
+    def cg_step_(self, x: torch.Tensor, r: torch.Tensor, p: torch.Tensor, ap: torch.Tensor, alpha: float) -> float:
+        x.add_(p, alpha=alpha)
+        r.sub_(ap, alpha=alpha)
+        return float(torch.dot(r, r))
+
+    def cg_direction_(self, p: torch.Tensor, z: torch.Tensor, w: torch.Tensor, beta: float) -> tuple[float, float]:
+        p.mul_(beta).add_(z)
+        return float(torch.dot(p, p)), float(torch.dot(w, p))
+
+
+def _apts_d_options(local_solver: str, metric: str) -> dict[str, object]:
+    return {
         "local_solver": local_solver,
         "local_iterations": 3,
         "global_passes": 1,
         "radius": 1.0,  # room for interior CG iterations, not only boundary steps
         "radius_max": 1000.0,
+        "metric": metric,
     }
+
+
+@pytest.mark.parametrize("local_solver", ["steihaug", "lsr1"])
+def test_apts_d_with_cpu_kernels_matches_the_plain_path(
+    optimizer_factory: OptimizerFactory, local_solver: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    options = _apts_d_options(local_solver, "euclidean")
     plain = optimizer_factory("apts-d", options)
     spy = SpyKernels()
     # APTS-D hands its backend to the subproblem solvers it builds, so inject it at the source.
@@ -285,6 +303,27 @@ def test_apts_d_with_cpu_kernels_matches_the_plain_path(
     _assert_same_run(plain, fused, plain_results, fused_results)
     assert [r.accepted for r in fused_results] == [r.accepted for r in plain_results]
     assert spy.calls["tr_trial"] >= 3 and spy.calls["cg_step_"] > 0
+
+
+@pytest.mark.parametrize("local_solver", ["steihaug", "lsr1"])
+def test_apts_d_in_adams_metric_runs_the_plain_paths_operations_with_kernels(
+    optimizer_factory: OptimizerFactory, local_solver: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # In Adam's metric the local Steihaug solve runs on A^-½BA^-½, whose conditioning turns
+    # the kernels' float64 reductions into a 1e-3 difference in a step after three outer
+    # iterations; with the plain path's float32 reductions the fused run is the plain run
+    # bit for bit, so every vector the kernels touch is the one the plain path computes.
+    options = _apts_d_options(local_solver, "adam")
+    plain = optimizer_factory("apts-d", options)
+    kernels = Float32ReductionKernels()
+    monkeypatch.setattr("hpcopt.optimizers.base.fused_backend", lambda device: kernels)
+    fused = optimizer_factory("apts-d", options)
+    plain_results = [plain.step() for _ in range(3)]
+    fused_results = [fused.step() for _ in range(3)]
+    assert torch.equal(fused.flat.data, plain.flat.data)
+    assert [r.step_norm for r in fused_results] == [r.step_norm for r in plain_results]
+    assert plain_results[-1].loss < plain_results[0].loss
+    assert kernels.calls["tr_trial"] >= 3 and kernels.calls["cg_step_"] > 0
 
 
 # -- GPU: the CUDA kernels on the same paths --------------------------------------------------
@@ -352,13 +391,9 @@ def test_apts_d_with_cuda_kernels_matches_the_plain_path(
 ) -> None:
     from hpcopt.kernels import CudaKernels
 
-    options: dict[str, object] = {
-        "local_solver": local_solver,
-        "local_iterations": 3,
-        "global_passes": 1,
-        "radius": 1.0,
-        "radius_max": 1000.0,
-    }
+    # The Euclidean norm: in Adam's the kernels' float64 reductions move a step by 1e-3
+    # (test_apts_d_in_adams_metric_runs_the_plain_paths_operations_with_kernels).
+    options = _apts_d_options(local_solver, "euclidean")
     # APTS-D hands its backend to the subproblem solvers it builds: the plain run is built without one.
     with monkeypatch.context() as patch:
         patch.setattr("hpcopt.optimizers.base.fused_backend", lambda device: None)

@@ -135,12 +135,14 @@ def test_every_decision_and_radius_is_identical_on_every_rank() -> None:
 
 @pytest.mark.mpi(min_size=1)
 @pytest.mark.parametrize("problem_name", ["quadratic", "logistic"])
-@pytest.mark.parametrize("global_solver", ["steihaug", "subspace"])
-def test_apts_d_reaches_the_known_minimiser(problem_name: str, global_solver: str) -> None:
+@pytest.mark.parametrize(
+    ("global_solver", "metric"), [("steihaug", "adam"), ("steihaug", "euclidean"), ("subspace", "euclidean")]
+)
+def test_apts_d_reaches_the_known_minimiser(problem_name: str, global_solver: str, metric: str) -> None:
     problem = make_problem(problem_name, options={"n": 400, "dim": 5})
     result = train(
         TrainConfig(problem=problem_name, epochs=60, quiet=True),
-        {"radius": 1.0, "global_solver": global_solver},
+        {"radius": 1.0, "global_solver": global_solver, "metric": metric},
         {"n": 400, "dim": 5},
     )
     exact = problem.exact_minimizer()
@@ -353,9 +355,16 @@ def test_local_start_follows_the_combined_step_and_is_the_same_on_every_rank() -
 @pytest.mark.mpi(min_size=1)
 def test_local_phase_starts_from_the_local_start_not_the_ball() -> None:
     # From a start of 1e-3 three local iterations (radius ×1.5 at most per success) stay
-    # within 1e-3·(1 + 1.5 + 2.25); from the whole ball (Δ = 1) the local steps are longer.
+    # within 1e-3·(1 + 1.5 + 2.25) in the Euclidean norm; from the whole ball (Δ = 1) the
+    # local steps are longer.
     _, _, flat, objective, optimizer = _setup(
-        "logistic", {"n": 400, "dim": 10}, radius=1.0, combine="average", local_start="step"
+        "logistic",
+        {"n": 400, "dim": 10},
+        radius=1.0,
+        combine="average",
+        local_start="step",
+        local_iterations=3,
+        metric="euclidean",
     )
     theta, loss_local, grad_local, grad = outer_start(flat, objective)
     optimizer.local_start = 1e-3
@@ -422,7 +431,7 @@ def test_subspace_global_pass_moves_three_n_floats_and_decides_alike_on_every_ra
     # [g; f], [s; pred], the trial [g; f] (3n + 3 float32), the 3 × 3 Gram (9 float64) and
     # the pass's trial value (1): no n-float collective per curvature product.
     comm, _, flat, _, optimizer = _setup(
-        "logistic", {"n": 400, "dim": 10}, global_solver="subspace", curvature="ggn", radius=1.0
+        "logistic", {"n": 400, "dim": 10}, global_solver="subspace", curvature="ggn", radius=1.0, metric="euclidean"
     )
     n = flat.numel
     for _ in range(6):

@@ -191,6 +191,11 @@ def test_two_rank_gpu_run_equals_cpu_run(tmp_path: Path, optimizer: str) -> None
     for device in ("cpu", "cuda"):
         out = tmp_path / f"{device}.h5"
         args = ["train", "--problem", "poisson2d", "--optimizer", optimizer, "--device", device, "--quiet"]
+        if optimizer == "apts-d":
+            # In Adam's metric (the default) the fused kernels' float64 reductions alone move a
+            # step by 1e-3 (tests/kernels/test_kernel_wiring.py); the Euclidean norm compares
+            # the devices, not the reduction precision.
+            args += ["--set", "metric=euclidean"]
         done = run_hpcopt([*args, "--epochs", "3", "--out", str(out)], ranks=2, timeout=300)
         assert done.returncode == 0, done.stderr
         with h5py.File(out, "r") as f:

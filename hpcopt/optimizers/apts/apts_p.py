@@ -43,7 +43,8 @@ class APTSPConfig(APTSDConfig):
 
     Its defaults are §0/§2's, not APTS-D's: ``combine=sum`` (it must stay so: the blocks
     are disjoint, so the pieces concatenate), ``local_start=ball``, ``global_solver=lsr1``,
-    ``curvature=hessian``, ``gamma_inc=1.2``, ``gamma_dec=0.9``.
+    ``curvature=hessian``, ``gamma_inc=1.2``, ``gamma_dec=0.9``, ``metric=euclidean``,
+    ``local_iterations=3``.
 
     Attributes:
         gamma_inc: expansion factor (§0: 1.2).
@@ -53,6 +54,7 @@ class APTSPConfig(APTSDConfig):
         combine: ``sum`` only (§2: the owned blocks concatenate).
         local_start: ``ball`` only (§2: each block's local phase starts from its whole ball).
         metric: ``euclidean`` only (``adam`` is APTS-D's).
+        local_iterations: L, local TR iterations per outer iteration (§2: 3).
         blocks: ``auto`` (whole tensors when balanced within ``max_imbalance``, else
             chunks), ``tensors`` or ``chunks`` (auto).
         max_imbalance: max/mean owned elements accepted by ``auto`` for whole tensors (1.25).
@@ -72,6 +74,8 @@ class APTSPConfig(APTSDConfig):
     curvature: str = "hessian"
     gamma_inc: float = 1.2
     gamma_dec: float = 0.9
+    metric: str = "euclidean"
+    local_iterations: int = 3
     blocks: str = "auto"
     max_imbalance: float = 1.25
     norm: str = "2"
