@@ -107,7 +107,7 @@ VARIANTS["average-gn-nm"] = {**VARIANTS["average-gn"], "nonmonotone": 5}
 VARIANTS["average-gn-start"] = {**VARIANTS["average-gn"], "local_start": "step"}
 VARIANTS["average-gn-start-sub"] = {**VARIANTS["average-gn-start"], "curvature_fraction": 0.1}
 VARIANTS["average-gn-start-sub-l2"] = {**VARIANTS["average-gn-start-sub"], "local_iterations": 2}
-# Whatever APTS-D's defaults are in this checkout (today: the metric-adam-l5 set).
+# Whatever APTS-D's defaults are in this checkout (since 2026-12-05: the metric-adam-l5 set).
 VARIANTS["defaults"] = {}
 # average-gn-start in Adam's ellipsoid (docs/optimizers/apts-d.md, "metric=adam"); with five
 # local iterations, APTS-D's defaults since 2026-12-05.

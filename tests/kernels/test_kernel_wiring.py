@@ -288,18 +288,24 @@ def _apts_d_options(local_solver: str, metric: str) -> dict[str, object]:
     }
 
 
+def _apts_d_with_kernels(
+    optimizer_factory: OptimizerFactory, options: dict[str, object], kernels: Kernels, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Optimizer, Optimizer, list[Any], list[Any]]:
+    """Three APTS-D steps without and with ``kernels``, injected where APTS-D takes its backend."""
+    plain = optimizer_factory("apts-d", options)
+    # APTS-D hands its backend to the subproblem solvers it builds, so inject it at the source.
+    monkeypatch.setattr("hpcopt.optimizers.base.fused_backend", lambda device: kernels)
+    fused = optimizer_factory("apts-d", options)
+    return plain, fused, [plain.step() for _ in range(3)], [fused.step() for _ in range(3)]
+
+
 @pytest.mark.parametrize("local_solver", ["steihaug", "lsr1"])
 def test_apts_d_with_cpu_kernels_matches_the_plain_path(
     optimizer_factory: OptimizerFactory, local_solver: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    options = _apts_d_options(local_solver, "euclidean")
-    plain = optimizer_factory("apts-d", options)
     spy = SpyKernels()
-    # APTS-D hands its backend to the subproblem solvers it builds, so inject it at the source.
-    monkeypatch.setattr("hpcopt.optimizers.base.fused_backend", lambda device: spy)
-    fused = optimizer_factory("apts-d", options)
-    plain_results = [plain.step() for _ in range(3)]
-    fused_results = [fused.step() for _ in range(3)]
+    options = _apts_d_options(local_solver, "euclidean")
+    plain, fused, plain_results, fused_results = _apts_d_with_kernels(optimizer_factory, options, spy, monkeypatch)
     _assert_same_run(plain, fused, plain_results, fused_results)
     assert [r.accepted for r in fused_results] == [r.accepted for r in plain_results]
     assert spy.calls["tr_trial"] >= 3 and spy.calls["cg_step_"] > 0
@@ -313,13 +319,9 @@ def test_apts_d_in_adams_metric_runs_the_plain_paths_operations_with_kernels(
     # the kernels' float64 reductions into a 1e-3 difference in a step after three outer
     # iterations; with the plain path's float32 reductions the fused run is the plain run
     # bit for bit, so every vector the kernels touch is the one the plain path computes.
-    options = _apts_d_options(local_solver, "adam")
-    plain = optimizer_factory("apts-d", options)
     kernels = Float32ReductionKernels()
-    monkeypatch.setattr("hpcopt.optimizers.base.fused_backend", lambda device: kernels)
-    fused = optimizer_factory("apts-d", options)
-    plain_results = [plain.step() for _ in range(3)]
-    fused_results = [fused.step() for _ in range(3)]
+    options = _apts_d_options(local_solver, "adam")
+    plain, fused, plain_results, fused_results = _apts_d_with_kernels(optimizer_factory, options, kernels, monkeypatch)
     assert torch.equal(fused.flat.data, plain.flat.data)
     assert [r.step_norm for r in fused_results] == [r.step_norm for r in plain_results]
     assert plain_results[-1].loss < plain_results[0].loss

@@ -113,14 +113,14 @@ class APTSDConfig(APTSOptions):
 
     option_prefix: ClassVar[str] = "apts-d"
 
-    # APTS-D's defaults differ from §1 in eight options, each measured against §1 on the
-    # full MNIST split at P = 2..8 and Δ₀ = 1e-3..10 and on TinyShakespeare (docs/results.md,
+    # APTS-D's defaults differ from §1 in eight options, measured on the full MNIST split
+    # at P = 2..8 and over Δ₀ from 1e-3 to 10, and on TinyShakespeare (docs/results.md,
     # "APTS-D accuracy against P and Δ₀"): the average instead of the sum, a Gauss–Newton
     # global pass (curvature from all P shards, so it does not thin out as P grows), HF's
     # radius factors (a bad Δ₀ is left within a few outer iterations), local phases that
     # start from the last combined step's length, and since 2026-12-05 a trust region in
     # Adam's diagonal norm with five local iterations (on the transformer the ball's local
-    # steps go nowhere; the ellipsoid's do).  SECTION_1_OPTIONS undoes them.
+    # steps stay short; the ellipsoid's grow).  SECTION_1_OPTIONS undoes them.
     local_iterations: int = 5
     gamma_inc: float = 2.0
     gamma_dec: float = 0.5
