@@ -50,6 +50,8 @@ tuned baseline (best of ``--adam-lrs``).  Variants (APTS-D ``--set`` options):
   norm (``metric=adam``);
 * ``metric-adam-l5``: the same with five local iterations: APTS-D's defaults since
   2026-12-05;
+* ``metric-adam-sub-l2``: ``average-gn-start-sub-l2`` (the set within the cost goal) in
+  Adam's ellipsoid;
 * ``average-gn-local``: the Gauss–Newton step moved into the local phase: one local
   iteration per outer iteration, a Steihaug solve on the rank's own shard with its GGN
   (up to 10 products, no communication), the average of the local steps, and the
@@ -113,6 +115,9 @@ VARIANTS["defaults"] = {}
 # local iterations, APTS-D's defaults since 2026-12-05.
 VARIANTS["metric-adam"] = {**VARIANTS["average-gn-start"], "metric": "adam"}
 VARIANTS["metric-adam-l5"] = {**VARIANTS["metric-adam"], "local_iterations": 5}
+# The cheap set (average-gn-start-sub-l2) in Adam's ellipsoid: does the metric buy back
+# what the curvature sub-batch and two local iterations cost?
+VARIANTS["metric-adam-sub-l2"] = {**VARIANTS["average-gn-start-sub-l2"], "metric": "adam"}
 VARIANTS["average-gn-start-subspace"] = {
     **VARIANTS["average-gn-start"],
     "global_solver": "subspace",
