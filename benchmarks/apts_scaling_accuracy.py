@@ -52,6 +52,14 @@ tuned baseline (best of ``--adam-lrs``).  Variants (APTS-D ``--set`` options):
   2026-12-05;
 * ``metric-adam-sub-l2``: ``average-gn-start-sub-l2`` (the set within the cost goal) in
   Adam's ellipsoid;
+* ``metric-adam-g0-l4``: the defaults without the global pass (``global_passes=0``) and
+  with four local iterations: traffic 2n (the gradient and the combination);
+* ``metric-adam-lsr1-l3``: the defaults with the first-order L-SR1 global pass
+  (``global_solver=lsr1``) and three local iterations: traffic 3n (the trial gradient
+  that the pass needs rides in the trial value's allreduce);
+* ``metric-adam-gn-local``: no global pass; two local iterations, each a Steihaug solve on
+  the rank's own shard with its Gauss–Newton products on a tenth of it (up to 10
+  products, no communication), in Adam's ellipsoid: traffic 2n;
 * ``average-gn-local``: the Gauss–Newton step moved into the local phase: one local
   iteration per outer iteration, a Steihaug solve on the rank's own shard with its GGN
   (up to 10 products, no communication), the average of the local steps, and the
@@ -118,6 +126,18 @@ VARIANTS["metric-adam-l5"] = {**VARIANTS["metric-adam"], "local_iterations": 5}
 # The cheap set (average-gn-start-sub-l2) in Adam's ellipsoid: does the metric buy back
 # what the curvature sub-batch and two local iterations cost?
 VARIANTS["metric-adam-sub-l2"] = {**VARIANTS["average-gn-start-sub-l2"], "metric": "adam"}
+# Within goal 3's traffic (≤ 3n per outer iteration): the defaults with the n-float
+# products of the Gauss–Newton pass replaced by nothing, by L-SR1, or by local products.
+VARIANTS["metric-adam-g0-l4"] = {**VARIANTS["metric-adam"], "global_passes": 0, "local_iterations": 4}
+VARIANTS["metric-adam-lsr1-l3"] = {**VARIANTS["metric-adam"], "global_solver": "lsr1", "local_iterations": 3}
+VARIANTS["metric-adam-gn-local"] = {
+    **VARIANTS["metric-adam"],
+    "global_passes": 0,
+    "local_solver": "steihaug",
+    "local_iterations": 2,
+    "curvature_fraction": 0.1,
+    "max_cg_iterations": 10,
+}
 VARIANTS["average-gn-start-subspace"] = {
     **VARIANTS["average-gn-start"],
     "global_solver": "subspace",
