@@ -60,6 +60,8 @@ tuned baseline (best of ``--adam-lrs``).  Variants (APTS-D ``--set`` options):
 * ``metric-adam-gn-local``: no global pass; two local iterations, each a Steihaug solve on
   the rank's own shard with its Gauss–Newton products on a tenth of it (up to 10
   products, no communication), in Adam's ellipsoid: traffic 2n;
+* ``metric-adam-gn-local-l3`` / ``metric-adam-gn-local-q``: the same with three local
+  iterations / with the local products on a quarter of the shard;
 * ``average-gn-local``: the Gauss–Newton step moved into the local phase: one local
   iteration per outer iteration, a Steihaug solve on the rank's own shard with its GGN
   (up to 10 products, no communication), the average of the local steps, and the
@@ -138,6 +140,8 @@ VARIANTS["metric-adam-gn-local"] = {
     "curvature_fraction": 0.1,
     "max_cg_iterations": 10,
 }
+VARIANTS["metric-adam-gn-local-l3"] = {**VARIANTS["metric-adam-gn-local"], "local_iterations": 3}
+VARIANTS["metric-adam-gn-local-q"] = {**VARIANTS["metric-adam-gn-local"], "curvature_fraction": 0.25}
 VARIANTS["average-gn-start-subspace"] = {
     **VARIANTS["average-gn-start"],
     "global_solver": "subspace",
