@@ -483,9 +483,9 @@ def entry_point() -> None:
         # turns a non-zero SystemExit into MPI_Abort (an "Abort(75)" banner, and MPICH's
         # shared-memory segments left behind for a requeued job with the same job and step
         # id to attach to) unless MPI is already finalized: finalize first.  Then leave
-        # through SystemExit, not os._exit: with MPI_Finalize followed by os._exit, the
-        # mpich wheel's mpiexec (Hydra 5.0.2) ended with status 9, "Killed (signal 9)", in
-        # 11 of 20 four-rank runs (seen in CI); with SystemExit, 0 of 20.
+        # through SystemExit, not os._exit: a 4-rank script doing MPI_Finalize then
+        # os._exit made the mpich wheel's mpiexec (Hydra 5.0.2) end with status 9,
+        # "Killed (signal 9)", in 11 of 20 runs (and a CI run); with SystemExit, 0 of 20.
         from hpcopt.comm.mpi import mpi_module
 
         mpi_module().Finalize()
