@@ -62,6 +62,12 @@ tuned baseline (best of ``--adam-lrs``).  Variants (APTS-D ``--set`` options):
   products, no communication), in Adam's ellipsoid: traffic 2n;
 * ``metric-adam-gn-local-l3`` / ``metric-adam-gn-local-q``: the same with three local
   iterations / with the local products on a quarter of the shard;
+* ``metric-adam-gn-local-f35`` / ``metric-adam-gn-local-l3-f18``: the same with the local
+  products on 35 % of the shard / with three local iterations on 18 % of it;
+* ``metric-adam-gn-local-q-ls``: ``metric-adam-gn-local-q`` whose local phases start from
+  the mean length of the last local steps (``local_start=local``) instead of the last
+  combined step's: the average of P local steps is shorter than they are where they
+  disagree, so the combined step's length shrinks the local phases as P grows;
 * ``average-gn-local``: the Gauss–Newton step moved into the local phase: one local
   iteration per outer iteration, a Steihaug solve on the rank's own shard with its GGN
   (up to 10 products, no communication), the average of the local steps, and the
@@ -142,6 +148,11 @@ VARIANTS["metric-adam-gn-local"] = {
 }
 VARIANTS["metric-adam-gn-local-l3"] = {**VARIANTS["metric-adam-gn-local"], "local_iterations": 3}
 VARIANTS["metric-adam-gn-local-q"] = {**VARIANTS["metric-adam-gn-local"], "curvature_fraction": 0.25}
+# The rest of the 5.5-gradient budget spent on the local curvature: more rows, or a third iteration.
+VARIANTS["metric-adam-gn-local-f35"] = {**VARIANTS["metric-adam-gn-local"], "curvature_fraction": 0.35}
+VARIANTS["metric-adam-gn-local-l3-f18"] = {**VARIANTS["metric-adam-gn-local-l3"], "curvature_fraction": 0.18}
+# The local phases start from the local steps' own mean length, not the averaged step's.
+VARIANTS["metric-adam-gn-local-q-ls"] = {**VARIANTS["metric-adam-gn-local-q"], "local_start": "local"}
 VARIANTS["average-gn-start-subspace"] = {
     **VARIANTS["average-gn-start"],
     "global_solver": "subspace",

@@ -353,6 +353,36 @@ def test_local_start_follows_the_combined_step_and_is_the_same_on_every_rank() -
 
 
 @pytest.mark.mpi(min_size=1)
+def test_local_start_local_follows_the_mean_local_step_and_is_the_same_on_every_rank() -> None:
+    comm, _, flat, _, optimizer = _setup(
+        "logistic", {"n": 400, "dim": 10}, radius=1.0, combine="average", local_start="local"
+    )
+    cfg = optimizer.config
+    phase = optimizer._local_phase
+    lengths: list[float] = []
+
+    def recorded(*args: torch.Tensor) -> tuple[torch.Tensor, float, dict[str, int]]:
+        step_r, pred_r, counts = phase(*args)
+        lengths.append(float(step_r.norm()))
+        return step_r, pred_r, counts
+
+    optimizer._local_phase = recorded  # type: ignore[method-assign]
+    for _ in range(8):
+        before = optimizer.local_start
+        result = optimizer.step()
+        mean = sum(comm.allgather_object(lengths[-1])) / comm.size
+        if result.extras["pred"] > 0 and mean > 0:
+            expected = cfg.local_gamma_inc * mean
+        else:
+            expected = before * cfg.local_gamma_dec**cfg.local_iterations
+        # The lengths are summed in the float32 buffer of the combination.
+        assert optimizer.local_start == pytest.approx(max(cfg.radius_min, expected), rel=1e-6)
+        # The mean of the local lengths bounds the length of their mean (the triangle inequality).
+        assert float(result.extras["combined_norm"]) <= mean * (1 + 1e-6)
+        assert _all_equal(comm, (optimizer.local_start, result.accepted, float(flat.data.sum())))
+
+
+@pytest.mark.mpi(min_size=1)
 def test_local_phase_starts_from_the_local_start_not_the_ball() -> None:
     # From a start of 1e-3 three local iterations (radius ×1.5 at most per success) stay
     # within 1e-3·(1 + 1.5 + 2.25) in the Euclidean norm; from the whole ball (Δ = 1) the
@@ -390,7 +420,7 @@ def test_state_dict_carries_the_local_start() -> None:
 def test_local_start_is_validated() -> None:
     from hpcopt.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="local_start must be ball or step"):
+    with pytest.raises(ConfigError, match="local_start must be one of ball, step, local"):
         make_config("apts-d", {"local_start": "half"})
     with pytest.raises(ConfigError, match="apts-p: local_start must be 'ball'"):
         make_config("apts-p", {"local_start": "step"})

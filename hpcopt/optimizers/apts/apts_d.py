@@ -7,7 +7,8 @@ One outer iteration on the global batch B = ∪ B_r:
    ``f̃_r(θ) = f_r(θ) + (g − g_r)ᵀ(θ − θ_k)`` (so ∇f̃_r(θ_k) = g) and runs L
    trust-region iterations on it from θ_k, all inside the ball of radius Δ/P, with
    no communication at all.
-3. ``[Σ s_r; Σ pred_r]`` — one allreduce(n+1).  Because every ‖s_r‖ ≤ Δ/P, the sum
+3. ``[Σ s_r; Σ pred_r]`` — one allreduce(n+1) (n+2 with ``local_start=local``:
+   Σ ‖s_r‖ rides along).  Because every ‖s_r‖ ≤ Δ/P, the sum
    obeys ‖s‖ ≤ Δ.
 4. The trial value f(θ_k + s) decides with the ratio test of §0.  With a global
    pass the trial gradient rides in the same allreduce(n+1), since the pass needs
@@ -38,6 +39,9 @@ from hpcopt.numerics.trust_region import LSR1Solver, ReferenceWindow, decide, ma
 from hpcopt.optimizers.apts.local_phase import first_order_consistent, local_phase
 from hpcopt.optimizers.apts.metric import METRICS, make_metric
 from hpcopt.optimizers.apts.options import SOLVERS, APTSOptions
+
+#: Where each local phase starts (``local_start``).
+LOCAL_STARTS = ("ball", "step", "local")
 from hpcopt.optimizers.apts.outcome import outer_step_result
 from hpcopt.optimizers.base import Optimizer, StepResult
 from hpcopt.optimizers.curvature_sample import require_curvature_sample
@@ -90,10 +94,14 @@ class APTSDConfig(APTSOptions):
         local_start: the local radius each local phase starts from: ``step`` *(ours, the
             default)*: local_gamma_inc × the length of the
             last combined step, or the last start × local_gamma_dec^L after a combination
-            that made no local progress, within [radius_min, ball], or ``ball`` (§1: the
+            that made no local progress, within [radius_min, ball]; ``local`` *(ours)*: the
+            same from the mean length of the last local steps (one more scalar in the
+            combination's allreduce); or ``ball`` (§1: the
             whole local ball).  From the ball, the
             first local step of an empty L-SR1 memory is a gradient step to its edge,
-            which on a network is rejected more often than not.
+            which on a network is rejected more often than not.  The average of P local
+            steps is shorter than they are where they disagree, more so as P grows, so
+            ``step`` shrinks the next local phases with P and ``local`` does not.
         curvature_fraction: share of the batch that curvature products (``steihaug``) are
             taken on, the global pass's and the local phase's (1.0) *(ours, as Hessian-free's)*:
             a product then costs that share of a gradient; gradients stay the whole batch's.
@@ -155,8 +163,8 @@ class APTSDConfig(APTSOptions):
             f"not '{self.global_solver}'",
         )
         require(
-            self.local_start in ("ball", "step"),
-            f"{name}: local_start must be ball or step, got '{self.local_start}'",
+            self.local_start in LOCAL_STARTS,
+            f"{name}: local_start must be one of {', '.join(LOCAL_STARTS)}, got '{self.local_start}'",
         )
         require_curvature_sample(name, self.curvature_fraction, self.curvature_sampling)
         require(self.shard in ("batch", "spatial"), f"{name}: shard must be batch or spatial, got '{self.shard}'")
@@ -191,10 +199,12 @@ class APTSD(Optimizer):
             )
             for name in (config.local_solver, config.global_solver)
         )
-        self.combined = objective.comm_buffer()
+        # [Σ u_r; Σ pred_r], and Σ ‖u_r‖ for local_start=local (the local steps' mean length).
+        self.combined = objective.comm_buffer(scalars=2 if config.local_start == "local" else 1)
+        self.local_norm = 0.0
         self.world_size = objective.comm.size
         self.window = ReferenceWindow(config.nonmonotone)
-        # local_start=step: where the next local phases start, from replicated lengths only.
+        # local_start=step or local: where the next local phases start, from replicated lengths only.
         self.local_start = config.radius
         # The trust region's norm; every solve below runs in its scaled coordinates u = A^½ s.
         self.metric = make_metric(config.metric, config.metric_beta, config.metric_eps)
@@ -248,7 +258,7 @@ class APTSD(Optimizer):
         model = first_order_consistent(value, value_and_grad, curvature, correction)
         faults.inject("local_solve", objective.comm.rank, objective.step)
         # f̃_r(θ_k) = f_r(θ_k); its gradient there is g with FOC and g_r without.
-        start = min(ball, self.local_start) if cfg.local_start == "step" else ball
+        start = ball if cfg.local_start == "ball" else min(ball, self.local_start)
         phase = local_phase(
             model,
             self.local_solver,
@@ -288,9 +298,14 @@ class APTSD(Optimizer):
         combined = self.combined
         combined.vector.copy_(step_r)
         combined.scalars[0] = pred_r
+        local_start_local = self.config.local_start == "local"
+        if local_start_local:
+            combined.scalars[1] = float(step_r.norm())
         self.objective.comm.allreduce_(combined.data)
         step = combined.vector.clone()
         pred = float(combined.scalars[0])
+        if local_start_local:
+            self.local_norm = float(combined.scalars[1]) / self.world_size
         if self.config.combine == "average":
             step.div_(self.world_size)
             pred /= self.world_size
@@ -318,8 +333,9 @@ class APTSD(Optimizer):
     def _next_local_start(self, pred: float, combined_norm: float) -> None:
         """Update where the next local phases start (local_start=step) from replicated values."""
         cfg = self.config
-        if pred > 0 and combined_norm > 0:
-            start = cfg.local_gamma_inc * combined_norm
+        length = self.local_norm if cfg.local_start == "local" else combined_norm
+        if pred > 0 and length > 0:
+            start = cfg.local_gamma_inc * length
         else:
             start = self.local_start * cfg.local_gamma_dec ** max(1, cfg.local_iterations)
         self.local_start = max(cfg.radius_min, start)
@@ -353,7 +369,7 @@ class APTSD(Optimizer):
         self.metric.update(grad)  # replicated g: every rank builds the same A
 
         step, pred, step_norm, combined_norm, counts = self._combined_step(theta_k, loss_local, grad_local, grad)
-        if cfg.local_start == "step":
+        if cfg.local_start != "ball":
             self._next_local_start(pred, combined_norm)
 
         # Trial point; the trial gradient rides along when the global pass needs it.
