@@ -39,13 +39,13 @@ from hpcopt.numerics.trust_region import LSR1Solver, ReferenceWindow, decide, ma
 from hpcopt.optimizers.apts.local_phase import first_order_consistent, local_phase
 from hpcopt.optimizers.apts.metric import METRICS, make_metric
 from hpcopt.optimizers.apts.options import SOLVERS, APTSOptions
-
-#: Where each local phase starts (``local_start``).
-LOCAL_STARTS = ("ball", "step", "local")
 from hpcopt.optimizers.apts.outcome import outer_step_result
 from hpcopt.optimizers.base import Optimizer, StepResult
 from hpcopt.optimizers.curvature_sample import require_curvature_sample
 from hpcopt.testing import faults
+
+#: Where each local phase starts (``local_start``).
+LOCAL_STARTS = ("ball", "step", "local")
 
 #: §1 as published (APTS-D's defaults until 2026-12-04): the eight options on which APTS-D's
 #: defaults differ from it, as ``--set`` takes them.  APTS-P's defaults are these values.
