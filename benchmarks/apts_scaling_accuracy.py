@@ -68,6 +68,9 @@ tuned baseline (best of ``--adam-lrs``).  Variants (APTS-D ``--set`` options):
   the mean length of the last local steps (``local_start=local``) instead of the last
   combined step's: the average of P local steps is shorter than they are where they
   disagree, so the combined step's length shrinks the local phases as P grows;
+* ``metric-adam-gn-local-q-sc``: ``metric-adam-gn-local-q`` whose average is stretched (or
+  shrunk) along itself to the minimiser of the whole batch's Gauss–Newton model on that
+  line (``combine=scaled``: one local product and one scalar allreduce more);
 * ``average-gn-local``: the Gauss–Newton step moved into the local phase: one local
   iteration per outer iteration, a Steihaug solve on the rank's own shard with its GGN
   (up to 10 products, no communication), the average of the local steps, and the
@@ -153,6 +156,8 @@ VARIANTS["metric-adam-gn-local-f35"] = {**VARIANTS["metric-adam-gn-local"], "cur
 VARIANTS["metric-adam-gn-local-l3-f18"] = {**VARIANTS["metric-adam-gn-local-l3"], "curvature_fraction": 0.18}
 # The local phases start from the local steps' own mean length, not the averaged step's.
 VARIANTS["metric-adam-gn-local-q-ls"] = {**VARIANTS["metric-adam-gn-local-q"], "local_start": "local"}
+# The average stretched along itself to the whole batch's Gauss–Newton minimiser on that line.
+VARIANTS["metric-adam-gn-local-q-sc"] = {**VARIANTS["metric-adam-gn-local-q"], "combine": "scaled"}
 VARIANTS["average-gn-start-subspace"] = {
     **VARIANTS["average-gn-start"],
     "global_solver": "subspace",

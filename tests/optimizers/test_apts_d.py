@@ -417,6 +417,54 @@ def test_state_dict_carries_the_local_start() -> None:
     assert fresh.local_start == optimizer.local_start != 1.0
 
 
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("radius", [1.0, 1e-3])
+def test_scaled_combination_is_the_minimiser_of_the_whole_batch_model_along_the_average(radius: float) -> None:
+    # combine=scaled: s = α ū with α = −gᵀū / ūᵀHū, capped at min(P, Δ/‖ū‖), and pred the
+    # model's decrease there; checked against the whole batch's Hessian in float64.
+    comm, problem, flat, objective, optimizer = _setup(
+        "logistic",
+        {"n": 400, "dim": 10},
+        radius=radius,
+        combine="scaled",
+        global_passes=0,
+        metric="euclidean",
+        curvature="hessian",
+    )
+    scale = optimizer._scaled_along
+    seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, float]] = []
+
+    def recorded(theta_k: torch.Tensor, mean: torch.Tensor, grad: torch.Tensor, pred: float):
+        step, model_pred = scale(theta_k, mean, grad, pred)
+        seen.append((theta_k.clone(), mean.clone(), step.clone(), model_pred, optimizer.radius))
+        return step, model_pred
+
+    optimizer._scaled_along = recorded  # type: ignore[method-assign]
+    rows = (len(problem.train) // comm.size) * comm.size
+    design = torch.cat([problem.train.inputs[:rows], torch.ones(rows, 1)], 1).double()
+    labels = problem.train.targets[:rows].double()
+    alphas = []
+    for _ in range(3):
+        optimizer.step()
+        theta_k, mean, step, pred, trust_radius = seen[-1]
+        probability = torch.sigmoid(design @ theta_k.double())
+        grad = design.T @ (probability - labels) / rows
+        hessian = design.T @ (design * (probability * (1 - probability))[:, None]) / rows
+        u = mean.double()
+        slope, curvature = float(grad @ u), float(u @ hessian @ u)
+        assert slope < 0
+        alpha = min(-slope / curvature, comm.size, trust_radius / float(u.norm()))
+        torch.testing.assert_close(step.double(), alpha * u, rtol=1e-4, atol=1e-8)
+        alphas.append(alpha)
+        assert pred == pytest.approx(-(alpha * slope + 0.5 * alpha**2 * curvature), rel=1e-3)
+        assert _all_equal(comm, (pred, float(flat.data.sum())))
+    if radius == 1.0:
+        assert max(abs(alpha - 1) for alpha in alphas) > 0.01  # the scaling is not the plain average
+    else:
+        # The model's minimiser lies far outside so small a trust region: its edge caps α.
+        assert float(seen[0][2].norm()) == pytest.approx(seen[0][4], rel=1e-5)
+
+
 def test_local_start_is_validated() -> None:
     from hpcopt.errors import ConfigError
 

@@ -46,6 +46,8 @@ from hpcopt.testing import faults
 
 #: Where each local phase starts (``local_start``).
 LOCAL_STARTS = ("ball", "step", "local")
+#: How the local steps combine (``combine``).
+COMBINES = ("sum", "average", "scaled")
 
 #: §1 as published (APTS-D's defaults until 2026-12-04): the eight options on which APTS-D's
 #: defaults differ from it, as ``--set`` takes them.  APTS-P's defaults are these values.
@@ -86,6 +88,10 @@ class APTSDConfig(APTSOptions):
             means over ranks, or ``sum`` (§1: local radius Δ/P, s = Σ s_r, pred = Σ pred_r).
             The sum sees only 1/P of the curvature of each local step, so its ratio
             degrades as Δ grows; the average keeps ‖s‖ ≤ Δ without that bias.
+            ``scaled`` *(ours)*: the average, stretched or shrunk along itself to the
+            minimiser of the whole batch's Gauss–Newton model on that line (one local
+            product on ``curvature_fraction`` of the shard and one scalar allreduce), pred
+            that model's decrease: the mean of P disagreeing steps is shorter than each.
         predicted: what the ratio test divides by for the combined step: ``sum``
             (§1: Σ pred_r, the mean for ``average``) or ``model`` *(ours)*: the decrease
             −(gᵀs + ½ sᵀBs) that the global L-SR1 model B predicts for the combined
@@ -155,7 +161,7 @@ class APTSDConfig(APTSOptions):
             self.global_solver in SOLVERS,
             f"{name}: unknown global_solver '{self.global_solver}' (choose from {', '.join(SOLVERS)})",
         )
-        require(self.combine in ("sum", "average"), f"{name}: combine must be sum or average, got '{self.combine}'")
+        require(self.combine in COMBINES, f"{name}: combine must be one of {', '.join(COMBINES)}, got '{self.combine}'")
         require(self.predicted in ("sum", "model"), f"{name}: predicted must be sum or model, got '{self.predicted}'")
         require(
             self.predicted == "sum" or self.global_solver == "lsr1",
@@ -306,9 +312,12 @@ class APTSD(Optimizer):
         pred = float(combined.scalars[0])
         if local_start_local:
             self.local_norm = float(combined.scalars[1]) / self.world_size
-        if self.config.combine == "average":
+        if self.config.combine in ("average", "scaled"):
             step.div_(self.world_size)
             pred /= self.world_size
+        if self.config.combine == "scaled":
+            step, pred = self._scaled_along(theta_k, step, grad, pred)
+            counts["scale_products"] = 1
         step_norm = combined_norm = float(step.norm())
         if step_norm > self.radius:
             # Σ‖s_r‖ ≤ Δ by construction; guard against rounding only.
@@ -317,6 +326,33 @@ class APTSD(Optimizer):
         if self.config.predicted == "model":
             pred = self.model_decrease(self.metric.gradient(grad), step)
         return self.metric.step(step), pred, step_norm, combined_norm, counts
+
+    def _scaled_along(
+        self, theta_k: torch.Tensor, mean: torch.Tensor, grad: torch.Tensor, pred: float
+    ) -> tuple[torch.Tensor, float]:
+        """combine=scaled: α·ū at the minimiser along ū of the whole batch's Gauss–Newton model.
+
+        m(α) = α gᵀū + ½ α² ūᵀBū, with B the curvature on ``curvature_fraction`` of the
+        batch: each rank adds ūᵀB_r ū from one local product on its rows, and one
+        allreduce of a scalar gives the mean, which is ūᵀBū because the ranks' rows are
+        equal shares.  α ≤ min(P, Δ/‖ū‖): no longer than the sum of the local steps, and
+        inside the trust region.  pred becomes m's decrease at α.  Where the local steps
+        disagree their mean is shorter than each, while the curvature along it drops
+        quadratically, so α > 1; where they overshoot together, α < 1.
+        """
+        metric = self.metric
+        g = metric.gradient(grad)
+        slope = float(g.dot(mean))
+        product = metric.curvature(self._local_matvec(theta_k, torch.zeros_like(theta_k)))(mean)
+        self.flat.copy_(theta_k)
+        (curvature,) = self.objective.comm.allreduce_scalars([float(mean.dot(product))])
+        curvature /= self.world_size
+        length = float(mean.norm())
+        if slope >= 0 or length == 0:
+            return mean, pred  # no descent along ū: the ratio test decides on it as it is
+        limit = min(float(self.world_size), self.radius / length)
+        alpha = min(-slope / curvature, limit) if curvature > 0 else limit
+        return mean * alpha, -(alpha * slope + 0.5 * alpha * alpha * curvature)
 
     def model_decrease(self, grad: torch.Tensor, step: torch.Tensor) -> float:
         """−(gᵀs + ½ sᵀBs): the decrease the global L-SR1 model predicts for ``step``.
