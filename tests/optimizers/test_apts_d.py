@@ -422,7 +422,7 @@ def test_state_dict_carries_the_local_start() -> None:
 def test_scaled_combination_is_the_minimiser_of_the_whole_batch_model_along_the_average(radius: float) -> None:
     # combine=scaled: s = α ū with α = −gᵀū / ūᵀHū, capped at min(P, Δ/‖ū‖), and pred the
     # model's decrease there; checked against the whole batch's Hessian in float64.
-    comm, problem, flat, objective, optimizer = _setup(
+    comm, problem, flat, _, optimizer = _setup(
         "logistic",
         {"n": 400, "dim": 10},
         radius=radius,
