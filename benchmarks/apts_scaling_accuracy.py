@@ -71,6 +71,7 @@ tuned baseline (best of ``--adam-lrs``).  Variants (APTS-D ``--set`` options):
 * ``metric-adam-gn-local-q-sc``: ``metric-adam-gn-local-q`` whose average is stretched (or
   shrunk) along itself to the minimiser of the whole batch's Gauss–Newton model on that
   line (``combine=scaled``: one local product and one scalar allreduce more);
+  ``metric-adam-gn-local-f35-sc``: the same on 35 % of the shard;
 * ``average-gn-local``: the Gauss–Newton step moved into the local phase: one local
   iteration per outer iteration, a Steihaug solve on the rank's own shard with its GGN
   (up to 10 products, no communication), the average of the local steps, and the
@@ -158,6 +159,7 @@ VARIANTS["metric-adam-gn-local-l3-f18"] = {**VARIANTS["metric-adam-gn-local-l3"]
 VARIANTS["metric-adam-gn-local-q-ls"] = {**VARIANTS["metric-adam-gn-local-q"], "local_start": "local"}
 # The average stretched along itself to the whole batch's Gauss–Newton minimiser on that line.
 VARIANTS["metric-adam-gn-local-q-sc"] = {**VARIANTS["metric-adam-gn-local-q"], "combine": "scaled"}
+VARIANTS["metric-adam-gn-local-f35-sc"] = {**VARIANTS["metric-adam-gn-local-f35"], "combine": "scaled"}
 VARIANTS["average-gn-start-subspace"] = {
     **VARIANTS["average-gn-start"],
     "global_solver": "subspace",
