@@ -47,6 +47,9 @@ RUNS: dict[str, tuple[str, dict[str, object]]] = {
     "apts-d-metric-g0": ("apts-d", {**APTS_VARIANTS["metric-adam"], "global_passes": 0}),
     # ... and with five local iterations instead of three: APTS-D's defaults since 2026-12-05.
     "apts-d-metric-l5": ("apts-d", dict(APTS_VARIANTS["metric-adam-l5"])),
+    # The Gauss–Newton step in the local phase on 35 % of each shard, no global pass (traffic
+    # 2n), and the average stretched along itself to the whole batch's model minimiser.
+    "apts-d-gn-local-f35-sc": ("apts-d", dict(APTS_VARIANTS["metric-adam-gn-local-f35-sc"])),
     "apts-ip": ("apts-ip", {}),
     "adam.lr1e-3": ("adam", {"lr": 1e-3}),
     "adam.lr3e-3": ("adam", {"lr": 3e-3}),
