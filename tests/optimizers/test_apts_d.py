@@ -164,6 +164,16 @@ def test_traffic_per_outer_iteration_is_packed() -> None:
         assert comm.stats.bytes - before == 4 * floats
 
 
+@pytest.mark.parametrize(("options", "extra_bytes"), [({"combine": "scaled"}, 8), ({"local_start": "local"}, 4)])
+def test_scaled_combination_and_local_start_add_a_scalar_only(options: dict, extra_bytes: int) -> None:
+    # combine=scaled: one float64 allreduce for ūᵀBū; local_start=local: Σ‖s_r‖ rides in [s; pred].
+    apts = {"global_passes": 0, "combine": "average", "local_start": "step", **options}
+    comm, _, flat, _, optimizer = _setup("logistic", {"n": 400, "dim": 10}, **apts)
+    before = comm.stats.bytes
+    optimizer.step()
+    assert comm.stats.bytes - before == 4 * (2 * flat.numel + 3) + extra_bytes
+
+
 def test_config_rejects_bad_values() -> None:
     from hpcopt.errors import ConfigError
 
