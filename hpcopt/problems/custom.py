@@ -38,7 +38,7 @@ from hpcopt.errors import ConfigError, DataError, HpcoptError
 from hpcopt.numerics.curvature import LocalObjective, parse_curvature
 from hpcopt.numerics.flat import FlatParameters
 from hpcopt.problems.base import Dataset, Net, Problem, as_sums, evaluation_mode
-from hpcopt.problems.pinn import APTS_D_GAUSS_NEWTON, APTS_IP_GAUSS_NEWTON
+from hpcopt.problems.pinn import APTS_D_GAUSS_NEWTON, APTS_GAUSS_NEWTON_PASSES, APTS_IP_GAUSS_NEWTON
 from hpcopt.problems.streamed import StreamedRows
 
 Loss = Callable[[Tensor, Tensor], Tensor]
@@ -54,7 +54,7 @@ _METRIC_NAMES = {"accuracy": "val_accuracy", "rel_l2": "val_rel_l2_error"}
 
 # What avoids curvature products, for the message of a forward that cannot be differentiated twice.
 _FIRST_ORDER_RUNS = (
-    "runs that take only gradients avoid them: apts-d with --set global_solver=lsr1, apts-p and apts-ip "
+    "runs that take only gradients avoid them: apts-d with --set local_solver=lsr1, apts-p and apts-ip "
     "with local_solver and global_solver lsr1 or cauchy (their defaults), or --optimizer sgd, adam, nlcg or neumann"
 )
 
@@ -69,15 +69,17 @@ def curvature_in_use(optimizer_config: object) -> str | None:
 
     Read from the config's fields, so that this layer need not import the optimizers:
     a ``curvature`` option is used unless the config names its trust-region solvers
-    (``local_solver``, ``global_solver``) and none of them is ``steihaug`` (Hessian-free
-    has no such fields and always takes products).
+    (``local_solver``, ``global_solver``) and none of those that run is ``steihaug``
+    (the global solver does not run with ``global_passes=0``; Hessian-free has no such
+    fields and always takes products).
     """
     kind = getattr(optimizer_config, "curvature", None)
     if not isinstance(kind, str):
         return None
-    solvers = [
-        getattr(optimizer_config, name) for name in ("local_solver", "global_solver") if hasattr(optimizer_config, name)
-    ]
+    names = ["local_solver", "global_solver"]
+    if getattr(optimizer_config, "global_passes", 1) == 0:
+        names.remove("global_solver")
+    solvers = [getattr(optimizer_config, name) for name in names if hasattr(optimizer_config, name)]
     if solvers and "steihaug" not in solvers:
         return None
     return kind
@@ -246,8 +248,10 @@ class CustomProblem(Problem):
         """For a least-squares loss, the APTS global passes on Gauss–Newton products, as for the PINNs."""
         if not self.least_squares:
             return {}
-        if optimizer in ("apts-d", "apts-p"):
+        if optimizer == "apts-d":
             return APTS_D_GAUSS_NEWTON
+        if optimizer == "apts-p":
+            return APTS_GAUSS_NEWTON_PASSES
         if optimizer == "apts-ip":
             return APTS_IP_GAUSS_NEWTON
         if optimizer == "hf":
