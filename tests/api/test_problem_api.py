@@ -336,7 +336,10 @@ def test_curvature_in_use_reads_the_optimizer_config() -> None:
     assert curvature_in_use(make_config("apts-d", {"local_solver": "lsr1"})) is None  # no global pass runs
     # A Steihaug global pass takes products whatever the local solver.
     assert curvature_in_use(make_config("apts-d", {"local_solver": "lsr1", "global_passes": 1})) == "ggn"
-    assert curvature_in_use(make_config("apts-d", {"local_solver": "lsr1", "global_passes": 1, "global_solver": "lsr1"})) is None
+    assert (
+        curvature_in_use(make_config("apts-d", {"local_solver": "lsr1", "global_passes": 1, "global_solver": "lsr1"}))
+        is None
+    )
     assert curvature_in_use(make_config("apts-p", {})) is None
     assert curvature_in_use(make_config("apts-ip", {"local_solver": "steihaug"})) == "hessian"
     assert curvature_in_use(make_config("hf", {})) == "ggn"

@@ -138,6 +138,7 @@ def test_optimizer_defaults_reach_only_the_optimizer_they_name() -> None:
     # APTS-D's local phase under the passes is the first-order one they were measured with.
     apts_d = make_config("apts-d", dict(APTS_D_GAUSS_NEWTON))
     assert (apts_d.local_solver, apts_d.local_iterations, apts_d.curvature_fraction) == ("lsr1", 5, 1.0)
+    assert apts_d.combine == "average"
     # APTS-IP gets its own pipelined Gauss–Newton passes, which its config accepts.
     cfg, optimizer_options, _ = _resolve("--problem", "poisson2d", "--optimizer", "apts-ip")
     assert optimizer_options == dict(APTS_IP_GAUSS_NEWTON)

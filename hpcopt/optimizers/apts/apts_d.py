@@ -90,14 +90,14 @@ class APTSDConfig(APTSOptions):
             ``subspace`` *(ours)*: the exact step of the same model in span{g, the last
             ``subspace_steps`` steps}; its curvature is a k × k block per rank, summed by
             one allreduce of k² scalars instead of one n-float allreduce per product.
-        combine: ``average`` *(ours, the default)*: local radius Δ, s and pred are the
-            means over ranks, or ``sum`` (§1: local radius Δ/P, s = Σ s_r, pred = Σ pred_r).
-            The sum sees only 1/P of the curvature of each local step, so its ratio
-            degrades as Δ grows; the average keeps ‖s‖ ≤ Δ without that bias.
-            ``scaled`` *(ours)*: the average, stretched or shrunk along itself to the
-            minimiser of the whole batch's Gauss–Newton model on that line (one local
-            product on ``curvature_fraction`` of the shard and one scalar allreduce), pred
-            that model's decrease: the mean of P disagreeing steps is shorter than each.
+        combine: how the local steps combine: ``scaled`` *(ours, the default)*: their
+            average, stretched or shrunk along itself to the minimiser of the whole batch's
+            Gauss–Newton model on that line (one local product on ``curvature_fraction`` of
+            the shard and one scalar allreduce), pred that model's decrease: the mean of P
+            disagreeing steps is shorter than each; ``average`` *(ours)*: local radius Δ,
+            s and pred the means over ranks; or ``sum`` (§1: local radius Δ/P, s = Σ s_r,
+            pred = Σ pred_r).  The sum sees only 1/P of the curvature of each local step, so
+            its ratio degrades as Δ grows; the average keeps ‖s‖ ≤ Δ without that bias.
         predicted: what the ratio test divides by for the combined step: ``sum``
             (§1: Σ pred_r, the mean for ``average``) or ``model`` *(ours)*: the decrease
             −(gᵀs + ½ sᵀBs) that the global L-SR1 model B predicts for the combined
@@ -115,7 +115,7 @@ class APTSDConfig(APTSOptions):
             steps is shorter than they are where they disagree, more so as P grows, so
             ``step`` shrinks the next local phases with P and ``local`` does not.
         curvature_fraction: share of the batch that curvature products (``steihaug``) are
-            taken on, the global pass's and the local phase's (0.25; §1: 1.0) *(ours, as
+            taken on, the global pass's and the local phase's (0.35; §1: 1.0) *(ours, as
             Hessian-free's)*: a product then costs that share of a gradient; gradients stay
             the whole batch's.
         curvature_sampling: ``strided`` (the same rows at any P) or ``head`` (each rank's
@@ -140,14 +140,16 @@ class APTSDConfig(APTSOptions):
 
     # APTS-D's defaults differ from §1 in twelve options, measured on the full MNIST split
     # at P = 2..8 and over Δ₀ from 1e-3 to 10, and on TinyShakespeare (docs/results.md,
-    # "APTS-D accuracy against P and Δ₀"): the average instead of the sum, HF's radius
-    # factors (a bad Δ₀ is left within a few outer iterations), local phases that start
-    # from the last combined step's length, a trust region in Adam's diagonal norm (on the
-    # transformer the ball's local steps stay short; the ellipsoid's grow), and local
-    # iterations that are Gauss–Newton Steihaug solves on a quarter of each shard in place
-    # of a global Gauss–Newton pass: the pass's CG products cost an n-float allreduce
-    # each, the local ones nothing, so an outer iteration moves 2n floats and costs about
-    # 4.6 gradients.  SECTION_1_OPTIONS undoes them.
+    # "APTS-D accuracy against P and Δ₀"): HF's radius factors (a bad Δ₀ is left within a
+    # few outer iterations), local phases that start from the last combined step's length,
+    # a trust region in Adam's diagonal norm (on the transformer the ball's local steps stay
+    # short; the ellipsoid's grow), local iterations that are Gauss–Newton Steihaug solves
+    # on 35 % of each shard in place of a global Gauss–Newton pass (the pass's CG products
+    # cost an n-float allreduce each, the local ones nothing: an outer iteration moves 2n
+    # floats and costs about 5.3 gradients), and the average of the local steps stretched
+    # along itself to the whole batch's model minimiser (the mean of P disagreeing steps is
+    # shorter than each; without the stretch accuracy fell with P).  SECTION_1_OPTIONS
+    # undoes them.
     local_iterations: int = 2
     local_solver: str = "steihaug"
     max_cg_iterations: int = 10
@@ -157,10 +159,10 @@ class APTSDConfig(APTSOptions):
     foc: bool = True
     global_passes: int = 0
     global_solver: str = "steihaug"
-    combine: str = "average"
+    combine: str = "scaled"
     predicted: str = "sum"
     local_start: str = "step"
-    curvature_fraction: float = 0.25
+    curvature_fraction: float = 0.35
     curvature_sampling: str = "strided"
     shard: str = "batch"
     metric: str = "adam"
