@@ -54,7 +54,8 @@ _METRIC_NAMES = {"accuracy": "val_accuracy", "rel_l2": "val_rel_l2_error"}
 
 # What avoids curvature products, for the message of a forward that cannot be differentiated twice.
 _FIRST_ORDER_RUNS = (
-    "runs that take only gradients avoid them: apts-d with --set local_solver=lsr1, apts-p and apts-ip "
+    "runs that take only gradients avoid them: apts-d with --set local_solver=lsr1 --set combine=average, "
+    "apts-p and apts-ip "
     "with local_solver and global_solver lsr1 or cauchy (their defaults), or --optimizer sgd, adam, nlcg or neumann"
 )
 
@@ -70,12 +71,14 @@ def curvature_in_use(optimizer_config: object) -> str | None:
     Read from the config's fields, so that this layer need not import the optimizers:
     a ``curvature`` option is used unless the config names its trust-region solvers
     (``local_solver``, ``global_solver``) and none of those that run is ``steihaug``
-    (the global solver does not run with ``global_passes=0``; Hessian-free has no such
-    fields and always takes products).
+    (the global solver does not run with ``global_passes=0``; APTS-D's ``combine=scaled``
+    takes one product; Hessian-free has no such fields and always takes products).
     """
     kind = getattr(optimizer_config, "curvature", None)
     if not isinstance(kind, str):
         return None
+    if getattr(optimizer_config, "combine", None) == "scaled":
+        return kind  # APTS-D's scaled combination takes one product per outer iteration
     names = ["local_solver", "global_solver"]
     if getattr(optimizer_config, "global_passes", 1) == 0:
         names.remove("global_solver")
