@@ -38,7 +38,7 @@ from hpcopt.errors import ConfigError, DataError, HpcoptError
 from hpcopt.numerics.curvature import LocalObjective, parse_curvature
 from hpcopt.numerics.flat import FlatParameters
 from hpcopt.problems.base import Dataset, Net, Problem, as_sums, evaluation_mode
-from hpcopt.problems.pinn import APTS_D_GAUSS_NEWTON, APTS_GAUSS_NEWTON_PASSES, APTS_IP_GAUSS_NEWTON
+from hpcopt.problems.pinn import APTS_D_GAUSS_NEWTON, APTS_IP_GAUSS_NEWTON
 from hpcopt.problems.streamed import StreamedRows
 
 Loss = Callable[[Tensor, Tensor], Tensor]
@@ -54,8 +54,7 @@ _METRIC_NAMES = {"accuracy": "val_accuracy", "rel_l2": "val_rel_l2_error"}
 
 # What avoids curvature products, for the message of a forward that cannot be differentiated twice.
 _FIRST_ORDER_RUNS = (
-    "runs that take only gradients avoid them: apts-d with --set local_solver=lsr1 --set combine=average, "
-    "apts-p and apts-ip "
+    "runs that take only gradients avoid them: apts-d with --set global_solver=lsr1, apts-p and apts-ip "
     "with local_solver and global_solver lsr1 or cauchy (their defaults), or --optimizer sgd, adam, nlcg or neumann"
 )
 
@@ -251,10 +250,8 @@ class CustomProblem(Problem):
         """For a least-squares loss, the APTS global passes on Gauss–Newton products, as for the PINNs."""
         if not self.least_squares:
             return {}
-        if optimizer == "apts-d":
+        if optimizer in ("apts-d", "apts-p"):
             return APTS_D_GAUSS_NEWTON
-        if optimizer == "apts-p":
-            return APTS_GAUSS_NEWTON_PASSES
         if optimizer == "apts-ip":
             return APTS_IP_GAUSS_NEWTON
         if optimizer == "hf":

@@ -285,11 +285,7 @@ class Frozen(nn.Module):
         ({"loss": lambda out, y: F.cross_entropy(out.detach(), y)}, None, "does not depend on the model's parameters"),
         ({"metric": lambda out, y: 0.5}, None, "the metric returned a float; it must return (sum, count)"),
         ({"model": FusedNet}, "ggn", "curvature products (curvature=ggn) fail on this model"),
-        (
-            {"model": FusedNet},
-            "hessian",
-            "apts-d with --set local_solver=lsr1 --set combine=average, apts-p and apts-ip",
-        ),
+        ({"model": FusedNet}, "hessian", "apts-d with --set global_solver=lsr1, apts-p and apts-ip"),
         ({"model": LegacyNet}, "hvp-forward-over-reverse", "torch.func.jvp over torch.func.grad"),
     ],
 )
@@ -336,13 +332,12 @@ def test_the_check_leaves_the_model_and_the_random_stream_alone() -> None:
 def test_curvature_in_use_reads_the_optimizer_config() -> None:
     from hpcopt.optimizers import make_config
 
-    assert curvature_in_use(make_config("apts-d", {})) == "ggn"  # the Gauss–Newton local iterations
-    assert curvature_in_use(make_config("apts-d", {"local_solver": "lsr1"})) == "ggn"  # the scaled combination
-    first_order = {"local_solver": "lsr1", "combine": "average"}
-    assert curvature_in_use(make_config("apts-d", first_order)) is None  # no global pass runs
-    # A Steihaug global pass takes products whatever the local solver.
-    assert curvature_in_use(make_config("apts-d", {**first_order, "global_passes": 1})) == "ggn"
-    assert curvature_in_use(make_config("apts-d", {**first_order, "global_passes": 1, "global_solver": "lsr1"})) is None
+    assert curvature_in_use(make_config("apts-d", {})) == "ggn"  # the Gauss–Newton global pass
+    assert curvature_in_use(make_config("apts-d", {"global_solver": "lsr1"})) is None  # L-SR1 local and global
+    assert curvature_in_use(make_config("apts-d", {"global_passes": 0})) is None  # the Steihaug pass never runs
+    assert curvature_in_use(make_config("apts-d", {"global_passes": 0, "local_solver": "steihaug"})) == "ggn"
+    # The scaled combination takes one product whatever the solvers.
+    assert curvature_in_use(make_config("apts-d", {"global_solver": "lsr1", "combine": "scaled"})) == "ggn"
     assert curvature_in_use(make_config("apts-p", {})) is None
     assert curvature_in_use(make_config("apts-ip", {"local_solver": "steihaug"})) == "hessian"
     assert curvature_in_use(make_config("hf", {})) == "ggn"

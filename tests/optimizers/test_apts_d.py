@@ -155,9 +155,7 @@ def test_traffic_per_outer_iteration_is_packed() -> None:
     # Without the global pass: [g; f] and [s; pred] (2n+2 floats) and the trial value (1);
     # with one global pass the trial gradient rides with the trial value (3n+3) plus the
     # pass's trial value (1).
-    comm, _, flat, _, optimizer = _setup(
-        "logistic", {"n": 400, "dim": 10}, global_solver="lsr1", combine="average", local_solver="lsr1"
-    )
+    comm, _, flat, _, optimizer = _setup("logistic", {"n": 400, "dim": 10}, global_solver="lsr1")
     n = flat.numel
     for passes, floats in ((0, 2 * n + 3), (1, 3 * n + 4)):
         optimizer.config.global_passes = passes
@@ -275,8 +273,6 @@ def _global_pass_run(comm: Communicator, fraction: float) -> torch.Tensor:
     # products on the strided sub-batch must not depend on how the rows are split.
     options = {
         "local_iterations": 0,
-        "global_passes": 1,
-        "combine": "average",
         "global_solver": "steihaug",
         "curvature": "ggn",
         "curvature_fraction": fraction,
@@ -442,8 +438,6 @@ def test_scaled_combination_is_the_minimiser_of_the_whole_batch_model_along_the_
         radius=radius,
         combine="scaled",
         global_passes=0,
-        local_solver="lsr1",
-        curvature_fraction=1.0,
         metric="euclidean",
         curvature="hessian",
     )
@@ -525,15 +519,7 @@ def test_subspace_global_pass_moves_three_n_floats_and_decides_alike_on_every_ra
     # [g; f], [s; pred], the trial [g; f] (3n + 3 float32), the 3 × 3 Gram (9 float64) and
     # the pass's trial value (1): no n-float collective per curvature product.
     comm, _, flat, _, optimizer = _setup(
-        "logistic",
-        {"n": 400, "dim": 10},
-        global_solver="subspace",
-        global_passes=1,
-        combine="average",
-        local_solver="lsr1",
-        curvature="ggn",
-        radius=1.0,
-        metric="euclidean",
+        "logistic", {"n": 400, "dim": 10}, global_solver="subspace", curvature="ggn", radius=1.0, metric="euclidean"
     )
     n = flat.numel
     for _ in range(6):

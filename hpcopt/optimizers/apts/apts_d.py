@@ -49,7 +49,7 @@ LOCAL_STARTS = ("ball", "step", "local")
 #: How the local steps combine (``combine``).
 COMBINES = ("sum", "average", "scaled")
 
-#: §1 as published (APTS-D's defaults until 2026-12-04): the twelve options on which APTS-D's
+#: §1 as published (APTS-D's defaults until 2026-12-04): the eight options on which APTS-D's
 #: defaults differ from it, as ``--set`` takes them.  APTS-P's defaults are these values.
 SECTION_1_OPTIONS: Mapping[str, object] = MappingProxyType(
     {
@@ -61,10 +61,6 @@ SECTION_1_OPTIONS: Mapping[str, object] = MappingProxyType(
         "gamma_dec": 0.9,
         "metric": "euclidean",
         "local_iterations": 3,
-        "local_solver": "lsr1",
-        "global_passes": 1,
-        "curvature_fraction": 1.0,
-        "max_cg_iterations": 20,
     }
 )
 
@@ -82,22 +78,20 @@ class APTSDConfig(APTSOptions):
             outputs (cross-entropy, squared residuals), so the global pass's CG takes full
             Newton-like steps without meeting negative curvature.
         foc: first-order-consistency term in the local model (on).
-        global_passes: G, TR iterations on the global f after the combination (0; §1: 1).
-            Each Steihaug pass costs an n-float allreduce per CG product; without it an
-            outer iteration moves 2n floats.
+        global_passes: G, TR iterations on the global f after the combination (1).
         global_solver: ``cauchy``, ``steihaug``, ``lsr1`` or ``subspace`` (steihaug; §1: lsr1):
             a Steihaug CG solve of the whole batch's model, up to ``max_cg_iterations`` products.
             ``subspace`` *(ours)*: the exact step of the same model in span{g, the last
             ``subspace_steps`` steps}; its curvature is a k × k block per rank, summed by
             one allreduce of k² scalars instead of one n-float allreduce per product.
-        combine: how the local steps combine: ``scaled`` *(ours, the default)*: their
-            average, stretched or shrunk along itself to the minimiser of the whole batch's
-            Gauss–Newton model on that line (one local product on ``curvature_fraction`` of
-            the shard and one scalar allreduce), pred that model's decrease: the mean of P
-            disagreeing steps is shorter than each; ``average`` *(ours)*: local radius Δ,
-            s and pred the means over ranks; or ``sum`` (§1: local radius Δ/P, s = Σ s_r,
-            pred = Σ pred_r).  The sum sees only 1/P of the curvature of each local step, so
-            its ratio degrades as Δ grows; the average keeps ‖s‖ ≤ Δ without that bias.
+        combine: ``average`` *(ours, the default)*: local radius Δ, s and pred are the
+            means over ranks, or ``sum`` (§1: local radius Δ/P, s = Σ s_r, pred = Σ pred_r).
+            The sum sees only 1/P of the curvature of each local step, so its ratio
+            degrades as Δ grows; the average keeps ‖s‖ ≤ Δ without that bias.
+            ``scaled`` *(ours)*: the average, stretched or shrunk along itself to the
+            minimiser of the whole batch's Gauss–Newton model on that line (one local
+            product on ``curvature_fraction`` of the shard and one scalar allreduce), pred
+            that model's decrease: the mean of P disagreeing steps is shorter than each.
         predicted: what the ratio test divides by for the combined step: ``sum``
             (§1: Σ pred_r, the mean for ``average``) or ``model`` *(ours)*: the decrease
             −(gᵀs + ½ sᵀBs) that the global L-SR1 model B predicts for the combined
@@ -115,19 +109,14 @@ class APTSDConfig(APTSOptions):
             steps is shorter than they are where they disagree, more so as P grows, so
             ``step`` shrinks the next local phases with P and ``local`` does not.
         curvature_fraction: share of the batch that curvature products (``steihaug``) are
-            taken on, the global pass's and the local phase's (0.35; §1: 1.0) *(ours, as
-            Hessian-free's)*: a product then costs that share of a gradient; gradients stay
-            the whole batch's.
+            taken on, the global pass's and the local phase's (1.0) *(ours, as Hessian-free's)*:
+            a product then costs that share of a gradient; gradients stay the whole batch's.
         curvature_sampling: ``strided`` (the same rows at any P) or ``head`` (each rank's
             first rows) for ``curvature_fraction`` < 1 (strided).
         shard: how the ranks split each global batch: ``batch`` (contiguous slices of
             the shuffled batch) or ``spatial`` (PINNs: the batch ordered by the first
             coordinate, so each rank owns an interval of x; the thesis' PINN variant).
-        local_iterations: L, local TR iterations per outer iteration (2; §1: 3).
-        local_solver: ``cauchy``, ``steihaug``, ``lsr1`` or ``subspace`` (steihaug; §1: lsr1):
-            each local iteration is a Steihaug solve of the rank's own Gauss–Newton model,
-            its products on ``curvature_fraction`` of the shard, with no communication.
-        max_cg_iterations: cap on Steihaug CG iterations, local and global (10; §1: 20).
+        local_iterations: L, local TR iterations per outer iteration (5; §1: 3).
         metric: the trust region's norm: ``adam`` *(ours, the default)*: ‖s‖_A with
             A the diagonal of Adam's step (√v̂ + ε, normalised to mean 1), so that the
             model's steepest descent is Adam's direction (docs/optimizers/apts-d.md), or
@@ -138,31 +127,25 @@ class APTSDConfig(APTSOptions):
 
     option_prefix: ClassVar[str] = "apts-d"
 
-    # APTS-D's defaults differ from §1 in twelve options, measured on the full MNIST split
+    # APTS-D's defaults differ from §1 in eight options, measured on the full MNIST split
     # at P = 2..8 and over Δ₀ from 1e-3 to 10, and on TinyShakespeare (docs/results.md,
-    # "APTS-D accuracy against P and Δ₀"): HF's radius factors (a bad Δ₀ is left within a
-    # few outer iterations), local phases that start from the last combined step's length,
-    # a trust region in Adam's diagonal norm (on the transformer the ball's local steps stay
-    # short; the ellipsoid's grow), local iterations that are Gauss–Newton Steihaug solves
-    # on 35 % of each shard in place of a global Gauss–Newton pass (the pass's CG products
-    # cost an n-float allreduce each, the local ones nothing: an outer iteration moves 2n
-    # floats and costs about 5.3 gradients), and the average of the local steps stretched
-    # along itself to the whole batch's model minimiser (the mean of P disagreeing steps is
-    # shorter than each; without the stretch accuracy fell with P).  SECTION_1_OPTIONS
-    # undoes them.
-    local_iterations: int = 2
-    local_solver: str = "steihaug"
-    max_cg_iterations: int = 10
+    # "APTS-D accuracy against P and Δ₀"): the average instead of the sum, a Gauss–Newton
+    # global pass (curvature from all P shards, so it does not thin out as P grows), HF's
+    # radius factors (a bad Δ₀ is left within a few outer iterations), local phases that
+    # start from the last combined step's length, and since 2026-12-05 a trust region in
+    # Adam's diagonal norm with five local iterations (on the transformer the ball's local
+    # steps stay short; the ellipsoid's grow).  SECTION_1_OPTIONS undoes them.
+    local_iterations: int = 5
     gamma_inc: float = 2.0
     gamma_dec: float = 0.5
     curvature: str = "ggn"
     foc: bool = True
-    global_passes: int = 0
+    global_passes: int = 1
     global_solver: str = "steihaug"
-    combine: str = "scaled"
+    combine: str = "average"
     predicted: str = "sum"
     local_start: str = "step"
-    curvature_fraction: float = 0.35
+    curvature_fraction: float = 1.0
     curvature_sampling: str = "strided"
     shard: str = "batch"
     metric: str = "adam"

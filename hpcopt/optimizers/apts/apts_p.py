@@ -44,8 +44,7 @@ class APTSPConfig(APTSDConfig):
     Its defaults are §0/§2's, not APTS-D's: ``combine=sum`` (it must stay so: the blocks
     are disjoint, so the pieces concatenate), ``local_start=ball``, ``global_solver=lsr1``,
     ``curvature=hessian``, ``gamma_inc=1.2``, ``gamma_dec=0.9``, ``metric=euclidean``,
-    ``local_iterations=3``, ``local_solver=lsr1``, ``global_passes=1``,
-    ``curvature_fraction=1.0``, ``max_cg_iterations=20``.
+    ``local_iterations=3``.
 
     Attributes:
         gamma_inc: expansion factor (§0: 1.2).
@@ -56,10 +55,6 @@ class APTSPConfig(APTSDConfig):
         local_start: ``ball`` only (§2: each block's local phase starts from its whole ball).
         metric: ``euclidean`` only (``adam`` is APTS-D's).
         local_iterations: L, local TR iterations per outer iteration (§2: 3).
-        local_solver: ``cauchy``, ``steihaug``, ``lsr1`` or ``subspace`` (§2: lsr1).
-        global_passes: G, TR iterations on the global f after the combination (§2: 1).
-        curvature_fraction: share of the batch that curvature products are taken on (1.0).
-        max_cg_iterations: cap on Steihaug CG iterations (20).
         blocks: ``auto`` (whole tensors when balanced within ``max_imbalance``, else
             chunks), ``tensors`` or ``chunks`` (auto).
         max_imbalance: max/mean owned elements accepted by ``auto`` for whole tensors (1.25).
@@ -81,10 +76,6 @@ class APTSPConfig(APTSDConfig):
     gamma_dec: float = 0.9
     metric: str = "euclidean"
     local_iterations: int = 3
-    local_solver: str = "lsr1"
-    global_passes: int = 1
-    curvature_fraction: float = 1.0
-    max_cg_iterations: int = 20
     blocks: str = "auto"
     max_imbalance: float = 1.25
     norm: str = "2"

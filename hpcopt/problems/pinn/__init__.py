@@ -20,25 +20,8 @@ from types import MappingProxyType
 #: ``poisson2d`` the 50-iteration steps stop short of the Gauss–Newton step and the run
 #: misses 1e-2 within two minutes (docs/problems.md, "Defaults for train").  Read-only:
 #: every PINN shares it.
-#: The local phase and the combination stay those these passes were measured with (five
-#: first-order L-SR1 iterations and the plain average for APTS-D, products on the whole
-#: batch): at P = 2 Poisson-2D reached 1e-2 after 24 outer iterations with them and after
-#: 56 with APTS-D's Gauss–Newton local phase on a quarter of each shard under the same
-#: passes; Allen–Cahn after 30 either way, at 3.9e-3 against 6.4e-3 (2026-12-05,
-#: docs/results.md "PINNs with no --set").  APTS-P's defaults are these local options
-#: already; ``local_iterations`` and ``combine`` are APTS-D's only.
-APTS_GAUSS_NEWTON_PASSES: Mapping[str, object] = MappingProxyType(
-    {
-        "global_solver": "steihaug",
-        "curvature": "ggn",
-        "max_cg_iterations": 100,
-        "global_passes": 2,
-        "local_solver": "lsr1",
-        "curvature_fraction": 1.0,
-    }
-)
 APTS_D_GAUSS_NEWTON: Mapping[str, object] = MappingProxyType(
-    {**APTS_GAUSS_NEWTON_PASSES, "local_iterations": 5, "combine": "average"}
+    {"global_solver": "steihaug", "curvature": "ggn", "max_cg_iterations": 100, "global_passes": 2}
 )
 #: APTS-IP's: the same two Gauss–Newton passes, whose products are taken through the
 #: pipeline (:mod:`hpcopt.distributed.pipeline_curvature`); without them its first-order
@@ -53,5 +36,5 @@ APTS_IP_GAUSS_NEWTON: Mapping[str, object] = MappingProxyType(
 #: global pass is APTS-D's, over all parameters; a custom ``least_squares`` problem gets the
 #: same, :mod:`hpcopt.problems.custom`) and APTS-IP.
 GAUSS_NEWTON_DEFAULTS: Mapping[str, Mapping[str, object]] = MappingProxyType(
-    {"apts-d": APTS_D_GAUSS_NEWTON, "apts-p": APTS_GAUSS_NEWTON_PASSES, "apts-ip": APTS_IP_GAUSS_NEWTON}
+    {"apts-d": APTS_D_GAUSS_NEWTON, "apts-p": APTS_D_GAUSS_NEWTON, "apts-ip": APTS_IP_GAUSS_NEWTON}
 )

@@ -30,12 +30,7 @@ from hpcopt.numerics.jets import ScalarJet
 from hpcopt.problems import models
 from hpcopt.problems.base import Dataset, Net, Problem, ProblemOptions, as_sums, build_options, evaluation_mode
 from hpcopt.problems.defaults import TrainingDefaults
-from hpcopt.problems.pinn import (
-    APTS_D_GAUSS_NEWTON,
-    APTS_GAUSS_NEWTON_PASSES,
-    APTS_IP_GAUSS_NEWTON,
-    GAUSS_NEWTON_DEFAULTS,
-)
+from hpcopt.problems.pinn import APTS_D_GAUSS_NEWTON, APTS_IP_GAUSS_NEWTON, GAUSS_NEWTON_DEFAULTS
 
 
 @dataclass
@@ -64,7 +59,7 @@ class PoissonOptions(ProblemOptions):
         time_limit=100,
         optimizer_options={
             "apts-d": {**APTS_D_GAUSS_NEWTON, "global_passes": 4},
-            "apts-p": APTS_GAUSS_NEWTON_PASSES,
+            "apts-p": APTS_D_GAUSS_NEWTON,
             "apts-ip": APTS_IP_GAUSS_NEWTON,
         },
     )
