@@ -438,6 +438,8 @@ def test_scaled_combination_is_the_minimiser_of_the_whole_batch_model_along_the_
         radius=radius,
         combine="scaled",
         global_passes=0,
+        local_solver="lsr1",
+        curvature_fraction=1.0,
         metric="euclidean",
         curvature="hessian",
     )
@@ -480,6 +482,8 @@ def test_local_start_is_validated() -> None:
 
     with pytest.raises(ConfigError, match="local_start must be one of ball, step, local"):
         make_config("apts-d", {"local_start": "half"})
+    with pytest.raises(ConfigError, match="combine must be one of sum, average, scaled"):
+        make_config("apts-d", {"combine": "mean"})
     with pytest.raises(ConfigError, match="apts-p: local_start must be 'ball'"):
         make_config("apts-p", {"local_start": "step"})
 
