@@ -30,6 +30,9 @@ import _common
 import numpy as np
 from apts_scaling_accuracy import VARIANTS as APTS_VARIANTS
 
+# The cheap local Gauss–Newton set of the MNIST study, which the TinyShakespeare runs below vary.
+_GN_LOCAL = APTS_VARIANTS["metric-adam-gn-local-f35-sc"]
+
 # name: (optimizer, --set options)
 RUNS: dict[str, tuple[str, dict[str, object]]] = {
     # §1 (APTS-D's defaults when the study was first run).
@@ -49,26 +52,21 @@ RUNS: dict[str, tuple[str, dict[str, object]]] = {
     "apts-d-metric-l5": ("apts-d", dict(APTS_VARIANTS["metric-adam-l5"])),
     # The Gauss–Newton step in the local phase on 35 % of each shard, no global pass (traffic
     # 2n), and the average stretched along itself to the whole batch's model minimiser.
-    "apts-d-gn-local-f35-sc": ("apts-d", dict(APTS_VARIANTS["metric-adam-gn-local-f35-sc"])),
+    "apts-d-gn-local-f35-sc": ("apts-d", dict(_GN_LOCAL)),
     # Its local phase varied (docs/results.md, "TinyShakespeare: what the local phase needs"):
     # the local Gauss–Newton products on the whole shard (a rank holds only 128 windows at
     # batch 256 and P = 2), ...
-    "apts-d-gn-local-f100-sc": ("apts-d", {**APTS_VARIANTS["metric-adam-gn-local-f35-sc"], "curvature_fraction": 1.0}),
+    "apts-d-gn-local-f100-sc": ("apts-d", {**_GN_LOCAL, "curvature_fraction": 1.0}),
     # ... four local iterations of at most five products each instead of two of ten, ...
     "apts-d-gn-local-l4-cg5-f35-sc": (
         "apts-d",
-        {**APTS_VARIANTS["metric-adam-gn-local-f35-sc"], "local_iterations": 4, "max_cg_iterations": 5},
+        {**_GN_LOCAL, "local_iterations": 4, "max_cg_iterations": 5},
     ),
     # ... two of at most five products, or three of five on a quarter of the shard; ...
-    "apts-d-gn-local-cg5-f35-sc": ("apts-d", {**APTS_VARIANTS["metric-adam-gn-local-f35-sc"], "max_cg_iterations": 5}),
+    "apts-d-gn-local-cg5-f35-sc": ("apts-d", {**_GN_LOCAL, "max_cg_iterations": 5}),
     "apts-d-gn-local-l3-cg5-f25-sc": (
         "apts-d",
-        {
-            **APTS_VARIANTS["metric-adam-gn-local-f35-sc"],
-            "local_iterations": 3,
-            "max_cg_iterations": 5,
-            "curvature_fraction": 0.25,
-        },
+        {**_GN_LOCAL, "local_iterations": 3, "max_cg_iterations": 5, "curvature_fraction": 0.25},
     ),
     # ... and four first-order L-SR1 local iterations, the scaled combination's product on a tenth.
     "apts-d-metric-g0-l4-sc": (
