@@ -72,6 +72,8 @@ tuned baseline (best of ``--adam-lrs``).  Variants (APTS-D ``--set`` options):
   shrunk) along itself to the minimiser of the whole batch's Gauss–Newton model on that
   line (``combine=scaled``: one local product and one scalar allreduce more);
   ``metric-adam-gn-local-f35-sc``: the same on 35 % of the shard;
+  ``metric-adam-gn-local-l4s-cg5-f35-sc``: that with up to four local iterations of at most
+  five products each, ending where the local model is settled (``local_stop=settled``);
 * ``average-gn-local``: the Gauss–Newton step moved into the local phase: one local
   iteration per outer iteration, a Steihaug solve on the rank's own shard with its GGN
   (up to 10 products, no communication), the average of the local steps, and the
@@ -160,6 +162,14 @@ VARIANTS["metric-adam-gn-local-q-ls"] = {**VARIANTS["metric-adam-gn-local-q"], "
 # The average stretched along itself to the whole batch's Gauss–Newton minimiser on that line.
 VARIANTS["metric-adam-gn-local-q-sc"] = {**VARIANTS["metric-adam-gn-local-q"], "combine": "scaled"}
 VARIANTS["metric-adam-gn-local-f35-sc"] = {**VARIANTS["metric-adam-gn-local-f35"], "combine": "scaled"}
+# Up to four local iterations of at most five products that end where the local model is
+# settled (local_stop=settled): TinyShakespeare needs four, MNIST fewer.
+VARIANTS["metric-adam-gn-local-l4s-cg5-f35-sc"] = {
+    **VARIANTS["metric-adam-gn-local-f35-sc"],
+    "local_iterations": 4,
+    "max_cg_iterations": 5,
+    "local_stop": "settled",
+}
 VARIANTS["average-gn-start-subspace"] = {
     **VARIANTS["average-gn-start"],
     "global_solver": "subspace",

@@ -73,6 +73,38 @@ RUNS: dict[str, tuple[str, dict[str, object]]] = {
         "apts-d",
         {**APTS_VARIANTS["metric-adam-g0-l4"], "combine": "scaled", "curvature_fraction": 0.1},
     ),
+    # ... and four iterations at most that end where the local model is settled
+    # (local_stop=settled: solved inside the ball, or the first rejection after progress).
+    "apts-d-gn-local-l4s-cg5-f35-sc": (
+        "apts-d",
+        {**_GN_LOCAL, "local_iterations": 4, "max_cg_iterations": 5, "local_stop": "settled"},
+    ),
+    # ... the same with its products on 18 % of the shard, three iterations at most, or three products.
+    "apts-d-gn-local-l4s-cg5-f18-sc": (
+        "apts-d",
+        {
+            **_GN_LOCAL,
+            "local_iterations": 4,
+            "max_cg_iterations": 5,
+            "local_stop": "settled",
+            "curvature_fraction": 0.18,
+        },
+    ),
+    "apts-d-gn-local-l3s-cg5-f35-sc": (
+        "apts-d",
+        {**_GN_LOCAL, "local_iterations": 3, "max_cg_iterations": 5, "local_stop": "settled"},
+    ),
+    "apts-d-gn-local-l4s-cg3-f35-sc": (
+        "apts-d",
+        {**_GN_LOCAL, "local_iterations": 4, "max_cg_iterations": 3, "local_stop": "settled"},
+    ),
+    # The radius trap of two local iterations (boundary steps at rho ~ 0.5 leave Delta as it
+    # is): expand from rho > 0.5 instead of 0.75, with two local iterations or the settled four.
+    "apts-d-gn-local-f35-sc-eta2": ("apts-d", {**_GN_LOCAL, "eta2": 0.5}),
+    "apts-d-gn-local-l4s-cg5-f35-sc-eta2": (
+        "apts-d",
+        {**_GN_LOCAL, "local_iterations": 4, "max_cg_iterations": 5, "local_stop": "settled", "eta2": 0.5},
+    ),
     "apts-ip": ("apts-ip", {}),
     "adam.lr1e-3": ("adam", {"lr": 1e-3}),
     "adam.lr3e-3": ("adam", {"lr": 3e-3}),

@@ -567,3 +567,83 @@ def test_loop_stops_when_the_ball_is_full_or_the_model_is_stationary() -> None:
     )
     assert [record.reason for record in rejected.history] == ["rejected_pred"] * 5
     assert calls["value"] == 5 and rejected.x is zero
+
+
+@pytest.mark.timeout(60)
+def test_loop_stops_at_a_float32_balls_edge_after_one_evaluation() -> None:
+    # In float32 a step to the edge leaves ~1e-7·ball of room, not 0: no iteration on that.
+    calls = {"value": 0, "value_and_grad": 0}
+    model, value0, grad0 = _local_model(6, 10, calls)
+    value_and_grad = model.value_and_grad
+    assert value_and_grad is not None
+    model.value_and_grad = lambda step: (lambda pair: (pair[0], pair[1].float()))(value_and_grad(step.double()))
+    model.value = lambda step: value_and_grad(step.double())[0]
+    zero = torch.zeros(6, dtype=torch.float32)
+    result = trust_region_loop(
+        model,
+        CauchySolver(),
+        RadiusPolicy(),
+        x0=zero,
+        value0=value0,
+        grad0=grad0.float(),
+        radius=0.3,
+        ball=0.3,
+        max_iter=5,
+    )
+    assert (result.accepted, result.rejected) == (1, 0)
+    assert calls["value"] + calls["value_and_grad"] == 1
+    assert float(result.x.norm()) == pytest.approx(0.3, rel=1e-6)
+
+
+def _scripted_model(spoiled: set[int]) -> tuple[TrustRegionModel, float, torch.Tensor, list[int]]:
+    # A quadratic whose trial values are worse than the start on the evaluations in ``spoiled``.
+    calls = {"value": 0, "value_and_grad": 0}
+    model, value0, grad0 = _local_model(6, 11, calls)
+    value_and_grad = model.value_and_grad
+    assert value_and_grad is not None
+    evaluations: list[int] = []
+
+    def scripted(step: torch.Tensor) -> tuple[float, torch.Tensor]:
+        evaluations.append(len(evaluations))
+        value, grad = value_and_grad(step)
+        return (value0 + 1.0 if evaluations[-1] in spoiled else value), grad
+
+    model.value_and_grad = scripted
+    model.value = lambda step: scripted(step)[0]
+    return model, value0, grad0, evaluations
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("spoiled", "settled_iterations", "pattern"),
+    [
+        pytest.param(set(), 1, [True], id="solved-inside-the-ball"),
+        pytest.param({1}, 2, [True, False], id="rejection-after-progress"),
+        pytest.param({0, 2}, 3, [False, True, False], id="rejection-before-progress-goes-on"),
+    ],
+)
+def test_loop_stop_when_settled(spoiled: set[int], settled_iterations: int, pattern: list[bool]) -> None:
+    # Steihaug solves the 6-dimensional quadratic in 6 products, inside a ball of 100: its
+    # step is the model's interior minimiser (exit converged).  A small first radius makes
+    # the first steps boundary steps, so only the script decides where the loop stops.
+    for settled in (True, False):
+        model, value0, grad0, evaluations = _scripted_model(spoiled)
+        result = trust_region_loop(
+            model,
+            SteihaugSolver(max_iter=20),
+            RadiusPolicy.local_defaults(),
+            x0=torch.zeros(6, dtype=torch.float64),
+            value0=value0,
+            grad0=grad0,
+            radius=100.0 if not spoiled else 0.05,
+            ball=100.0,
+            max_iter=5,
+            record=True,
+            stop_when_settled=settled,
+        )
+        accepted = [record.accepted for record in result.history]
+        if settled:
+            assert accepted == pattern
+            assert len(evaluations) == settled_iterations
+        else:
+            assert accepted[: len(pattern)] == pattern and len(accepted) > settled_iterations

@@ -124,8 +124,15 @@ def test_singular_or_indefinite_local_model_never_crashes(local_solver: str) -> 
 
 
 @pytest.mark.mpi(min_size=1)
-def test_every_decision_and_radius_is_identical_on_every_rank() -> None:
-    comm, _, flat, _, optimizer = _setup("logistic", {"n": 400, "dim": 10}, radius=1.0)
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"local_stop": "settled", "local_solver": "steihaug", "local_iterations": 4, "global_passes": 0}],
+    ids=["defaults", "local-stop-settled"],
+)
+def test_every_decision_and_radius_is_identical_on_every_rank(options: dict[str, object]) -> None:
+    # With local_stop=settled each rank's local phase may end after a different number of
+    # iterations; the combination and the decision must still be the same everywhere.
+    comm, _, flat, _, optimizer = _setup("logistic", {"n": 400, "dim": 10}, radius=1.0, **options)
     for _ in range(10):
         result = optimizer.step()
         decision = (result.accepted, result.ratio, result.radius, optimizer.radius)
@@ -136,13 +143,21 @@ def test_every_decision_and_radius_is_identical_on_every_rank() -> None:
 @pytest.mark.mpi(min_size=1)
 @pytest.mark.parametrize("problem_name", ["quadratic", "logistic"])
 @pytest.mark.parametrize(
-    ("global_solver", "metric"), [("steihaug", "adam"), ("steihaug", "euclidean"), ("subspace", "euclidean")]
+    ("global_solver", "metric", "local_stop"),
+    [
+        ("steihaug", "adam", "iterations"),
+        ("steihaug", "euclidean", "iterations"),
+        ("subspace", "euclidean", "iterations"),
+        ("steihaug", "adam", "settled"),
+    ],
 )
-def test_apts_d_reaches_the_known_minimiser(problem_name: str, global_solver: str, metric: str) -> None:
+def test_apts_d_reaches_the_known_minimiser(
+    problem_name: str, global_solver: str, metric: str, local_stop: str
+) -> None:
     problem = make_problem(problem_name, options={"n": 400, "dim": 5})
     result = train(
         TrainConfig(problem=problem_name, epochs=60, quiet=True),
-        {"radius": 1.0, "global_solver": global_solver, "metric": metric},
+        {"radius": 1.0, "global_solver": global_solver, "metric": metric, "local_stop": local_stop},
         {"n": 400, "dim": 5},
     )
     exact = problem.exact_minimizer()
@@ -180,6 +195,8 @@ def test_config_rejects_bad_values() -> None:
     for bad in ({"radius": -1}, {"local_solver": "newton"}, {"radius_min": 3.0}, {"local_iterations": -1}):
         with pytest.raises(ConfigError):
             make_config("apts-d", bad)
+    with pytest.raises(ConfigError, match="apts-d: local_stop must be one of iterations, settled, got 'never'"):
+        make_config("apts-d", {"local_stop": "never"})
     assert make_config("apts-d", {}) == APTSDConfig()
 
 

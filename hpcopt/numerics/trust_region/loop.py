@@ -129,6 +129,7 @@ def trust_region_loop(
     update_on_reject: bool = True,
     norm: Norm = tensor_norm,
     record: bool = False,
+    stop_when_settled: bool = False,
 ) -> LoopResult:
     """Up to ``max_iter`` trust-region iterations on ``model`` from ``x0``.
 
@@ -149,7 +150,7 @@ def trust_region_loop(
         radius: Initial radius.
         max_iter: Iteration limit, rejected iterations included.
         ball: Keep ``norm(x) ≤ ball``: the subproblem radius is at most the room left,
-            and the loop stops once less than ``1e-9·ball`` is left.  The ball is
+            and the loop stops once less than ``1e-5·ball`` is left.  The ball is
             centred at the origin of ``x``'s coordinates, so a caller with a ball
             iterates on the step from its centre (``x0 = 0``).  ``None``: no ball.
         gtol: Stop when ``norm(∇f(x)) ≤ gtol``; ``None``: never test the gradient.
@@ -169,6 +170,11 @@ def trust_region_loop(
             ``radius_min``, because nothing changes between attempts.
         norm: The norm of steps, gradients and the ball.
         record: Keep one :class:`IterationRecord` per iteration.
+        stop_when_settled: Also stop after an accepted iteration whose subproblem
+            step was interior and solved the model (exit ``converged``: the model is
+            minimised and the function agreed), and after a rejected iteration that
+            follows an accepted one (the model no longer describes the function at
+            this radius; what was gained is kept).  ``max_iter`` stays the limit.
 
     Returns:
         The :class:`LoopResult`.
@@ -184,7 +190,9 @@ def trust_region_loop(
         room = math.inf
         if ball is not None:
             room = ball - norm(x)
-            if room <= 1e-9 * ball:
+            # A step to the edge leaves a float32 rounding's worth of room (~1e-7·ball),
+            # and an iteration on that would cost an evaluation for nothing.
+            if room <= 1e-5 * ball:
                 break
         matvec = model.curvature(x) if solver.needs_matvec and model.curvature is not None else None
         result = solver.solve(grad, min(radius, room), matvec)
@@ -234,6 +242,10 @@ def trust_region_loop(
         else:
             rejected += 1
         radius = decision.radius
+        if stop_when_settled and (
+            (decision.accepted and result.exit == "converged") or (not decision.accepted and accepted > 0)
+        ):
+            break
     return LoopResult(x, value, radius, accepted, rejected, history)
 
 

@@ -82,7 +82,11 @@ def local_phase(
     grad0: torch.Tensor,
     radius: float | None = None,
 ) -> LocalStep:
-    """``options.local_iterations`` iterations on ``model`` from ``s = 0``, keeping ``‖s‖ ≤ ball``.
+    """At most ``options.local_iterations`` iterations on ``model`` from ``s = 0``, keeping ``‖s‖ ≤ ball``.
+
+    With ``options.local_stop == "settled"`` the phase ends early where its model is
+    solved inside the ball or stops describing the shard's loss
+    (:func:`~hpcopt.numerics.trust_region.loop.trust_region_loop`'s ``stop_when_settled``).
 
     The solver starts from an empty memory; the local radius starts at ``radius``
     (default: ``ball``) under ``options.local_policy(ball)``.  ``value0`` and ``grad0``
@@ -99,6 +103,7 @@ def local_phase(
         radius=ball if radius is None else min(radius, ball),
         max_iter=options.local_iterations,
         ball=ball,
+        stop_when_settled=options.local_stop == "settled",
     )
     counts = {"local_accepted": result.accepted, "local_rejected": result.rejected}
     return LocalStep(result.x, value0 - result.value, counts)

@@ -14,6 +14,8 @@ from hpcopt.numerics.curvature import parse_curvature
 from hpcopt.numerics.trust_region import RadiusPolicy
 
 SOLVERS = ("cauchy", "steihaug", "lsr1", "subspace")
+#: When a local phase ends (``local_stop``).
+LOCAL_STOPS = ("iterations", "settled")
 
 
 @dataclass
@@ -34,6 +36,9 @@ class APTSOptions:
             *(ours, Toint 1997)*: ρ = max(ρ, (f_ref − f(θ+s))/(f_ref − f(θ) + pred)), f_ref the
             largest f(θ) of the last M outer iterations.
         local_iterations: L, local TR iterations per outer iteration (3).
+        local_stop: ``iterations`` (L iterations, or until the ball is full) or ``settled``
+            *(ours)*: at most L, ending after an accepted interior step that solved the
+            local model, or after the first rejection that follows an accepted step.
         local_solver: ``cauchy``, ``steihaug``, ``lsr1`` or ``subspace`` (lsr1).
         local_eta1: local phase: accept a local step when ρ ≥ local_eta1 (0.3).
         local_eta2: local phase: expand the local radius when ρ > local_eta2 (0.7).
@@ -58,6 +63,7 @@ class APTSOptions:
     shrink_to_step: bool = False
     nonmonotone: int = 1
     local_iterations: int = 3
+    local_stop: str = "iterations"
     local_solver: str = "lsr1"
     local_eta1: float = 0.3
     local_eta2: float = 0.7
@@ -81,6 +87,10 @@ class APTSOptions:
             f"{name}: nonmonotone (the window M) must be an integer >= 1, got {self.nonmonotone}",
         )
         require(self.local_iterations >= 0, f"{name}: local_iterations must be >= 0, got {self.local_iterations}")
+        require(
+            self.local_stop in LOCAL_STOPS,
+            f"{name}: local_stop must be one of {', '.join(LOCAL_STOPS)}, got '{self.local_stop}'",
+        )
         require(
             self.local_solver in SOLVERS,
             f"{name}: unknown local_solver '{self.local_solver}' (choose from {', '.join(SOLVERS)})",
