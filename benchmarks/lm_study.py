@@ -101,6 +101,8 @@ RUNS: dict[str, tuple[str, dict[str, object]]] = {
     # The radius trap of two local iterations (boundary steps at rho ~ 0.5 leave Delta as it
     # is): expand from rho > 0.5 instead of 0.75, with two local iterations or the settled four.
     "apts-d-gn-local-f35-sc-eta2": ("apts-d", {**_GN_LOCAL, "eta2": 0.5}),
+    # The cheapest set over a whole MNIST run: two local iterations of at most three products.
+    "apts-d-gn-local-f35-sc-cg3": ("apts-d", {**_GN_LOCAL, "max_cg_iterations": 3}),
     "apts-d-gn-local-l4s-cg5-f35-sc-eta2": (
         "apts-d",
         {**_GN_LOCAL, "local_iterations": 4, "max_cg_iterations": 5, "local_stop": "settled", "eta2": 0.5},
