@@ -445,21 +445,33 @@ def test_state_dict_carries_the_local_start() -> None:
 
 
 @pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("local_solver", ["lsr1", "steihaug"])
 @pytest.mark.parametrize("radius", [1.0, 1e-3])
-def test_scaled_combination_is_the_minimiser_of_the_whole_batch_model_along_the_average(radius: float) -> None:
+def test_scaled_combination_is_the_minimiser_of_the_whole_batch_model_along_the_average(
+    radius: float, local_solver: str
+) -> None:
     # combine=scaled: s = α ū with α = −gᵀū / ūᵀHū, capped at min(P, Δ/‖ū‖), and pred the
-    # model's decrease there; checked against the whole batch's Hessian in float64.
+    # model's decrease there; checked against the whole batch's Hessian in float64.  A
+    # Steihaug local phase builds B_r at θ_k first, and the scaling reuses that operator.
     comm, problem, flat, _, optimizer = _setup(
         "logistic",
         {"n": 400, "dim": 10},
         radius=radius,
         combine="scaled",
         global_passes=0,
-        local_solver="lsr1",
+        local_solver=local_solver,
         curvature_fraction=1.0,
         metric="euclidean",
         curvature="hessian",
     )
+    builds_at_theta_k: list[int] = []
+    build = optimizer._local_matvec
+
+    def counted(theta_k: torch.Tensor, step_r: torch.Tensor):
+        builds_at_theta_k.append(int(not bool(step_r.any())))
+        return build(theta_k, step_r)
+
+    optimizer._local_matvec = counted  # type: ignore[method-assign]
     scale = optimizer._scaled_along
     seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, float]] = []
 
@@ -487,6 +499,8 @@ def test_scaled_combination_is_the_minimiser_of_the_whole_batch_model_along_the_
         alphas.append(alpha)
         assert pred == pytest.approx(-(alpha * slope + 0.5 * alpha**2 * curvature), rel=1e-3)
         assert _all_equal(comm, (pred, float(flat.data.sum())))
+    # One operator at θ_k per outer iteration: the local phase's (Steihaug) or the scaling's own (L-SR1).
+    assert sum(builds_at_theta_k) == 3
     if radius == 1.0:
         assert max(abs(alpha - 1) for alpha in alphas) > 0.01  # the scaling is not the plain average
     else:

@@ -33,7 +33,7 @@ from hpcopt.config import require
 from hpcopt.distributed.curvature_batch import BatchCurvature, sampled_local_curvature
 from hpcopt.distributed.data_parallel import DistributedObjective
 from hpcopt.errors import NonFiniteError
-from hpcopt.numerics.curvature import parse_curvature
+from hpcopt.numerics.curvature import CurvatureOperator, parse_curvature
 from hpcopt.numerics.krylov.cg import MatVec
 from hpcopt.numerics.trust_region import LSR1Solver, ReferenceWindow, decide, make_subproblem_solver
 from hpcopt.optimizers.apts.local_phase import first_order_consistent, local_phase
@@ -214,6 +214,8 @@ class APTSD(Optimizer):
         self.local_start = config.radius
         # The trust region's norm; every solve below runs in its scaled coordinates u = A^½ s.
         self.metric = make_metric(config.metric, config.metric_beta, config.metric_eps)
+        # B_r at θ_k from the current local phase, for combine=scaled (None: not built).
+        self._operator_at_theta_k: CurvatureOperator | None = None
 
     def state_dict(self) -> dict[str, Any]:
         # The local solver is reset every outer iteration; only the global one carries memory.
@@ -258,8 +260,18 @@ class APTSD(Optimizer):
             loss_r, grad_r = objective.local_value_and_grad()
             return loss_r, metric.gradient(grad_r)
 
+        built: list[tuple[torch.Tensor, CurvatureOperator]] = []
+        self._operator_at_theta_k = None
+
         def curvature(scaled: torch.Tensor) -> MatVec:
-            return metric.curvature(self._local_matvec(theta_k, metric.step(scaled)))
+            # The local iterate moves only on an accepted step: after a rejection the
+            # operator at it is the one already built (a forward and a backward saved).
+            if not (built and torch.equal(built[-1][0], scaled)):
+                operator = self._local_matvec(theta_k, metric.step(scaled))
+                built[:] = [(scaled.clone(), operator)]
+                if not bool(scaled.any()):
+                    self._operator_at_theta_k = operator  # combine=scaled needs B_r at θ_k too
+            return metric.curvature(built[-1][1])
 
         model = first_order_consistent(value, value_and_grad, curvature, correction)
         faults.inject("local_solve", objective.comm.rank, objective.step)
@@ -277,7 +289,7 @@ class APTSD(Optimizer):
         self.flat.copy_(theta_k)
         return phase.step, phase.decrease, phase.counts
 
-    def _local_matvec(self, theta_k: torch.Tensor, step_r: torch.Tensor) -> MatVec:
+    def _local_matvec(self, theta_k: torch.Tensor, step_r: torch.Tensor) -> CurvatureOperator:
         # The FOC term is linear, so f̃_r has the curvature of f_r at the current local point.
         self.move_to(theta_k, step_r)
         cfg = self.config
@@ -343,9 +355,15 @@ class APTSD(Optimizer):
         metric = self.metric
         g = metric.gradient(grad)
         slope = float(g.dot(mean))
-        product = metric.curvature(self._local_matvec(theta_k, torch.zeros_like(theta_k)))(mean)
+        # B_r at θ_k on the same rows is the local phase's first operator, when it built one.
+        operator = self._operator_at_theta_k
+        if operator is None:
+            operator = self._local_matvec(theta_k, torch.zeros_like(theta_k))
+        self._operator_at_theta_k = None
+        # ūᵀ(A^-½ B_r A^-½)ū = (A^-½ū)ᵀ B_r (A^-½ū): a quadratic form, with no backward through the model.
+        local_curvature = operator.quadratic_form(metric.step(mean))
         self.flat.copy_(theta_k)
-        (curvature,) = self.objective.comm.allreduce_scalars([float(mean.dot(product))])
+        (curvature,) = self.objective.comm.allreduce_scalars([local_curvature])
         curvature /= self.world_size
         length = float(mean.norm())
         if slope >= 0 or length == 0:
