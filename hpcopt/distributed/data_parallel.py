@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -108,6 +108,13 @@ class DistributedObjective:
         with self._same_noise(), _frozen_batchnorm_stats(self.model):
             value = self.local.value()
         return faults.inject("trial", self.comm.rank, self.step, value)
+
+    def local_value_then_grad(self) -> tuple[float, Callable[[], torch.Tensor]]:
+        """f_r now and a function that returns g_r (``flat.grad``) later: see :meth:`LocalObjective.value_then_grad`."""
+        self.evaluations += 1
+        with self._same_noise():
+            value, finish = self.local.value_then_grad()
+        return faults.inject("gradient", self.comm.rank, self.step, value), finish
 
     def local_value_and_grad(self) -> tuple[float, torch.Tensor]:
         """f_r and g_r at the current parameters; g_r is ``flat.grad`` (no copy)."""

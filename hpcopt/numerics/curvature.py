@@ -389,6 +389,23 @@ class LocalObjective:
         loss.backward()
         return float(loss.detach()), self.flat.grad
 
+    def value_then_grad(self) -> tuple[float, Callable[[], Tensor]]:
+        """The loss at ``flat.data`` now, and a function that finishes its gradient later.
+
+        The pass of :meth:`value_and_grad` with its backward deferred: calling the
+        returned function (at most once, before ``flat.data`` changes) runs the
+        backward into ``flat.grad`` and returns it, bit-identical to
+        :meth:`value_and_grad`.  A trial point that is rejected never pays for it.
+        """
+        loss = self.criterion(self.forward(self.flat.model, self.inputs), self.targets)
+
+        def finish() -> Tensor:
+            self.flat.zero_grad()
+            loss.backward()
+            return self.flat.grad
+
+        return float(loss.detach()), finish
+
     def curvature(self, kind: CurvatureKind | str, *, damping: float = 0.0) -> CurvatureOperator:
         """The operator ``v ↦ (B + damping·I) v`` linearised at the current ``flat.data``.
 

@@ -647,3 +647,45 @@ def test_loop_stop_when_settled(spoiled: set[int], settled_iterations: int, patt
             assert len(evaluations) == settled_iterations
         else:
             assert accepted[: len(pattern)] == pattern and len(accepted) > settled_iterations
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("settled", [False, True])
+@pytest.mark.parametrize("spoiled", [set(), {1}, {0, 2}, {1, 2, 3}])
+def test_loop_finishes_a_trial_gradient_only_to_go_on_from_it(spoiled: set[int], settled: bool) -> None:
+    # value_then_grad defers a trial's backward: with a memoryless solver the loop takes
+    # the same steps as with value_and_grad, and finishes a gradient only for an accepted
+    # trial that it goes on from (never for a rejected one, nor for the last accepted one).
+    runs = {}
+    for deferred in (False, True):
+        model, value0, grad0, evaluations = _scripted_model(spoiled)
+        scripted = model.value_and_grad
+        assert scripted is not None
+        finished: list[int] = []
+
+        def value_then_grad(step: torch.Tensor, scripted=scripted, finished=finished, evaluations=evaluations):
+            value, grad = scripted(step)
+            index = len(evaluations) - 1
+            return value, lambda: finished.append(index) or grad
+
+        if deferred:
+            model.value_then_grad = value_then_grad
+        result = trust_region_loop(
+            model,
+            SteihaugSolver(max_iter=2),
+            RadiusPolicy.local_defaults(),
+            x0=torch.zeros(6, dtype=torch.float64),
+            value0=value0,
+            grad0=grad0,
+            radius=0.05,
+            ball=100.0,
+            max_iter=5,
+            stop_when_settled=settled,
+        )
+        runs[deferred] = (result, len(evaluations), finished)
+    (plain, plain_evaluations, _), (lazy, lazy_evaluations, finished) = runs[False], runs[True]
+    assert torch.equal(plain.x, lazy.x) and plain.value == lazy.value
+    assert (plain.accepted, plain.rejected, plain_evaluations) == (lazy.accepted, lazy.rejected, lazy_evaluations)
+    accepted_trials = [i for i in range(lazy_evaluations) if i not in spoiled]
+    # An accepted trial followed by another evaluation was gone on from; the last one was not.
+    assert finished == [i for i in accepted_trials if i < lazy_evaluations - 1]

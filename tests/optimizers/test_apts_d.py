@@ -563,3 +563,52 @@ def test_subspace_global_pass_moves_three_n_floats_and_decides_alike_on_every_ra
         moved = comm.stats.bytes - before
         assert 4 * (3 * n + 3) < moved <= 4 * (3 * n + 4) + 8 * 9
         assert _all_equal(comm, (result.accepted, result.radius, float(flat.data.sum())))
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("metric", ["euclidean", "adam"])
+def test_deferred_trial_gradients_change_nothing_but_the_backward_count(
+    metric: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A Steihaug local phase finishes a trial's gradient only when it goes on from the
+    # trial: the iterates are bit-identical to evaluating every gradient at once.
+    from hpcopt.optimizers.apts import apts_d
+
+    options = dict(
+        global_passes=0,
+        local_solver="steihaug",
+        local_iterations=4,
+        local_stop="settled",
+        max_cg_iterations=3,
+        combine="scaled",
+        curvature="ggn",
+        metric=metric,
+        radius=0.5,
+    )
+    runs = {}
+    plain = apts_d.first_order_consistent
+    for deferred in (True, False):
+        if not deferred:  # the model without value_then_grad: every trial's backward at once
+            monkeypatch.setattr(apts_d, "first_order_consistent", lambda *args: plain(*args[:4]))
+        comm, _, flat, objective, optimizer = _setup("logistic", {"n": 400, "dim": 10}, **options)
+        backward = {"count": 0}
+        finishing = objective.local_value_then_grad
+
+        def counted(finishing=finishing, backward=backward):
+            value, finish = finishing()
+            return value, lambda: backward.__setitem__("count", backward["count"] + 1) or finish()
+
+        objective.local_value_then_grad = counted  # type: ignore[method-assign]
+        immediate = objective.local_value_and_grad
+
+        def counted_now(immediate=immediate, backward=backward):
+            backward["count"] += 1
+            return immediate()
+
+        objective.local_value_and_grad = counted_now  # type: ignore[method-assign]
+        outcomes = [optimizer.step() for _ in range(4)]
+        runs[deferred] = (flat.data.clone(), [(o.loss, o.accepted) for o in outcomes], backward["count"])
+    assert torch.equal(runs[True][0], runs[False][0])
+    assert runs[True][1] == runs[False][1]
+    assert runs[True][2] < runs[False][2]
+    assert _all_equal(comm, float(runs[True][0].sum()))

@@ -50,12 +50,19 @@ class TrustRegionModel:
         grad: ``x ↦ ∇f(x)``; needed without ``fused_gradient``.
         curvature: ``x ↦`` a curvature product at ``x``; needed by solvers that
             ``needs_matvec`` (without it they run with no products).
+        value_then_grad: ``x ↦ (f(x), finish)`` with ``finish()`` returning ``∇f(x)``
+            from the same evaluation, called at most once and before the next call
+            of any other field (a forward now, its backward only if wanted).  With
+            ``fused_gradient``, a solver without memory and neither ``gtol`` nor
+            ``record``, the loop uses it so that a trial which is rejected, or
+            after which the loop stops, costs a forward only.
     """
 
     value: Callable[[torch.Tensor], float]
     value_and_grad: Callable[[torch.Tensor], tuple[float, torch.Tensor]] | None = None
     grad: Callable[[torch.Tensor], torch.Tensor] | None = None
     curvature: Callable[[torch.Tensor], MatVec] | None = None
+    value_then_grad: Callable[[torch.Tensor], tuple[float, Callable[[], torch.Tensor]]] | None = None
 
 
 @dataclass(frozen=True)
@@ -184,6 +191,12 @@ def trust_region_loop(
     grad_norm = norm(grad) if track_grad_norm else math.nan
     accepted = rejected = 0
     history: list[IterationRecord] = []
+    # Without memory the solver uses a trial's gradient only to go on from it, so it is
+    # finished only then (the model must not move before: the pass holds its graph).
+    deferred = (
+        fused_gradient and model.value_then_grad is not None and not solver.has_memory and gtol is None and not record
+    )
+    pending: Callable[[], torch.Tensor] | None = None
     for iteration in range(max_iter):
         if gtol is not None and grad_norm <= gtol:
             break
@@ -194,6 +207,8 @@ def trust_region_loop(
             # and an iteration on that would cost an evaluation for nothing.
             if room <= 1e-5 * ball:
                 break
+        if pending is not None:
+            grad, pending = pending(), None
         matvec = model.curvature(x) if solver.needs_matvec and model.curvature is not None else None
         result = solver.solve(grad, min(radius, room), matvec)
         if stop_on_no_decrease and not (result.pred > 0 and math.isfinite(result.pred)):
@@ -201,10 +216,14 @@ def trust_region_loop(
         step_norm = norm(result.step)
         trial = x + result.step
         trial_grad: torch.Tensor | None = None
+        finish: Callable[[], torch.Tensor] | None = None
         if not fused_gradient:
             trial_value = model.value(trial)
         elif iteration == max_iter - 1 and not solver.has_memory:
             trial_value = model.value(trial)
+        elif deferred:
+            assert model.value_then_grad is not None
+            trial_value, finish = model.value_then_grad(trial)
         else:
             assert model.value_and_grad is not None
             trial_value, trial_grad = model.value_and_grad(trial)
@@ -234,6 +253,7 @@ def trust_region_loop(
             solver.update(result.step, trial_grad - grad)
         if decision.accepted:
             x, value = trial, trial_value
+            pending = finish
             if trial_grad is not None:
                 grad = trial_grad
                 if track_grad_norm:

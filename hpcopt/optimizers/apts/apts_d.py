@@ -22,7 +22,7 @@ scalar (losses, predicted reductions) is packed into those buffers.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, ClassVar
@@ -260,6 +260,11 @@ class APTSD(Optimizer):
             loss_r, grad_r = objective.local_value_and_grad()
             return loss_r, metric.gradient(grad_r)
 
+        def value_then_grad(scaled: torch.Tensor) -> tuple[float, Callable[[], torch.Tensor]]:
+            self.move_to(theta_k, metric.step(scaled))
+            loss_r, finish = objective.local_value_then_grad()
+            return loss_r, lambda: metric.gradient(finish())
+
         built: list[tuple[torch.Tensor, CurvatureOperator]] = []
         self._operator_at_theta_k = None
 
@@ -273,7 +278,7 @@ class APTSD(Optimizer):
                     self._operator_at_theta_k = operator  # combine=scaled needs B_r at θ_k too
             return metric.curvature(built[-1][1])
 
-        model = first_order_consistent(value, value_and_grad, curvature, correction)
+        model = first_order_consistent(value, value_and_grad, curvature, correction, value_then_grad)
         faults.inject("local_solve", objective.comm.rank, objective.step)
         # f̃_r(θ_k) = f_r(θ_k); its gradient there is g with FOC and g_r without.
         start = ball if cfg.local_start == "ball" else min(ball, self.local_start)

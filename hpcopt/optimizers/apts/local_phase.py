@@ -28,6 +28,7 @@ def first_order_consistent(
     value_and_grad: Callable[[torch.Tensor], tuple[float, torch.Tensor]],
     curvature: Callable[[torch.Tensor], MatVec],
     correction: torch.Tensor | None,
+    value_then_grad: Callable[[torch.Tensor], tuple[float, Callable[[], torch.Tensor]]] | None = None,
 ) -> TrustRegionModel:
     """The model ``s ↦ f_r(θ_k + s) + cᵀs`` of a rank's shard loss ``f_r``.
 
@@ -38,23 +39,36 @@ def first_order_consistent(
         curvature: ``s ↦`` the curvature product of ``f_r`` at ``θ_k + s``, which is
             that of the model too: the correction is linear.
         correction: ``c``; ``None`` leaves ``f_r`` as it is.
+        value_then_grad: ``s ↦ (f_r(θ_k + s), finish)``, ``finish()`` the gradient of
+            ``value_and_grad`` from the same pass, later (optional; see
+            :class:`~hpcopt.numerics.trust_region.loop.TrustRegionModel`).
     """
-    if correction is None:
-
-        def plain_value_and_grad(step: torch.Tensor) -> tuple[float, torch.Tensor]:
-            loss, grad = value_and_grad(step)
-            return loss, grad.clone()
-
-        return TrustRegionModel(value=value, value_and_grad=plain_value_and_grad, curvature=curvature)
+    shift = torch.zeros(()) if correction is None else correction
 
     def corrected_value(step: torch.Tensor) -> float:
-        return value(step) + float(correction.dot(step))
+        return value(step) if correction is None else value(step) + float(correction.dot(step))
 
     def corrected_value_and_grad(step: torch.Tensor) -> tuple[float, torch.Tensor]:
         loss, grad = value_and_grad(step)
+        if correction is None:
+            return loss, grad.clone()
         return loss + float(correction.dot(step)), grad + correction
 
-    return TrustRegionModel(value=corrected_value, value_and_grad=corrected_value_and_grad, curvature=curvature)
+    def corrected_value_then_grad(step: torch.Tensor) -> tuple[float, Callable[[], torch.Tensor]]:
+        assert value_then_grad is not None
+        loss, finish = value_then_grad(step)
+
+        def corrected_finish() -> torch.Tensor:
+            return finish().clone() if correction is None else finish() + shift
+
+        return (loss if correction is None else loss + float(correction.dot(step))), corrected_finish
+
+    return TrustRegionModel(
+        value=corrected_value,
+        value_and_grad=corrected_value_and_grad,
+        curvature=curvature,
+        value_then_grad=None if value_then_grad is None else corrected_value_then_grad,
+    )
 
 
 @dataclass
