@@ -74,6 +74,7 @@ tuned baseline (best of ``--adam-lrs``).  Variants (APTS-D ``--set`` options):
   ``metric-adam-gn-local-f35-sc``: the same on 35 % of the shard;
   ``metric-adam-gn-local-l4s-cg5-f35-sc``: that with up to four local iterations of at most
   five products each, ending where the local model is settled (``local_stop=settled``);
+  ``metric-adam-gn-local-l4s-cg3-f35-sc``: the same with at most three products per solve;
   ``metric-adam-gn-local-f35-sc-cg3``: the two-iteration set with at most three products per solve;
 * ``average-gn-local``: the Gauss–Newton step moved into the local phase: one local
   iteration per outer iteration, a Steihaug solve on the rank's own shard with its GGN
@@ -170,6 +171,10 @@ VARIANTS["metric-adam-gn-local-l4s-cg5-f35-sc"] = {
     "local_iterations": 4,
     "max_cg_iterations": 5,
     "local_stop": "settled",
+}
+VARIANTS["metric-adam-gn-local-l4s-cg3-f35-sc"] = {
+    **VARIANTS["metric-adam-gn-local-l4s-cg5-f35-sc"],
+    "max_cg_iterations": 3,
 }
 # Its local CG solves capped at three products: a bound on the whole run's cost by construction.
 VARIANTS["metric-adam-gn-local-f35-sc-cg3"] = {**VARIANTS["metric-adam-gn-local-f35-sc"], "max_cg_iterations": 3}

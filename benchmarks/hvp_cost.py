@@ -7,7 +7,11 @@ loss on random data, the script times, as medians over ``--repeats`` runs:
 * ``gradient``: one forward + backward (``LocalObjective.value_and_grad``);
 * for each curvature kind, a Krylov-style use: ``value_grad_and_curvature`` once
   (``setup``: it yields the gradient too, as on the HF / Steihaug hot path) and then
-  ``--products`` products (``per product``).
+  ``--products`` products (``per product``);
+* ``ggn (double-vjp)``: the Gauss–Newton operator with its generic ``J v``
+  (``LocalObjective.layer_chain = False``); ``ggn`` takes ``J v`` through the layer
+  chain where the model is one (both models by default are), and a row
+  ``ggn: chain / double-vjp`` gives the set-up and product time of the one over the other.
 
 Ratios are to the gradient time measured in the same run.  The fastest Hessian
 variant over a whole solve (setup + products) is the one ``parse_curvature("hessian")``
@@ -45,6 +49,8 @@ from hpcopt.numerics.flat import FlatParameters
 from hpcopt.problems import models as hpcopt_models
 
 LINEARIZE = "hvp-forward (linearize)"
+# The Gauss–Newton operator with J v by the double-vjp trick, as before the layer chain.
+GENERIC_GGN = "ggn (double-vjp)"
 
 
 def mlp() -> tuple[nn.Module, tuple[int, ...]]:
@@ -99,6 +105,15 @@ def linearized_operator(objective: LocalObjective) -> CurvatureOperator:
     )
 
 
+def generic_ggn_operator(objective: LocalObjective) -> CurvatureOperator:
+    """The Gauss–Newton operator with the generic double-vjp ``J v`` (no layer chain)."""
+    objective.layer_chain = False
+    try:
+        return objective.value_grad_and_curvature(CurvatureKind.GGN)[2]
+    finally:
+        objective.layer_chain = True
+
+
 def measure(
     objective: LocalObjective,
     repeats: int,
@@ -120,6 +135,7 @@ def measure(
     builders: dict[str, Callable[[], CurvatureOperator]] = {
         kind.value: (lambda kind=kind: objective.value_grad_and_curvature(kind)[2]) for kind in CurvatureKind
     }
+    builders[GENERIC_GGN] = lambda: generic_ggn_operator(objective)
     if with_linearize:
         builders[LINEARIZE] = lambda: linearized_operator(objective)
     results: dict[str, tuple[float, float]] = {}
@@ -213,9 +229,14 @@ def main() -> None:
                     "product_over_gradient": product / gradient,
                     "solve_over_gradient": solve,
                 }
-                if name != CurvatureKind.GGN.value:
+                if name not in (CurvatureKind.GGN.value, GENERIC_GGN):
                     hessian_totals[name] = hessian_totals.get(name, 0.0) + solve
             records.append(record)
+            chain, generic = results[CurvatureKind.GGN.value], results[GENERIC_GGN]
+            print(
+                f"{model_name:<10} {batch:>6} {'ggn: chain / double-vjp':<26} {chain[0] / generic[0]:>16.2f} "
+                f"{chain[1] / generic[1]:>15.2f}"
+            )
     fastest = min(hessian_totals, key=hessian_totals.__getitem__)
     print("-" * len(header))
     print(f"fastest Hessian product over all models and batches (sum of solve/grad): {fastest}")

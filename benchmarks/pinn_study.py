@@ -125,7 +125,7 @@ def main() -> None:
                 rows.append((problem, "L-BFGS (1 process)", *_lbfgs(problem, args.budget)))
             print(f"  {rows[-1][0]:<11} {rows[-1][1]:<22} {rows[-1][2]:.3e}", file=sys.stderr, flush=True)
 
-    print(f"\nPINN study: budget {args.budget:g}s per method (stops at the first evaluation after it)")
+    print(f"\nPINN study: budget {args.budget:g}s per method (stops, and evaluates, after the first step past it)")
     print(f"{'problem':<11} {'method':<22} {'rel L2 error':>12} {'steps':>7} {'seconds':>8}")
     for problem, method, error, steps, seconds in rows:
         print(f"{problem:<11} {method:<22} {error:>12.3e} {steps:>7d} {seconds:>8.1f}")

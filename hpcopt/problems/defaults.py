@@ -36,9 +36,10 @@ class TrainingDefaults:
         epochs: passes over the training set; with a ``target`` a cap, not a plan.
         batch_size: global mini-batch size (``None``: the whole training set); capped
             at the training set, so a smaller set (``--set problem.n=…``) still trains.
-        eval_every: evaluate (and check ``target`` and ``time_limit``) every this many epochs.
+        eval_every: evaluate (and check ``target``) every this many epochs.
         target: stop at the first evaluation whose metric reaches this value (``None``: no target).
-        time_limit: stop at the first evaluation after this many seconds (``None``: no limit).
+        time_limit: stop, and evaluate, after the first step that ends this many seconds in
+            (``None``: no limit).
         optimizer_options: optimizer name → options of that optimizer only (e.g. the
             Gauss–Newton global pass of APTS-D for a least-squares loss).
     """

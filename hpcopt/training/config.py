@@ -44,7 +44,8 @@ class TrainConfig:
             (:mod:`hpcopt.training.heap`).
         eval_every: evaluate every this many epochs (1).
         max_steps: stop after this many outer iterations (None: no limit).
-        time_limit: stop at the first evaluation after this many seconds (None: no limit).
+        time_limit: stop after the first step that ends this many seconds into training, and
+            evaluate there (None: no limit).
         target: stop at the first evaluation whose metric reaches this value
             (≤ for errors, ≥ for accuracies; None: train all epochs).
         quiet: print nothing: no evaluation lines, no progress bar or progress lines.
@@ -101,7 +102,7 @@ class TrainConfig:
     )
     eval_every: int = flag_field(1, help="evaluate every N epochs")
     max_steps: int | None = flag_field(None, help="stop after N outer iterations")
-    time_limit: float | None = flag_field(None, help="stop at the first evaluation after N seconds")
+    time_limit: float | None = flag_field(None, help="stop, and evaluate, after the first step that ends N seconds in")
     target: float | None = flag_field(None, help="stop when the validation metric reaches this value")
     quiet: bool = flag_field(False)
     checkpoint_every: int = flag_field(0, help="write a checkpoint every N steps")

@@ -434,6 +434,12 @@ def _train(
                     )
                 )
                 stopping = cfg.max_steps is not None and step >= cfg.max_steps
+                if cfg.time_limit is not None and not stopping:
+                    # Checked after every step, not at the next evaluation: a method whose
+                    # evaluations are far apart in time would otherwise train for longer.
+                    # The slowest rank's clock decides, so every rank stops at this step.
+                    elapsed = time.perf_counter() - start
+                    stopping = comm.allreduce_scalars([elapsed], op="max")[0] >= cfg.time_limit
                 last = stopping or (epoch == cfg.epochs and batch_index == batches.batches_per_epoch - 1)
                 # Every rank, every step: one allreduce makes one rank's signal everyone's, at this
                 # step.  After the last step the run simply completes.
