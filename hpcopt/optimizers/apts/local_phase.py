@@ -43,25 +43,25 @@ def first_order_consistent(
             ``value_and_grad`` from the same pass, later (optional; see
             :class:`~hpcopt.numerics.trust_region.loop.TrustRegionModel`).
     """
-    shift = torch.zeros(()) if correction is None else correction
+
+    def shifted(loss: float, step: torch.Tensor) -> float:
+        return loss if correction is None else loss + float(correction.dot(step))
+
+    def shifted_grad(grad: torch.Tensor) -> torch.Tensor:
+        # A copy either way: the caller's gradient may be a buffer the next pass overwrites.
+        return grad.clone() if correction is None else grad + correction
 
     def corrected_value(step: torch.Tensor) -> float:
-        return value(step) if correction is None else value(step) + float(correction.dot(step))
+        return shifted(value(step), step)
 
     def corrected_value_and_grad(step: torch.Tensor) -> tuple[float, torch.Tensor]:
         loss, grad = value_and_grad(step)
-        if correction is None:
-            return loss, grad.clone()
-        return loss + float(correction.dot(step)), grad + correction
+        return shifted(loss, step), shifted_grad(grad)
 
     def corrected_value_then_grad(step: torch.Tensor) -> tuple[float, Callable[[], torch.Tensor]]:
         assert value_then_grad is not None
         loss, finish = value_then_grad(step)
-
-        def corrected_finish() -> torch.Tensor:
-            return finish().clone() if correction is None else finish() + shift
-
-        return (loss if correction is None else loss + float(correction.dot(step))), corrected_finish
+        return shifted(loss, step), lambda: shifted_grad(finish())
 
     return TrustRegionModel(
         value=corrected_value,
