@@ -116,8 +116,9 @@ def _layer_jvp(
             term = _affine(module, layer.input, d_weight, None)
             out = term if out is None else out.add_(term)
         if d_bias is not None:
-            shape = (1, -1) + (1,) * (layer.output.dim() - 2)
-            bias_term = d_bias.view(shape)
+            # A linear layer's bias runs along the last dimension, a convolution's along the channels.
+            spatial = 0 if isinstance(module, nn.Linear) else layer.output.dim() - 2
+            bias_term = d_bias.view((-1,) + (1,) * spatial)
             out = bias_term.expand_as(layer.output).clone() if out is None else out.add_(bias_term)
         return out
     if tangent is None:
@@ -149,7 +150,9 @@ def _layer_jvp(
         indices = layer.cache["indices"]
         # The arg-max indices count within each (sample, channel) plane.
         return tangent.flatten(2).gather(2, indices.flatten(2)).view(indices.shape)
-    # AvgPool, Flatten, Identity, inactive Dropout: linear maps independent of θ.
+    if isinstance(module, nn.Dropout):
+        return tangent  # inactive (eval mode or p = 0): the identity, and no random draw
+    # AvgPool, Flatten, Identity: linear maps independent of θ.
     return module(tangent)
 
 

@@ -58,10 +58,16 @@ def frozen_first_layer() -> tuple[nn.Module, tuple[int, ...]]:
     return nn.Sequential(first, nn.ReLU(), nn.Linear(7, 3)), (5,)
 
 
+def sequence_mlp() -> tuple[nn.Module, tuple[int, ...]]:
+    # Linear layers on (batch, length, features): the bias runs along the last dimension.
+    return nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Dropout(0.0), nn.Linear(6, 4), nn.Flatten()), (5, 3)
+
+
 CHAINS: dict[str, Callable[[], tuple[nn.Module, tuple[int, ...]]]] = {
     "conv2d": conv2d_chain,
     "conv1d": conv1d_chain,
     "frozen": frozen_first_layer,
+    "sequence": sequence_mlp,
 }
 
 
