@@ -7,8 +7,8 @@ Every configuration is one ``mpiexec -n P python -m mpi4py -m hpcopt train
 into ``--outdir``; ``--report-only`` re-prints the table from those logs.  A run
 stops, and evaluates, after the first step that ends past the budget, so every method
 gets the same wall time up to one step (runs logged before 2026-12-06 stopped at the
-first evaluation after it instead: up to ten APTS outer iterations, 10–20 s of a 120 s
-budget, more than Adam's).  Adam runs data-parallel at three
+first evaluation after it instead, which let APTS runs, evaluated every ten outer
+iterations, end up to 17 s after Adam's).  Adam runs data-parallel at three
 learning rates and the best one is the reference; APTS-D runs data-parallel
 with §1's set (``apts-d``), ``average-gn-start`` (``apts-d-gn-start``, its defaults from
 2026-12-04) and its defaults since 2026-12-05 (``apts-d-metric-l5``), APTS-IP cuts the
