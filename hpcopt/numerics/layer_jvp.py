@@ -162,7 +162,8 @@ def record_chain(flat: FlatParameters, run: Callable[[], Tensor]) -> tuple[Tenso
     ``run`` may call the model through :meth:`FlatParameters.functional`: the hooks
     record the parameters each call used.  The chain is ``None`` unless every leaf
     module that ran is supported, ran once, took the previous one's output as input,
-    and the last one's output is what ``run`` returned.
+    the last one's output is what ``run`` returned, and every trained parameter
+    belongs to one of those layers.
     """
     model = flat.model
     layers: list[_Layer] = []
@@ -192,6 +193,7 @@ def record_chain(flat: FlatParameters, run: Callable[[], Tensor]) -> tuple[Tenso
     names = {id(m): name for name, m in leaves}
     index = {name: i for i, name in enumerate(flat.names)}
     slices: list[tuple[slice | None, slice | None]] = []
+    covered: set[int] = set()
     for layer in layers:
         pair: list[slice | None] = [None, None]
         if isinstance(layer.module, _AFFINE):
@@ -204,5 +206,10 @@ def record_chain(flat: FlatParameters, run: Callable[[], Tensor]) -> tuple[Tenso
                 if i is None:
                     return outputs, None  # a parameter shared with another module: keep generic
                 pair[k] = slice(flat.offsets[i], flat.offsets[i + 1])
+                covered.add(i)
         slices.append((pair[0], pair[1]))
+    if len(covered) != len(flat.names):
+        # A trained parameter outside the chain's layers (used by the model's own forward,
+        # or not at all) would be missing from J v: keep generic.
+        return outputs, None
     return outputs, LayerChain(layers, slices)

@@ -112,6 +112,16 @@ class FunctionalBetween(nn.Module):
         return self.second(torch.relu(self.first(x)))  # torch.relu is not a module the hooks see
 
 
+class ScaledInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(4))  # a trained parameter outside every layer
+        self.layers = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layers(x * self.scale)
+
+
 def tied() -> nn.Module:
     model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
     model[2].weight = model[0].weight
@@ -124,6 +134,7 @@ NOT_CHAINS: dict[str, Callable[[], nn.Module]] = {
     "a layer called twice": Twice,
     "a functional op between layers": FunctionalBetween,
     "weights shared by two layers": tied,
+    "a parameter outside the layers": ScaledInput,
     "reflect padding": lambda: nn.Sequential(nn.Conv1d(4, 2, 3, padding=1, padding_mode="reflect"), nn.Flatten()),
     "an unsupported layer": lambda: nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 2)),
 }
