@@ -268,7 +268,7 @@ def report(runs: list[tuple[str, str, int, dict[str, object]]], args: argparse.N
         # Goal 3's cost over the whole run: the median time of an outer iteration (the median
         # leaves out the evaluations between epochs).  Over the first few iterations only it
         # reads low for local Gauss-Newton phases, whose CG solves lengthen as steps turn interior.
-        outer = np.diff(np.asarray(its["wall_time"], dtype=float), prepend=0.0)
+        outer = outer_seconds(run)
         reached = np.flatnonzero(acc >= args.goal) if args.goal is not None else np.array([], dtype=int)
         row = {
             "run": name,
@@ -310,6 +310,11 @@ def report(runs: list[tuple[str, str, int, dict[str, object]]], args: argparse.N
     _plot_outer_times(curves, outdir / "apts_scaling_outer_time.png")
 
 
+def outer_seconds(run: _common.Run) -> np.ndarray:
+    """Seconds of each outer iteration (the first one's from the start of training)."""
+    return np.diff(np.asarray(run.iterations["wall_time"], dtype=float), prepend=0.0)
+
+
 def _plot_outer_times(curves: list[tuple[str, _common.Run]], path: Path) -> None:
     """Seconds per outer iteration against the iteration: goal 3's cost over the whole run."""
     import matplotlib
@@ -319,7 +324,7 @@ def _plot_outer_times(curves: list[tuple[str, _common.Run]], path: Path) -> None
 
     fig, axis = plt.subplots(figsize=(6.5, 4))
     for name, run in curves:
-        outer = np.diff(np.asarray(run.iterations["wall_time"], dtype=float), prepend=0.0)
+        outer = outer_seconds(run)
         axis.plot(np.arange(1, len(outer) + 1), outer, marker=".", label=f"{name} (median {np.median(outer):.1f} s)")
     axis.set_xlabel("outer iteration (steps for SGD/Adam)")
     axis.set_ylabel("seconds (evaluations between epochs included)")

@@ -51,7 +51,7 @@ from torch import Tensor
 
 from hpcopt.errors import ConfigError
 from hpcopt.numerics.flat import FlatParameters
-from hpcopt.numerics.layer_jvp import record_chain
+from hpcopt.numerics.layer_jvp import could_be_chain, record_chain
 
 Forward = Callable[[Callable[[Tensor], Tensor], Tensor], Tensor]
 Criterion = Callable[[Tensor, Tensor], Tensor]
@@ -446,7 +446,8 @@ class LocalObjective:
         # Grad mode on: a problem's forward may differentiate w.r.t. its inputs (PINN).
         with torch.enable_grad():
             chain = None
-            if self.layer_chain and vectors:
+            # The static test first: a forward recorded in vain would be one forward too many.
+            if self.layer_chain and vectors and could_be_chain(self.flat.model):
                 with rng():
                     outputs, chain = record_chain(self.flat, lambda: outputs_of(theta))
             for v in vectors:

@@ -156,6 +156,15 @@ def _layer_jvp(
     return module(tangent)
 
 
+def _leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(name, m) for name, m in model.named_modules() if not any(True for _ in m.children())]
+
+
+def could_be_chain(model: nn.Module) -> bool:
+    """Whether every leaf module of ``model`` is a chain layer: the static half of :func:`record_chain`'s test."""
+    return all(_supported(module) for _, module in _leaves(model))
+
+
 def record_chain(flat: FlatParameters, run: Callable[[], Tensor]) -> tuple[Tensor, LayerChain | None]:
     """Run ``run()`` (a forward of ``flat.model``) and return its outputs and, if it is a chain, the chain.
 
@@ -166,18 +175,20 @@ def record_chain(flat: FlatParameters, run: Callable[[], Tensor]) -> tuple[Tenso
     belongs to one of those layers.
     """
     model = flat.model
+    if not could_be_chain(model):
+        return run(), None  # e.g. a transformer: no hooks, no recorded activations
     layers: list[_Layer] = []
     bad: list[nn.Module] = []
 
     def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-        if not _supported(module) or len(inputs) != 1 or not isinstance(output, Tensor):
+        if len(inputs) != 1 or not isinstance(output, Tensor):  # every leaf is supported (checked above)
             bad.append(module)
             return
         weight = getattr(module, "weight", None) if isinstance(module, _AFFINE) else None
         bias = getattr(module, "bias", None) if isinstance(module, _AFFINE) else None
         layers.append(_Layer(module, inputs[0], output, weight, bias))
 
-    leaves = [(name, m) for name, m in model.named_modules() if not any(True for _ in m.children())]
+    leaves = _leaves(model)
     handles: list[RemovableHandle] = [m.register_forward_hook(hook) for _, m in leaves]
     try:
         outputs = run()

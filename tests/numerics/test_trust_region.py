@@ -15,6 +15,7 @@ from hpcopt.errors import ConfigError, NonFiniteError
 from hpcopt.numerics.krylov.cg import default_dot
 from hpcopt.numerics.trust_region import (
     CauchySolver,
+    LoopResult,
     LSR1Operator,
     LSR1Solver,
     RadiusPolicy,
@@ -613,6 +614,24 @@ def _scripted_model(spoiled: set[int]) -> tuple[TrustRegionModel, float, torch.T
     return model, value0, grad0, evaluations
 
 
+def _run_scripted(
+    model: TrustRegionModel, value0: float, grad0: torch.Tensor, *, products: int, radius: float, **options: bool
+) -> LoopResult:
+    """The scripted quadratic's loop: Steihaug, the local rules, five iterations in a ball of 100."""
+    return trust_region_loop(
+        model,
+        SteihaugSolver(max_iter=products),
+        RadiusPolicy.local_defaults(),
+        x0=torch.zeros(6, dtype=torch.float64),
+        value0=value0,
+        grad0=grad0,
+        radius=radius,
+        ball=100.0,
+        max_iter=5,
+        **options,
+    )
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(
     ("spoiled", "settled_iterations", "pattern"),
@@ -628,19 +647,8 @@ def test_loop_stop_when_settled(spoiled: set[int], settled_iterations: int, patt
     # the first steps boundary steps, so only the script decides where the loop stops.
     for settled in (True, False):
         model, value0, grad0, evaluations = _scripted_model(spoiled)
-        result = trust_region_loop(
-            model,
-            SteihaugSolver(max_iter=20),
-            RadiusPolicy.local_defaults(),
-            x0=torch.zeros(6, dtype=torch.float64),
-            value0=value0,
-            grad0=grad0,
-            radius=100.0 if not spoiled else 0.05,
-            ball=100.0,
-            max_iter=5,
-            record=True,
-            stop_when_settled=settled,
-        )
+        radius = 100.0 if not spoiled else 0.05
+        result = _run_scripted(model, value0, grad0, products=20, radius=radius, record=True, stop_when_settled=settled)
         accepted = [record.accepted for record in result.history]
         if settled:
             assert accepted == pattern
@@ -670,18 +678,7 @@ def test_loop_finishes_a_trial_gradient_only_to_go_on_from_it(spoiled: set[int],
 
         if deferred:
             model.value_then_grad = value_then_grad
-        result = trust_region_loop(
-            model,
-            SteihaugSolver(max_iter=2),
-            RadiusPolicy.local_defaults(),
-            x0=torch.zeros(6, dtype=torch.float64),
-            value0=value0,
-            grad0=grad0,
-            radius=0.05,
-            ball=100.0,
-            max_iter=5,
-            stop_when_settled=settled,
-        )
+        result = _run_scripted(model, value0, grad0, products=2, radius=0.05, stop_when_settled=settled)
         runs[deferred] = (result, len(evaluations), finished)
     (plain, plain_evaluations, _), (lazy, lazy_evaluations, finished) = runs[False], runs[True]
     assert torch.equal(plain.x, lazy.x) and plain.value == lazy.value

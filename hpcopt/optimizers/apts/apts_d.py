@@ -214,8 +214,6 @@ class APTSD(Optimizer):
         self.local_start = config.radius
         # The trust region's norm; every solve below runs in its scaled coordinates u = A^½ s.
         self.metric = make_metric(config.metric, config.metric_beta, config.metric_eps)
-        # B_r at θ_k from the current local phase, for combine=scaled (None: not built).
-        self._operator_at_theta_k: CurvatureOperator | None = None
 
     def state_dict(self) -> dict[str, Any]:
         # The local solver is reset every outer iteration; only the global one carries memory.
@@ -240,8 +238,10 @@ class APTSD(Optimizer):
 
     def _local_phase(
         self, theta_k: torch.Tensor, loss_local: float, grad_local: torch.Tensor, grad: torch.Tensor
-    ) -> tuple[torch.Tensor, float, dict[str, int]]:
-        """L TR iterations on f̃_r inside the ball Δ/P; returns (u_r, pred_r, counts).
+    ) -> tuple[torch.Tensor, float, dict[str, int], CurvatureOperator | None]:
+        """L TR iterations on f̃_r inside the ball Δ/P; returns (u_r, pred_r, counts, B_r at θ_k).
+
+        The last is the curvature operator the phase built at θ_k (None: it built none there).
 
         The phase runs in the metric's scaled coordinates: u_r is the scaled local step.
         """
@@ -265,18 +265,17 @@ class APTSD(Optimizer):
             loss_r, finish = objective.local_value_then_grad()
             return loss_r, lambda: metric.gradient(finish())
 
-        built: list[tuple[torch.Tensor, CurvatureOperator]] = []
-        self._operator_at_theta_k = None
+        # The operator at the local iterate, and the one at θ_k (combine=scaled needs B_r there too).
+        built: dict[str, tuple[torch.Tensor, CurvatureOperator]] = {}
 
         def curvature(scaled: torch.Tensor) -> MatVec:
             # The local iterate moves only on an accepted step: after a rejection the
             # operator at it is the one already built (a forward and a backward saved).
-            if not (built and torch.equal(built[-1][0], scaled)):
-                operator = self._local_matvec(theta_k, metric.step(scaled))
-                built[:] = [(scaled.clone(), operator)]
+            if "last" not in built or not torch.equal(built["last"][0], scaled):
+                built["last"] = (scaled.clone(), self._local_matvec(theta_k, metric.step(scaled)))
                 if not bool(scaled.any()):
-                    self._operator_at_theta_k = operator  # combine=scaled needs B_r at θ_k too
-            return metric.curvature(built[-1][1])
+                    built["theta_k"] = built["last"]
+            return metric.curvature(built["last"][1])
 
         model = first_order_consistent(value, value_and_grad, curvature, correction, value_then_grad)
         faults.inject("local_solve", objective.comm.rank, objective.step)
@@ -292,7 +291,8 @@ class APTSD(Optimizer):
             radius=start,
         )
         self.flat.copy_(theta_k)
-        return phase.step, phase.decrease, phase.counts
+        at_theta_k = built["theta_k"][1] if "theta_k" in built else None
+        return phase.step, phase.decrease, phase.counts, at_theta_k
 
     def _local_matvec(self, theta_k: torch.Tensor, step_r: torch.Tensor) -> CurvatureOperator:
         # The FOC term is linear, so f̃_r has the curvature of f_r at the current local point.
@@ -316,7 +316,7 @@ class APTSD(Optimizer):
         step in the metric's coordinates (u = s for the Euclidean one); the hook that the
         parameter-decomposed variant (APTS-P) overrides.
         """
-        step_r, pred_r, local_counts = self._local_phase(theta_k, loss_local, grad_local, grad)
+        step_r, pred_r, local_counts, operator_at_theta_k = self._local_phase(theta_k, loss_local, grad_local, grad)
         counts: dict[str, float] = dict(local_counts)
         combined = self.combined
         combined.vector.copy_(step_r)
@@ -333,7 +333,7 @@ class APTSD(Optimizer):
             step.div_(self.world_size)
             pred /= self.world_size
         if self.config.combine == "scaled":
-            step, pred = self._scaled_along(theta_k, step, grad, pred)
+            step, pred = self._scaled_along(theta_k, step, grad, pred, operator_at_theta_k)
             counts["scale_products"] = 1
         step_norm = combined_norm = float(step.norm())
         if step_norm > self.radius:
@@ -345,7 +345,12 @@ class APTSD(Optimizer):
         return self.metric.step(step), pred, step_norm, combined_norm, counts
 
     def _scaled_along(
-        self, theta_k: torch.Tensor, mean: torch.Tensor, grad: torch.Tensor, pred: float
+        self,
+        theta_k: torch.Tensor,
+        mean: torch.Tensor,
+        grad: torch.Tensor,
+        pred: float,
+        operator: CurvatureOperator | None = None,
     ) -> tuple[torch.Tensor, float]:
         """combine=scaled: α·ū at the minimiser along ū of the whole batch's Gauss–Newton model.
 
@@ -361,10 +366,8 @@ class APTSD(Optimizer):
         g = metric.gradient(grad)
         slope = float(g.dot(mean))
         # B_r at θ_k on the same rows is the local phase's first operator, when it built one.
-        operator = self._operator_at_theta_k
         if operator is None:
             operator = self._local_matvec(theta_k, torch.zeros_like(theta_k))
-        self._operator_at_theta_k = None
         # ūᵀ(A^-½ B_r A^-½)ū = (A^-½ū)ᵀ B_r (A^-½ū): a quadratic form, with no backward through the model.
         local_curvature = operator.quadratic_form(metric.step(mean))
         self.flat.copy_(theta_k)
