@@ -76,6 +76,9 @@ tuned baseline (best of ``--adam-lrs``).  Variants (APTS-D ``--set`` options):
   five products each, ending where the local model is settled (``local_stop=settled``);
   ``metric-adam-gn-local-l4s-cg3-f35-sc``: the same with at most three products per solve;
   ``metric-adam-gn-local-f35-sc-cg3``: the two-iteration set with at most three products per solve;
+  ``metric-adam-gn-local-l4s-cg5-f35-sc-lf35`` / ``…-l4s-cg3-f35-sc-lf35``: the settled
+  four-iteration sets whose local phases see only the curvature rows, 35 % of the shard
+  (``local_fraction=0.35``: values and gradients too, not only products);
 * ``average-gn-local``: the Gauss–Newton step moved into the local phase: one local
   iteration per outer iteration, a Steihaug solve on the rank's own shard with its GGN
   (up to 10 products, no communication), the average of the local steps, and the
@@ -178,6 +181,16 @@ VARIANTS["metric-adam-gn-local-l4s-cg3-f35-sc"] = {
 }
 # Its local CG solves capped at three products: a bound on the whole run's cost by construction.
 VARIANTS["metric-adam-gn-local-f35-sc-cg3"] = {**VARIANTS["metric-adam-gn-local-f35-sc"], "max_cg_iterations": 3}
+# The settled four-iteration sets with their local phases on the curvature rows
+# (local_fraction=0.35): a local iteration's trial costs 35 % of one on the shard.
+VARIANTS["metric-adam-gn-local-l4s-cg5-f35-sc-lf35"] = {
+    **VARIANTS["metric-adam-gn-local-l4s-cg5-f35-sc"],
+    "local_fraction": 0.35,
+}
+VARIANTS["metric-adam-gn-local-l4s-cg3-f35-sc-lf35"] = {
+    **VARIANTS["metric-adam-gn-local-l4s-cg3-f35-sc"],
+    "local_fraction": 0.35,
+}
 VARIANTS["average-gn-start-subspace"] = {
     **VARIANTS["average-gn-start"],
     "global_solver": "subspace",

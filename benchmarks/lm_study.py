@@ -111,6 +111,15 @@ RUNS: dict[str, tuple[str, dict[str, object]]] = {
         "apts-d",
         {**_GN_LOCAL, "local_iterations": 4, "max_cg_iterations": 5, "local_stop": "settled", "eta2": 0.5},
     ),
+    # The settled four-iteration sets with their local phases on the curvature rows only.
+    "apts-d-gn-local-l4s-cg5-f35-sc-lf35": (
+        "apts-d",
+        {**_GN_LOCAL, "local_iterations": 4, "max_cg_iterations": 5, "local_stop": "settled", "local_fraction": 0.35},
+    ),
+    "apts-d-gn-local-l4s-cg3-f35-sc-lf35": (
+        "apts-d",
+        {**_GN_LOCAL, "local_iterations": 4, "max_cg_iterations": 3, "local_stop": "settled", "local_fraction": 0.35},
+    ),
     "apts-ip": ("apts-ip", {}),
     "adam.lr1e-3": ("adam", {"lr": 1e-3}),
     "adam.lr3e-3": ("adam", {"lr": 3e-3}),

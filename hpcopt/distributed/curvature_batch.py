@@ -61,6 +61,14 @@ def _sampled_rows(objective: DistributedObjective, fraction: float, sampling: st
     return local_objective, len(rows), total
 
 
+def sampled_local_objective(objective: DistributedObjective, fraction: float, sampling: str) -> LocalObjective:
+    """This rank's rows of the sub-batch at ``fraction`` as a local objective (its shard if it holds none).
+
+    The rows :func:`sampled_local_curvature` uses at the same fraction and sampling.
+    """
+    return _sampled_rows(objective, fraction, sampling)[0]
+
+
 def _curvature_of(
     objective: DistributedObjective, local_objective: LocalObjective, kind: CurvatureKind
 ) -> CurvatureOperator:

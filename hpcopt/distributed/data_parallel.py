@@ -88,6 +88,21 @@ class DistributedObjective:
         return self._local
 
     @contextlib.contextmanager
+    def local_rows(self, rows: LocalObjective) -> Iterator[None]:
+        """Make the local methods (``local_value``… and ``local_curvature``) evaluate ``rows``.
+
+        ``rows``: a local objective on some of this shard's rows (APTS-D's
+        ``local_fraction``).  Only the local methods may be called meanwhile: a global
+        value or gradient would reduce a part of the shard as if it were all of it.
+        """
+        shard = self.local
+        self._local = rows
+        try:
+            yield
+        finally:
+            self._local = shard
+
+    @contextlib.contextmanager
     def _same_noise(self) -> Iterator[None]:
         if not self._stochastic:
             yield

@@ -126,8 +126,12 @@ def test_singular_or_indefinite_local_model_never_crashes(local_solver: str) -> 
 @pytest.mark.mpi(min_size=1)
 @pytest.mark.parametrize(
     "options",
-    [{}, {"local_stop": "settled", "local_solver": "steihaug", "local_iterations": 4, "global_passes": 0}],
-    ids=["defaults", "local-stop-settled"],
+    [
+        {},
+        {"local_stop": "settled", "local_solver": "steihaug", "local_iterations": 4, "global_passes": 0},
+        {"local_fraction": 0.25, "local_solver": "steihaug", "combine": "scaled", "global_passes": 0},
+    ],
+    ids=["defaults", "local-stop-settled", "local-fraction"],
 )
 def test_every_decision_and_radius_is_identical_on_every_rank(options: dict[str, object]) -> None:
     # With local_stop=settled each rank's local phase may end after a different number of
@@ -323,6 +327,57 @@ def test_curvature_fraction_and_window_are_validated() -> None:
         make_config("apts-d", {"curvature_sampling": "random"})
     with pytest.raises(ConfigError, match="nonmonotone"):
         make_config("apts-d", {"nonmonotone": 0})
+
+
+@pytest.mark.mpi(min_size=1)
+def test_local_fraction_is_validated() -> None:
+    from hpcopt.errors import ConfigError
+
+    for bad in (0.0, 1.5):
+        with pytest.raises(ConfigError, match=rf"apts-d: local_fraction must be in \(0, 1\], got {bad}"):
+            make_config("apts-d", {"local_fraction": bad})
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("local_solver", ["steihaug", "lsr1"])
+def test_local_phases_on_a_local_fraction_see_only_its_rows(local_solver: str) -> None:
+    # Without the first-order term a local phase depends on its own rows only: on a
+    # quarter of each shard it proposes the step that APTS-D proposes on a batch made
+    # of those rows alone (the global gradient and the decision see the whole batch).
+    from hpcopt.distributed.curvature_batch import curvature_rows
+
+    options = dict(
+        radius=0.5, foc=False, combine="average", metric="euclidean", global_passes=0,
+        local_solver=local_solver, curvature="hessian", local_iterations=3,
+    )  # fmt: skip
+    comm, problem, flat, _, on_quarter = _setup("logistic", {"n": 400, "dim": 10}, local_fraction=0.25, **options)
+    theta = flat.clone()
+    shard_size = len(problem.train) // comm.size
+    rows, total = curvature_rows(shard_size, comm.rank * shard_size, shard_size * comm.size, 0.25, "strided")
+    shard = problem.train.subset(slice(comm.rank * shard_size, (comm.rank + 1) * shard_size))
+    alone = DistributedObjective(problem, flat, comm)
+    alone.set_batch(shard.inputs[rows], shard.targets[rows], total, noise_seed=0)
+    on_rows = APTSD(alone, make_config("apts-d", options))
+
+    def proposed(optimizer: APTSD) -> tuple[torch.Tensor, float]:
+        captured = []
+        combined_step = optimizer._combined_step
+
+        def spy(*args):
+            captured.append(combined_step(*args))
+            return captured[-1]
+
+        optimizer._combined_step = spy  # type: ignore[method-assign]
+        flat.copy_(theta)
+        optimizer.step()
+        return captured[0][0], captured[0][1]
+
+    step, pred = proposed(on_quarter)
+    reference_step, reference_pred = proposed(on_rows)
+    assert len(rows) == shard_size // 4 and float(step.norm()) > 0
+    torch.testing.assert_close(step, reference_step, rtol=1e-5, atol=1e-7)
+    assert pred == pytest.approx(reference_pred, rel=1e-5)
+    assert _all_equal(comm, float(step.sum()))
 
 
 @pytest.mark.mpi(min_size=1)

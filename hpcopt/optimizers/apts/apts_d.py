@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import torch
 
 from hpcopt.config import require
-from hpcopt.distributed.curvature_batch import BatchCurvature, sampled_local_curvature
+from hpcopt.distributed.curvature_batch import BatchCurvature, sampled_local_curvature, sampled_local_objective
 from hpcopt.distributed.data_parallel import DistributedObjective
 from hpcopt.errors import NonFiniteError
 from hpcopt.numerics.curvature import CurvatureOperator, parse_curvature
@@ -112,7 +112,15 @@ class APTSDConfig(APTSOptions):
             taken on, the global pass's and the local phase's (1.0) *(ours, as Hessian-free's)*:
             a product then costs that share of a gradient; gradients stay the whole batch's.
         curvature_sampling: ``strided`` (the same rows at any P) or ``head`` (each rank's
-            first rows) for ``curvature_fraction`` < 1 (strided).
+            first rows) for ``curvature_fraction`` < 1 (strided) and ``local_fraction`` < 1.
+        local_fraction: share of each rank's shard that its local phases see (1.0)
+            *(ours)*: their values, gradients and curvature products are those of
+            these rows only (sampled as ``curvature_sampling`` says), so a local
+            iteration costs that share of one on the whole shard, and the local
+            products ignore ``curvature_fraction``.  The first-order-consistency
+            term uses the rows' gradient at θ_k (one more evaluation of that share per
+            outer iteration); the gradient, the combined trial and the global pass
+            stay the whole batch's.
         shard: how the ranks split each global batch: ``batch`` (contiguous slices of
             the shuffled batch) or ``spatial`` (PINNs: the batch ordered by the first
             coordinate, so each rank owns an interval of x; the thesis' PINN variant).
@@ -147,6 +155,7 @@ class APTSDConfig(APTSOptions):
     local_start: str = "step"
     curvature_fraction: float = 1.0
     curvature_sampling: str = "strided"
+    local_fraction: float = 1.0
     shard: str = "batch"
     metric: str = "adam"
     metric_beta: float = 0.999
@@ -173,6 +182,10 @@ class APTSDConfig(APTSOptions):
             f"{name}: local_start must be one of {', '.join(LOCAL_STARTS)}, got '{self.local_start}'",
         )
         require_curvature_sample(name, self.curvature_fraction, self.curvature_sampling)
+        require(
+            0 < self.local_fraction <= 1,
+            f"{name}: local_fraction must be in (0, 1], got {self.local_fraction}",
+        )
         require(self.shard in ("batch", "spatial"), f"{name}: shard must be batch or spatial, got '{self.shard}'")
         require(self.metric in METRICS, f"{name}: metric must be one of {', '.join(METRICS)}, got '{self.metric}'")
         require(0 <= self.metric_beta < 1, f"{name}: metric_beta must be in [0, 1), got {self.metric_beta}")
@@ -298,7 +311,7 @@ class APTSD(Optimizer):
         # The FOC term is linear, so f̃_r has the curvature of f_r at the current local point.
         self.move_to(theta_k, step_r)
         cfg = self.config
-        if cfg.curvature_fraction < 1.0:
+        if cfg.curvature_fraction < 1.0 and cfg.local_fraction == 1.0:
             # B_r on this rank's rows of the curvature sub-batch; a rank without any keeps its shard's.
             sampled = sampled_local_curvature(
                 self.objective, self.curvature, cfg.curvature_fraction, cfg.curvature_sampling
@@ -430,7 +443,16 @@ class APTSD(Optimizer):
         grad = grad_view.clone()
         self.metric.update(grad)  # replicated g: every rank builds the same A
 
-        step, pred, step_norm, combined_norm, counts = self._combined_step(theta_k, loss_local, grad_local, grad)
+        if cfg.local_fraction < 1.0:
+            # The local phases and the combination see this rank's rows of the local share only.
+            rows = sampled_local_objective(objective, cfg.local_fraction, cfg.curvature_sampling)
+            with objective.local_rows(rows):
+                loss_rows, grad_rows = objective.local_value_and_grad()
+                step, pred, step_norm, combined_norm, counts = self._combined_step(
+                    theta_k, loss_rows, grad_rows.clone(), grad
+                )
+        else:
+            step, pred, step_norm, combined_norm, counts = self._combined_step(theta_k, loss_local, grad_local, grad)
         if cfg.local_start != "ball":
             self._next_local_start(pred, combined_norm)
 
