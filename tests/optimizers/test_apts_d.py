@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from hpcopt.comm import Communicator
+from hpcopt.distributed.curvature_batch import sampled_local_objective
 from hpcopt.distributed.data_parallel import DistributedObjective
 from hpcopt.numerics.flat import FlatParameters
 from hpcopt.optimizers import APTSD, APTSDConfig, make_config
@@ -329,6 +330,39 @@ def test_curvature_fraction_and_window_are_validated() -> None:
         make_config("apts-d", {"nonmonotone": 0})
 
 
+def _proposed_step(optimizer: APTSD, theta: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """The combined step and pred that one outer iteration from ``theta`` proposes."""
+    captured = []
+    combined_step = optimizer._combined_step
+
+    def spy(*args):
+        captured.append(combined_step(*args))
+        return captured[-1]
+
+    optimizer._combined_step = spy  # type: ignore[method-assign]
+    optimizer.flat.copy_(theta)
+    optimizer.step()
+    return captured[0][0], captured[0][1]
+
+
+@pytest.mark.mpi(min_size=1)
+def test_local_phases_on_a_local_fraction_keep_the_global_gradient() -> None:
+    # With FOC the rows' model has the whole batch's gradient at θ_k: each rank's first
+    # Cauchy step to the edge of its ball Δ/P is along −g, so their sum is −Δ g/‖g‖,
+    # although the rows' own gradient differs from g even on one rank.
+    comm, _, flat, objective, optimizer = _setup(
+        "logistic", {"n": 400, "dim": 10}, local_solver="cauchy", local_iterations=1,
+        global_passes=0, combine="sum", local_start="ball", metric="euclidean", local_fraction=0.25,
+    )  # fmt: skip
+    theta, _, _, grad = outer_start(flat, objective)
+    with objective.local_rows(sampled_local_objective(objective, 0.25, "strided")):
+        _, grad_rows = objective.local_value_and_grad()
+        assert not torch.allclose(grad_rows, grad, rtol=1e-3)
+    step, pred = _proposed_step(optimizer, theta)
+    torch.testing.assert_close(step, -optimizer.config.radius * grad / grad.norm(), rtol=1e-5, atol=1e-7)
+    assert pred > 0 and _all_equal(comm, float(step.sum()))
+
+
 @pytest.mark.mpi(min_size=1)
 def test_local_fraction_is_validated() -> None:
     from hpcopt.errors import ConfigError
@@ -359,21 +393,8 @@ def test_local_phases_on_a_local_fraction_see_only_its_rows(local_solver: str) -
     alone.set_batch(shard.inputs[rows], shard.targets[rows], total, noise_seed=0)
     on_rows = APTSD(alone, make_config("apts-d", options))
 
-    def proposed(optimizer: APTSD) -> tuple[torch.Tensor, float]:
-        captured = []
-        combined_step = optimizer._combined_step
-
-        def spy(*args):
-            captured.append(combined_step(*args))
-            return captured[-1]
-
-        optimizer._combined_step = spy  # type: ignore[method-assign]
-        flat.copy_(theta)
-        optimizer.step()
-        return captured[0][0], captured[0][1]
-
-    step, pred = proposed(on_quarter)
-    reference_step, reference_pred = proposed(on_rows)
+    step, pred = _proposed_step(on_quarter, theta)
+    reference_step, reference_pred = _proposed_step(on_rows, theta)
     assert len(rows) == shard_size // 4 and float(step.norm()) > 0
     torch.testing.assert_close(step, reference_step, rtol=1e-5, atol=1e-7)
     assert pred == pytest.approx(reference_pred, rel=1e-5)
