@@ -191,6 +191,19 @@ VARIANTS["metric-adam-gn-local-l4s-cg3-f35-sc-lf35"] = {
     **VARIANTS["metric-adam-gn-local-l4s-cg3-f35-sc"],
     "local_fraction": 0.35,
 }
+# The local CG solves held to a tenth of the gradient's residual (cg_rtol=0.1) instead of
+# the forcing term min(0.5, √‖g‖), which is 0.5 throughout in Adam's metric; two local
+# iterations of five products each.
+VARIANTS["metric-adam-gn-local-l2-cg5-f35-sc-lf35-rt1"] = {
+    **VARIANTS["metric-adam-gn-local-l4s-cg5-f35-sc-lf35"],
+    "local_iterations": 2,
+    "cg_rtol": 0.1,
+}
+VARIANTS["metric-adam-gn-local-l3-cg5-f35-sc-lf25-rt1"] = {
+    **VARIANTS["metric-adam-gn-local-l2-cg5-f35-sc-lf35-rt1"],
+    "local_iterations": 3,
+    "local_fraction": 0.25,
+}
 VARIANTS["average-gn-start-subspace"] = {
     **VARIANTS["average-gn-start"],
     "global_solver": "subspace",

@@ -688,3 +688,38 @@ def test_deferred_trial_gradients_change_nothing_but_the_backward_count(
     assert runs[True][1] == runs[False][1]
     assert runs[True][2] < runs[False][2]
     assert _all_equal(comm, float(runs[True][0].sum()))
+
+
+def test_cg_rtol_is_validated() -> None:
+    from hpcopt.errors import ConfigError
+
+    for bad in (0.0, 1.0, -0.1):
+        with pytest.raises(ConfigError, match=rf"apts-d: cg_rtol must be in \(0, 1\) or None, got {bad}"):
+            make_config("apts-d", {"cg_rtol": bad})
+    assert make_config("apts-d", {"cg_rtol": "none"}).cg_rtol is None
+
+
+@pytest.mark.mpi(min_size=1)
+def test_cg_rtol_takes_the_local_solve_to_the_newton_step() -> None:
+    # One local iteration on a least-squares shard, inside a ball much larger than the
+    # Newton step: with cg_rtol 1e-10 its CG runs to the minimiser of the rank's model,
+    # −H_r⁻¹ g_r (float64 reference from the dense local Hessian), which the shard's loss
+    # accepts (it is that quadratic); the default forcing term (0.5 here, as ‖g_r‖ > 0.25)
+    # stops the CG earlier, short of it.
+    options = dict(
+        foc=False, metric="euclidean", local_solver="steihaug", curvature="hessian", local_iterations=1,
+        global_passes=0, radius=50.0, radius_max=100.0, max_cg_iterations=100, local_start="ball",
+    )  # fmt: skip
+    steps = {}
+    for rtol in (1e-10, None):
+        comm, _, flat, objective, optimizer = _setup("quadratic", {"n": 400, "dim": 10}, cg_rtol=rtol, **options)
+        theta, loss_local, grad_local, grad = outer_start(flat, objective)
+        steps[rtol] = optimizer._local_phase(theta, loss_local, grad_local, grad)[0]
+    operator = objective.local_curvature(optimizer.curvature)
+    columns = [operator(e) for e in torch.eye(theta.numel(), dtype=theta.dtype)]
+    hessian = torch.stack(columns, dim=1).double()
+    newton = torch.linalg.solve(0.5 * (hessian + hessian.T), -grad_local.double())
+    assert float(grad_local.norm()) > 0.25
+    torch.testing.assert_close(steps[1e-10].double(), newton, rtol=1e-4, atol=1e-5)
+    assert float((steps[None].double() - newton).norm()) > 0.05 * float(newton.norm())
+    assert _all_equal(comm, True)

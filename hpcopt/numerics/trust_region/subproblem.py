@@ -179,6 +179,7 @@ class LSR1Solver:
             exact arithmetic needs at most ``memory + 1``, since ``B - gamma I`` has rank
             ``memory``).
         skip_tol: SR1 skip tolerance (default 1e-8).
+        rtol: Relative residual tolerance (default ``None``: ``min(0.5, sqrt(||g||))``).
         kernels: Fused vector updates of the CG (default ``None``: plain torch).
     """
 
@@ -192,17 +193,25 @@ class LSR1Solver:
         memory: int = 5,
         max_iter: int | None = None,
         skip_tol: float = 1e-8,
+        rtol: float | None = None,
         kernels: Kernels | None = None,
     ) -> None:
         self.dot = dot
         self.max_iter = max_iter
+        self.rtol = rtol
         self.kernels = kernels
         self.operator = LSR1Operator(memory=memory, dot=dot, skip_tol=skip_tol)
 
     def solve(self, grad: torch.Tensor, radius: float, matvec: MatVec | None = None) -> SubproblemResult:
         """Run truncated CG on the SR1 operator; ``matvec`` is ignored."""
         result = steihaug_cg(
-            self.operator.matvec, grad, radius, dot=self.dot, max_iter=self.max_iter, kernels=self.kernels
+            self.operator.matvec,
+            grad,
+            radius,
+            dot=self.dot,
+            rtol=self.rtol,
+            max_iter=self.max_iter,
+            kernels=self.kernels,
         )
         return _from_steihaug(result)
 
@@ -229,6 +238,7 @@ def make_subproblem_solver(
     max_iter: int | None = None,
     kernels: Kernels | None = None,
     subspace_steps: int = 2,
+    rtol: float | None = None,
 ) -> SubproblemSolver:
     """Build a subproblem solver by name.
 
@@ -239,6 +249,8 @@ def make_subproblem_solver(
         max_iter: CG iteration limit for ``steihaug`` and ``lsr1`` (default ``None``).
         kernels: Fused vector updates for ``steihaug`` and ``lsr1`` (default ``None``).
         subspace_steps: last steps that span ``subspace``'s subspace with g (default 2).
+        rtol: CG's relative residual tolerance for ``steihaug`` and ``lsr1`` (default
+            ``None``: ``min(0.5, sqrt(||g||))``).
 
     Raises:
         ConfigError: For an unknown name.
@@ -246,9 +258,9 @@ def make_subproblem_solver(
     if name == "cauchy":
         return CauchySolver(dot=dot)
     if name == "steihaug":
-        return SteihaugSolver(dot=dot, max_iter=max_iter, kernels=kernels)
+        return SteihaugSolver(dot=dot, max_iter=max_iter, rtol=rtol, kernels=kernels)
     if name == "lsr1":
-        return LSR1Solver(dot=dot, memory=memory, max_iter=max_iter, kernels=kernels)
+        return LSR1Solver(dot=dot, memory=memory, max_iter=max_iter, rtol=rtol, kernels=kernels)
     if name == "subspace":
         return SubspaceSolver(dot=dot, steps=subspace_steps)
     raise ConfigError(f"unknown subproblem solver {name!r} (choose from {', '.join(SOLVER_NAMES)})")

@@ -215,6 +215,7 @@ class APTSD(Optimizer):
                 max_iter=config.max_cg_iterations,
                 kernels=self.kernels,
                 subspace_steps=config.subspace_steps,
+                rtol=config.cg_rtol,
             )
             for name in (config.local_solver, config.global_solver)
         )

@@ -250,12 +250,15 @@ class APTSIP(Optimizer):
             max_iter=config.max_cg_iterations,
             kernels=self.kernels,
             subspace_steps=config.subspace_steps,
+            rtol=config.cg_rtol,
         )
         self._scalars = torch.zeros(3, dtype=torch.float64)
         # The global pass works on whole-model vectors held as one block per stage: its
         # inner products are summed over the pipeline (no fused kernels: their sums are local).
         self.dot = pipeline_dot(self.pipeline)
-        self.global_solver = make_subproblem_solver("steihaug", dot=self.dot, max_iter=config.max_cg_iterations)
+        self.global_solver = make_subproblem_solver(
+            "steihaug", dot=self.dot, max_iter=config.max_cg_iterations, rtol=config.cg_rtol
+        )
 
     def run_attributes(self) -> dict[str, object]:
         """Run-log attributes: the layout, the stages and the parameter memory of every rank."""

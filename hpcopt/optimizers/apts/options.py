@@ -47,6 +47,8 @@ class APTSOptions:
         memory: L-SR1 memory (5).
         curvature: products for ``steihaug`` and ``subspace``: ``hessian`` or ``ggn`` (hessian).
         max_cg_iterations: cap on Steihaug CG iterations (20).
+        cg_rtol: relative residual at which the CG of ``steihaug`` and ``lsr1`` solves stops
+            (None: the superlinear forcing term min(0.5, √‖g‖)) *(ours)*.
         subspace_steps: ``subspace`` solver: the last steps that span its subspace with the
             gradient (2) *(ours)*.
     """
@@ -72,6 +74,7 @@ class APTSOptions:
     memory: int = 5
     curvature: str = "hessian"
     max_cg_iterations: int = 20
+    cg_rtol: float | None = None
     subspace_steps: int = 2
 
     def validate(self) -> None:
@@ -97,6 +100,10 @@ class APTSOptions:
         )
         require(self.memory >= 1, f"{name}: memory must be >= 1, got {self.memory}")
         require(self.max_cg_iterations >= 1, f"{name}: max_cg_iterations must be >= 1")
+        require(
+            self.cg_rtol is None or 0.0 < self.cg_rtol < 1.0,
+            f"{name}: cg_rtol must be in (0, 1) or None, got {self.cg_rtol}",
+        )
         require(self.subspace_steps >= 0, f"{name}: subspace_steps must be >= 0, got {self.subspace_steps}")
         parse_curvature(self.curvature)
         self.global_policy().validate()
