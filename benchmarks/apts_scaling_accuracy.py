@@ -192,8 +192,8 @@ VARIANTS["metric-adam-gn-local-l4s-cg3-f35-sc-lf35"] = {
     "local_fraction": 0.35,
 }
 # The local CG solves held to a tenth of the gradient's residual (cg_rtol=0.1) instead of
-# the forcing term min(0.5, √‖g‖), which is 0.5 while ‖g‖ > 0.25 (0.3–1.2 in Adam's metric
-# over MNIST's first outer iterations); two local iterations of five products each.
+# the forcing term min(0.5, √‖g‖), which is 0.5 while ‖g‖ > 0.25 (0.32–1.76 in Adam's metric
+# over MNIST's first 15 outer iterations); two local iterations of five products each.
 VARIANTS["metric-adam-gn-local-l2-cg5-f35-sc-lf35-rt1"] = {
     **VARIANTS["metric-adam-gn-local-l4s-cg5-f35-sc-lf35"],
     "local_iterations": 2,

@@ -268,3 +268,13 @@ def test_training_with_replicas_logs_the_layout_and_a_bad_layout_fails_on_every_
             make_config("apts-ip", {"replicas": comm.size - 1}),
         )
     comm.barrier()  # raised before any collective of training: every rank is still in step
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("local_solver", ["steihaug", "lsr1"])
+def test_cg_rtol_reaches_both_apts_ip_solvers(tmp_path, local_solver: str) -> None:
+    comm = Communicator()
+    problem = _tiny_lm(tmp_path, comm)
+    config = make_config("apts-ip", {"cg_rtol": 0.2, "local_solver": local_solver})
+    optimizer = APTSIP.build(problem, problem.build_model(), comm, config)
+    assert optimizer.local_solver.rtol == 0.2 and optimizer.global_solver.rtol == 0.2

@@ -155,3 +155,9 @@ def test_apts_p_defaults_are_section_1_where_apts_d_departs_from_it() -> None:
     section_1 = make_config("apts-d", dict(SECTION_1_OPTIONS))
     names = [field.name for field in dataclasses.fields(apts_d)]
     assert {name for name in names if getattr(apts_d, name) != getattr(section_1, name)} == set(SECTION_1_OPTIONS)
+
+
+@pytest.mark.mpi(min_size=1)
+def test_cg_rtol_reaches_both_apts_p_solvers() -> None:
+    *_, optimizer = _setup(cg_rtol=0.2, local_solver="steihaug")
+    assert optimizer.local_solver.rtol == 0.2 and optimizer.global_solver.rtol == 0.2
