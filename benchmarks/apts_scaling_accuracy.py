@@ -48,8 +48,8 @@ tuned baseline (best of ``--adam-lrs``).  Variants (APTS-D ``--set`` options):
 * ``defaults``: no ``--set`` at all, APTS-D's defaults of the checkout that runs it;
 * ``metric-adam``: ``average-gn-start`` whose trust region is measured in Adam's diagonal
   norm (``metric=adam``);
-* ``metric-adam-l5``: the same with five local iterations: APTS-D's defaults since
-  2026-12-05;
+* ``metric-adam-l5``: the same with five local iterations: APTS-D's defaults from
+  2026-12-05 to 2026-12-06;
 * ``metric-adam-sub-l2``: ``average-gn-start-sub-l2`` (the set within the cost goal) in
   Adam's ellipsoid;
 * ``metric-adam-g0-l4``: the defaults without the global pass (``global_passes=0``) and
@@ -79,6 +79,10 @@ tuned baseline (best of ``--adam-lrs``).  Variants (APTS-D ``--set`` options):
   ``metric-adam-gn-local-l4s-cg5-f35-sc-lf35`` / ``…-l4s-cg3-f35-sc-lf35``: the settled
   four-iteration sets whose local phases see only the curvature rows, 35 % of the shard
   (``local_fraction=0.35``: values and gradients too, not only products);
+  ``metric-adam-gn-local-l2-cg5-f35-sc-lf35-rt1``: the ``lf35`` set with two local
+  iterations whose CG solves stop at a tenth of the residual (``cg_rtol=0.1``);
+  ``metric-adam-gn-local-l3-cg5-f35-sc-lf25-rt1``: the same with three local iterations
+  on a quarter of the shard: APTS-D's defaults since 2026-12-06;
 * ``average-gn-local``: the Gauss–Newton step moved into the local phase: one local
   iteration per outer iteration, a Steihaug solve on the rank's own shard with its GGN
   (up to 10 products, no communication), the average of the local steps, and the
@@ -136,10 +140,11 @@ VARIANTS["average-gn-nm"] = {**VARIANTS["average-gn"], "nonmonotone": 5}
 VARIANTS["average-gn-start"] = {**VARIANTS["average-gn"], "local_start": "step"}
 VARIANTS["average-gn-start-sub"] = {**VARIANTS["average-gn-start"], "curvature_fraction": 0.1}
 VARIANTS["average-gn-start-sub-l2"] = {**VARIANTS["average-gn-start-sub"], "local_iterations": 2}
-# Whatever APTS-D's defaults are in this checkout (since 2026-12-05: the metric-adam-l5 set).
+# Whatever APTS-D's defaults are in this checkout (since 2026-12-06: the
+# metric-adam-gn-local-l3-cg5-f35-sc-lf25-rt1 set; tests/benchmarks check that they agree).
 VARIANTS["defaults"] = {}
 # average-gn-start in Adam's ellipsoid (docs/optimizers/apts-d.md, "metric=adam"); with five
-# local iterations, APTS-D's defaults since 2026-12-05.
+# local iterations, APTS-D's defaults of 2026-12-05.
 VARIANTS["metric-adam"] = {**VARIANTS["average-gn-start"], "metric": "adam"}
 VARIANTS["metric-adam-l5"] = {**VARIANTS["metric-adam"], "local_iterations": 5}
 # The cheap set (average-gn-start-sub-l2) in Adam's ellipsoid: does the metric buy back

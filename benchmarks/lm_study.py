@@ -11,7 +11,7 @@ first evaluation after it instead, which let APTS runs, evaluated every ten oute
 iterations, end up to 17 s after Adam's).  Adam runs data-parallel at three
 learning rates and the best one is the reference; APTS-D runs data-parallel
 with §1's set (``apts-d``), ``average-gn-start`` (``apts-d-gn-start``, its defaults from
-2026-12-04) and its defaults since 2026-12-05 (``apts-d-metric-l5``), APTS-IP cuts the
+2026-12-04) and its defaults of 2026-12-05 (``apts-d-metric-l5``), APTS-IP cuts the
 transformer into P pipeline stages.
 
 Columns: final and best validation loss (nats per character), the ratio of the
@@ -53,7 +53,7 @@ RUNS: dict[str, tuple[str, dict[str, object]]] = {
     # without the global pass.
     "apts-d-metric": ("apts-d", dict(APTS_VARIANTS["metric-adam"])),
     "apts-d-metric-g0": ("apts-d", {**APTS_VARIANTS["metric-adam"], "global_passes": 0}),
-    # ... and with five local iterations instead of three: APTS-D's defaults since 2026-12-05.
+    # ... and with five local iterations instead of three: APTS-D's defaults of 2026-12-05.
     "apts-d-metric-l5": ("apts-d", dict(APTS_VARIANTS["metric-adam-l5"])),
     # The Gauss–Newton step in the local phase on 35 % of each shard, no global pass (traffic
     # 2n), and the average stretched along itself to the whole batch's model minimiser.

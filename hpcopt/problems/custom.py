@@ -54,7 +54,8 @@ _METRIC_NAMES = {"accuracy": "val_accuracy", "rel_l2": "val_rel_l2_error"}
 
 # What avoids curvature products, for the message of a forward that cannot be differentiated twice.
 _FIRST_ORDER_RUNS = (
-    "runs that take only gradients avoid them: apts-d with --set global_solver=lsr1, apts-p and apts-ip "
+    "runs that take only gradients avoid them: apts-d with --set local_solver=lsr1 --set combine=average "
+    "(and global_solver=lsr1 if global_passes > 0), apts-p and apts-ip "
     "with local_solver and global_solver lsr1 or cauchy (their defaults), or --optimizer sgd, adam, nlcg or neumann"
 )
 

@@ -19,6 +19,7 @@ from torch.utils.data import Dataset, IterableDataset
 
 import hpcopt
 from hpcopt.errors import ConfigError, DataError
+from hpcopt.optimizers import make_config
 from hpcopt.problems.base import Dataset as Rows
 from hpcopt.problems.custom import CustomProblem, curvature_in_use
 from hpcopt.problems.streamed import StreamedRows
@@ -285,7 +286,7 @@ class Frozen(nn.Module):
         ({"loss": lambda out, y: F.cross_entropy(out.detach(), y)}, None, "does not depend on the model's parameters"),
         ({"metric": lambda out, y: 0.5}, None, "the metric returned a float; it must return (sum, count)"),
         ({"model": FusedNet}, "ggn", "curvature products (curvature=ggn) fail on this model"),
-        ({"model": FusedNet}, "hessian", "apts-d with --set global_solver=lsr1, apts-p and apts-ip"),
+        ({"model": FusedNet}, "hessian", "apts-d with --set local_solver=lsr1 --set combine=average"),
         ({"model": LegacyNet}, "hvp-forward-over-reverse", "torch.func.jvp over torch.func.grad"),
     ],
 )
@@ -301,6 +302,10 @@ def test_what_the_curvature_message_advises_works() -> None:
     # Without curvature products (APTS-P's and APTS-IP's defaults) the fused kernel is fine, and so is
     # .item() in the forward for products by double backward.
     _check(CustomProblem(FusedNet, F.cross_entropy, (X, Y)), None)
+    # ... and APTS-D's with what the message names takes none either.
+    advised = make_config("apts-d", {"local_solver": "lsr1", "combine": "average"})
+    assert curvature_in_use(advised) is None
+    assert curvature_in_use(make_config("apts-d", {})) == "ggn"
     _check(CustomProblem(LegacyNet, F.cross_entropy, (X, Y)), "hessian")
 
 
@@ -332,12 +337,15 @@ def test_the_check_leaves_the_model_and_the_random_stream_alone() -> None:
 def test_curvature_in_use_reads_the_optimizer_config() -> None:
     from hpcopt.optimizers import make_config
 
-    assert curvature_in_use(make_config("apts-d", {})) == "ggn"  # the Gauss–Newton global pass
-    assert curvature_in_use(make_config("apts-d", {"global_solver": "lsr1"})) is None  # L-SR1 local and global
-    assert curvature_in_use(make_config("apts-d", {"global_passes": 0})) is None  # the Steihaug pass never runs
-    assert curvature_in_use(make_config("apts-d", {"global_passes": 0, "local_solver": "steihaug"})) == "ggn"
+    assert curvature_in_use(make_config("apts-d", {})) == "ggn"  # the Gauss–Newton local phases
+    first_order = {"local_solver": "lsr1", "combine": "average"}
+    assert curvature_in_use(make_config("apts-d", first_order)) is None  # L-SR1 local models, no pass
+    # A global pass runs only with global_passes > 0, and then its solver counts.
+    assert curvature_in_use(make_config("apts-d", {**first_order, "global_passes": 1})) == "ggn"
+    both_lsr1 = {**first_order, "global_passes": 1, "global_solver": "lsr1"}
+    assert curvature_in_use(make_config("apts-d", both_lsr1)) is None
     # The scaled combination takes one product whatever the solvers.
-    assert curvature_in_use(make_config("apts-d", {"global_solver": "lsr1", "combine": "scaled"})) == "ggn"
+    assert curvature_in_use(make_config("apts-d", {**both_lsr1, "combine": "scaled"})) == "ggn"
     assert curvature_in_use(make_config("apts-p", {})) is None
     assert curvature_in_use(make_config("apts-ip", {"local_solver": "steihaug"})) == "hessian"
     assert curvature_in_use(make_config("hf", {})) == "ggn"

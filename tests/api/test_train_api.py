@@ -306,7 +306,7 @@ def test_bad_input_is_one_error_on_every_rank(pieces: dict, run: dict, message: 
 def test_the_advised_first_order_run_trains_the_same_model() -> None:
     # The message above advises APTS-D with L-SR1 models only (no curvature products).
     problem = hpcopt.problem(FusedNet, F.cross_entropy, blobs())
-    options = {"global_solver": "lsr1"}
+    options = {"local_solver": "lsr1", "combine": "average"}
     result = hpcopt.train(problem, optimizer="apts-d", epochs=2, batch_size=BATCH, options=options, **QUIET)
     assert result.losses[-1] < result.losses[0]
 

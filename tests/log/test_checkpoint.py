@@ -39,7 +39,7 @@ def _shared_dir(comm: Communicator, tmp_path: Path) -> Path:
 # ends at step 2 and its momentum resets every 4 steps, so the restart at 7 is mid-cycle;
 # APTS-P: the non-monotone window of the last 3 losses must come back with the radius).
 OPTIMIZER_OPTIONS: dict[str, dict[str, object]] = {
-    "apts-d-lsr1": {"global_solver": "lsr1"},
+    "apts-d-lsr1": {"global_solver": "lsr1", "global_passes": 1, "local_solver": "lsr1", "combine": "average"},
     "apts-d-metric": {"metric": "adam"},
     "apts-p": {"nonmonotone": 3},
     "neumann": {"epoch_steps": 2, "warmup_epochs": 1, "reset_epochs": 2},

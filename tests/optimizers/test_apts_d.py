@@ -175,7 +175,8 @@ def test_traffic_per_outer_iteration_is_packed() -> None:
     # Without the global pass: [g; f] and [s; pred] (2n+2 floats) and the trial value (1);
     # with one global pass the trial gradient rides with the trial value (3n+3) plus the
     # pass's trial value (1).
-    comm, _, flat, _, optimizer = _setup("logistic", {"n": 400, "dim": 10}, global_solver="lsr1")
+    first_order = {"global_solver": "lsr1", "local_solver": "lsr1", "combine": "average"}
+    comm, _, flat, _, optimizer = _setup("logistic", {"n": 400, "dim": 10}, **first_order)
     n = flat.numel
     for passes, floats in ((0, 2 * n + 3), (1, 3 * n + 4)):
         optimizer.config.global_passes = passes
@@ -295,6 +296,10 @@ def _global_pass_run(comm: Communicator, fraction: float) -> torch.Tensor:
     # products on the strided sub-batch must not depend on how the rows are split.
     options = {
         "local_iterations": 0,
+        "global_passes": 1,
+        "combine": "average",
+        "max_cg_iterations": 20,
+        "cg_rtol": None,
         "global_solver": "steihaug",
         "curvature": "ggn",
         "curvature_fraction": fraction,
@@ -382,7 +387,7 @@ def test_local_phases_on_a_local_fraction_see_only_its_rows(local_solver: str) -
 
     options = dict(
         radius=0.5, foc=False, combine="average", metric="euclidean", global_passes=0,
-        local_solver=local_solver, curvature="hessian", local_iterations=3,
+        local_solver=local_solver, curvature="hessian", local_iterations=3, curvature_fraction=1.0,
     )  # fmt: skip
     comm, problem, flat, _, on_quarter = _setup("logistic", {"n": 400, "dim": 10}, local_fraction=0.25, **options)
     theta = flat.clone()
@@ -391,7 +396,7 @@ def test_local_phases_on_a_local_fraction_see_only_its_rows(local_solver: str) -
     shard = problem.train.subset(slice(comm.rank * shard_size, (comm.rank + 1) * shard_size))
     alone = DistributedObjective(problem, flat, comm)
     alone.set_batch(shard.inputs[rows], shard.targets[rows], total, noise_seed=0)
-    on_rows = APTSD(alone, make_config("apts-d", options))
+    on_rows = APTSD(alone, make_config("apts-d", {**options, "local_fraction": 1.0}))
 
     step, pred = _proposed_step(on_quarter, theta)
     reference_step, reference_pred = _proposed_step(on_rows, theta)
@@ -418,7 +423,12 @@ def test_local_products_on_the_curvature_sub_batch_are_this_ranks_rows_and_local
     from hpcopt.distributed.curvature_batch import curvature_rows
 
     comm, problem, flat, _, optimizer = _setup(
-        "logistic", {"n": 400, "dim": 10}, local_solver="steihaug", curvature="hessian", curvature_fraction=0.25
+        "logistic",
+        {"n": 400, "dim": 10},
+        local_solver="steihaug",
+        curvature="hessian",
+        curvature_fraction=0.25,
+        local_fraction=1.0,
     )
     theta = flat.clone()
     matvec = optimizer._local_matvec(theta, torch.zeros_like(theta))
@@ -537,8 +547,15 @@ def test_scaled_combination_is_the_minimiser_of_the_whole_batch_model_along_the_
         global_passes=0,
         local_solver=local_solver,
         curvature_fraction=1.0,
+        local_fraction=1.0,
         metric="euclidean",
         curvature="hessian",
+        # Local solves that stop short of the local models' minimisers (the forcing term, up
+        # to five iterations): a plain average of them is not the minimiser on its line.
+        local_iterations=5,
+        local_stop="iterations",
+        max_cg_iterations=20,
+        cg_rtol=None,
     )
     builds_at_theta_k: list[int] = []
     build = optimizer._local_matvec
@@ -630,7 +647,15 @@ def test_subspace_global_pass_moves_three_n_floats_and_decides_alike_on_every_ra
     # [g; f], [s; pred], the trial [g; f] (3n + 3 float32), the 3 × 3 Gram (9 float64) and
     # the pass's trial value (1): no n-float collective per curvature product.
     comm, _, flat, _, optimizer = _setup(
-        "logistic", {"n": 400, "dim": 10}, global_solver="subspace", curvature="ggn", radius=1.0, metric="euclidean"
+        "logistic",
+        {"n": 400, "dim": 10},
+        global_solver="subspace",
+        global_passes=1,
+        local_solver="lsr1",
+        combine="average",
+        curvature="ggn",
+        radius=1.0,
+        metric="euclidean",
     )
     n = flat.numel
     for _ in range(6):
@@ -722,3 +747,24 @@ def test_cg_rtol_takes_the_local_solve_to_the_newton_step() -> None:
     assert float(grad_local.norm()) > 0.25
     torch.testing.assert_close(steps[1e-10].double(), newton, rtol=1e-4, atol=1e-5)
     assert float((steps[None].double() - newton).norm()) > 0.05 * float(newton.norm())
+
+
+def test_the_defaults_are_the_measured_set() -> None:
+    """APTS-D's defaults are the set docs/results.md measured under its benchmark name."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    benchmarks = Path(__file__).resolve().parents[2] / "benchmarks"
+    sys.path.insert(0, str(benchmarks))
+    try:
+        spec = importlib.util.spec_from_file_location("apts_scaling_accuracy", benchmarks / "apts_scaling_accuracy.py")
+        assert spec is not None and spec.loader is not None
+        study = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(study)
+    finally:
+        sys.path.remove(str(benchmarks))
+    measured = study.VARIANTS["metric-adam-gn-local-l3-cg5-f35-sc-lf25-rt1"]
+    assert make_config("apts-d", measured) == make_config("apts-d", {})
+    # The previous defaults are a different set, so the check above can fail.
+    assert make_config("apts-d", study.VARIANTS["metric-adam-l5"]) != make_config("apts-d", {})

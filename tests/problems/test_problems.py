@@ -202,13 +202,19 @@ def test_model_shapes_and_parameter_counts() -> None:
     expected = {
         "mlp": (784 * 128 + 128) + (128 * 64 + 64) + (64 * 10 + 10),
         "cnn-small": (16 * 25 + 16) + (32 * 16 * 25 + 32) + (512 * 64 + 64) + (64 * 10 + 10),
+        "cnn-small-bn": (16 * 25 + 16 + 2 * 16) + (32 * 16 * 25 + 32 + 2 * 32) + (512 * 64 + 64) + (64 * 10 + 10),
         "cnn": (32 * 9 + 32 + 2 * 32)
         + (64 * 32 * 9 + 64 + 2 * 64)
         + (128 * 64 * 9 + 128 + 2 * 128)
         + (1152 * 256 + 256)
         + (256 * 10 + 10),
     }
-    builders = {"mlp": models.mlp, "cnn-small": models.cnn_small, "cnn": models.cnn}
+    builders = {
+        "mlp": models.mlp,
+        "cnn-small": models.cnn_small,
+        "cnn-small-bn": models.cnn_small_bn,
+        "cnn": models.cnn,
+    }
     for name, count in expected.items():
         net = builders[name]().eval()
         assert isinstance(net, nn.Sequential)

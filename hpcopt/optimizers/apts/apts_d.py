@@ -49,8 +49,9 @@ LOCAL_STARTS = ("ball", "step", "local")
 #: How the local steps combine (``combine``).
 COMBINES = ("sum", "average", "scaled")
 
-#: §1 as published (APTS-D's defaults until 2026-12-04): the eight options on which APTS-D's
-#: defaults differ from it, as ``--set`` takes them.  APTS-P's defaults are these values.
+#: §1 as published (APTS-D's defaults until 2026-12-04): the fourteen options on which APTS-D's
+#: defaults differ from it, as ``--set`` takes them (both take §1's three local iterations).
+#: APTS-P's defaults are these values.
 SECTION_1_OPTIONS: Mapping[str, object] = MappingProxyType(
     {
         "combine": "sum",
@@ -60,7 +61,13 @@ SECTION_1_OPTIONS: Mapping[str, object] = MappingProxyType(
         "gamma_inc": 1.2,
         "gamma_dec": 0.9,
         "metric": "euclidean",
-        "local_iterations": 3,
+        "global_passes": 1,
+        "local_solver": "lsr1",
+        "local_stop": "iterations",
+        "max_cg_iterations": 20,
+        "curvature_fraction": 1.0,
+        "local_fraction": 1.0,
+        "cg_rtol": None,
     }
 )
 
@@ -78,17 +85,19 @@ class APTSDConfig(APTSOptions):
             outputs (cross-entropy, squared residuals), so the global pass's CG takes full
             Newton-like steps without meeting negative curvature.
         foc: first-order-consistency term in the local model (on).
-        global_passes: G, TR iterations on the global f after the combination (1).
+        global_passes: G, TR iterations on the global f after the combination (0; §1: 1).
+            Without them an outer iteration sends 2n floats and costs about five
+            gradient evaluations on MNIST; the PINN problems add two Gauss–Newton passes.
         global_solver: ``cauchy``, ``steihaug``, ``lsr1`` or ``subspace`` (steihaug; §1: lsr1):
             a Steihaug CG solve of the whole batch's model, up to ``max_cg_iterations`` products.
             ``subspace`` *(ours)*: the exact step of the same model in span{g, the last
             ``subspace_steps`` steps}; its curvature is a k × k block per rank, summed by
             one allreduce of k² scalars instead of one n-float allreduce per product.
-        combine: ``average`` *(ours, the default)*: local radius Δ, s and pred are the
+        combine: ``average`` *(ours)*: local radius Δ, s and pred are the
             means over ranks, or ``sum`` (§1: local radius Δ/P, s = Σ s_r, pred = Σ pred_r).
             The sum sees only 1/P of the curvature of each local step, so its ratio
             degrades as Δ grows; the average keeps ‖s‖ ≤ Δ without that bias.
-            ``scaled`` *(ours)*: the average, stretched or shrunk along itself to the
+            ``scaled`` *(ours, the default)*: the average, stretched or shrunk along itself to the
             minimiser of the whole batch's Gauss–Newton model on that line (one local
             product on ``curvature_fraction`` of the shard and one scalar allreduce), pred
             that model's decrease: the mean of P disagreeing steps is shorter than each.
@@ -109,11 +118,11 @@ class APTSDConfig(APTSOptions):
             steps is shorter than they are where they disagree, more so as P grows, so
             ``step`` shrinks the next local phases with P and ``local`` does not.
         curvature_fraction: share of the batch that curvature products (``steihaug``) are
-            taken on, the global pass's and the local phase's (1.0) *(ours, as Hessian-free's)*:
+            taken on, the global pass's and the local phase's (0.35; §1: 1.0) *(ours, as Hessian-free's)*:
             a product then costs that share of a gradient; gradients stay the whole batch's.
         curvature_sampling: ``strided`` (the same rows at any P) or ``head`` (each rank's
             first rows) for ``curvature_fraction`` < 1 (strided) and ``local_fraction`` < 1.
-        local_fraction: share of each rank's shard that its local phases see (1.0)
+        local_fraction: share of each rank's shard that its local phases see (0.25; §1: 1.0)
             *(ours)*: their values, gradients and curvature products are those of
             these rows only (sampled as ``curvature_sampling`` says), so a local
             iteration costs that share of one on the whole shard, and the local
@@ -124,7 +133,18 @@ class APTSDConfig(APTSOptions):
         shard: how the ranks split each global batch: ``batch`` (contiguous slices of
             the shuffled batch) or ``spatial`` (PINNs: the batch ordered by the first
             coordinate, so each rank owns an interval of x; the thesis' PINN variant).
-        local_iterations: L, local TR iterations per outer iteration (5; §1: 3).
+        local_iterations: L, local TR iterations per outer iteration (3, as §1).
+        local_stop: ``iterations`` (L iterations, or until the ball is full) or ``settled``
+            *(ours)*: at most L, ending after an accepted interior step that solved the
+            local model, or after the first rejection that follows an accepted step
+            (settled; §1: iterations).
+        local_solver: ``cauchy``, ``steihaug``, ``lsr1`` or ``subspace`` (steihaug; §1: lsr1):
+            a Steihaug CG solve of the local Gauss–Newton model on ``local_fraction`` of the shard.
+        max_cg_iterations: cap on Steihaug CG iterations, local and global (5; §1: 20).
+        cg_rtol: relative residual at which the CG of ``steihaug`` and ``lsr1`` solves stops
+            (0.1; §1: None, the forcing term min(0.5, √‖g‖)) *(ours)*: the forcing term is
+            0.5 while ‖g‖ > 0.25, and one Cauchy step halves the residual, so local
+            solves ended after one or two products far inside the local ball.
         metric: the trust region's norm: ``adam`` *(ours, the default)*: ‖s‖_A with
             A the diagonal of Adam's step (√v̂ + ε, normalised to mean 1), so that the
             model's steepest descent is Adam's direction (docs/optimizers/apts-d.md), or
@@ -135,27 +155,35 @@ class APTSDConfig(APTSOptions):
 
     option_prefix: ClassVar[str] = "apts-d"
 
-    # APTS-D's defaults differ from §1 in eight options, measured on the full MNIST split
-    # at P = 2..8 and over Δ₀ from 1e-3 to 10, and on TinyShakespeare (docs/results.md,
-    # "APTS-D accuracy against P and Δ₀"): the average instead of the sum, a Gauss–Newton
-    # global pass (curvature from all P shards, so it does not thin out as P grows), HF's
-    # radius factors (a bad Δ₀ is left within a few outer iterations), local phases that
-    # start from the last combined step's length, and since 2026-12-05 a trust region in
-    # Adam's diagonal norm with five local iterations (on the transformer the ball's local
-    # steps stay short; the ellipsoid's grow).  SECTION_1_OPTIONS undoes them.
-    local_iterations: int = 5
+    # APTS-D's defaults differ from §1 in fourteen options (SECTION_1_OPTIONS undoes them),
+    # measured on the full MNIST split at P = 2..8 and over Δ₀ from 1e-3 to 10, on the
+    # thesis CNN, the PINNs and TinyShakespeare (docs/results.md, "APTS-D accuracy against
+    # P and Δ₀"): HF's radius factors (a bad Δ₀ is left within a few outer iterations),
+    # local phases that start from the last combined step's length, a trust region in
+    # Adam's diagonal norm (on the transformer the ball's local steps stay short; the
+    # ellipsoid's grow), and since 2026-12-06 no global pass: the local phases solve a
+    # Gauss–Newton model with CG (at most three settled iterations of at most five products
+    # to a tenth of the residual, on a quarter of the shard, products on 35 % of it), and
+    # the average of the local steps is scaled to the whole batch's Gauss–Newton minimiser
+    # on its line.  About five gradient evaluations and 2n floats per outer iteration, where
+    # the defaults before it (five L-SR1 local iterations and a Gauss–Newton pass) cost 27.
+    local_iterations: int = 3
+    local_stop: str = "settled"
+    local_solver: str = "steihaug"
+    max_cg_iterations: int = 5
+    cg_rtol: float | None = 0.1
     gamma_inc: float = 2.0
     gamma_dec: float = 0.5
     curvature: str = "ggn"
     foc: bool = True
-    global_passes: int = 1
+    global_passes: int = 0
     global_solver: str = "steihaug"
-    combine: str = "average"
+    combine: str = "scaled"
     predicted: str = "sum"
     local_start: str = "step"
-    curvature_fraction: float = 1.0
+    curvature_fraction: float = 0.35
     curvature_sampling: str = "strided"
-    local_fraction: float = 1.0
+    local_fraction: float = 0.25
     shard: str = "batch"
     metric: str = "adam"
     metric_beta: float = 0.999

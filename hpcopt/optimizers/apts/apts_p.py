@@ -44,7 +44,9 @@ class APTSPConfig(APTSDConfig):
     Its defaults are §0/§2's, not APTS-D's: ``combine=sum`` (it must stay so: the blocks
     are disjoint, so the pieces concatenate), ``local_start=ball``, ``global_solver=lsr1``,
     ``curvature=hessian``, ``gamma_inc=1.2``, ``gamma_dec=0.9``, ``metric=euclidean``,
-    ``local_iterations=3``.
+    ``local_iterations=3``, ``global_passes=1``, ``local_solver=lsr1``,
+    ``local_stop=iterations``, ``max_cg_iterations=20``, ``curvature_fraction=1.0``,
+    ``local_fraction=1.0``, ``cg_rtol=None``.
 
     Attributes:
         gamma_inc: expansion factor (§0: 1.2).
@@ -55,6 +57,14 @@ class APTSPConfig(APTSDConfig):
         local_start: ``ball`` only (§2: each block's local phase starts from its whole ball).
         metric: ``euclidean`` only (``adam`` is APTS-D's).
         local_iterations: L, local TR iterations per outer iteration (§2: 3).
+        global_passes: G, TR iterations on the global f after the combination (§2: 1).
+        local_solver: ``cauchy``, ``steihaug``, ``lsr1`` or ``subspace`` (§2: lsr1).
+        local_stop: ``iterations`` or ``settled`` (§2: iterations).
+        max_cg_iterations: cap on Steihaug CG iterations (20).
+        curvature_fraction: share of the batch that curvature products are taken on (1.0).
+        local_fraction: share of each rank's shard that its local phases see (1.0).
+        cg_rtol: relative residual at which CG solves stop (None: the forcing term
+            min(0.5, √‖g‖)).
         blocks: ``auto`` (whole tensors when balanced within ``max_imbalance``, else
             chunks), ``tensors`` or ``chunks`` (auto).
         max_imbalance: max/mean owned elements accepted by ``auto`` for whole tensors (1.25).
@@ -76,6 +86,13 @@ class APTSPConfig(APTSDConfig):
     gamma_dec: float = 0.9
     metric: str = "euclidean"
     local_iterations: int = 3
+    global_passes: int = 1
+    local_solver: str = "lsr1"
+    local_stop: str = "iterations"
+    max_cg_iterations: int = 20
+    curvature_fraction: float = 1.0
+    local_fraction: float = 1.0
+    cg_rtol: float | None = None
     blocks: str = "auto"
     max_imbalance: float = 1.25
     norm: str = "2"

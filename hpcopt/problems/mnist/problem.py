@@ -63,7 +63,7 @@ class MnistOptions(ProblemOptions):
 
 
 #: The MNIST models by name (``--model``).
-MODELS = {"mlp": models.mlp, "cnn-small": models.cnn_small, "cnn": models.cnn}
+MODELS = {"mlp": models.mlp, "cnn-small": models.cnn_small, "cnn-small-bn": models.cnn_small_bn, "cnn": models.cnn}
 
 
 class MnistProblem(Problem):
