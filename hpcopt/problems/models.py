@@ -45,8 +45,9 @@ def cnn_small() -> nn.Sequential:
 def cnn_small_bn() -> nn.Sequential:
     """``cnn_small`` with batch norm after each convolution (46 826 parameters).
 
-    The same network with a loss that is invariant to the scale of each convolution's
-    weights: what the Neumann optimizer's paper trained (ResNets), at ``cnn_small``'s cost.
+    Batch norm makes the loss invariant to the scale of each convolution's weights, as in
+    the ResNets of the Neumann optimizer's paper, at ``cnn_small``'s cost
+    (docs/results.md, "Batch norm: what it does for Neumann at batch 15 000").
     """
     return nn.Sequential(
         nn.Conv2d(1, 16, kernel_size=5),

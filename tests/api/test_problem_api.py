@@ -335,8 +335,6 @@ def test_the_check_leaves_the_model_and_the_random_stream_alone() -> None:
 
 
 def test_curvature_in_use_reads_the_optimizer_config() -> None:
-    from hpcopt.optimizers import make_config
-
     assert curvature_in_use(make_config("apts-d", {})) == "ggn"  # the Gauss–Newton local phases
     first_order = {"local_solver": "lsr1", "combine": "average"}
     assert curvature_in_use(make_config("apts-d", first_order)) is None  # L-SR1 local models, no pass
