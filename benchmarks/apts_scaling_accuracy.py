@@ -141,7 +141,8 @@ VARIANTS["average-gn-start"] = {**VARIANTS["average-gn"], "local_start": "step"}
 VARIANTS["average-gn-start-sub"] = {**VARIANTS["average-gn-start"], "curvature_fraction": 0.1}
 VARIANTS["average-gn-start-sub-l2"] = {**VARIANTS["average-gn-start-sub"], "local_iterations": 2}
 # Whatever APTS-D's defaults are in this checkout (since 2026-12-06: the
-# metric-adam-gn-local-l3-cg5-f35-sc-lf25-rt1 set; tests/benchmarks check that they agree).
+# metric-adam-gn-local-l3-cg5-f35-sc-lf25-rt1 set; tests/optimizers/test_apts_d.py checks
+# that they agree).
 VARIANTS["defaults"] = {}
 # average-gn-start in Adam's ellipsoid (docs/optimizers/apts-d.md, "metric=adam"); with five
 # local iterations, APTS-D's defaults of 2026-12-05.

@@ -28,18 +28,7 @@ def cnn_small() -> nn.Sequential:
 
     Spatial sizes: 28 -(5x5)-> 24 -(pool)-> 12 -(5x5)-> 8 -(pool)-> 4, so 32*4*4 = 512 features.
     """
-    return nn.Sequential(
-        nn.Conv2d(1, 16, kernel_size=5),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, kernel_size=5),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(32 * 4 * 4, 64),
-        nn.ReLU(),
-        nn.Linear(64, 10),
-    )
+    return _small_cnn(batch_norm=False)
 
 
 def cnn_small_bn() -> nn.Sequential:
@@ -49,20 +38,18 @@ def cnn_small_bn() -> nn.Sequential:
     the ResNets of the Neumann optimizer's paper, at ``cnn_small``'s cost
     (docs/results.md, "Batch norm: what it does for Neumann at batch 15 000").
     """
-    return nn.Sequential(
-        nn.Conv2d(1, 16, kernel_size=5),
-        nn.BatchNorm2d(16),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, kernel_size=5),
-        nn.BatchNorm2d(32),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(32 * 4 * 4, 64),
-        nn.ReLU(),
-        nn.Linear(64, 10),
-    )
+    return _small_cnn(batch_norm=True)
+
+
+def _small_cnn(batch_norm: bool) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for c_in, c_out in ((1, 16), (16, 32)):
+        layers.append(nn.Conv2d(c_in, c_out, kernel_size=5))
+        if batch_norm:
+            layers.append(nn.BatchNorm2d(c_out))
+        layers += [nn.ReLU(), nn.MaxPool2d(2)]
+    layers += [nn.Flatten(), nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10)]
+    return nn.Sequential(*layers)
 
 
 def cnn() -> nn.Sequential:

@@ -302,10 +302,6 @@ def test_what_the_curvature_message_advises_works() -> None:
     # Without curvature products (APTS-P's and APTS-IP's defaults) the fused kernel is fine, and so is
     # .item() in the forward for products by double backward.
     _check(CustomProblem(FusedNet, F.cross_entropy, (X, Y)), None)
-    # ... and APTS-D's with what the message names takes none either.
-    advised = make_config("apts-d", {"local_solver": "lsr1", "combine": "average"})
-    assert curvature_in_use(advised) is None
-    assert curvature_in_use(make_config("apts-d", {})) == "ggn"
     _check(CustomProblem(LegacyNet, F.cross_entropy, (X, Y)), "hessian")
 
 
@@ -336,7 +332,7 @@ def test_the_check_leaves_the_model_and_the_random_stream_alone() -> None:
 
 def test_curvature_in_use_reads_the_optimizer_config() -> None:
     assert curvature_in_use(make_config("apts-d", {})) == "ggn"  # the Gauss–Newton local phases
-    first_order = {"local_solver": "lsr1", "combine": "average"}
+    first_order = {"local_solver": "lsr1", "combine": "average"}  # what the start-up message advises
     assert curvature_in_use(make_config("apts-d", first_order)) is None  # L-SR1 local models, no pass
     # A global pass runs only with global_passes > 0, and then its solver counts.
     assert curvature_in_use(make_config("apts-d", {**first_order, "global_passes": 1})) == "ggn"
