@@ -11,7 +11,9 @@ w₀; after K updates its model w − μm, minus w₀, is compared with
 * μ > 0: the same recursion written with explicit products A·m in float64;
 
 and the distance to the Newton step −A⁻¹ĝ(w₀) must shrink with K, faster with the
-paper's μ = 0.9 than without momentum.
+paper's μ = 0.9 than without momentum.  The same recursion is stable exactly while
+ηλ_max(A) < 2(1 + μ)/(1 + 2μ), the bound ``benchmarks/neumann_sharpness.py`` measures the
+method against on a network.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ SCALES = torch.tensor([0.3, 0.5, 1.0, 1.5, 2.0, 3.0])
 ETA = 0.08  # below 2/λ_max(A): the series converges
 
 
-def _neumann_on_quadratic(objective_factory: ObjectiveFactory, mu: float):
+def _neumann_on_quadratic(objective_factory: ObjectiveFactory, mu: float, lr: float = ETA):
     """(optimizer, A, b): Neumann with constant η, μ and no regulariser on ½·mean((Xθ − y)²)."""
     from hpcopt.comm import Communicator
     from hpcopt.problems import make_problem
@@ -48,7 +50,7 @@ def _neumann_on_quadratic(objective_factory: ObjectiveFactory, mu: float):
     matrix = design.T @ design / len(inputs)
     rhs = design.T @ targets.double().numpy() / len(inputs)
     # An "epoch" of 10⁹ steps keeps η = lr/(1 + e) and μ = clip(…, μ, μ) constant; warm-up off: step 0 resets.
-    options = {"lr": ETA, "alpha": 0.0, "beta_scale": 0.0, "mu_min": mu, "mu_max": mu, "epoch_steps": 10**9}
+    options = {"lr": lr, "alpha": 0.0, "beta_scale": 0.0, "mu_min": mu, "mu_max": mu, "epoch_steps": 10**9}
     options |= {"warmup_epochs": 0.0, "reset_epochs": 1.0}
     return Neumann(objective, make_config("neumann", options)), matrix, rhs
 
@@ -117,3 +119,45 @@ def test_with_momentum_gradients_at_displaced_points_replace_the_hessian_product
     plain, *_ = _neumann_on_quadratic(objective_factory, mu=0.0)
     plain_error = np.linalg.norm(_model_steps(plain, 60)[-1] - newton) / np.linalg.norm(newton)
     assert error < 0.1 * plain_error  # momentum accelerates the series (the paper's μ → 0.9)
+
+
+def _stability_ratio():
+    """``stability_ratio`` of ``benchmarks/neumann_sharpness.py`` (the script puts its folder on the path)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    benchmarks = Path(__file__).resolve().parents[2] / "benchmarks"
+    sys.path.insert(0, str(benchmarks))
+    try:
+        spec = importlib.util.spec_from_file_location("neumann_sharpness", benchmarks / "neumann_sharpness.py")
+        assert spec is not None and spec.loader is not None
+        script = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = script  # its dataclass looks its module up there
+        spec.loader.exec_module(script)
+    finally:
+        sys.path.remove(str(benchmarks))
+        sys.modules.pop("neumann_sharpness", None)
+    return script.stability_ratio
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("mu", [0.5, 0.9])
+@pytest.mark.parametrize("fraction", [0.95, 1.05])
+def test_the_update_is_stable_exactly_below_the_momentum_bound(
+    objective_factory: ObjectiveFactory, mu: float, fraction: float
+) -> None:
+    probe, matrix, rhs = _neumann_on_quadratic(objective_factory, mu)
+    sharpest = float(np.linalg.eigvalsh(matrix)[-1])
+    lr = fraction * 2 * (1 + mu) / (1 + 2 * mu) / sharpest
+    assert _stability_ratio()("neumann", lr, mu, lr, sharpest) == pytest.approx(fraction)
+    del probe
+    optimizer, *_ = _neumann_on_quadratic(objective_factory, mu, lr=lr)
+    minimiser = np.linalg.solve(matrix, rhs)
+    w0 = optimizer.flat.data.double().numpy().copy()
+    model = w0 + _model_steps(optimizer, 100)[-1]  # w − μm after 100 updates
+    start, end = np.linalg.norm(w0 - minimiser), np.linalg.norm(model - minimiser)
+    if fraction < 1:
+        assert end < start  # every direction contracts, the sharpest one too
+    else:
+        assert end > 100 * start  # the sharpest direction grows by |root| > 1 per update

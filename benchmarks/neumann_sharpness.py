@@ -1,0 +1,219 @@
+"""Neumann at a large batch: the sharpness along its path against the stability bound of its steps.
+
+Run: ``python benchmarks/neumann_sharpness.py --data-dir ../shared/datasets/mnist-full
+[--lrs 0.1,0.2,0.3] [--batch 15000] [--epochs 10] [--model cnn-small] [--rows 1000]
+[--iterations 20]``
+
+Between resets the Neumann optimizer (``docs/optimizers/neumann.md``) is a momentum
+method, m ← μm − ηd, w ← w + μm − ηd.  On a quadratic with curvature λ along a direction
+this recursion is stable if and only if ηλ < 2(1 + μ)/(1 + 2μ) (the Jury conditions of its
+2×2 iteration matrix); its SGD burn-in, if and only if lr·λ < 2.
+
+This script trains the optimizer exactly as ``benchmarks/large_batch.py``'s ``neumann``
+method does (the same options, computed by that script), in this process on one rank:
+the global batches are the same at any rank count, so the losses agree with the
+two-rank study's to the digits its run logs show.  Before each step it estimates the
+largest eigenvalue λ of the loss Hessian at the stored (displaced) weights, where the
+step's gradient is taken, by power iteration (``--iterations`` Hessian-vector products
+by double backward, on a fixed ``--rows``-row sample of the training set), and records
+the ratio of ηλ to the bound of the step about to be taken: above 1, the sharpest
+direction grows instead of shrinking.
+
+Output: a line per step, a summary table, ``neumann_sharpness.csv`` (one row per
+learning rate and step: ``phase`` (``sgd`` burn-in, ``reset`` or ``neumann``), η, μ, λ,
+the ratio, the loss of the step's batch and the step's length) and
+``neumann_sharpness.png`` (loss and ratio against the step, one line per learning rate,
+the resets marked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import _common
+import large_batch
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import hpcopt
+from hpcopt.optimizers.neumann import NeumannConfig
+from hpcopt.problems.mnist.problem import MODELS, MnistProblem
+
+
+@dataclass
+class StepRecord:
+    """One step of one run: the state before it and what it did."""
+
+    lr: float
+    step: int
+    phase: str
+    eta: float
+    mu: float
+    sharpness: float  # λ, the largest eigenvalue of the loss Hessian
+    ratio: float  # ηλ over the bound of this step; nan at a reset (no move)
+    loss: float
+    step_norm: float
+
+
+def stability_ratio(phase: str, eta: float, mu: float, lr: float, sharpness: float) -> float:
+    """ηλ over the largest stable ηλ of the Neumann step about to be taken (> 1: the sharpest direction grows)."""
+    if phase == "sgd":
+        return lr * sharpness / 2.0
+    if phase == "reset":
+        return float("nan")
+    return eta * sharpness * (1.0 + 2.0 * mu) / (2.0 * (1.0 + mu))
+
+
+def phase_of(config: NeumannConfig, step: int, next_reset: int) -> str:
+    if step < config.warmup_steps:
+        return "sgd"
+    return "reset" if step == next_reset else "neumann"
+
+
+def top_eigenvalue(model: nn.Module, inputs: Tensor, targets: Tensor, iterations: int, seed: int) -> float:
+    """The Rayleigh quotient after ``iterations`` power iterations on the loss Hessian at the model's weights."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    generator = torch.Generator().manual_seed(seed)
+    vector = [torch.randn(p.shape, generator=generator) for p in params]
+    estimate = 0.0
+    for _ in range(iterations):
+        norm = torch.sqrt(sum((v * v).sum() for v in vector))
+        vector = [v / norm for v in vector]
+        loss = F.cross_entropy(model(inputs), targets)
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        products = torch.autograd.grad(grads, params, vector)
+        estimate = float(sum((h * v).sum() for h, v in zip(products, vector, strict=True)))
+        vector = [h.detach() for h in products]
+    return estimate
+
+
+def run(lr: float, problem: MnistProblem, args: argparse.Namespace) -> tuple[list[StepRecord], float]:
+    """Train ``large_batch.py``'s ``neumann`` at ``lr``; the per-step records and the final accuracy (%)."""
+    (config,) = large_batch.configurations(
+        ["neumann"], [args.batch], {"neumann": (lr,)}, args.epochs, len(problem.train)
+    )
+    options = dict(config.options)
+    schedule = NeumannConfig(**options)
+    torch.manual_seed(args.seed)  # the trainer's initialisation of the model
+    model = MODELS[args.model]()
+    opt = hpcopt.optimizer("neumann", model, F.cross_entropy, seed=args.seed, **options)
+    train, val = problem.train, problem.val
+    sample = torch.randperm(len(train), generator=torch.Generator().manual_seed(123))[: args.rows]
+    sample_inputs, sample_targets = train.inputs[sample], train.targets[sample]
+    sampler = opt.sampler(len(train), args.batch)
+    records: list[StepRecord] = []
+    step, next_reset = 0, schedule.warmup_steps
+    period = max(1, round(schedule.reset_epochs * schedule.epoch_steps))  # as the optimizer counts it
+    for epoch in range(args.epochs):
+        sampler.set_epoch(epoch)
+        for rows in sampler:
+            phase = phase_of(schedule, step, next_reset)
+            if phase == "reset":
+                next_reset, period = next_reset + period, period * 2
+            eta, mu = schedule.schedule(step)
+            sharpness = top_eigenvalue(model, sample_inputs, sample_targets, args.iterations, seed=step)
+            ratio = stability_ratio(phase, eta, mu, lr, sharpness)
+            loss = opt.step(train.inputs[rows], train.targets[rows])
+            step_norm = opt.last.step_norm if opt.last is not None else float("nan")
+            records.append(StepRecord(lr, step, phase, eta, mu, sharpness, ratio, loss, step_norm))
+            print(
+                f"lr {lr:g} step {step:3d} {phase:7s} loss {loss:7.4f} step {step_norm:6.3f} "
+                f"eta {eta:.4f} mu {mu:.3f} lambda {sharpness:8.2f} ratio {ratio:6.2f}",
+                flush=True,
+            )
+            step += 1
+    with opt.evaluation_parameters() as evaluated, torch.no_grad():
+        accuracy = float((evaluated(val.inputs).argmax(dim=1) == val.targets).float().mean()) * 100
+    return records, accuracy
+
+
+def write_csv(path: Path, records: list[StepRecord]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["lr", "step", "phase", "eta", "mu", "sharpness", "ratio", "loss", "step_norm"])
+        for r in records:
+            writer.writerow(
+                [
+                    r.lr,
+                    r.step,
+                    r.phase,
+                    f"{r.eta:.6g}",
+                    f"{r.mu:.4f}",
+                    f"{r.sharpness:.4g}",
+                    f"{r.ratio:.4g}",
+                    f"{r.loss:.5f}",
+                    f"{r.step_norm:.5f}",
+                ]
+            )
+
+
+def plot(path: Path, records: list[StepRecord], accuracies: dict[float, float], batch: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7.5), sharex=True)
+    for lr, accuracy in accuracies.items():
+        rows = [r for r in records if r.lr == lr]
+        label = f"lr {lr:g} ({accuracy:.2f} %)"
+        (line,) = top.plot([r.step for r in rows], [r.loss for r in rows], marker=".", label=label)
+        moving = [r for r in rows if r.ratio > 0]  # a reset's nan and a negative estimate have no place on a log scale
+        bottom.semilogy(
+            [r.step for r in moving], [r.ratio for r in moving], marker=".", color=line.get_color(), label=label
+        )
+    for step in sorted({r.step for r in records if r.phase == "reset"}):
+        for axis in (top, bottom):
+            axis.axvline(step, color="0.8", linestyle=":", linewidth=1)
+    bottom.axhline(1.0, color="k", linewidth=1)
+    top.set_ylabel("loss of the step's batch")
+    top.set_title(f"Neumann at batch {batch}, cnn-small (final accuracy); dotted: resets")
+    top.legend(fontsize=8)
+    bottom.set_ylabel("ηλ / stable bound of the step")
+    bottom.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default=_common.dataset_dir("mnist-full"))
+    parser.add_argument("--outdir", default="runs/neumann_sharpness")
+    parser.add_argument("--lrs", default="0.1,0.2,0.3", help="comma-separated learning rates")
+    parser.add_argument("--batch", type=int, default=15000)
+    parser.add_argument("--epochs", type=int, default=10)
+    # Models without batch norm or dropout: the estimate's forward passes would move batch-norm
+    # statistics and draw dropout masks, so the path would no longer be the trainer's.
+    parser.add_argument("--model", default="cnn-small", choices=["cnn-small", "mlp"])
+    parser.add_argument("--rows", type=int, default=1000, help="training rows of the sharpness estimate")
+    parser.add_argument("--iterations", type=int, default=20, help="power iterations per estimate")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    problem = MnistProblem(data_dir=args.data_dir)
+    outdir = Path(args.outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    records: list[StepRecord] = []
+    accuracies: dict[float, float] = {}
+    for lr in (float(text) for text in args.lrs.split(",")):
+        found, accuracies[lr] = run(lr, problem, args)
+        records += found
+    print("\n| lr | final accuracy % | steps with ratio > 1 | largest ratio | largest λ |")
+    print("|---|---|---|---|---|")
+    for lr, accuracy in accuracies.items():
+        moving = [r for r in records if r.lr == lr and r.phase != "reset"]
+        over = [str(r.step) for r in moving if r.ratio > 1]
+        print(
+            f"| {lr:g} | {accuracy:.2f} | {', '.join(over) or 'none'} | "
+            f"{max(r.ratio for r in moving):.2f} | {max(r.sharpness for r in moving):.1f} |"
+        )
+    write_csv(outdir / "neumann_sharpness.csv", records)
+    plot(outdir / "neumann_sharpness.png", records, accuracies, args.batch)
+    print(f"wrote {outdir / 'neumann_sharpness.csv'} and {outdir / 'neumann_sharpness.png'}")
+
+
+if __name__ == "__main__":
+    main()
