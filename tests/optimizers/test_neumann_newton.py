@@ -122,7 +122,7 @@ def test_with_momentum_gradients_at_displaced_points_replace_the_hessian_product
 
 
 def _stability_ratio():
-    """``stability_ratio`` of ``benchmarks/neumann_sharpness.py`` (the script puts its folder on the path)."""
+    """``stability_ratio`` of ``benchmarks/neumann_sharpness.py``, whose imports need its folder on the path."""
     import importlib.util
     import sys
     from pathlib import Path
@@ -147,11 +147,10 @@ def _stability_ratio():
 def test_the_update_is_stable_exactly_below_the_momentum_bound(
     objective_factory: ObjectiveFactory, mu: float, fraction: float
 ) -> None:
-    probe, matrix, rhs = _neumann_on_quadratic(objective_factory, mu)
+    _, matrix, rhs = _neumann_on_quadratic(objective_factory, mu)
     sharpest = float(np.linalg.eigvalsh(matrix)[-1])
     lr = fraction * 2 * (1 + mu) / (1 + 2 * mu) / sharpest
     assert _stability_ratio()("neumann", lr, mu, lr, sharpest) == pytest.approx(fraction)
-    del probe
     optimizer, *_ = _neumann_on_quadratic(objective_factory, mu, lr=lr)
     minimiser = np.linalg.solve(matrix, rhs)
     w0 = optimizer.flat.data.double().numpy().copy()
