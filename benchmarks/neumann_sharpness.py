@@ -40,7 +40,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import hpcopt
-from hpcopt.optimizers.neumann import NeumannConfig
 from hpcopt.problems.mnist.problem import MODELS, MnistProblem
 
 
@@ -68,12 +67,6 @@ def stability_ratio(phase: str, eta: float, mu: float, lr: float, sharpness: flo
     return eta * sharpness * (1.0 + 2.0 * mu) / (2.0 * (1.0 + mu))
 
 
-def phase_of(config: NeumannConfig, step: int, next_reset: int) -> str:
-    if step < config.warmup_steps:
-        return "sgd"
-    return "reset" if step == next_reset else "neumann"
-
-
 def top_eigenvalue(model: nn.Module, inputs: Tensor, targets: Tensor, iterations: int, seed: int) -> float:
     """The Rayleigh quotient after ``iterations`` power iterations on the loss Hessian at the model's weights."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -97,7 +90,6 @@ def run(lr: float, problem: MnistProblem, args: argparse.Namespace) -> tuple[lis
         ["neumann"], [args.batch], {"neumann": (lr,)}, args.epochs, len(problem.train)
     )
     options = dict(config.options)
-    schedule = NeumannConfig(**options)
     torch.manual_seed(args.seed)  # the trainer's initialisation of the model
     model = MODELS[args.model]()
     opt = hpcopt.optimizer("neumann", model, F.cross_entropy, seed=args.seed, **options)
@@ -106,19 +98,17 @@ def run(lr: float, problem: MnistProblem, args: argparse.Namespace) -> tuple[lis
     sample_inputs, sample_targets = train.inputs[sample], train.targets[sample]
     sampler = opt.sampler(len(train), args.batch)
     records: list[StepRecord] = []
-    step, next_reset = 0, schedule.warmup_steps
-    period = max(1, round(schedule.reset_epochs * schedule.epoch_steps))  # as the optimizer counts it
+    step = 0
     for epoch in range(args.epochs):
         sampler.set_epoch(epoch)
         for rows in sampler:
-            phase = phase_of(schedule, step, next_reset)
-            if phase == "reset":
-                next_reset, period = next_reset + period, period * 2
-            eta, mu = schedule.schedule(step)
+            # λ at the weights the step's gradient is taken at; the step reports its phase, η and μ.
             sharpness = top_eigenvalue(model, sample_inputs, sample_targets, args.iterations, seed=step)
-            ratio = stability_ratio(phase, eta, mu, lr, sharpness)
             loss = opt.step(train.inputs[rows], train.targets[rows])
-            step_norm = opt.last.step_norm if opt.last is not None else float("nan")
+            assert opt.last is not None
+            phase, eta, mu = opt.last.extras["phase"], opt.last.extras["eta"], opt.last.extras["mu"]
+            step_norm = opt.last.step_norm
+            ratio = stability_ratio(phase, eta, mu, lr, sharpness)
             records.append(StepRecord(lr, step, phase, eta, mu, sharpness, ratio, loss, step_norm))
             print(
                 f"lr {lr:g} step {step:3d} {phase:7s} loss {loss:7.4f} step {step_norm:6.3f} "

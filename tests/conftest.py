@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import pytest
@@ -25,6 +27,22 @@ BIN = Path(sys.executable).parent
 def datasets_dir() -> Path:
     """``$HPCOPT_DATA_DIR`` or ``../shared/datasets`` beside the repository."""
     return Path(os.environ.get("HPCOPT_DATA_DIR", REPO.parent / "shared" / "datasets"))
+
+
+def benchmark_script(name: str) -> ModuleType:
+    """``benchmarks/NAME.py`` as a module, imported the way running it does (its folder on the path)."""
+    folder = REPO / "benchmarks"
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(folder))
+    sys.modules[name] = script  # a dataclass in it looks its module up there
+    try:
+        spec.loader.exec_module(script)
+    finally:
+        sys.path.remove(str(folder))
+        sys.modules.pop(name, None)
+    return script
 
 
 def mnist_dir() -> Path:

@@ -18,6 +18,7 @@ from hpcopt.numerics.flat import FlatParameters
 from hpcopt.optimizers import APTSD, APTSDConfig, make_config
 from hpcopt.problems import make_problem
 from hpcopt.training.trainer import TrainConfig, train
+from tests.conftest import benchmark_script
 from tests.optimizers.apts_support import outer_start
 
 pytestmark = pytest.mark.timeout(120)
@@ -751,19 +752,7 @@ def test_cg_rtol_takes_the_local_solve_to_the_newton_step() -> None:
 
 def test_the_defaults_are_the_measured_set() -> None:
     """APTS-D's defaults are the set docs/results.md measured under its benchmark name."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    benchmarks = Path(__file__).resolve().parents[2] / "benchmarks"
-    sys.path.insert(0, str(benchmarks))
-    try:
-        spec = importlib.util.spec_from_file_location("apts_scaling_accuracy", benchmarks / "apts_scaling_accuracy.py")
-        assert spec is not None and spec.loader is not None
-        study = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(study)
-    finally:
-        sys.path.remove(str(benchmarks))
+    study = benchmark_script("apts_scaling_accuracy")
     measured = study.VARIANTS["metric-adam-gn-local-l3-cg5-f35-sc-lf25-rt1"]
     assert make_config("apts-d", measured) == make_config("apts-d", {})
     # The previous defaults are a different set, so the check above can fail.

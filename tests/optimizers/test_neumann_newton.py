@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from hpcopt.optimizers import Neumann, make_config
-from tests.conftest import ObjectiveFactory
+from tests.conftest import ObjectiveFactory, benchmark_script
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -121,26 +121,6 @@ def test_with_momentum_gradients_at_displaced_points_replace_the_hessian_product
     assert error < 0.1 * plain_error  # momentum accelerates the series (the paper's μ → 0.9)
 
 
-def _stability_ratio():
-    """``stability_ratio`` of ``benchmarks/neumann_sharpness.py``, whose imports need its folder on the path."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    benchmarks = Path(__file__).resolve().parents[2] / "benchmarks"
-    sys.path.insert(0, str(benchmarks))
-    try:
-        spec = importlib.util.spec_from_file_location("neumann_sharpness", benchmarks / "neumann_sharpness.py")
-        assert spec is not None and spec.loader is not None
-        script = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = script  # its dataclass looks its module up there
-        spec.loader.exec_module(script)
-    finally:
-        sys.path.remove(str(benchmarks))
-        sys.modules.pop("neumann_sharpness", None)
-    return script.stability_ratio
-
-
 @pytest.mark.mpi(min_size=1)
 @pytest.mark.parametrize("mu", [0.5, 0.9])
 @pytest.mark.parametrize("fraction", [0.95, 1.05])
@@ -150,7 +130,8 @@ def test_the_update_is_stable_exactly_below_the_momentum_bound(
     _, matrix, rhs = _neumann_on_quadratic(objective_factory, mu)
     sharpest = float(np.linalg.eigvalsh(matrix)[-1])
     lr = fraction * 2 * (1 + mu) / (1 + 2 * mu) / sharpest
-    assert _stability_ratio()("neumann", lr, mu, lr, sharpest) == pytest.approx(fraction)
+    stability_ratio = benchmark_script("neumann_sharpness").stability_ratio
+    assert stability_ratio("neumann", lr, mu, lr, sharpest) == pytest.approx(fraction)
     optimizer, *_ = _neumann_on_quadratic(objective_factory, mu, lr=lr)
     minimiser = np.linalg.solve(matrix, rhs)
     w0 = optimizer.flat.data.double().numpy().copy()
