@@ -2,7 +2,7 @@
 
 Run: ``python benchmarks/large_batch.py --data-dir ../shared/datasets/mnist-full
 [--batches 15000,1000] [--epochs 10] [--methods hf-cg,nlcg,neumann,sgd,adam]
-[--lrs adam=1e-3:3e-3] [--model cnn-small] [--ranks 2] [--timing-steps 6]``
+[--lrs adam=1e-3:3e-3] [--model cnn-small] [--ranks 2] [--seeds 0,1,2] [--timing-steps 6]``
 
 Every configuration is one ``mpiexec -n P python -m mpi4py -m hpcopt train …`` job
 writing an HDF5 run log into ``--outdir``; a run whose log exists and says
@@ -22,6 +22,15 @@ per method at its best learning rate, one row of panels per batch size).  With
 ``--timing-rounds`` interleaved rounds (:func:`time_steps`), which gives its time per
 step over Adam's.  The table of a study run in pieces (``--methods``/``--lrs``) is
 ``--report-only`` with every method.
+
+With ``--seeds 0,1,2`` every configuration runs once per seed (logs ``NAME.sS.h5`` for a
+seed S other than 0).  The first seed chooses each method's best learning rate, as a
+single-seed study does; the other seeds measure how far a result moves with the seed
+alone (the initial weights and the order of the batches): a table of each configuration's
+final accuracy over the seeds (mean, sample standard deviation, lowest, highest),
+``large_batch_seeds.csv`` (one row per configuration) and ``large_batch_seeds.png`` (every
+seed's final accuracy, one column per configuration).  A seed study at the learning rates
+a single-seed study chose is ``--lrs`` with one rate per method.
 """
 
 from __future__ import annotations
@@ -85,6 +94,12 @@ class Config:
     lr: float | None
     optimizer: str
     options: dict
+    seed: int = 0
+
+    @property
+    def setting(self) -> str:
+        """The name without the seed: what the seeds of one configuration share."""
+        return self.name.rsplit(".s", 1)[0] if self.seed else self.name
 
 
 def parse_lrs(text: str) -> dict[str, tuple[float, ...]]:
@@ -97,15 +112,21 @@ def parse_lrs(text: str) -> dict[str, tuple[float, ...]]:
 
 
 def configurations(
-    methods: list[str], batches: list[int], lrs: dict[str, tuple[float, ...]], epochs: int, train_size: int
+    methods: list[str],
+    batches: list[int],
+    lrs: dict[str, tuple[float, ...]],
+    epochs: int,
+    train_size: int,
+    seeds: tuple[int, ...] = (0,),
 ) -> list[Config]:
-    """Every method, batch and swept learning rate, batch by batch in the order given.
+    """Every method, batch, swept learning rate and seed, batch by batch in the order given.
 
-    Within a batch the middle learning rate of every method runs first, then HF, then the
-    other learning rates, so that a study stopped early has every method at least once.
+    Within a batch and a seed the middle learning rate of every method runs first, then HF,
+    then the other learning rates, so that a study stopped early has every method at least
+    once; seed by seed in the order given.
     """
     runs = []
-    for batch in batches:
+    for batch, seed in ((batch, seed) for batch in batches for seed in seeds):
         steps_per_epoch = max(1, train_size // batch)
         warmup_steps = max(1, round(WARMUP_FRACTION * epochs * steps_per_epoch))
         ordered = [(method, lr) for method in methods for lr in _middle_first(lrs.get(method, (None,)))]
@@ -123,8 +144,8 @@ def configurations(
                 opts["reset_epochs"] = 2
             if lr is not None:
                 opts["lr"] = lr
-            suffix = f".lr{lr:g}" if lr is not None else ""
-            runs.append(Config(f"{method}.b{batch}{suffix}", method, batch, lr, optimizer, opts))
+            suffix = (f".lr{lr:g}" if lr is not None else "") + (f".s{seed}" if seed else "")
+            runs.append(Config(f"{method}.b{batch}{suffix}", method, batch, lr, optimizer, opts, seed))
     return runs
 
 
@@ -143,7 +164,8 @@ def launch_run(config: Config, args: argparse.Namespace) -> None:
         return
     command = _common.train_command(args.ranks, "--problem", "mnist", "--data-dir", args.data_dir)
     command += ["--model", args.model, "--optimizer", config.optimizer, "--batch-size", str(config.batch)]
-    command += ["--epochs", str(args.epochs), *_common.log_arguments(args, config.name), "--quiet"]
+    command += ["--epochs", str(args.epochs), "--seed", str(config.seed)]
+    command += ["--out", str(Path(args.outdir) / f"{config.name}.h5"), "--overwrite", "--quiet"]
     _common.launch(config.name, command + _common.set_options(config.options))
 
 
@@ -177,10 +199,10 @@ def read_result(config: Config, outdir: Path) -> Result | None:
     return Result(config, run, accuracy * 100, eval_steps, wall, steps, seconds)
 
 
-def best_per_method(results: list[Result]) -> dict[tuple[str, int], Result]:
-    """The run with the highest final accuracy of each (method, batch)."""
+def best_per_method(results: list[Result], seed: int) -> dict[tuple[str, int], Result]:
+    """The run with the highest final accuracy of each (method, batch) among the runs of ``seed``."""
     best: dict[tuple[str, int], Result] = {}
-    for result in results:
+    for result in (result for result in results if result.config.seed == seed):
         key = (result.config.method, result.config.batch)
         if key not in best or result.accuracy[-1] > best[key].accuracy[-1]:
             best[key] = result
@@ -214,7 +236,7 @@ def time_steps(best: dict[tuple[str, int], Result], args: argparse.Namespace) ->
                 command += ["--model", args.model, "--optimizer", config.optimizer, "--batch-size", str(config.batch)]
                 # as many epochs as the steps need, with no evaluation in between
                 command += ["--epochs", "1000", "--eval-every", "1000", "--max-steps", str(args.timing_steps)]
-                command += ["--seed", str(args.seed)]
+                command += ["--seed", str(config.seed)]
                 command += ["--out", str(path), "--overwrite", "--quiet", *_common.set_options(config.options)]
                 _common.launch(path.stem, command)
             if path.exists():
@@ -244,7 +266,7 @@ def report(runs: list[Config], args: argparse.Namespace) -> None:
             f"{result.steps:>7}{result.eval_wall[-1]:>8.0f}{result.seconds_per_step:>9.3f}"
             f"{_common.traffic(run):>8.1f}n"
         )
-    best = best_per_method(results)
+    best = best_per_method(results, args.seeds[0])
     over_adam = time_steps(best, args) if best and args.timing_steps > 0 else {}
     if best:
         print("\nbest learning rate of each method (final accuracy; time per step over Adam's, --timing-steps):")
@@ -255,6 +277,103 @@ def report(runs: list[Config], args: argparse.Namespace) -> None:
     write_csv(results, best, over_adam, outdir / "large_batch.csv")
     if best:
         write_figure(best, outdir / "large_batch.png")
+    if len(args.seeds) > 1:
+        report_seeds(results, outdir)
+
+
+@dataclass
+class SeedSummary:
+    """One configuration's final accuracy over the seeds it ran with."""
+
+    setting: str
+    batch: int
+    seeds: list[int]
+    accuracies: np.ndarray  # final accuracy (%), one per seed
+
+    @property
+    def spread(self) -> float:
+        """The sample standard deviation (NaN for one seed)."""
+        return float(np.std(self.accuracies, ddof=1)) if len(self.accuracies) > 1 else float("nan")
+
+
+def seed_summaries(results: list[Result]) -> list[SeedSummary]:
+    """The runs grouped by configuration (the name without its seed), in the study's order."""
+    groups: dict[str, list[Result]] = {}
+    for result in results:
+        groups.setdefault(result.config.setting, []).append(result)
+    return [
+        SeedSummary(
+            setting,
+            group[0].config.batch,
+            [result.config.seed for result in group],
+            np.array([float(result.accuracy[-1]) for result in group]),
+        )
+        for setting, group in groups.items()
+    ]
+
+
+def report_seeds(results: list[Result], outdir: Path) -> None:
+    summaries = seed_summaries(results)
+    header = f"{'configuration':<24}{'seeds':>8}{'mean%':>8}{'std':>7}{'lowest%':>9}{'highest%':>10}"
+    print(f"\nfinal accuracy over the seeds:\n{header}\n{'-' * len(header)}")
+    for summary in summaries:
+        acc = summary.accuracies
+        print(
+            f"{summary.setting:<24}{len(acc):>8}{acc.mean():>8.2f}{summary.spread:>7.2f}"
+            f"{acc.min():>9.2f}{acc.max():>10.2f}"
+        )
+    path = outdir / "large_batch_seeds.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["configuration", "batch", "seeds", "final_accuracy", "mean", "std", "lowest", "highest"])
+        for summary in summaries:
+            acc = summary.accuracies
+            writer.writerow(
+                [
+                    summary.setting,
+                    summary.batch,
+                    " ".join(str(seed) for seed in summary.seeds),
+                    " ".join(f"{value:.2f}" for value in acc),
+                    f"{acc.mean():.2f}",
+                    f"{summary.spread:.2f}",
+                    f"{acc.min():.2f}",
+                    f"{acc.max():.2f}",
+                ]
+            )
+    print(f"wrote {path}")
+    write_seed_figure(summaries, outdir / "large_batch_seeds.png")
+
+
+def write_seed_figure(summaries: list[SeedSummary], path: Path) -> None:
+    """Every seed's final accuracy (dots) and their mean (a bar), one panel per batch size."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"no {path.name}: the figure needs matplotlib (pip install 'hpcopt[plot]')")
+        return
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = sorted({summary.batch for summary in summaries}, reverse=True)
+    fig, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 4.5), squeeze=False)
+    for ax, batch in zip(axes[0], batches, strict=True):
+        shown = [summary for summary in summaries if summary.batch == batch]
+        for x, summary in enumerate(shown):
+            acc = summary.accuracies
+            ax.hlines(acc.mean(), x - 0.3, x + 0.3, color=f"C{x}", linewidth=2)
+            ax.plot(np.full(len(acc), x), acc, "o", color=f"C{x}", markersize=5)
+            for seed, value in zip(summary.seeds, acc, strict=True):
+                ax.annotate(f"s{seed}", (x, value), xytext=(6, -3), textcoords="offset points", fontsize=7)
+        ax.set_xticks(range(len(shown)))
+        ax.set_xticklabels([summary.setting.replace(f".b{batch}", "") for summary in shown], rotation=20, fontsize=8)
+        ax.set_ylabel("final validation accuracy (%)")
+        ax.set_title(f"batch {batch}: final accuracy of every seed (bar: mean)")
+        ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
 
 
 def write_csv(
@@ -264,7 +383,7 @@ def write_csv(
     path: Path,
 ) -> None:
     """One row per run; ``step_time_over_adam`` is the method's, from :func:`time_steps` (NaN if not timed)."""
-    columns = ["run", "method", "batch", "lr", "final_accuracy", "best_accuracy", "steps", "wall_s"]
+    columns = ["run", "method", "batch", "lr", "seed", "final_accuracy", "best_accuracy", "steps", "wall_s"]
     columns += ["seconds_per_step", "step_time_over_adam", "best_lr_of_method", "traffic_n", "status"]
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
@@ -272,13 +391,14 @@ def write_csv(
         for result in results:
             config = result.config
             ratio = over_adam.get((config.method, config.batch), float("nan"))
-            is_best = best[(config.method, config.batch)] is result
+            is_best = best.get((config.method, config.batch)) is result
             writer.writerow(
                 [
                     config.name,
                     config.method,
                     config.batch,
                     "" if config.lr is None else f"{config.lr:g}",
+                    config.seed,
                     f"{result.accuracy[-1]:.2f}",
                     f"{result.accuracy.max():.2f}",
                     result.steps,
@@ -345,11 +465,15 @@ def main() -> None:
     parser.add_argument("--rerun", action="store_true", help="run again configurations with a completed log")
     parser.add_argument("--timing-steps", type=int, default=0, help="steps of each timing run (0: no timing)")
     parser.add_argument("--timing-rounds", type=int, default=3, help="rounds of timing runs")
+    parser.add_argument("--seeds", default=None, help="seeds of every configuration, e.g. 0,1,2 (default: --seed)")
     args = parser.parse_args()
+    args.seeds = tuple(int(seed) for seed in args.seeds.split(",")) if args.seeds else (args.seed,)
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds has a seed twice: {args.seeds}")
     methods = _common.chosen(parser, args, METHODS, what="methods")
     lrs = {**LEARNING_RATES, **parse_lrs(args.lrs)}
     batches = [int(b) for b in args.batches.split(",")]
-    runs = configurations(methods, batches, lrs, args.epochs, args.train_size)
+    runs = configurations(methods, batches, lrs, args.epochs, args.train_size, args.seeds)
     _common.run_study(args, runs, lambda run: launch_run(run, args), lambda: report(runs, args))
 
 
