@@ -2,7 +2,7 @@
 
 Run: ``python benchmarks/neumann_sharpness.py --data-dir ../shared/datasets/mnist-full
 [--lrs 0.1,0.2,0.3] [--batch 15000] [--epochs 10] [--model cnn-small] [--rows 1000]
-[--iterations 20]``
+[--iterations 20] [--cap 0.9]``
 
 Between resets the Neumann optimizer (``docs/optimizers/neumann.md``) is a momentum
 method, m ← μm − ηd, w ← w + μm − ηd.  On a quadratic with curvature λ along a direction
@@ -18,6 +18,11 @@ step's gradient is taken, by power iteration (``--iterations`` Hessian-vector pr
 by double backward, on a fixed ``--rows``-row sample of the training set), and records
 the ratio of ηλ to the bound of the step about to be taken: above 1, the sharpest
 direction grows instead of shrinking.
+
+With ``--cap C`` (a diagnostic, not the paper's method) each step's learning rate is
+lowered, where needed, so that the ratio is at most C: ``lr·min(1, C/ratio)``, the ratio
+taken at ``lr`` (at a reset, for the momentum step its m feeds).  It asks whether a rate
+that follows the sharpness would train: the paper's algorithm has no sharpness estimate.
 
 Output: a line per step, a summary table, ``neumann_sharpness.csv`` (one row per
 learning rate and step: ``phase`` (``sgd`` burn-in, ``reset`` or ``neumann``), η, μ, λ,
@@ -47,7 +52,8 @@ from hpcopt.problems.mnist.problem import MODELS, MnistProblem
 class StepRecord:
     """One step of one run: the state before it and what it did."""
 
-    lr: float
+    lr: float  # the run's learning rate
+    step_lr: float  # this step's: below lr where --cap lowered it
     step: int
     phase: str
     eta: float
@@ -65,6 +71,26 @@ def stability_ratio(phase: str, eta: float, mu: float, lr: float, sharpness: flo
     if phase == "reset":
         return float("nan")
     return eta * sharpness * (1.0 + 2.0 * mu) / (2.0 * (1.0 + mu))
+
+
+def next_phase(opt: hpcopt.Optimizer) -> str:
+    """The phase of the optimizer's next step (checked against the phase the step reports)."""
+    if opt.steps < opt.config.warmup_steps:
+        return "sgd"
+    state = opt.state_dict()["optimizer"]  # None before the first step: the first reset ends the burn-in
+    next_reset = opt.config.warmup_steps if state is None else state["next_reset"]
+    return "reset" if opt.steps == next_reset else "neumann"
+
+
+def capped_lr(lr: float, cap: float, opt: hpcopt.Optimizer, sharpness: float) -> float:
+    """``lr``, lowered so that the next step's ratio is at most ``cap`` (``cap`` 0: ``lr``)."""
+    if cap <= 0:
+        return lr
+    phase = next_phase(opt)
+    eta, mu = opt.config.schedule(opt.steps)
+    # a reset moves nothing; its m = −ηg is the momentum the next (Neumann) step carries on
+    ratio = stability_ratio("neumann" if phase == "reset" else phase, eta, mu, lr, sharpness)
+    return lr * min(1.0, cap / ratio) if ratio > 0 else lr
 
 
 def top_eigenvalue(model: nn.Module, inputs: Tensor, targets: Tensor, iterations: int, seed: int) -> float:
@@ -104,14 +130,18 @@ def run(lr: float, problem: MnistProblem, args: argparse.Namespace) -> tuple[lis
         for rows in sampler:
             # λ at the weights the step's gradient is taken at; the step reports its phase, η and μ.
             sharpness = top_eigenvalue(model, sample_inputs, sample_targets, args.iterations, seed=step)
+            expected = next_phase(opt)
+            opt.config.lr = lr  # the schedule's η at the run's rate, then lowered where --cap says
+            opt.config.lr = step_lr = capped_lr(lr, args.cap, opt, sharpness)
             loss = opt.step(train.inputs[rows], train.targets[rows])
             assert opt.last is not None
             phase, eta, mu = opt.last.extras["phase"], opt.last.extras["eta"], opt.last.extras["mu"]
+            assert phase == expected, f"step {step}: expected a {expected} step, the optimizer took a {phase} step"
             step_norm = opt.last.step_norm
-            ratio = stability_ratio(phase, eta, mu, lr, sharpness)
-            records.append(StepRecord(lr, step, phase, eta, mu, sharpness, ratio, loss, step_norm))
+            ratio = stability_ratio(phase, eta, mu, step_lr, sharpness)
+            records.append(StepRecord(lr, step_lr, step, phase, eta, mu, sharpness, ratio, loss, step_norm))
             print(
-                f"lr {lr:g} step {step:3d} {phase:7s} loss {loss:7.4f} step {step_norm:6.3f} "
+                f"lr {step_lr:.4g} step {step:3d} {phase:7s} loss {loss:7.4f} step {step_norm:6.3f} "
                 f"eta {eta:.4f} mu {mu:.3f} lambda {sharpness:8.2f} ratio {ratio:6.2f}",
                 flush=True,
             )
@@ -124,11 +154,12 @@ def run(lr: float, problem: MnistProblem, args: argparse.Namespace) -> tuple[lis
 def write_csv(path: Path, records: list[StepRecord]) -> None:
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["lr", "step", "phase", "eta", "mu", "sharpness", "ratio", "loss", "step_norm"])
+        writer.writerow(["lr", "step_lr", "step", "phase", "eta", "mu", "sharpness", "ratio", "loss", "step_norm"])
         for r in records:
             writer.writerow(
                 [
                     r.lr,
+                    f"{r.step_lr:.6g}",
                     r.step,
                     r.phase,
                     f"{r.eta:.6g}",
@@ -141,7 +172,7 @@ def write_csv(path: Path, records: list[StepRecord]) -> None:
             )
 
 
-def plot(path: Path, records: list[StepRecord], accuracies: dict[float, float], batch: int) -> None:
+def plot(path: Path, records: list[StepRecord], accuracies: dict[float, float], batch: int, cap: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -161,7 +192,8 @@ def plot(path: Path, records: list[StepRecord], accuracies: dict[float, float], 
             axis.axvline(step, color="0.8", linestyle=":", linewidth=1)
     bottom.axhline(1.0, color="k", linewidth=1)
     top.set_ylabel("loss of the step's batch")
-    top.set_title(f"Neumann at batch {batch}, cnn-small (final accuracy); dotted: resets")
+    capped = f", lr capped at ratio {cap:g}" if cap > 0 else ""
+    top.set_title(f"Neumann at batch {batch}, cnn-small{capped} (final accuracy); dotted: resets")
     top.legend(fontsize=8)
     bottom.set_ylabel("ηλ / stable bound of the step")
     bottom.set_xlabel("step")
@@ -182,7 +214,10 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1000, help="training rows of the sharpness estimate")
     parser.add_argument("--iterations", type=int, default=20, help="power iterations per estimate")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cap", type=float, default=0.0, help="lower each step's lr to this ratio (0: off)")
     args = parser.parse_args()
+    if args.cap < 0:
+        parser.error(f"--cap must be >= 0, got {args.cap}")
     problem = MnistProblem(data_dir=args.data_dir)
     outdir = Path(args.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
@@ -201,7 +236,7 @@ def main() -> None:
             f"{max(r.ratio for r in moving):.2f} | {max(r.sharpness for r in moving):.1f} |"
         )
     write_csv(outdir / "neumann_sharpness.csv", records)
-    plot(outdir / "neumann_sharpness.png", records, accuracies, args.batch)
+    plot(outdir / "neumann_sharpness.png", records, accuracies, args.batch, args.cap)
     print(f"wrote {outdir / 'neumann_sharpness.csv'} and {outdir / 'neumann_sharpness.png'}")
 
 
