@@ -363,8 +363,11 @@ def write_seed_figure(summaries: list[SeedSummary], path: Path) -> None:
             acc = summary.accuracies
             ax.hlines(acc.mean(), x - 0.3, x + 0.3, color=f"C{x}", linewidth=2)
             ax.plot(np.full(len(acc), x), acc, "o", color=f"C{x}", markersize=5)
+            labels: dict[float, list[str]] = {}  # seeds that ended at the same accuracy share one label
             for seed, value in zip(summary.seeds, acc, strict=True):
-                ax.annotate(f"s{seed}", (x, value), xytext=(6, -3), textcoords="offset points", fontsize=7)
+                labels.setdefault(float(value), []).append(f"s{seed}")
+            for value, seeds in labels.items():
+                ax.annotate(" ".join(seeds), (x, value), xytext=(6, -3), textcoords="offset points", fontsize=7)
         ax.set_xticks(range(len(shown)))
         ax.set_xticklabels([summary.setting.replace(f".b{batch}", "") for summary in shown], rotation=20, fontsize=8)
         ax.set_ylabel("final validation accuracy (%)")
