@@ -173,6 +173,7 @@ def write_csv(path: Path, records: list[StepRecord]) -> None:
 
 
 def plot(path: Path, records: list[StepRecord], accuracies: dict[float, float], batch: int, cap: float) -> None:
+    """Loss against the step above; below, the ratio (or, with ``--cap``, where the ratio is held, λ)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -184,18 +185,21 @@ def plot(path: Path, records: list[StepRecord], accuracies: dict[float, float], 
         label = f"lr {lr:g} ({accuracy:.2f} %)"
         (line,) = top.plot([r.step for r in rows], [r.loss for r in rows], marker=".", label=label)
         moving = [r for r in rows if r.ratio > 0]  # a reset's nan and a negative estimate have no place on a log scale
-        bottom.semilogy(
-            [r.step for r in moving], [r.ratio for r in moving], marker=".", color=line.get_color(), label=label
-        )
+        shown = [r.sharpness if cap > 0 else r.ratio for r in moving]
+        bottom.semilogy([r.step for r in moving], shown, marker=".", color=line.get_color(), label=label)
     for step in sorted({r.step for r in records if r.phase == "reset"}):
         for axis in (top, bottom):
             axis.axvline(step, color="0.8", linestyle=":", linewidth=1)
-    bottom.axhline(1.0, color="k", linewidth=1)
+    if cap > 0:
+        bottom.set_ylabel("λ, largest eigenvalue of the loss Hessian")
+        capped = f", each step's lr lowered to ratio ≤ {cap:g}"
+    else:
+        bottom.axhline(1.0, color="k", linewidth=1)
+        bottom.set_ylabel("ηλ / stable bound of the step")
+        capped = ""
     top.set_ylabel("loss of the step's batch")
-    capped = f", lr capped at ratio {cap:g}" if cap > 0 else ""
-    top.set_title(f"Neumann at batch {batch}, cnn-small{capped} (final accuracy); dotted: resets")
+    top.set_title(f"Neumann at batch {batch}, cnn-small{capped}\n(final accuracy in the legend; dotted: resets)")
     top.legend(fontsize=8)
-    bottom.set_ylabel("ηλ / stable bound of the step")
     bottom.set_xlabel("step")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
