@@ -357,17 +357,28 @@ def write_seed_figure(summaries: list[SeedSummary], path: Path) -> None:
 
     batches = sorted({summary.batch for summary in summaries}, reverse=True)
     fig, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 4.5), squeeze=False)
+    methods = sorted({summary.setting.split(".b")[0] for summary in summaries})
+    colors = {method: f"C{index}" for index, method in enumerate(methods)}  # one colour per method in both panels
     for ax, batch in zip(axes[0], batches, strict=True):
-        shown = [summary for summary in summaries if summary.batch == batch]
+        shown = sorted((summary for summary in summaries if summary.batch == batch), key=lambda item: item.setting)
         for x, summary in enumerate(shown):
-            acc = summary.accuracies
-            ax.hlines(acc.mean(), x - 0.3, x + 0.3, color=f"C{x}", linewidth=2)
-            ax.plot(np.full(len(acc), x), acc, "o", color=f"C{x}", markersize=5)
+            acc, color = summary.accuracies, colors[summary.setting.split(".b")[0]]
+            ax.hlines(acc.mean(), x - 0.3, x + 0.3, color=color, linewidth=2)
+            ax.plot(np.full(len(acc), x), acc, "o", color=color, markersize=5)
             labels: dict[float, list[str]] = {}  # seeds that ended at the same accuracy share one label
             for seed, value in zip(summary.seeds, acc, strict=True):
                 labels.setdefault(float(value), []).append(f"s{seed}")
-            for value, seeds in labels.items():
-                ax.annotate(" ".join(seeds), (x, value), xytext=(6, -3), textcoords="offset points", fontsize=7)
+            # labels right and left of the dots in turn, so that close values stay readable
+            for index, (value, seeds) in enumerate(sorted(labels.items())):
+                right = index % 2 == 0
+                ax.annotate(
+                    " ".join(seeds),
+                    (x, value),
+                    xytext=(6 if right else -6, -3),
+                    textcoords="offset points",
+                    fontsize=7,
+                    ha="left" if right else "right",
+                )
         ax.set_xticks(range(len(shown)))
         ax.set_xticklabels([summary.setting.replace(f".b{batch}", "") for summary in shown], rotation=20, fontsize=8)
         ax.set_ylabel("final validation accuracy (%)")
