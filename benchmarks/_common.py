@@ -45,9 +45,23 @@ def set_options(options: Mapping[str, object]) -> list[str]:
     return [item for key, value in options.items() for item in ("--set", f"{key}={value}")]
 
 
-def log_arguments(args: argparse.Namespace, name: str) -> list[str]:
-    """The seed and the run log ``OUTDIR/NAME.h5`` (replaced if present) of the run ``name``."""
-    return ["--seed", str(args.seed), "--out", str(Path(args.outdir) / f"{name}.h5"), "--overwrite"]
+def log_arguments(args: argparse.Namespace, name: str, seed: int | None = None) -> list[str]:
+    """The seed (``seed``, else ``--seed``) and the run log ``OUTDIR/NAME.h5`` (replaced if present) of run ``name``."""
+    seed = args.seed if seed is None else seed
+    return ["--seed", str(seed), "--out", str(Path(args.outdir) / f"{name}.h5"), "--overwrite"]
+
+
+def pyplot(path: Path) -> Any:
+    """``matplotlib.pyplot`` on the Agg backend, or ``None`` after a line saying ``path`` needs matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"no {path.name}: the figure needs matplotlib (pip install 'hpcopt[plot]')")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def run_job(command: Sequence[str], **options: Any) -> subprocess.CompletedProcess[Any]:

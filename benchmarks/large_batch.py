@@ -88,7 +88,7 @@ PAPER_RUN_EPOCHS = 230
 class Config:
     """One ``hpcopt train`` job of the study."""
 
-    name: str
+    setting: str  # METHOD.bBATCH[.lrLR]: what the seeds of one configuration share
     method: str
     batch: int
     lr: float | None
@@ -97,9 +97,9 @@ class Config:
     seed: int = 0
 
     @property
-    def setting(self) -> str:
-        """The name without the seed: what the seeds of one configuration share."""
-        return self.name.rsplit(".s", 1)[0] if self.seed else self.name
+    def name(self) -> str:
+        """The run's name (its log is ``NAME.h5``): the setting, and ``.sSEED`` for a seed other than 0."""
+        return f"{self.setting}.s{self.seed}" if self.seed else self.setting
 
 
 def parse_lrs(text: str) -> dict[str, tuple[float, ...]]:
@@ -144,7 +144,7 @@ def configurations(
                 opts["reset_epochs"] = 2
             if lr is not None:
                 opts["lr"] = lr
-            suffix = (f".lr{lr:g}" if lr is not None else "") + (f".s{seed}" if seed else "")
+            suffix = f".lr{lr:g}" if lr is not None else ""
             runs.append(Config(f"{method}.b{batch}{suffix}", method, batch, lr, optimizer, opts, seed))
     return runs
 
@@ -164,8 +164,7 @@ def launch_run(config: Config, args: argparse.Namespace) -> None:
         return
     command = _common.train_command(args.ranks, "--problem", "mnist", "--data-dir", args.data_dir)
     command += ["--model", args.model, "--optimizer", config.optimizer, "--batch-size", str(config.batch)]
-    command += ["--epochs", str(args.epochs), "--seed", str(config.seed)]
-    command += ["--out", str(Path(args.outdir) / f"{config.name}.h5"), "--overwrite", "--quiet"]
+    command += ["--epochs", str(args.epochs), *_common.log_arguments(args, config.name, config.seed), "--quiet"]
     _common.launch(config.name, command + _common.set_options(config.options))
 
 
@@ -346,14 +345,9 @@ def report_seeds(results: list[Result], outdir: Path) -> None:
 
 def write_seed_figure(summaries: list[SeedSummary], path: Path) -> None:
     """Every seed's final accuracy (dots) and their mean (a bar), one panel per batch size."""
-    try:
-        import matplotlib
-    except ImportError:
-        print(f"no {path.name}: the figure needs matplotlib (pip install 'hpcopt[plot]')")
+    plt = _common.pyplot(path)
+    if plt is None:
         return
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     batches = sorted({summary.batch for summary in summaries}, reverse=True)
     fig, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 4.5), squeeze=False)
@@ -428,14 +422,9 @@ def write_csv(
 
 
 def write_figure(best: dict[tuple[str, int], Result], path: Path) -> None:
-    try:
-        import matplotlib
-    except ImportError:
-        print(f"no {path.name}: the figure needs matplotlib (pip install 'hpcopt[plot]')")
+    plt = _common.pyplot(path)
+    if plt is None:
         return
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     batches = sorted({batch for _method, batch in best}, reverse=True)
     # from 10 points under the worst final accuracy, so that every method's last epochs show

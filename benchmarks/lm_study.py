@@ -206,14 +206,9 @@ def write_csv(
 
 
 def write_figure(curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], path: Path, adam_wall: float) -> None:
-    try:
-        import matplotlib
-    except ImportError:
-        print(f"no {path.name}: the figure needs matplotlib (pip install 'hpcopt[plot]')")
+    plt = _common.pyplot(path)
+    if plt is None:
         return
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for index, (name, (steps, wall, val)) in enumerate(curves.items()):

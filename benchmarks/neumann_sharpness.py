@@ -82,11 +82,10 @@ def next_phase(opt: hpcopt.Optimizer) -> str:
     return "reset" if opt.steps == next_reset else "neumann"
 
 
-def capped_lr(lr: float, cap: float, opt: hpcopt.Optimizer, sharpness: float) -> float:
-    """``lr``, lowered so that the next step's ratio is at most ``cap`` (``cap`` 0: ``lr``)."""
+def capped_lr(lr: float, cap: float, opt: hpcopt.Optimizer, phase: str, sharpness: float) -> float:
+    """``lr``, lowered so that the ratio of the next step (a ``phase`` step) is at most ``cap`` (0: ``lr``)."""
     if cap <= 0:
         return lr
-    phase = next_phase(opt)
     eta, mu = opt.config.schedule(opt.steps)
     # a reset moves nothing; its m = −ηg is the momentum the next (Neumann) step carries on
     ratio = stability_ratio("neumann" if phase == "reset" else phase, eta, mu, lr, sharpness)
@@ -132,7 +131,7 @@ def run(lr: float, problem: MnistProblem, args: argparse.Namespace) -> tuple[lis
             sharpness = top_eigenvalue(model, sample_inputs, sample_targets, args.iterations, seed=step)
             expected = next_phase(opt)
             opt.config.lr = lr  # the schedule's η at the run's rate, then lowered where --cap says
-            opt.config.lr = step_lr = capped_lr(lr, args.cap, opt, sharpness)
+            opt.config.lr = step_lr = capped_lr(lr, args.cap, opt, expected, sharpness)
             loss = opt.step(train.inputs[rows], train.targets[rows])
             assert opt.last is not None
             phase, eta, mu = opt.last.extras["phase"], opt.last.extras["eta"], opt.last.extras["mu"]
