@@ -173,11 +173,9 @@ def write_csv(path: Path, records: list[StepRecord]) -> None:
 
 def plot(path: Path, records: list[StepRecord], accuracies: dict[float, float], batch: int, cap: float) -> None:
     """Loss against the step above; below, the ratio (or, with ``--cap``, where the ratio is held, λ)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _common.pyplot(path)
+    if plt is None:
+        return
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7.5), sharex=True)
     for lr, accuracy in accuracies.items():
         rows = [r for r in records if r.lr == lr]
