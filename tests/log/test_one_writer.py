@@ -122,7 +122,7 @@ def test_a_checkpoint_left_half_renamed_by_sigkill_is_removed_by_the_next_job(tm
     ckpt = tmp_path / "c.ckpt"
     args = [*TRAIN, "--optimizer", "sgd", "--epochs", "1", "--batch-size", "80", "--checkpoint", str(ckpt)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    killed = subprocess.run(
+    killed = subprocess.Popen(
         [
             str(BIN / "mpiexec"),
             "-n",
@@ -136,13 +136,22 @@ def test_a_checkpoint_left_half_renamed_by_sigkill_is_removed_by_the_next_job(tm
             "--checkpoint-every",
             "2",
         ],
-        capture_output=True,
-        text=True,
-        timeout=DEADLINE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
         cwd=REPO,
         env={**env, "HPCOPT_FAULT": "rank=0,step=4,where=checkpoint,kind=sigkill"},
-        check=False,
     )
+    try:
+        killed.wait(timeout=DEADLINE)
+    except subprocess.TimeoutExpired:
+        # Ending the job once rank 0 is gone is mpiexec's part (it kills rank 1); it has been
+        # seen, rarely, not to.  The files rank 0 left are what this test is about.
+        killed.terminate()  # mpiexec forwards SIGTERM and kills every rank's process group
+        try:
+            killed.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            killed.kill()
+            killed.wait()
     assert killed.returncode != 0
     names = sorted(path.name for path in tmp_path.iterdir())
     assert names[:2] == ["c.ckpt", "c.ckpt.lock"] and len(names) == 3 and names[2].startswith("c.ckpt.tmp-")
