@@ -1,9 +1,9 @@
 """Strong scaling on this machine, the α–β model beside it, and its extrapolation to 1024 ranks.
 
-Run: ``python benchmarks/scaling.py --data-dir ../shared/datasets/mnist [--outdir runs/scaling] [--report-only]``
+Run: ``python benchmarks/scaling.py --data-dir ../shared/datasets/mnist [--outdir runs/scaling] [--model cnn] [--report-only]``
 
 1. ``hpcopt jobs local``: strong scaling 1 → 2 ranks (one thread per rank) of APTS-D,
-   SGD and HF (defaults: Martens CG on Gauss–Newton products) on the MNIST ``cnn`` at
+   SGD and HF (defaults: Martens CG on Gauss–Newton products) on the MNIST ``cnn`` (``--model``) at
    global batch 2000, ``--max-steps`` steps per point;
 2. ``hpcopt analyze --calibrate``'s sweep: MPI_Allreduce timed on 2 ranks, α and β fitted;
 3. the model (profile from each 1-rank log, network from step 2) against the measured
@@ -39,7 +39,7 @@ from hpcopt.optimizers.apts.apts_d import SECTION_1_OPTIONS
 OPTIMIZERS = ("apts-d", "sgd", "hf")
 TARGET = Network(2e-6, 25e9, "auto")
 # One evaluation, at the end: every timed step is a training step.
-TRAIN_ARGS = ["--model", "cnn", "--epochs", "10", "--eval-every", "10"]
+TRAIN_ARGS = ["--epochs", "10", "--eval-every", "10"]
 RANKS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 # APTS-D as the table in docs/results.md was measured: §1's set (its defaults then).
 OPTIONS = {"apts-d": set_options(SECTION_1_OPTIONS)}
@@ -57,6 +57,8 @@ def run_sweeps(args: argparse.Namespace) -> None:
             threads=1,
             train_args=[
                 *TRAIN_ARGS,
+                "--model",
+                args.model,
                 "--data-dir",
                 args.data_dir,
                 "--max-steps",
@@ -72,6 +74,7 @@ def main() -> None:
     parser.add_argument("--data-dir", default="../shared/datasets/mnist")
     parser.add_argument("--outdir", type=Path, default=Path("runs/scaling"))
     parser.add_argument("--steps", type=int, default=6, help="outer iterations per point")
+    parser.add_argument("--model", default="cnn", choices=["cnn", "cnn-small", "mlp"], help="MNIST model (default cnn)")
     parser.add_argument("--report-only", action="store_true", help="use the logs already in --outdir")
     args = parser.parse_args()
     if not args.report_only:

@@ -82,13 +82,13 @@ BENCHMARK_ARGUMENTS = {
         "--epochs 1 --batch 8000 --model mlp --ranks 2 --variants average --radii '' --adam-lrs ''"
     ),
     "large_batch.py": "--epochs 1 --batches 8000 --runs hf-cg",
-    "neumann_sharpness.py": "--epochs 1 --rows 64 --iterations 2 --lrs 0.2",
+    "neumann_sharpness.py": "--epochs 1 --rows 64 --iterations 2 --lrs 0.2 --model mlp",
     "krylov_rate.py": "--iterations 2 --batch 200",
     "pinn_study.py": "--budget 2 --problems poisson2d --methods apts-d",
     "lm_study.py": "--budget 2 --runs adam.lr3e-3 --train-windows 256",
     "checkpoint_cost.py": "--steps 1 --models mlp",
     "kernels.py": "--sizes 1e4 --repeats 2",
-    "scaling.py": "--steps 1",
+    "scaling.py": "--steps 1 --model mlp",
     "dataset_overhead.py": "--limit 2000 --repeats 1 --epochs 1 --models mlp",
 }
 # Which blocks need which dataset: (file that shows it is there, what in a block uses it).
