@@ -1,10 +1,11 @@
 """Strong scaling on this machine, the α–β model beside it, and its extrapolation to 1024 ranks.
 
-Run: ``python benchmarks/scaling.py --data-dir ../shared/datasets/mnist [--outdir runs/scaling] [--model cnn] [--report-only]``
+Run: ``python benchmarks/scaling.py --data-dir ../shared/datasets/mnist [--outdir runs/scaling]
+[--model cnn] [--report-only]``
 
 1. ``hpcopt jobs local``: strong scaling 1 → 2 ranks (one thread per rank) of APTS-D,
-   SGD and HF (defaults: Martens CG on Gauss–Newton products) on the MNIST ``cnn`` (``--model``) at
-   global batch 2000, ``--max-steps`` steps per point;
+   SGD and HF (defaults: Martens CG on Gauss–Newton products) on the MNIST ``cnn``
+   (``--model``) at global batch 2000, ``--max-steps`` steps per point;
 2. ``hpcopt analyze --calibrate``'s sweep: MPI_Allreduce timed on 2 ranks, α and β fitted;
 3. the model (profile from each 1-rank log, network from step 2) against the measured
    1- and 2-rank times;
