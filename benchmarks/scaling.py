@@ -36,6 +36,7 @@ from hpcopt.analysis.tables import format_table, load_run
 from hpcopt.jobs.local import run_local
 from hpcopt.jobs.render import SweepSpec
 from hpcopt.optimizers.apts.apts_d import SECTION_1_OPTIONS
+from hpcopt.problems.mnist.problem import MODELS
 
 OPTIMIZERS = ("apts-d", "sgd", "hf")
 TARGET = Network(2e-6, 25e9, "auto")
@@ -75,7 +76,7 @@ def main() -> None:
     parser.add_argument("--data-dir", default="../shared/datasets/mnist")
     parser.add_argument("--outdir", type=Path, default=Path("runs/scaling"))
     parser.add_argument("--steps", type=int, default=6, help="outer iterations per point")
-    parser.add_argument("--model", default="cnn", choices=["cnn", "cnn-small", "mlp"], help="MNIST model (default cnn)")
+    parser.add_argument("--model", default="cnn", choices=sorted(MODELS), help="MNIST model (default cnn)")
     parser.add_argument("--report-only", action="store_true", help="use the logs already in --outdir")
     args = parser.parse_args()
     if not args.report_only:

@@ -277,7 +277,8 @@ def test_a_rank_that_exits_names_itself(tmp_path: Path) -> None:
     except subprocess.TimeoutExpired as stuck:
         # Ending the job once a rank has gone is the launcher's part, not hpcopt's: in one CI
         # run out of many, mpiexec left rank 0 waiting in its allreduce after rank 1's exit
-        # (not reproduced in 25 runs on a loaded 2-core machine).  The line naming the rank is hpcopt's part.
+        # (not reproduced in 25 runs on a loaded 2-core machine).  The line naming the rank
+        # is hpcopt's part.
         partial = stuck.stderr.decode() if isinstance(stuck.stderr, bytes) else str(stuck.stderr or "")
         assert line in partial, partial
         warnings.warn(f"mpiexec did not end the job within {DEADLINE} s of rank 1's exit", stacklevel=1)
