@@ -11,8 +11,9 @@ reaches the hook ``curvature`` during step 3.  Fields (all optional except ``whe
   checkpoint's temporary file and renaming it);
 * ``kind``: ``raise`` (default: an unhandled ``RuntimeError``), ``nan`` / ``inf``
   (the hook's value becomes NaN / +Inf), ``noise`` (the value is perturbed by a
-  rank-dependent relative 1e-6), ``hang`` (sleep for ``seconds``, default 3600),
-  ``exit`` (``os._exit(1)``, a rank vanishing without MPI_Abort) or ``sigkill``.
+  rank-dependent relative 1e-6), ``hang`` (sleep for ``seconds``, default 3600, at the
+  first matching call of each step: an optimizer that computes several gradients a step
+  still pauses once), ``exit`` (``os._exit(1)``, a rank vanishing without MPI_Abort) or ``sigkill``.
 
 Several faults are separated by ``;``.  The variable is read by :func:`check_environment`,
 which ``hpcopt train`` calls with its other start-up checks, so a malformed value is a
@@ -60,6 +61,8 @@ class _Unread:
 _UNREAD = _Unread()
 # None: no faults (the hooks return at once); a tuple: the faults to apply.
 _plan: tuple[Fault, ...] | _Unread | None = _UNREAD
+# (index in the plan, step) of every hang already served: a hang pauses a step once.
+_hung: set[tuple[int, int]] = set()
 
 
 def parse(spec: str) -> list[Fault]:
@@ -105,6 +108,7 @@ def _set(spec: str) -> tuple[Fault, ...] | None:
     global _plan
     plan = tuple(parse(spec)) or None
     _plan = plan
+    _hung.clear()
     return plan
 
 
@@ -123,6 +127,7 @@ def reset() -> None:
     """Forget the active faults; the next hook reads ``HPCOPT_FAULT`` again."""
     global _plan
     _plan = _UNREAD
+    _hung.clear()
 
 
 @overload
@@ -147,13 +152,15 @@ def inject(where: str, rank: int, step: int, value: float | None = None) -> floa
         plan = _set(os.environ.get(ENV, ""))
         if plan is None:
             return value
-    for fault in plan:
+    for index, fault in enumerate(plan):
         if fault.where != where or fault.rank not in (None, rank) or fault.step not in (None, step):
             continue
         if fault.kind == "raise":
             raise InjectedFault(f"injected fault on rank {rank} at step {step} in {where}")
         if fault.kind == "hang":
-            time.sleep(fault.seconds)
+            if (index, step) not in _hung:
+                _hung.add((index, step))
+                time.sleep(fault.seconds)
         elif fault.kind == "exit":
             # The launcher kills the other ranks at once (SIGKILL, no message of its own):
             # this line is all the job's output will say about why it ended.

@@ -133,6 +133,25 @@ def test_a_malformed_fault_is_a_one_line_config_error_on_first_use(monkeypatch: 
         faults.reset()  # read again, after monkeypatch restores the environment
 
 
+def test_a_hang_pauses_each_matching_step_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # APTS-D computes several gradients a step: "pause step 5 for 4 s" must not become 16 s.
+    slept: list[float] = []
+    monkeypatch.setattr(faults.time, "sleep", slept.append)
+    faults.configure("step=5,where=gradient,kind=hang,seconds=4;step=all,where=trial,kind=hang,seconds=1")
+    try:
+        for step in (4, 5, 5, 5, 6):
+            faults.inject("gradient", 0, step, 1.0)
+        assert slept == [4.0]
+        for step in (1, 1, 2, 2, 2, 3):
+            faults.inject("trial", 0, step, 1.0)
+        assert slept == [4.0, 1.0, 1.0, 1.0]
+        faults.configure("step=5,where=gradient,kind=hang,seconds=4")  # a new plan pauses again
+        faults.inject("gradient", 1, 5, 1.0)
+        assert slept == [4.0, 1.0, 1.0, 1.0, 4.0]
+    finally:
+        faults.reset()
+
+
 def test_a_malformed_fault_does_not_break_the_import() -> None:
     env = {**os.environ, "HPCOPT_FAULT": "where=nowhere"}
     done = subprocess.run(
