@@ -11,6 +11,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
+import h5py
 import pytest
 import torch
 from torch import nn
@@ -60,6 +61,15 @@ def run_hpcopt(args: list[str], *, ranks: int = 1, timeout: float = 120, cwd: Pa
     return subprocess.run(
         command, capture_output=True, text=True, timeout=timeout, cwd=cwd or REPO, env=env, check=False
     )
+
+
+def logged_rows(path: Path) -> int:
+    """Rows in a live run log's ``iterations`` (read with SWMR while rank 0 writes); 0 before it exists."""
+    try:
+        with h5py.File(path, "r", swmr=True) as log:
+            return len(log["iterations/step"])
+    except (OSError, KeyError):
+        return 0  # not created yet
 
 
 @pytest.fixture

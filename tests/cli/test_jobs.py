@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import h5py
 import pytest
 
 from hpcopt import cli
@@ -21,7 +20,7 @@ from hpcopt.errors import ConfigError
 from hpcopt.jobs import render
 from hpcopt.jobs.render import SweepSpec, parse_ranks, render_sweep, template_dir
 from hpcopt.problems import make_problem
-from tests.conftest import REPO, run_hpcopt
+from tests.conftest import REPO, logged_rows, run_hpcopt
 
 TINY = ["--epochs", "2", "--set", "problem.n=200"]
 
@@ -331,7 +330,7 @@ def test_local_sweep_forwards_a_signal_once_and_names_the_stopped_point(tmp_path
     log = tmp_path / "strong-sgd-P2-local.h5"
     try:
         deadline = time.monotonic() + 120
-        while load_rows(log) < 4:
+        while logged_rows(log) < 4:
             assert process.poll() is None and time.monotonic() < deadline, "the point ended or stalled before step 5"
             time.sleep(0.1)
         process.send_signal(signal.SIGTERM)
@@ -348,11 +347,3 @@ def test_local_sweep_forwards_a_signal_once_and_names_the_stopped_point(tmp_path
     run = load_run(log)
     assert run.status == "preempted"
     assert len(run.iterations["step"]) == 5
-
-
-def load_rows(path: Path) -> int:
-    try:
-        with h5py.File(path, "r", swmr=True) as log:
-            return len(log["iterations/step"])
-    except (OSError, KeyError):
-        return 0  # not created yet

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from hpcopt.analysis.tables import load_run
-from tests.conftest import REPO, run_hpcopt
+from tests.conftest import REPO, logged_rows, run_hpcopt
 from tests.integration.slurm_cluster import ClusterUnavailable, SlurmCluster, start_cluster, wait_for_jobs
 
 TINY = ["--", "--epochs", "2", "--set", "problem.n=200"]
@@ -89,14 +89,6 @@ def test_sbatch_strong_and_weak_sweep(slurm: SlurmCluster, tmp_path: Path) -> No
     ]
 
 
-def _rows(path: Path) -> int:
-    try:
-        with h5py.File(path, "r", swmr=True) as log:
-            return len(log["iterations/step"])
-    except (OSError, KeyError):
-        return 0  # not created yet
-
-
 def _wait(condition: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -134,7 +126,7 @@ def test_requeue_mode_stops_requeues_and_resumes_bit_for_bit(slurm: SlurmCluster
     second = outdir / f"strong-sgd-P2-{job}.r1.h5"
     output = outdir / f"strong-sgd-P2-{job}.out"
 
-    _wait(lambda: _rows(first) >= 4, 120, f"job {job} did not reach step 5\n{slurm.log_tail()}")
+    _wait(lambda: logged_rows(first) >= 4, 120, f"job {job} did not reach step 5\n{slurm.log_tail()}")
     time.sleep(1.5)  # past the ranks' agreement after step 4 (step 5 pauses longer), as in test_preemption
     assert slurm.run("scancel", "--signal=USR1", job).returncode == 0
     # A requeued job waits out its revoked credential before it restarts (cred_expire: 10 s

@@ -29,7 +29,7 @@ from hpcopt.training.preemption import (
     exit_code,
     parse_signal,
 )
-from tests.conftest import BIN, REPO, run_hpcopt
+from tests.conftest import BIN, REPO, logged_rows, run_hpcopt
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -129,18 +129,10 @@ def _launch(ranks: int, args: list[str], fault: str = "step=5,where=gradient,kin
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _rows(path: Path) -> int:
-    try:
-        with h5py.File(path, "r", swmr=True) as log:
-            return len(log["iterations/step"])
-    except (OSError, KeyError):
-        return 0  # not created yet
-
-
 def _signal_during_step_5(process: subprocess.Popen, out: Path, sig: signal.Signals) -> None:
     """Send ``sig`` to mpiexec once rows 1-4 are in the log (step 5 is then paused by the fault)."""
     deadline = time.monotonic() + DEADLINE
-    while _rows(out) < 4:
+    while logged_rows(out) < 4:
         assert process.poll() is None and time.monotonic() < deadline, "run ended or stalled before step 5"
         time.sleep(0.1)
     # Row 4 is written just before the ranks agree on stopping after step 4: wait past
@@ -245,7 +237,7 @@ def test_resumed_run_ends_with_the_uninterrupted_parameters_bit_for_bit(
         fault=f"step={stop_step},where=gradient,kind=hang,seconds=4",
     )
     deadline = time.monotonic() + DEADLINE
-    while _rows(first) < stop_step - 1:
+    while logged_rows(first) < stop_step - 1:
         assert process.poll() is None and time.monotonic() < deadline
         time.sleep(0.1)
     time.sleep(SETTLE)  # past the agreement after the previous step (see _signal_during_step_5)
