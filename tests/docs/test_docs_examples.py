@@ -83,6 +83,7 @@ BENCHMARK_ARGUMENTS = {
     ),
     "large_batch.py": "--epochs 1 --batches 8000 --runs hf-cg",
     "neumann_sharpness.py": "--epochs 1 --rows 64 --iterations 2 --lrs 0.2 --model mlp",
+    "neumann_rms.py": "--epochs 1 --batch 15000 --rms-lrs 0.01 --model mlp",
     "krylov_rate.py": "--iterations 2 --batch 200",
     "pinn_study.py": "--budget 2 --problems poisson2d --methods apts-d",
     "lm_study.py": "--budget 2 --runs adam.lr3e-3 --train-windows 256",
