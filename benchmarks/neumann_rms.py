@@ -42,10 +42,11 @@ from torch import Tensor
 import hpcopt
 from hpcopt.distributed.data_parallel import DistributedObjective
 from hpcopt.optimizers import OPTIMIZERS
+from hpcopt.optimizers.adam import AdamConfig, second_moment_root
 from hpcopt.optimizers.neumann import Neumann, NeumannConfig
 from hpcopt.problems.mnist.problem import MODELS, MnistProblem
 
-BETA2, EPS = 0.999, 1e-8  # Adam's defaults (hpcopt.optimizers.adam)
+ADAM = AdamConfig()  # its second-moment decay β₂ and ε
 
 
 class RmsScaledNeumann(Neumann):
@@ -63,8 +64,8 @@ class RmsScaledNeumann(Neumann):
             # the reduced gradient, identical on every rank: the state stays replicated
             loss, grad = plain()
             self.scaled_steps += 1
-            self.second_moment.mul_(BETA2).addcmul_(grad, grad, value=1 - BETA2)
-            scale = (self.second_moment / (1 - BETA2**self.scaled_steps)).sqrt_().add_(EPS)
+            self.second_moment.mul_(ADAM.beta2).addcmul_(grad, grad, value=1 - ADAM.beta2)
+            scale = second_moment_root(self.second_moment, ADAM.beta2, self.scaled_steps, ADAM.eps)
             return loss, grad / scale
 
         objective.value_and_grad = scaled  # type: ignore[method-assign]
