@@ -57,15 +57,14 @@ class RmsScaledNeumann(Neumann):
     def __init__(self, objective: DistributedObjective, config: NeumannConfig) -> None:
         super().__init__(objective, config)
         self.second_moment = torch.zeros_like(self.flat.data)
-        self.scaled_steps = 0
         plain = objective.value_and_grad
 
         def scaled() -> tuple[float, Tensor]:
             # the reduced gradient, identical on every rank: the state stays replicated
             loss, grad = plain()
-            self.scaled_steps += 1
             self.second_moment.mul_(ADAM.beta2).addcmul_(grad, grad, value=1 - ADAM.beta2)
-            scale = second_moment_root(self.second_moment, ADAM.beta2, self.scaled_steps, ADAM.eps)
+            # one gradient a step, taken before the step is counted: this is the (steps + 1)-th
+            scale = second_moment_root(self.second_moment, ADAM.beta2, self.steps + 1, ADAM.eps)
             return loss, grad / scale
 
         objective.value_and_grad = scaled  # type: ignore[method-assign]
@@ -99,13 +98,7 @@ def train(method: str, lr: float, problem: MnistProblem, args: argparse.Namespac
     torch.manual_seed(args.seed)  # the trainer's initialisation of the model
     model = MODELS[args.model]()
     with registered():  # the optimizer's class is looked up when it is made
-        opt = hpcopt.optimizer(
-            method if method == "neumann-rms" else config.optimizer,
-            model,
-            F.cross_entropy,
-            seed=args.seed,
-            **config.options,
-        )
+        opt = hpcopt.optimizer(method, model, F.cross_entropy, seed=args.seed, **config.options)
     train_rows, val = problem.train, problem.val
     sampler = opt.sampler(len(train_rows), args.batch)
     run, steps = Run(method, lr), 0

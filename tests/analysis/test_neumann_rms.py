@@ -48,6 +48,7 @@ def test_the_first_burn_in_step_moves_each_coordinate_by_lr_times_the_sign_of_it
     torch.testing.assert_close(plain_moved, -lr * grad, rtol=1e-4, atol=1e-7)
 
 
-def test_an_unregistered_name_stays_an_error() -> None:
+def test_importing_the_diagnostic_does_not_make_it_an_optimizer_of_hpcopt() -> None:
+    benchmark_script("neumann_rms")
     with pytest.raises(ConfigError, match="unknown optimizer 'neumann-rms'"):
         hpcopt.optimizer("neumann-rms", _model(), F.cross_entropy)
