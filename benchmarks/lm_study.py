@@ -58,7 +58,7 @@ RUNS: dict[str, tuple[str, dict[str, object]]] = {
     # The Gauss–Newton step in the local phase on 35 % of each shard, no global pass (traffic
     # 2n), and the average stretched along itself to the whole batch's model minimiser.
     "apts-d-gn-local-f35-sc": ("apts-d", dict(_GN_LOCAL)),
-    # Its local phase varied (docs/results.md, "TinyShakespeare: what the local phase needs"):
+    # Its local phase varied (docs/results-apts-d.md, "TinyShakespeare: what the local phase needs"):
     # the local Gauss–Newton products on the whole shard (a rank holds only 128 windows at
     # batch 256 and P = 2), ...
     "apts-d-gn-local-f100-sc": ("apts-d", {**_GN_LOCAL, "curvature_fraction": 1.0}),
@@ -121,7 +121,7 @@ RUNS: dict[str, tuple[str, dict[str, object]]] = {
         "apts-d",
         {**_GN_LOCAL, "local_iterations": 4, "max_cg_iterations": 3, "local_stop": "settled", "local_fraction": 0.35},
     ),
-    # The local CG solves held to a tenth of the residual (cg_rtol=0.1; docs/results.md, "The
+    # The local CG solves held to a tenth of the residual (cg_rtol=0.1; docs/results-apts-d.md, "The
     # local CG tolerance"): two, three or four local iterations on 35 % of the shard, three on 25 %.
     "apts-d-gn-local-l2-cg5-f35-sc-lf35-rt1": ("apts-d", dict(_RT1)),
     "apts-d-gn-local-l3-cg5-f35-sc-lf35-rt1": ("apts-d", {**_RT1, "local_iterations": 3}),

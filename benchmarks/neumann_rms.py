@@ -6,7 +6,7 @@ Run: ``python benchmarks/neumann_rms.py --data-dir ../shared/datasets/mnist-full
 
 At batch 15 000 Neumann's rate is held down by the sharpest direction of the loss, which
 grows along its path, while Adam divides each coordinate's step by that coordinate's
-gradient scale (docs/results.md, "What caps Neumann's rate").  This diagnostic runs the
+gradient scale (docs/results-large-batch.md, "What caps Neumann's rate").  This diagnostic runs the
 same Neumann optimizer, with ``large_batch.py``'s options, on the gradient divided by its
 running root mean square per coordinate, the scaling of Adam's step (β₂ = 0.999 with
 Adam's bias correction, ε = 1e-8): ``neumann-rms``.  Everything else is the paper's

@@ -36,7 +36,7 @@ def cnn_small_bn() -> nn.Sequential:
 
     Batch norm makes the loss invariant to the scale of each convolution's weights, as in
     the ResNets of the Neumann optimizer's paper, at ``cnn_small``'s cost
-    (docs/results.md, "Batch norm: what it does for Neumann at batch 15 000").
+    (docs/results-large-batch.md, "Batch norm: what it does for Neumann at batch 15 000").
     """
     return _small_cnn(batch_norm=True)
 

@@ -751,7 +751,7 @@ def test_cg_rtol_takes_the_local_solve_to_the_newton_step() -> None:
 
 
 def test_the_defaults_are_the_measured_set() -> None:
-    """APTS-D's defaults are the set docs/results.md measured under its benchmark name."""
+    """APTS-D's defaults are the set docs/results-apts-d.md measured under its benchmark name."""
     study = benchmark_script("apts_scaling_accuracy")
     measured = study.VARIANTS["metric-adam-gn-local-l3-cg5-f35-sc-lf25-rt1"]
     assert make_config("apts-d", measured) == make_config("apts-d", {})

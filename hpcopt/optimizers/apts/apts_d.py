@@ -157,7 +157,7 @@ class APTSDConfig(APTSOptions):
 
     # APTS-D's defaults differ from §1 in fourteen options (SECTION_1_OPTIONS undoes them),
     # measured on the full MNIST split at P = 2..8 and over Δ₀ from 1e-3 to 10, on the
-    # thesis CNN, the PINNs and TinyShakespeare (docs/results.md, "APTS-D accuracy against
+    # thesis CNN, the PINNs and TinyShakespeare (docs/results-apts-d.md, "APTS-D accuracy against
     # P and Δ₀"): HF's radius factors (a bad Δ₀ is left within a few outer iterations),
     # local phases that start from the last combined step's length, a trust region in
     # Adam's diagonal norm (on the transformer the ball's local steps stay short; the

@@ -25,7 +25,7 @@ APTS_D_GAUSS_NEWTON: Mapping[str, object] = MappingProxyType(
 )
 #: APTS-IP's: the same two Gauss–Newton passes, whose products are taken through the
 #: pipeline (:mod:`hpcopt.distributed.pipeline_curvature`); without them its first-order
-#: stage models stall near 1e-1 (docs/results.md, "PINNs with no --set").  One
+#: stage models stall near 1e-1 (docs/results-apts-d.md, "PINNs with no --set").  One
 #: micro-batch: on a CPU a product over Poisson-2D's batch of 600 split in four took
 #: 5.8 ms at P = 2, against 4.3 ms unsplit (the per-call overhead of four small passes
 #: outweighs the overlap of two stages); the run to 1e-2 took 8.2 s against 6.6 s.
