@@ -97,7 +97,8 @@ class Optimizer:
         try:
             self.name = name
             self._class = optimizer_class(name)
-            self.config = make_config(name, options)
+            # The loop is the user's, so an option counted in epochs of the data must be given.
+            self.config = self._class.resolve_config(make_config(name, options), None)
             if not isinstance(model, nn.Module):
                 raise ConfigError(f"hpcopt.optimizer: model must be a torch.nn.Module, got {type(model).__name__}")
             if not callable(loss):

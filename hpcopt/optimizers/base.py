@@ -98,6 +98,18 @@ class Optimizer(abc.ABC):
         return rank, world_size
 
     @classmethod
+    def resolve_config(cls, config: Any, steps_per_epoch: int | None) -> Any:
+        """``config`` with the options that depend on the data filled in where the user left them unset.
+
+        ``steps_per_epoch``: the global batches of one pass over the training set (``hpcopt
+        train`` knows them), or ``None`` where the caller does not (a loop of the user's own):
+        then an option that needs them must be set, else :class:`~hpcopt.errors.ConfigError`.
+        No communication; the base needs nothing from the data.
+        """
+        del steps_per_epoch
+        return config
+
+    @classmethod
     def checkpoint_layout(cls, config: Any, model: nn.Module, world_size: int) -> dict[str, Any] | None:
         """How the model is laid out over the ranks, which a resumed run must match (no communication).
 

@@ -17,7 +17,9 @@ Per step t (gradient ĝ at the stored w), after ``warmup_steps`` of plain SGD:
 ``d``'s extra term is the gradient of the cubic-plus-repulsive regulariser
 ``α/3‖w−v‖³ + β/‖w−v‖`` (:func:`regularizer`).  μ = clip(1 − 1/(1+e), μ_min, μ_max)
 and η = lr/(1 + e) with e the epochs since warm-up; ``epoch_steps`` says how many
-steps an "epoch" of these schedules is, since an optimizer does not see the data.
+steps an "epoch" of these schedules is, since an optimizer does not see the data:
+``hpcopt train`` sets it to the data's where the user does not
+(:meth:`Neumann.resolve_config`), a loop of the user's own must.
 
 With a fused-kernel backend (``self.kernels``: CUDA kernels on a GPU with CuPy) a
 Neumann step is two passes, ``sq_distance`` (‖w−v‖²) and ``neumann_update`` (m, w
@@ -31,12 +33,13 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from hpcopt.config import require
 from hpcopt.distributed.data_parallel import DistributedObjective
+from hpcopt.errors import ConfigError
 from hpcopt.kernels import Kernels, neumann_coefficient
 from hpcopt.optimizers.base import Optimizer, StepResult
 from hpcopt.optimizers.sgd import check_finite_loss
@@ -69,8 +72,9 @@ class NeumannConfig:
         shell_ratio: the regulariser's minimum ‖w−v‖ over ‖w‖ (0.84, the paper's on ResNet-50; beta_rule=relative).
         gamma: decay of the moving anchor v (0.99).
         mu_min, mu_max: clip of the momentum μ (0.5, 0.9).
-        epoch_steps: steps per "epoch" of the schedules below, > 0 and possibly fractional (100;
-            set it to the data's, or to the run's steps over the paper's 230 epochs).
+        epoch_steps: steps per "epoch" of the schedules below, > 0 and possibly fractional (None:
+            the data's steps per epoch, which ``hpcopt train`` fills in and a loop of your own
+            must give; or the run's steps over the paper's 230 epochs).
         warmup_epochs: epochs of plain SGD first (5).
         reset_epochs: first reset period K in epochs; K doubles after each reset (10).
     """
@@ -83,7 +87,7 @@ class NeumannConfig:
     gamma: float = 0.99
     mu_min: float = 0.5
     mu_max: float = 0.9
-    epoch_steps: float = 100.0
+    epoch_steps: float | None = None
     warmup_epochs: float = 5.0
     reset_epochs: float = 10.0
 
@@ -97,17 +101,28 @@ class NeumannConfig:
         require(self.shell_ratio > 0, f"neumann: shell_ratio must be > 0, got {self.shell_ratio}")
         require(0 <= self.gamma < 1, f"neumann: gamma must be in [0, 1), got {self.gamma}")
         require(0 <= self.mu_min <= self.mu_max < 1, "neumann: need 0 <= mu_min <= mu_max < 1")
-        require(self.epoch_steps > 0, f"neumann: epoch_steps must be > 0, got {self.epoch_steps}")
+        positive = self.epoch_steps is None or self.epoch_steps > 0
+        require(positive, f"neumann: epoch_steps must be > 0, got {self.epoch_steps}")
         require(self.warmup_epochs >= 0, "neumann: warmup_epochs must be >= 0")
         require(self.reset_epochs > 0, "neumann: reset_epochs must be > 0")
 
     @property
+    def steps_per_epoch(self) -> float:
+        """``epoch_steps``, which must be known by the time an optimizer is built."""
+        if self.epoch_steps is None:
+            raise ConfigError(
+                "neumann: epoch_steps is not set: give the steps of one epoch of your data "
+                "(its burn-in, resets and μ, η schedules count epochs)"
+            )
+        return self.epoch_steps
+
+    @property
     def warmup_steps(self) -> int:
-        return round(self.warmup_epochs * self.epoch_steps)
+        return round(self.warmup_epochs * self.steps_per_epoch)
 
     def schedule(self, step: int) -> tuple[float, float]:
         """(η, μ) at step ``step`` (0-based) after the warm-up."""
-        epochs = max(step - self.warmup_steps, 0) / self.epoch_steps
+        epochs = max(step - self.warmup_steps, 0) / self.steps_per_epoch
         mu = min(max(1.0 - 1.0 / (1.0 + epochs), self.mu_min), self.mu_max)
         return self.lr / (1.0 + epochs), mu
 
@@ -127,6 +142,15 @@ class Neumann(Optimizer):
     config_class = NeumannConfig
     state_attributes = ("m", "v", "mu", "beta", "next_reset", "resets", "period")
 
+    @classmethod
+    def resolve_config(cls, config: NeumannConfig, steps_per_epoch: int | None) -> NeumannConfig:
+        """``epoch_steps`` the data's steps per epoch where unset; ConfigError where they are unknown."""
+        if config.epoch_steps is not None:
+            return config
+        if steps_per_epoch is None:
+            return replace(config, epoch_steps=config.steps_per_epoch)  # unset: raises the one-line error
+        return replace(config, epoch_steps=float(steps_per_epoch))
+
     def __init__(self, objective: DistributedObjective, config: NeumannConfig) -> None:
         super().__init__(objective, config)
         self.m = torch.zeros_like(self.flat.data)
@@ -134,7 +158,7 @@ class Neumann(Optimizer):
         self.mu = 0.0  # the μ of the current displacement w = (w − μm) + μm
         # beta_rule=relative fixes β at the first reset, from the weights the burn-in left.
         self.beta = config.beta_scale * self.flat.numel if config.beta_rule == "paper" else 0.0
-        self.period = max(1, round(config.reset_epochs * config.epoch_steps))
+        self.period = max(1, round(config.reset_epochs * config.steps_per_epoch))
         self.next_reset = config.warmup_steps
         self.resets = 0
 

@@ -97,12 +97,43 @@ def test_same_losses_and_parameters_as_hpcopt_train(name: str, options: dict[str
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.mpi(min_size=1)
+def test_hpcopt_train_counts_neumanns_epochs_in_the_datas() -> None:
+    # hpcopt train fills in the data's 256 / 64 = 4 steps per epoch where epoch_steps is unset:
+    # burn-in 4 steps, a reset at step 4, Neumann's own update from step 5.
+    comm = Communicator()
+    options = {"lr": 0.05, "warmup_epochs": 1, "reset_epochs": 1}
+    cfg = TrainConfig(problem="logistic", optimizer="neumann", epochs=2, batch_size=BATCH, seed=SEED, quiet=True)
+    reference = train(cfg, dict(options), dict(DATA), comm=comm)
+
+    def own_loop(epoch_steps: float) -> list[float]:
+        problem = _problem()
+        torch.manual_seed(SEED)
+        model = problem.build_model()
+        opt = hpcopt.optimizer(
+            "neumann",
+            model,
+            problem.criterion,
+            forward=problem.forward,
+            comm=comm,
+            seed=SEED,
+            epoch_steps=epoch_steps,
+            **options,
+        )
+        return _run_epochs(opt, problem, range(2))
+
+    assert own_loop(4) == reference.losses
+    assert own_loop(2) != reference.losses  # another epoch: another trajectory
+
+
 # -- restart bit for bit --------------------------------------------------------------
 
 
 def _options(name: str) -> dict[str, object]:
     # Small solves keep the test fast; APTS-IP at 4 ranks cuts the 4 layers into 4 stages.
-    return {"hf": {"max_iterations": 5}, "apts-d": {"local_iterations": 3}}.get(name, {})
+    # Neumann: burn-in 2 steps, resets at steps 2, 4, 8: its own update runs from step 3.
+    neumann = {"epoch_steps": 2, "warmup_epochs": 1, "reset_epochs": 1}
+    return {"hf": {"max_iterations": 5}, "apts-d": {"local_iterations": 3}, "neumann": neumann}.get(name, {})
 
 
 @pytest.mark.mpi(min_size=1)
@@ -176,6 +207,8 @@ def test_every_optimizer_steps_from_the_global_batch_loss(name: str, options: di
         ("apts-d", {"radius_typo": 1.0}, "unknown apts-d option 'radius_typo'"),
         ("sgd", {"lr": "fast"}, "option 'lr': expected float"),
         ("sgd", {"lr": -1.0}, "lr must be > 0"),
+        # Its schedules count epochs, and a loop of the user's own does not say how long one is.
+        ("neumann", {}, "neumann: epoch_steps is not set: give the steps of one epoch of your data"),
     ],
 )
 def test_bad_name_or_option_fails_at_construction(name: str, options: dict[str, object], message: str) -> None:

@@ -81,7 +81,7 @@ def test_the_backend_comes_from_the_parameters_device(
         return spy
 
     monkeypatch.setattr("hpcopt.optimizers.base.fused_backend", backend)
-    optimizer = optimizer_factory("neumann", {})
+    optimizer = optimizer_factory("neumann", {"epoch_steps": 10})
     assert seen == [optimizer.flat.data.device] and optimizer.kernels is spy
 
 

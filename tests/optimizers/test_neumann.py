@@ -93,7 +93,7 @@ def test_a_fractional_epoch_scales_every_schedule(neumann: Callable[..., Neumann
 
 @pytest.mark.mpi(min_size=1)
 def test_non_finite_loss_stops_with_a_clear_error(neumann: Callable[..., Neumann]) -> None:
-    optimizer = neumann()
+    optimizer = neumann(epoch_steps=10)
     optimizer.flat.copy_(torch.full_like(optimizer.flat.data, math.nan))
     with pytest.raises(NonFiniteError, match="neumann"):
         optimizer.step()
