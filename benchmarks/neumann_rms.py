@@ -2,7 +2,7 @@
 
 Run: ``python benchmarks/neumann_rms.py --data-dir ../shared/datasets/mnist-full
 [--rms-lrs 0.003,0.01,0.03] [--neumann-lr 0.2] [--adam-lr 0.01] [--batch 15000] [--epochs 10]
-[--model cnn-small]``
+[--model cnn-small] [--set KEY=VALUE ...]``
 
 At batch 15 000 Neumann's rate is held down by the sharpest direction of the loss, which
 grows along its path, while Adam divides each coordinate's step by that coordinate's
@@ -17,6 +17,11 @@ optimizer; it asks whether that one difference accounts for the gap.
 The same process also trains the study's plain ``neumann`` (the control) and Adam, with
 the study's options, on one rank: the global batches are the same at any rank count, so
 these two reproduce the two-rank study's numbers.
+
+``--set KEY=VALUE`` (repeatable) changes an option of the ``neumann-rms`` runs after the
+study's (for instance ``warmup_epochs=0``: no burn-in), to see what each part of the
+paper's algorithm around the step costs on the scaled gradient; the controls keep the
+study's options.
 
 Output: a line per epoch, a summary table (final accuracy, and its difference from
 Adam's), ``neumann_rms.csv`` (one row per run and epoch: validation accuracy and the mean
@@ -84,6 +89,7 @@ def registered() -> Iterator[None]:
 class Run:
     method: str
     lr: float
+    changed: str = ""  # the --set options of a neumann-rms run, as given
     steps: list[int] = field(default_factory=list)  # steps done at each evaluation (after each epoch)
     accuracy: list[float] = field(default_factory=list)  # validation accuracy %, after each epoch
     epoch_loss: list[float] = field(default_factory=list)  # mean loss of the epoch's steps
@@ -95,13 +101,15 @@ def train(method: str, lr: float, problem: MnistProblem, args: argparse.Namespac
     (config,) = large_batch.configurations(
         [study_method], [args.batch], {study_method: (lr,)}, args.epochs, len(problem.train)
     )
+    changed = dict(item.partition("=")[::2] for item in args.set) if method == "neumann-rms" else {}
+    options = config.options | changed  # strings, parsed and checked as --set's are
     torch.manual_seed(args.seed)  # the trainer's initialisation of the model
     model = MODELS[args.model]()
     with registered():  # the optimizer's class is looked up when it is made
-        opt = hpcopt.optimizer(method, model, F.cross_entropy, seed=args.seed, **config.options)
+        opt = hpcopt.optimizer(method, model, F.cross_entropy, seed=args.seed, **options)
     train_rows, val = problem.train, problem.val
     sampler = opt.sampler(len(train_rows), args.batch)
-    run, steps = Run(method, lr), 0
+    run, steps = Run(method, lr, " ".join(f"{key}={value}" for key, value in changed.items())), 0
     for epoch in range(args.epochs):
         sampler.set_epoch(epoch)
         losses = [opt.step(train_rows.inputs[rows], train_rows.targets[rows]) for rows in sampler]
@@ -122,10 +130,11 @@ def train(method: str, lr: float, problem: MnistProblem, args: argparse.Namespac
 def write_csv(path: Path, runs: list[Run]) -> None:
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["method", "lr", "epoch", "steps", "val_accuracy", "mean_loss"])
+        writer.writerow(["method", "lr", "changed", "epoch", "steps", "val_accuracy", "mean_loss"])
         for run in runs:
             for epoch, (steps, accuracy, loss) in enumerate(zip(run.steps, run.accuracy, run.epoch_loss, strict=True)):
-                writer.writerow([run.method, f"{run.lr:g}", epoch + 1, steps, f"{accuracy:.2f}", f"{loss:.5f}"])
+                row = [run.method, f"{run.lr:g}", run.changed, epoch + 1, steps, f"{accuracy:.2f}", f"{loss:.5f}"]
+                writer.writerow(row)
 
 
 def plot(path: Path, runs: list[Run], batch: int) -> None:
@@ -144,7 +153,7 @@ def plot(path: Path, runs: list[Run], batch: int) -> None:
             markersize=3,
             color=colors[run.method],
             linestyle=styles[same.index(run) % len(styles)],
-            label=f"{run.method}, lr {run.lr:g} ({run.accuracy[-1]:.2f} %)",
+            label=f"{run.method}, lr {run.lr:g}{', ' + run.changed if run.changed else ''} ({run.accuracy[-1]:.2f} %)",
         )
     bottom = max(0.0, min(80.0, min(run.accuracy[-1] for run in runs) - 10.0))
     ax.set_ylim(bottom, 100)
@@ -169,7 +178,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--model", default="cnn-small", choices=sorted(MODELS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="an option of the neumann-rms runs"
+    )
     args = parser.parse_args()
+    if bad := [item for item in args.set if "=" not in item]:
+        parser.error(f"--set takes KEY=VALUE, got {bad[0]!r}")
     problem = MnistProblem(data_dir=args.data_dir)
     outdir = Path(args.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
@@ -178,10 +192,11 @@ def main() -> None:
     plan += [("neumann-rms", float(text)) for text in args.rms_lrs.split(",")]
     runs = [train(method, lr, problem, args) for method, lr in plan]
     adam = runs[0].accuracy[-1]
-    print(f"\n| method | lr | final accuracy % | minus Adam's (lr {args.adam_lr:g}) |")
-    print("|---|---|---|---|")
+    print(f"\n| method | lr | changed | final accuracy % | minus Adam's (lr {args.adam_lr:g}) |")
+    print("|---|---|---|---|---|")
     for run in runs:
-        print(f"| {run.method} | {run.lr:g} | {run.accuracy[-1]:.2f} | {run.accuracy[-1] - adam:+.2f} |")
+        final = run.accuracy[-1]
+        print(f"| {run.method} | {run.lr:g} | {run.changed} | {final:.2f} | {final - adam:+.2f} |")
     write_csv(outdir / "neumann_rms.csv", runs)
     plot(outdir / "neumann_rms.png", runs, args.batch)
     print(f"wrote {outdir / 'neumann_rms.csv'} and {outdir / 'neumann_rms.png'}")

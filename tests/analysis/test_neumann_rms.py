@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
+import sys
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -52,3 +56,42 @@ def test_importing_the_diagnostic_does_not_make_it_an_optimizer_of_hpcopt() -> N
     benchmark_script("neumann_rms")
     with pytest.raises(ConfigError, match="unknown optimizer 'neumann-rms'"):
         hpcopt.optimizer("neumann-rms", _model(), F.cross_entropy)
+
+
+def test_set_changes_the_scaled_runs_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    script = benchmark_script("neumann_rms")
+    rows = torch.Generator().manual_seed(2)
+    images = _Rows(torch.randn(64, 1, 28, 28, generator=rows), torch.arange(64) % 10)
+    problem = SimpleNamespace(train=images, val=images)
+    args = argparse.Namespace(batch=32, epochs=1, model="mlp", seed=0, set=["warmup_epochs=0", "gamma=0.5"])
+    made: dict[str, dict[str, object]] = {}
+    real = hpcopt.optimizer
+
+    def spy(name: str, *pieces: object, **options: object) -> hpcopt.Optimizer:
+        made[name] = options
+        return real(name, *pieces, **options)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(hpcopt, "optimizer", spy)
+    scaled = script.train("neumann-rms", 0.01, problem, args)
+    script.train("neumann", 0.1, problem, args)
+    assert scaled.changed == "warmup_epochs=0 gamma=0.5" and len(scaled.accuracy) == 1
+    assert made["neumann-rms"]["warmup_epochs"] == "0" and made["neumann-rms"]["gamma"] == "0.5"
+    assert made["neumann"]["warmup_epochs"] != "0" and "gamma" not in made["neumann"]  # the control: the study's
+
+
+def test_a_set_without_a_value_is_refused(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    script = benchmark_script("neumann_rms")
+    monkeypatch.setattr(sys, "argv", ["neumann_rms.py", "--set", "warmup_epochs"])
+    with pytest.raises(SystemExit) as stopped:
+        script.main()
+    assert stopped.value.code == 2 and "--set takes KEY=VALUE, got 'warmup_epochs'" in capsys.readouterr().err
+
+
+class _Rows:
+    """The part of a dataset the diagnostic reads: rows of inputs and targets."""
+
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        self.inputs, self.targets = inputs, targets
+
+    def __len__(self) -> int:
+        return len(self.targets)
