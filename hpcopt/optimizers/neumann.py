@@ -45,6 +45,10 @@ from hpcopt.optimizers.base import Optimizer, StepResult
 from hpcopt.optimizers.sgd import check_finite_loss
 
 BETA_RULES = ("paper", "relative")
+NO_EPOCH = (
+    "neumann: epoch_steps is not set: give the steps of one epoch of your data "
+    "(its burn-in, resets and μ, η schedules count epochs)"
+)
 
 # The regulariser α/3·r³ + β/r (r = ‖w − v‖) is least at r* = (β/α)^¼.  The paper's constants
 # (α = 1e-7, β = 1e-5·n) put it at r* = (100 n)^¼: 224.8 on its ResNet-50 (n = 25 557 032),
@@ -110,10 +114,7 @@ class NeumannConfig:
     def steps_per_epoch(self) -> float:
         """``epoch_steps``, which must be known by the time an optimizer is built."""
         if self.epoch_steps is None:
-            raise ConfigError(
-                "neumann: epoch_steps is not set: give the steps of one epoch of your data "
-                "(its burn-in, resets and μ, η schedules count epochs)"
-            )
+            raise ConfigError(NO_EPOCH)
         return self.epoch_steps
 
     @property
@@ -148,7 +149,7 @@ class Neumann(Optimizer):
         if config.epoch_steps is not None:
             return config
         if steps_per_epoch is None:
-            return replace(config, epoch_steps=config.steps_per_epoch)  # unset: raises the one-line error
+            raise ConfigError(NO_EPOCH)
         return replace(config, epoch_steps=float(steps_per_epoch))
 
     def __init__(self, objective: DistributedObjective, config: NeumannConfig) -> None:
