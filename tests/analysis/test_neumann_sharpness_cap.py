@@ -17,7 +17,9 @@ def test_the_cap_holds_every_moving_step_at_the_ratio_and_leaves_low_ones_alone(
     script = benchmark_script("neumann_sharpness")
     problem = MnistProblem(data_dir=str(mnist_dir()))
     lr, cap = 0.3, 0.5
-    args = argparse.Namespace(batch=2000, epochs=2, model="cnn-small", rows=64, iterations=3, seed=0, cap=cap)
+    args = argparse.Namespace(
+        batch=2000, epochs=2, model="cnn-small", rows=64, iterations=3, seed=0, cap=cap, max_steps=0, every=1
+    )
     records, accuracy = script.run(lr, problem, args)
     # the burn-in, the reset that ends it and momentum steps: the phase predicted before each
     # step is the one it took (run() asserts it), so the cap was computed for the right bound
