@@ -64,6 +64,9 @@ METHODS: dict[str, tuple[str, dict]] = {
     # epochs) with its "epoch" scaled so that this run is as long as the paper's
     # (PAPER_RUN_EPOCHS); β relative as in "neumann" (docs/optimizers/neumann.md).
     "neumann-scaled": ("neumann", {"beta_rule": "relative", "warmup_epochs": 5, "reset_epochs": 10}),
+    # "neumann" with the schedules' epochs counted from step 0 instead of the burn-in's end,
+    # so that the first momentum steps run at the burn-in's effective step (lr, not 2·lr).
+    "neumann-start": ("neumann", {"beta_rule": "relative", "schedule_origin": "start"}),
     "sgd": ("sgd", {"momentum": 0.9}),
     "adam": ("adam", {}),
 }
@@ -75,6 +78,7 @@ LEARNING_RATES: dict[str, tuple[float, ...]] = {
     "neumann": (0.1, 0.2, 0.3),
     "neumann-paper": (0.03, 0.1, 0.3),
     "neumann-scaled": (0.5, 1.0, 2.0),
+    "neumann-start": (0.1, 0.2, 0.3),
     "sgd": (0.03, 0.1, 0.3),
     "adam": (3e-3, 1e-2, 3e-2),
 }

@@ -16,8 +16,9 @@ Per step t (gradient ĝ at the stored w), after ``warmup_steps`` of plain SGD:
 
 ``d``'s extra term is the gradient of the cubic-plus-repulsive regulariser
 ``α/3‖w−v‖³ + β/‖w−v‖`` (:func:`regularizer`).  μ = clip(1 − 1/(1+e), μ_min, μ_max)
-and η = lr/(1 + e) with e the epochs since warm-up; ``epoch_steps`` says how many
-steps an "epoch" of these schedules is, since an optimizer does not see the data:
+and η = lr/(1 + e) with e the epochs since warm-up (``schedule_origin=start``: since step
+0); ``epoch_steps`` says how many steps an "epoch" of these schedules is, since an
+optimizer does not see the data:
 ``hpcopt train`` sets it to the data's where the user does not
 (:meth:`Neumann.resolve_config`), a loop of the user's own must.
 
@@ -45,6 +46,7 @@ from hpcopt.optimizers.base import Optimizer, StepResult
 from hpcopt.optimizers.sgd import check_finite_loss
 
 BETA_RULES = ("paper", "relative")
+SCHEDULE_ORIGINS = ("burn-in", "start")
 NO_EPOCH = (
     "neumann: epoch_steps is not set: give the steps of one epoch of your data "
     "(its burn-in, resets and μ, η schedules count epochs)"
@@ -81,6 +83,10 @@ class NeumannConfig:
             must give; or the run's steps over the paper's 230 epochs).
         warmup_epochs: epochs of plain SGD first (5).
         reset_epochs: first reset period K in epochs; K doubles after each reset (10).
+        schedule_origin: where the epochs e of the μ and η schedules count from: ``burn-in``
+            (its end, e = 0 at the first reset) or ``start`` (step 0: the paper says "epoch"
+            and leaves the origin open; with it the first momentum steps' effective step
+            η/(1−μ) is lr, not up to 2·lr).
     """
 
     lr: float = 0.01
@@ -94,6 +100,7 @@ class NeumannConfig:
     epoch_steps: float | None = None
     warmup_epochs: float = 5.0
     reset_epochs: float = 10.0
+    schedule_origin: str = "burn-in"
 
     def validate(self) -> None:
         require(self.lr > 0, f"neumann: lr must be > 0, got {self.lr}")
@@ -109,6 +116,10 @@ class NeumannConfig:
         require(positive, f"neumann: epoch_steps must be > 0, got {self.epoch_steps}")
         require(self.warmup_epochs >= 0, "neumann: warmup_epochs must be >= 0")
         require(self.reset_epochs > 0, "neumann: reset_epochs must be > 0")
+        require(
+            self.schedule_origin in SCHEDULE_ORIGINS,
+            f"neumann: schedule_origin must be one of {', '.join(SCHEDULE_ORIGINS)}, got '{self.schedule_origin}'",
+        )
 
     @property
     def steps_per_epoch(self) -> float:
@@ -123,7 +134,8 @@ class NeumannConfig:
 
     def schedule(self, step: int) -> tuple[float, float]:
         """(η, μ) at step ``step`` (0-based) after the warm-up."""
-        epochs = max(step - self.warmup_steps, 0) / self.steps_per_epoch
+        origin = self.warmup_steps if self.schedule_origin == "burn-in" else 0
+        epochs = max(step - origin, 0) / self.steps_per_epoch
         mu = min(max(1.0 - 1.0 / (1.0 + epochs), self.mu_min), self.mu_max)
         return self.lr / (1.0 + epochs), mu
 

@@ -68,6 +68,21 @@ def test_schedules_follow_the_paper() -> None:
     assert (config.alpha, config.beta_scale, config.gamma, config.mu_min, config.mu_max) == (1e-7, 1e-5, 0.99, 0.5, 0.9)
 
 
+def test_schedule_origin_start_counts_the_burn_in_and_hands_over_at_the_burn_ins_step() -> None:
+    options = {"lr": 0.3, "epoch_steps": 10, "warmup_epochs": 2}
+    burn_in = make_config("neumann", options)
+    start = make_config("neumann", options | {"schedule_origin": "start"})
+    # at the first reset (step 20): e = 0 from the burn-in's end, e = 2 from step 0
+    assert burn_in.schedule(20) == (0.3, 0.5)  # effective step η/(1 − μ) = 2·lr
+    eta, mu = start.schedule(20)
+    assert eta == pytest.approx(0.1) and mu == pytest.approx(2 / 3)
+    assert eta / (1 - mu) == pytest.approx(0.3)  # = lr: the burn-in's SGD step
+    # later the two clocks differ by the burn-in's epochs
+    assert start.schedule(120) == pytest.approx(burn_in.schedule(140))
+    with pytest.raises(ConfigError, match="schedule_origin must be one of burn-in, start, got 'end'"):
+        make_config("neumann", {"schedule_origin": "end"})
+
+
 @pytest.mark.mpi(min_size=1)
 def test_resets_come_with_a_doubling_period(neumann: Callable[..., Neumann]) -> None:
     optimizer = neumann(lr=0.1, epoch_steps=1, warmup_epochs=2, reset_epochs=2)
