@@ -57,13 +57,18 @@ METHODS: dict[str, tuple[str, dict]] = {
     "nlcg-gn": ("nlcg", {"check_every": 1, "beta": "pr", "step_length": "curvature"}),
     # The paper's algorithm with its constants except β, whose shell radius is carried over
     # relative to ‖w‖ (docs/optimizers/neumann.md#the-regulariser-on-a-small-model).
-    "neumann": ("neumann", {"beta_rule": "relative"}),
+    # Its schedules count epochs from the burn-in's end, as every figure of the study did
+    # (hpcopt's default counts from step 0 since 2026-12-07: "neumann-start").
+    "neumann": ("neumann", {"beta_rule": "relative", "schedule_origin": "burn-in"}),
     # The paper's constants as published: β = 1e-5·n.
-    "neumann-paper": ("neumann", {"beta_rule": "paper"}),
+    "neumann-paper": ("neumann", {"beta_rule": "paper", "schedule_origin": "burn-in"}),
     # The paper's schedules (5 epochs of burn-in, first reset after 10, μ and η over
     # epochs) with its "epoch" scaled so that this run is as long as the paper's
     # (PAPER_RUN_EPOCHS); β relative as in "neumann" (docs/optimizers/neumann.md).
-    "neumann-scaled": ("neumann", {"beta_rule": "relative", "warmup_epochs": 5, "reset_epochs": 10}),
+    "neumann-scaled": (
+        "neumann",
+        {"beta_rule": "relative", "warmup_epochs": 5, "reset_epochs": 10, "schedule_origin": "burn-in"},
+    ),
     # "neumann" with the schedules' epochs counted from step 0 instead of the burn-in's end,
     # so that the first momentum steps run at the burn-in's effective step (lr, not 2·lr).
     "neumann-start": ("neumann", {"beta_rule": "relative", "schedule_origin": "start"}),

@@ -16,8 +16,8 @@ Per step t (gradient ĝ at the stored w), after ``warmup_steps`` of plain SGD:
 
 ``d``'s extra term is the gradient of the cubic-plus-repulsive regulariser
 ``α/3‖w−v‖³ + β/‖w−v‖`` (:func:`regularizer`).  μ = clip(1 − 1/(1+e), μ_min, μ_max)
-and η = lr/(1 + e) with e the epochs since warm-up (``schedule_origin=start``: since step
-0); ``epoch_steps`` says how many steps an "epoch" of these schedules is, since an
+and η = lr/(1 + e) with e the epochs since step 0 (``schedule_origin=burn-in``: since
+the warm-up); ``epoch_steps`` says how many steps an "epoch" of these schedules is, since an
 optimizer does not see the data:
 ``hpcopt train`` sets it to the data's where the user does not
 (:meth:`Neumann.resolve_config`), a loop of the user's own must.
@@ -83,10 +83,11 @@ class NeumannConfig:
             must give; or the run's steps over the paper's 230 epochs).
         warmup_epochs: epochs of plain SGD first (5).
         reset_epochs: first reset period K in epochs; K doubles after each reset (10).
-        schedule_origin: where the epochs e of the μ and η schedules count from: ``burn-in``
-            (its end, e = 0 at the first reset) or ``start`` (step 0: the paper says "epoch"
-            and leaves the origin open; with it the first momentum steps' effective step
-            η/(1−μ) is lr, not up to 2·lr).
+        schedule_origin: where the epochs e of the μ and η schedules count from: ``start``
+            (step 0, the default: the first momentum steps' effective step η/(1−μ) is lr, the
+            burn-in's) or ``burn-in`` (its end, e = 0 at the first reset: up to 2·lr, which
+            can blow a run up at the switch; the large-batch study's until 2026-12-07). The
+            paper says "epoch" and leaves the origin open.
     """
 
     lr: float = 0.01
@@ -100,7 +101,7 @@ class NeumannConfig:
     epoch_steps: float | None = None
     warmup_epochs: float = 5.0
     reset_epochs: float = 10.0
-    schedule_origin: str = "burn-in"
+    schedule_origin: str = "start"
 
     def validate(self) -> None:
         require(self.lr > 0, f"neumann: lr must be > 0, got {self.lr}")

@@ -60,7 +60,8 @@ def test_regularizer_gradient_matches_finite_differences() -> None:
 
 
 def test_schedules_follow_the_paper() -> None:
-    config = make_config("neumann", {"lr": 1.0, "epoch_steps": 10, "warmup_epochs": 1})
+    options = {"lr": 1.0, "epoch_steps": 10, "warmup_epochs": 1, "schedule_origin": "burn-in"}
+    config = make_config("neumann", options)
     etas, mus = zip(*(config.schedule(t) for t in (10, 20, 30, 110, 1000)))
     assert mus[0] == 0.5 and mus[-1] == 0.9 and list(mus) == sorted(mus)
     assert etas == pytest.approx([1.0, 0.5, 1 / 3, 1 / 11, 1 / 100])
@@ -70,8 +71,9 @@ def test_schedules_follow_the_paper() -> None:
 
 def test_schedule_origin_start_counts_the_burn_in_and_hands_over_at_the_burn_ins_step() -> None:
     options = {"lr": 0.3, "epoch_steps": 10, "warmup_epochs": 2}
-    burn_in = make_config("neumann", options)
-    start = make_config("neumann", options | {"schedule_origin": "start"})
+    burn_in = make_config("neumann", options | {"schedule_origin": "burn-in"})
+    start = make_config("neumann", options)
+    assert start.schedule_origin == "start"  # the default
     # at the first reset (step 20): e = 0 from the burn-in's end, e = 2 from step 0
     assert burn_in.schedule(20) == (0.3, 0.5)  # effective step η/(1 − μ) = 2·lr
     eta, mu = start.schedule(20)
@@ -97,7 +99,7 @@ def test_resets_come_with_a_doubling_period(neumann: Callable[..., Neumann]) -> 
 def test_a_fractional_epoch_scales_every_schedule(neumann: Callable[..., Neumann]) -> None:
     # 40 steps as the paper's 230 epochs (benchmarks/large_batch.py, neumann-scaled): burn-in
     # round(5·0.1739) = 1 step, reset periods round(10·0.1739) = 2, 4, 8, 16 steps.
-    optimizer = neumann(lr=0.1, epoch_steps=0.1739, warmup_epochs=5, reset_epochs=10)
+    optimizer = neumann(lr=0.1, epoch_steps=0.1739, warmup_epochs=5, reset_epochs=10, schedule_origin="burn-in")
     phases = [optimizer.step().extras["phase"] for _ in range(32)]
     assert [t for t, phase in enumerate(phases) if phase == "reset"] == [1, 3, 7, 15, 31]
     eta, mu = optimizer.config.schedule(39)
