@@ -84,10 +84,10 @@ class NeumannConfig:
         warmup_epochs: epochs of plain SGD first (5).
         reset_epochs: first reset period K in epochs; K doubles after each reset (10).
         schedule_origin: where the epochs e of the μ and η schedules count from: ``start``
-            (step 0, the default: the first momentum steps' effective step η/(1−μ) is lr, the
-            burn-in's) or ``burn-in`` (its end, e = 0 at the first reset: up to 2·lr, which
-            can blow a run up at the switch; the large-batch study's until 2026-12-07). The
-            paper says "epoch" and leaves the origin open.
+            (step 0, the default: after a burn-in of at least one epoch the first momentum
+            steps' effective step η/(1−μ) is lr, the burn-in's) or ``burn-in`` (its end, e = 0
+            at the first reset: up to 2·lr, which can blow a run up at the switch; the
+            large-batch study's ``neumann``). The paper says "epoch" and leaves the origin open.
     """
 
     lr: float = 0.01
