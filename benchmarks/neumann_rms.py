@@ -45,7 +45,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import hpcopt
+from hpcopt.config import parse_set
 from hpcopt.distributed.data_parallel import DistributedObjective
+from hpcopt.errors import ConfigError
 from hpcopt.optimizers import OPTIMIZERS
 from hpcopt.optimizers.adam import AdamConfig, second_moment_root
 from hpcopt.optimizers.neumann import Neumann, NeumannConfig
@@ -101,7 +103,7 @@ def train(method: str, lr: float, problem: MnistProblem, args: argparse.Namespac
     (config,) = large_batch.configurations(
         [study_method], [args.batch], {study_method: (lr,)}, args.epochs, len(problem.train)
     )
-    changed = dict(item.partition("=")[::2] for item in args.set) if method == "neumann-rms" else {}
+    changed = parse_set(args.set) if method == "neumann-rms" else {}
     options = config.options | changed  # strings, parsed and checked as --set's are
     torch.manual_seed(args.seed)  # the trainer's initialisation of the model
     model = MODELS[args.model]()
@@ -182,8 +184,10 @@ def main() -> None:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="an option of the neumann-rms runs"
     )
     args = parser.parse_args()
-    if bad := [item for item in args.set if "=" not in item]:
-        parser.error(f"--set takes KEY=VALUE, got {bad[0]!r}")
+    try:
+        parse_set(args.set)  # a malformed item stops here, before any training
+    except ConfigError as error:
+        parser.error(str(error))
     problem = MnistProblem(data_dir=args.data_dir)
     outdir = Path(args.outdir)
     outdir.mkdir(parents=True, exist_ok=True)

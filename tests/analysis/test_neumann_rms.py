@@ -84,7 +84,7 @@ def test_a_set_without_a_value_is_refused(monkeypatch: pytest.MonkeyPatch, capsy
     monkeypatch.setattr(sys, "argv", ["neumann_rms.py", "--set", "warmup_epochs"])
     with pytest.raises(SystemExit) as stopped:
         script.main()
-    assert stopped.value.code == 2 and "--set takes KEY=VALUE, got 'warmup_epochs'" in capsys.readouterr().err
+    assert stopped.value.code == 2 and "--set expects key=value, got 'warmup_epochs'" in capsys.readouterr().err
 
 
 class _Rows:
