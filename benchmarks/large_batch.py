@@ -11,7 +11,8 @@ resumes where it stopped.  SGD (momentum 0.9), Adam, NLCG and Neumann get the be
 three learning rates (``LEARNING_RATES``, or ``--lrs``); HF runs with the options in
 ``METHODS``.  SGD, Adam and NLCG warm their learning rate up linearly over the first
 10 % of the steps; Neumann runs its own SGD burn-in over the first 10 % of the epochs
-(``neumann-scaled``: the paper's 5 of 230 epochs, with the run taken as 230 of them).
+(``neumann-scaled``: the paper's 5 of 230 epochs, with the run taken as 230 of them;
+``neumann-ramp``: its rate warmed up linearly over the burn-in).
 
 Output: a table per run (final and best validation accuracy in %, steps, wall time,
 median seconds per step in the run, traffic in n-sized collectives per step), the best
@@ -72,6 +73,9 @@ METHODS: dict[str, tuple[str, dict]] = {
     # "neumann" with the schedules' epochs counted from step 0 instead of the burn-in's end,
     # so that the first momentum steps run at the burn-in's effective step (lr, not 2·lr).
     "neumann-start": ("neumann", {"beta_rule": "relative", "schedule_origin": "start"}),
+    # "neumann-start" with its SGD burn-in's rate warmed up linearly over the whole burn-in,
+    # the same 10 % of the run over which SGD, Adam and NLCG warm theirs up.
+    "neumann-ramp": ("neumann", {"beta_rule": "relative", "schedule_origin": "start"}),
     "sgd": ("sgd", {"momentum": 0.9}),
     "adam": ("adam", {}),
 }
@@ -84,6 +88,7 @@ LEARNING_RATES: dict[str, tuple[float, ...]] = {
     "neumann-paper": (0.03, 0.1, 0.3),
     "neumann-scaled": (0.5, 1.0, 2.0),
     "neumann-start": (0.1, 0.2, 0.3),
+    "neumann-ramp": (0.2, 0.3, 0.5),
     "sgd": (0.03, 0.1, 0.3),
     "adam": (3e-3, 1e-2, 3e-2),
 }
@@ -151,6 +156,8 @@ def configurations(
                 # the paper's schedules count epochs: burn-in 10 % of them, first reset period 2 epochs
                 opts |= {"epoch_steps": steps_per_epoch, "warmup_epochs": WARMUP_FRACTION * epochs}
                 opts["reset_epochs"] = 2
+                if method == "neumann-ramp":
+                    opts["ramp_epochs"] = opts["warmup_epochs"]
             if lr is not None:
                 opts["lr"] = lr
             suffix = f".lr{lr:g}" if lr is not None else ""

@@ -43,7 +43,7 @@ from hpcopt.distributed.data_parallel import DistributedObjective
 from hpcopt.errors import ConfigError
 from hpcopt.kernels import Kernels, neumann_coefficient
 from hpcopt.optimizers.base import Optimizer, StepResult
-from hpcopt.optimizers.sgd import check_finite_loss
+from hpcopt.optimizers.sgd import check_finite_loss, linear_warmup
 
 BETA_RULES = ("paper", "relative")
 SCHEDULE_ORIGINS = ("burn-in", "start")
@@ -82,6 +82,9 @@ class NeumannConfig:
             the data's steps per epoch, which ``hpcopt train`` fills in and a loop of your own
             must give; or the run's steps over the paper's 230 epochs).
         warmup_epochs: epochs of plain SGD first (5).
+        ramp_epochs: the burn-in's learning rate rises linearly to lr over its first ramp_epochs
+            epochs, the large-batch warm-up of Goyal et al. (0: none, Algorithm 2 as printed;
+            at most warmup_epochs).
         reset_epochs: first reset period K in epochs; K doubles after each reset (10).
         schedule_origin: where the epochs e of the μ and η schedules count from: ``start``
             (step 0, the default: after a burn-in of at least one epoch the first momentum
@@ -100,6 +103,7 @@ class NeumannConfig:
     mu_max: float = 0.9
     epoch_steps: float | None = None
     warmup_epochs: float = 5.0
+    ramp_epochs: float = 0.0
     reset_epochs: float = 10.0
     schedule_origin: str = "start"
 
@@ -116,6 +120,10 @@ class NeumannConfig:
         positive = self.epoch_steps is None or self.epoch_steps > 0
         require(positive, f"neumann: epoch_steps must be > 0, got {self.epoch_steps}")
         require(self.warmup_epochs >= 0, "neumann: warmup_epochs must be >= 0")
+        require(
+            0 <= self.ramp_epochs <= self.warmup_epochs,
+            f"neumann: ramp_epochs must be in [0, warmup_epochs = {self.warmup_epochs:g}], got {self.ramp_epochs:g}",
+        )
         require(self.reset_epochs > 0, "neumann: reset_epochs must be > 0")
         require(
             self.schedule_origin in SCHEDULE_ORIGINS,
@@ -132,6 +140,10 @@ class NeumannConfig:
     @property
     def warmup_steps(self) -> int:
         return round(self.warmup_epochs * self.steps_per_epoch)
+
+    @property
+    def ramp_steps(self) -> int:
+        return round(self.ramp_epochs * self.steps_per_epoch)
 
     def schedule(self, step: int) -> tuple[float, float]:
         """(η, μ) at step ``step`` (0-based) after the warm-up."""
@@ -195,8 +207,9 @@ class Neumann(Optimizer):
         eta, mu = cfg.schedule(self.steps)
         with torch.no_grad():
             if self.steps < cfg.warmup_steps:
-                w.add_(grad, alpha=-cfg.lr)
-                step_norm = cfg.lr * float(grad.norm())
+                lr = linear_warmup(cfg.lr, self.steps, cfg.ramp_steps)
+                w.add_(grad, alpha=-lr)
+                step_norm = lr * float(grad.norm())
             elif self.steps == self.next_reset:
                 if self.v is None:
                     self.v = w.clone()

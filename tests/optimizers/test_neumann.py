@@ -86,6 +86,24 @@ def test_schedule_origin_start_counts_the_burn_in_and_hands_over_at_the_burn_ins
 
 
 @pytest.mark.mpi(min_size=1)
+def test_ramp_epochs_warms_the_burn_ins_rate_up_linearly(neumann: Callable[..., Neumann]) -> None:
+    # burn-in of 4 steps, its rate rising over the first 3: lr/3, 2lr/3, lr, lr
+    optimizer = neumann(lr=0.4, epoch_steps=2, warmup_epochs=2, ramp_epochs=1.5)
+    flat = optimizer.flat
+    for factor in (1 / 3, 2 / 3, 1.0, 1.0):
+        before = flat.data.clone()
+        _, grad = optimizer.objective.value_and_grad()  # the fixed batch: the step's own gradient
+        result = optimizer.step()
+        assert result.extras["phase"] == "sgd"
+        torch.testing.assert_close(flat.data, before - 0.4 * factor * grad, rtol=1e-6, atol=1e-7)
+        assert result.step_norm == pytest.approx(0.4 * factor * float(grad.norm()), rel=1e-6)
+    assert optimizer.step().extras["phase"] == "reset"
+    assert make_config("neumann", {}).ramp_epochs == 0  # Algorithm 2 as printed: no ramp
+    with pytest.raises(ConfigError, match=r"ramp_epochs must be in \[0, warmup_epochs = 1\], got 2"):
+        make_config("neumann", {"warmup_epochs": 1, "ramp_epochs": 2})
+
+
+@pytest.mark.mpi(min_size=1)
 def test_resets_come_with_a_doubling_period(neumann: Callable[..., Neumann]) -> None:
     optimizer = neumann(lr=0.1, epoch_steps=1, warmup_epochs=2, reset_epochs=2)
     flat = optimizer.flat
