@@ -7,7 +7,8 @@ the stored parameters w are *displaced*: the model the method stands for is
 ``w − μ·m``, and evaluation, checkpoints and the final model use that
 (:meth:`Neumann.evaluation_parameters`).
 
-Per step t (gradient ĝ at the stored w), after ``warmup_steps`` of plain SGD:
+Per step t (gradient ĝ at the stored w), after ``warmup_steps`` of plain SGD (at ``lr``, or
+rising linearly to it over ``ramp_epochs``):
 
 * at a reset (the first step after warm-up, then after K steps, K doubling):
   ``m ← −η ĝ``;
