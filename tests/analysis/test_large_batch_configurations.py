@@ -1,4 +1,4 @@
-"""``benchmarks/large_batch.py``: every method's options make a valid optimizer config, and the Neumann variants differ as documented."""
+"""``benchmarks/large_batch.py``: every method's options make a valid config; the Neumann variants as documented."""
 
 from __future__ import annotations
 
