@@ -37,7 +37,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import islice
 from math import isfinite, nan
 from pathlib import Path
 
@@ -48,6 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import hpcopt
+from hpcopt.distributed.sharding import ShardBatchSampler
 from hpcopt.problems.mnist.problem import MODELS, MnistProblem
 
 
@@ -112,6 +115,13 @@ def top_eigenvalue(model: nn.Module, inputs: Tensor, targets: Tensor, iterations
     return estimate
 
 
+def epoch_batches(sampler: ShardBatchSampler, epochs: int) -> Iterator[list[int]]:
+    """The sampler's batches of ``epochs`` epochs in a row, each epoch shuffled as the trainer's."""
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        yield from sampler
+
+
 def run(lr: float, problem: MnistProblem, args: argparse.Namespace) -> tuple[list[StepRecord], float]:
     """Train ``large_batch.py``'s ``neumann`` at ``lr``; the per-step records and the final accuracy (%)."""
     (config,) = large_batch.configurations(
@@ -126,33 +136,26 @@ def run(lr: float, problem: MnistProblem, args: argparse.Namespace) -> tuple[lis
     sample_inputs, sample_targets = train.inputs[sample], train.targets[sample]
     sampler = opt.sampler(len(train), args.batch)
     records: list[StepRecord] = []
-    step = 0
-    last = args.epochs * len(sampler) if args.max_steps <= 0 else min(args.max_steps, args.epochs * len(sampler))
-    for epoch in range(args.epochs):
-        sampler.set_epoch(epoch)
-        for rows in sampler:
-            if step == last:
-                break
-            # λ at the weights the step's gradient is taken at; the step reports its phase, η and μ.
-            sharpness = nan
-            if step % args.every == 0:
-                sharpness = top_eigenvalue(model, sample_inputs, sample_targets, args.iterations, seed=step)
-            expected = next_phase(opt)
-            opt.config.lr = lr  # the schedule's η at the run's rate, then lowered where --cap says
-            opt.config.lr = step_lr = capped_lr(lr, args.cap, opt, expected, sharpness)
-            loss = opt.step(train.inputs[rows], train.targets[rows])
-            assert opt.last is not None
-            phase, eta, mu = opt.last.extras["phase"], opt.last.extras["eta"], opt.last.extras["mu"]
-            assert phase == expected, f"step {step}: expected a {expected} step, the optimizer took a {phase} step"
-            step_norm = opt.last.step_norm
-            ratio = stability_ratio(phase, eta, mu, step_lr, sharpness)
-            records.append(StepRecord(lr, step_lr, step, phase, eta, mu, sharpness, ratio, loss, step_norm))
-            print(
-                f"lr {step_lr:.4g} step {step:3d} {phase:7s} loss {loss:7.4f} step {step_norm:6.3f} "
-                f"eta {eta:.4f} mu {mu:.3f} lambda {sharpness:8.2f} ratio {ratio:6.2f}",
-                flush=True,
-            )
-            step += 1
+    for step, rows in enumerate(islice(epoch_batches(sampler, args.epochs), args.max_steps or None)):
+        # λ at the weights the step's gradient is taken at; the step reports its phase, η and μ.
+        sharpness = nan
+        if step % args.every == 0:
+            sharpness = top_eigenvalue(model, sample_inputs, sample_targets, args.iterations, seed=step)
+        expected = next_phase(opt)
+        opt.config.lr = lr  # the schedule's η at the run's rate, then lowered where --cap says
+        opt.config.lr = step_lr = capped_lr(lr, args.cap, opt, expected, sharpness)
+        loss = opt.step(train.inputs[rows], train.targets[rows])
+        assert opt.last is not None
+        phase, eta, mu = opt.last.extras["phase"], opt.last.extras["eta"], opt.last.extras["mu"]
+        assert phase == expected, f"step {step}: expected a {expected} step, the optimizer took a {phase} step"
+        step_norm = opt.last.step_norm
+        ratio = stability_ratio(phase, eta, mu, step_lr, sharpness)
+        records.append(StepRecord(lr, step_lr, step, phase, eta, mu, sharpness, ratio, loss, step_norm))
+        print(
+            f"lr {step_lr:.4g} step {step:3d} {phase:7s} loss {loss:7.4f} step {step_norm:6.3f} "
+            f"eta {eta:.4f} mu {mu:.3f} lambda {sharpness:8.2f} ratio {ratio:6.2f}",
+            flush=True,
+        )
     with opt.evaluation_parameters() as evaluated, torch.no_grad():
         accuracy = float((evaluated(val.inputs).argmax(dim=1) == val.targets).float().mean()) * 100
     return records, accuracy
@@ -229,6 +232,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.cap < 0:
         parser.error(f"--cap must be >= 0, got {args.cap}")
+    if args.max_steps < 0:
+        parser.error(f"--max-steps must be >= 0, got {args.max_steps}")
     if args.every < 1:
         parser.error(f"--every must be >= 1, got {args.every}")
     if args.cap > 0 and args.every > 1:

@@ -33,7 +33,11 @@ def test_every_skips_the_estimate_between_its_steps_and_leaves_the_path_alone() 
 
 @pytest.mark.parametrize(
     ("arguments", "message"),
-    [(["--every", "0"], "--every must be >= 1"), (["--cap", "0.9", "--every", "2"], "--cap needs λ before every step")],
+    [
+        (["--every", "0"], "--every must be >= 1"),
+        (["--cap", "0.9", "--every", "2"], "--cap needs λ before every step"),
+        (["--max-steps", "-1"], "--max-steps must be >= 0, got -1"),
+    ],
 )
 def test_bad_every_is_a_usage_error(
     arguments: list[str], message: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
