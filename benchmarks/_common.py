@@ -32,6 +32,29 @@ def dataset_dir(name: str) -> str:
     return str(Path(os.environ.get("HPCOPT_DATA_DIR", REPO.parent / "shared/datasets")) / name)
 
 
+def _comma_list(text: str, convert: Callable[[str], Any], what: str) -> list[Any]:
+    try:
+        return [convert(item) for item in text.split(",") if item]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got '{text}'") from None
+
+
+# argparse types of comma-separated lists: a bad item is a one-line usage error, not a traceback.
+def floats(text: str) -> list[float]:
+    """``0.1,0.2`` → ``[0.1, 0.2]``."""
+    return _comma_list(text, float, "numbers")
+
+
+def ints(text: str) -> list[int]:
+    """``0,1,2`` → ``[0, 1, 2]``."""
+    return _comma_list(text, int, "integers")
+
+
+def sizes(text: str) -> list[int]:
+    """``1e3,1e6`` → ``[1000, 1000000]``: integers that may be written as floats."""
+    return _comma_list(text, lambda item: int(float(item)), "sizes")
+
+
 def train_command(ranks: int, *arguments: str) -> list[str]:
     """``python -m mpi4py -m hpcopt train ARGUMENTS`` on ``ranks`` ranks (``mpiexec`` for more than one)."""
     command = [sys.executable, "-m", "mpi4py", "-m", "hpcopt", "train", *arguments]
@@ -119,7 +142,7 @@ def run_study(
 
 def traffic(run: Run) -> float:
     """Bytes moved per outer iteration over 4n (n parameters): n-sized float32 collectives per iteration."""
-    return float(np.mean(run.iterations["comm_bytes"])) / (4 * int(run.attributes["num_parameters"]))
+    return float(np.mean(run.iterations["comm_bytes"])) / (4 * run.integer("num_parameters"))
 
 
 def evaluated_run(outdir: Path, name: str, metric: str, width: int) -> tuple[Run, np.ndarray] | None:

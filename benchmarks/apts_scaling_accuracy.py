@@ -235,24 +235,16 @@ VARIANTS["average-gn-local"] = {
 }
 
 
-def _floats(text: str) -> list[float]:
-    return [float(item) for item in text.split(",") if item]
-
-
-def _ints(text: str) -> list[int]:
-    return [int(item) for item in text.split(",") if item]
-
-
 def plan(args: argparse.Namespace) -> list[tuple[str, str, int, dict[str, object]]]:
     """(run name, optimizer, ranks, --set options) of every run of the study."""
     runs: list[tuple[str, str, int, dict[str, object]]] = []
-    for lr in _floats(args.adam_lrs):
+    for lr in args.adam_lrs:
         runs.append((f"adam.P2.lr{lr:g}", "adam", 2, {"lr": lr}))
     for variant in args.variants.split(","):
         options = VARIANTS[variant]
-        for ranks in _ints(args.ranks):
+        for ranks in args.ranks:
             runs.append((f"{variant}.P{ranks}", "apts-d", ranks, dict(options)))
-        for radius in _floats(args.radii):
+        for radius in args.radii:
             runs.append(
                 (
                     f"{variant}.P{args.radius_ranks}.r{radius:g}",
@@ -287,6 +279,7 @@ def report(runs: list[tuple[str, str, int, dict[str, object]]], args: argparse.N
     print(header)
     print("-" * len(header))
     rows = []
+    adam: list[float] = []  # the final accuracy of each Adam run
     curves: list[tuple[str, _common.Run]] = []
     for name, optimizer, ranks, options in runs:
         found = _common.evaluated_run(outdir, name, "val_accuracy", 28)
@@ -308,7 +301,7 @@ def report(runs: list[tuple[str, str, int, dict[str, object]]], args: argparse.N
             "run": name,
             "optimizer": optimizer,
             "ranks": ranks,
-            "batch": int(str(run.attributes.get("batch_size", batch_for(args.batch, ranks)))),
+            "batch": run.integer("batch_size", batch_for(args.batch, ranks)),
             "options": " ".join(f"{k}={v}" for k, v in options.items()),
             # Δ₀ as the run used it (the radius logged before its first step): a run without
             # --set radius takes MNIST's problem default for apts-d, not APTSDConfig's.
@@ -323,6 +316,8 @@ def report(runs: list[tuple[str, str, int, dict[str, object]]], args: argparse.N
             "median_outer_s": round(float(np.median(outer)), 2),
         }
         rows.append(row)
+        if optimizer == "adam":
+            adam.append(round(float(acc[-1]), 3))
         curves.append((name, run))
         print(
             f"{name:<28}{ranks:>3}{row['final_accuracy']:>7.2f}{row['best_accuracy']:>7.2f}{row['accepted']:>10}"
@@ -335,7 +330,6 @@ def report(runs: list[tuple[str, str, int, dict[str, object]]], args: argparse.N
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    adam = [row["final_accuracy"] for row in rows if row["optimizer"] == "adam"]
     if adam:
         print(f"\nAdam's best of {len(adam)} learning rates: {max(adam):.2f} %")
     adam_best = max(adam) if adam else args.adam_best
@@ -408,7 +402,7 @@ def _plot(rows: list[dict[str, object]], args: argparse.Namespace, adam_best: fl
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sweeping = bool(_floats(args.radii))
+    sweeping = bool(args.radii)
     fig, axes = plt.subplots(1, 2 if sweeping else 1, figsize=(11 if sweeping else 6, 4), squeeze=False)
     by_ranks, by_radius = axes[0][0], axes[0][-1]
     for variant in args.variants.split(","):
@@ -459,11 +453,18 @@ def main() -> None:
     parser.add_argument("--model", default="cnn-small")
     parser.add_argument("--batch", type=int, default=10000)
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--ranks", default="2,4,6,8", help="rank counts of the P sweep")
+    parser.add_argument("--ranks", type=_common.ints, default="2,4,6,8", help="rank counts of the P sweep")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"a subset of {', '.join(VARIANTS)}")
-    parser.add_argument("--radii", default="1e-3,1e-2,1e-1,1,10", help="Δ₀ values of the radius sweep ('' for none)")
+    parser.add_argument(
+        "--radii",
+        type=_common.floats,
+        default="1e-3,1e-2,1e-1,1,10",
+        help="Δ₀ values of the radius sweep ('' for none)",
+    )
     parser.add_argument("--radius-ranks", type=int, default=4)
-    parser.add_argument("--adam-lrs", default="1e-3,3e-3,1e-2", help="Adam's learning rates ('' for none)")
+    parser.add_argument(
+        "--adam-lrs", type=_common.floats, default="1e-3,3e-3,1e-2", help="Adam's learning rates ('' for none)"
+    )
     parser.add_argument(
         "--adam-best", type=float, help="Adam's best accuracy (%%) measured elsewhere, drawn when no Adam run is here"
     )

@@ -32,7 +32,7 @@ from hpcopt.problems import make_problem
 MODELS = ("mlp", "cnn-small", "cnn")
 
 
-def setup(comm: Communicator, data_dir: str, model_name: str, batch_size: int):  # type: ignore[no-untyped-def]
+def setup(comm: Communicator, data_dir: str, model_name: str, batch_size: int) -> tuple[FlatParameters, APTSD]:
     problem = make_problem("mnist", data_dir=data_dir, seed=0, options={})
     torch.manual_seed(0)
     flat = FlatParameters(problem.build_model(model_name))

@@ -13,14 +13,19 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
+from functools import partial
 
+import _common
 import torch
 from mpi4py import MPI
 
 from hpcopt.comm import Communicator, PackedBuffer
 
 
-def paired_medians(raw_fn, hpcopt_fn, repeats: int, comm: MPI.Comm) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+def paired_medians(
+    raw_fn: Callable[[], object], hpcopt_fn: Callable[[], object], repeats: int, comm: MPI.Comm
+) -> tuple[float, float]:
     """Median times of the two calls, timed alternately so that load drifts hit both alike."""
     samples: dict[str, list[float]] = {"raw": [], "hpcopt": []}
     for i in range(2 * repeats):
@@ -40,12 +45,12 @@ def paired_medians(raw_fn, hpcopt_fn, repeats: int, comm: MPI.Comm) -> tuple[flo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=50)
-    parser.add_argument("--sizes", default="1e3,1e4,1e5,1e6,1e7")
+    parser.add_argument("--sizes", type=_common.sizes, default="1e3,1e4,1e5,1e6,1e7")
     args = parser.parse_args()
     world = MPI.COMM_WORLD
     comm = Communicator(world)
     rows = []
-    for size in (int(float(s)) for s in args.sizes.split(",")):
+    for size in args.sizes:
         repeats = max(5, args.repeats if size <= 1_000_000 else args.repeats // 5)
         packed = PackedBuffer(size - 1, 1, dtype=torch.float32)
         packed.data.fill_(1.0)
@@ -55,8 +60,8 @@ def main() -> None:
             comm.allreduce_(packed.data)
             world.Allreduce(MPI.IN_PLACE, raw, op=MPI.SUM)
         t_raw, t_hpc = paired_medians(
-            lambda raw=raw: world.Allreduce(MPI.IN_PLACE, raw, op=MPI.SUM),
-            lambda packed=packed: comm.allreduce_(packed.data),
+            partial(world.Allreduce, MPI.IN_PLACE, raw, op=MPI.SUM),
+            partial(comm.allreduce_, packed.data),
             repeats,
             world,
         )

@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 MODES = ("release", "keep", "hugetlb")
 HUGETLB = "glibc.malloc.hugetlb=1"
@@ -48,7 +49,7 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
     objective = LocalObjective(flat, lambda net, x: net(x), torch.nn.functional.cross_entropy, inputs, targets)
     vector = torch.randn(flat.numel)
 
-    def median_seconds(work) -> float:  # type: ignore[no-untyped-def]
+    def median_seconds(work: Callable[[], object]) -> float:
         times = []
         for _ in range(args.repeats):
             start = time.perf_counter()

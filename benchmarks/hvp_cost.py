@@ -32,9 +32,11 @@ import json
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import _common
 import torch
 from torch import Tensor, nn
 
@@ -92,6 +94,11 @@ def timed(fn: Callable[[], object], sync: Callable[[], None] = no_sync) -> float
     return time.perf_counter() - start
 
 
+def curvature_operator(objective: LocalObjective, kind: CurvatureKind) -> CurvatureOperator:
+    """Gradient pass + the objective's own operator of ``kind``."""
+    return objective.value_grad_and_curvature(kind)[2]
+
+
 def linearized_operator(objective: LocalObjective) -> CurvatureOperator:
     """Gradient pass + a ``torch.func.linearize``-based forward-over-reverse operator."""
     objective.value_and_grad()
@@ -133,7 +140,7 @@ def measure(
     # shared machine moves numerator and denominator of the ratios together.
     gradients = [timed(objective.value_and_grad, sync) for _ in range(repeats)]
     builders: dict[str, Callable[[], CurvatureOperator]] = {
-        kind.value: (lambda kind=kind: objective.value_grad_and_curvature(kind)[2]) for kind in CurvatureKind
+        kind.value: partial(curvature_operator, objective, kind) for kind in CurvatureKind
     }
     builders[GENERIC_GGN] = lambda: generic_ggn_operator(objective)
     if with_linearize:
@@ -167,13 +174,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per entry (median reported)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (hpcopt: 1 per rank)")
     parser.add_argument("--products", type=int, default=10, help="products per Krylov-style solve")
-    parser.add_argument("--batch", default="256", help="batch sizes, comma-separated (e.g. 256,2000)")
+    parser.add_argument(
+        "--batch", type=_common.sizes, default="256", help="batch sizes, comma-separated (e.g. 256,2000)"
+    )
     parser.add_argument("--models", default="mlp,cnn-small", help=f"comma-separated subset of {', '.join(MODELS)}")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--no-linearize", action="store_true", help="skip the torch.func.linearize variant")
     parser.add_argument("--json", type=Path, help="also write every figure to this file")
     args = parser.parse_args()
-    batches = [int(float(b)) for b in args.batch.split(",")]
+    batches: list[int] = args.batch
     names = [name for name in args.models.split(",") if name]
     unknown = [name for name in names if name not in MODELS]
     if unknown:

@@ -25,9 +25,11 @@ import json
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import _common
 import torch
 
 from hpcopt.kernels import CpuKernels, select_backend
@@ -66,7 +68,7 @@ def run(device: torch.device, sizes: list[int], repeats: int, dtype: torch.dtype
 
         t_unfused = median_seconds(unfused, repeats, sync)
         t_fused = median_seconds(fused, repeats, sync)
-        t_copy = median_seconds(lambda x=x, copy_dst=copy_dst: copy_dst.copy_(x), repeats, sync)
+        t_copy = median_seconds(partial(copy_dst.copy_, x), repeats, sync)
         step_bytes = VECTORS_PER_STEP * n * x.element_size()
         rows.append(
             (
@@ -102,7 +104,7 @@ def as_records(rows: list[tuple]) -> list[dict[str, float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="1e6,1e7,1e8", help="vector lengths (floats)")
+    parser.add_argument("--sizes", type=_common.sizes, default="1e6,1e7,1e8", help="vector lengths (floats)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, one rank per core)")
@@ -112,7 +114,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write every row to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    sizes = [int(float(s)) for s in args.sizes.split(",")]
+    sizes: list[int] = args.sizes
     dtype = getattr(torch, args.dtype)
     report: dict[str, Any] = {"dtype": args.dtype, "repeats": args.repeats, "sizes": sizes, "devices": {}}
 

@@ -117,11 +117,16 @@ class Config:
 
 
 def parse_lrs(text: str) -> dict[str, tuple[float, ...]]:
-    """``adam=1e-3:3e-3,nlcg=0.1`` → the learning rates to sweep per method."""
+    """``adam=1e-3:3e-3,nlcg=0.1`` → the learning rates to sweep per method (an argparse type)."""
     swept: dict[str, tuple[float, ...]] = {}
     for item in filter(None, text.split(",")):
         method, _, values = item.partition("=")
-        swept[method] = tuple(float(value) for value in values.split(":"))
+        if method not in METHODS:
+            raise argparse.ArgumentTypeError(f"unknown method '{method}' in '{item}'; choose from {', '.join(METHODS)}")
+        try:
+            swept[method] = tuple(float(value) for value in values.split(":"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected METHOD=LR[:LR...], got '{item}'") from None
     return swept
 
 
@@ -475,8 +480,10 @@ def main() -> None:
     parser.set_defaults(runs=",".join(DEFAULT_METHODS))
     parser.add_argument("--methods", dest="runs", default=argparse.SUPPRESS, help="the same as --runs")
     parser.add_argument("--data-dir", default=_common.dataset_dir("mnist-full"))
-    parser.add_argument("--batches", default="15000,1000")
-    parser.add_argument("--lrs", default="", help="learning rates to sweep instead, e.g. adam=1e-3:3e-3,nlcg=0.1")
+    parser.add_argument("--batches", type=_common.ints, default="15000,1000")
+    parser.add_argument(
+        "--lrs", type=parse_lrs, default="", help="learning rates to sweep instead, e.g. adam=1e-3:3e-3,nlcg=0.1"
+    )
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--model", default="cnn-small")
     parser.add_argument("--ranks", type=int, default=2)
@@ -484,15 +491,16 @@ def main() -> None:
     parser.add_argument("--rerun", action="store_true", help="run again configurations with a completed log")
     parser.add_argument("--timing-steps", type=int, default=0, help="steps of each timing run (0: no timing)")
     parser.add_argument("--timing-rounds", type=int, default=3, help="rounds of timing runs")
-    parser.add_argument("--seeds", default=None, help="seeds of every configuration, e.g. 0,1,2 (default: --seed)")
+    parser.add_argument(
+        "--seeds", type=_common.ints, default=None, help="seeds of every configuration, e.g. 0,1,2 (default: --seed)"
+    )
     args = parser.parse_args()
-    args.seeds = tuple(int(seed) for seed in args.seeds.split(",")) if args.seeds else (args.seed,)
+    args.seeds = tuple(args.seeds) if args.seeds else (args.seed,)
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds has a seed twice: {args.seeds}")
     methods = _common.chosen(parser, args, METHODS, what="methods")
-    lrs = {**LEARNING_RATES, **parse_lrs(args.lrs)}
-    batches = [int(b) for b in args.batches.split(",")]
-    runs = configurations(methods, batches, lrs, args.epochs, args.train_size, args.seeds)
+    lrs = {**LEARNING_RATES, **args.lrs}
+    runs = configurations(methods, args.batches, lrs, args.epochs, args.train_size, args.seeds)
     _common.run_study(args, runs, lambda run: launch_run(run, args), lambda: report(runs, args))
 
 

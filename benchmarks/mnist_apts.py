@@ -66,7 +66,7 @@ def report(names: list[str], outdir: Path) -> None:
         reached = np.nonzero(acc >= 98.5)[0]
         t_reach = f"{wall[reached[0]]:.0f}" if len(reached) else "-"
         epoch_times = np.diff(np.concatenate([[0.0], wall]))
-        ranks = int(run.attributes["world_size"])
+        ranks = run.integer("world_size")
         print(
             f"{name:<26}{ranks:>3}{int(epochs[-1]):>7}{acc[-1]:>7.2f}{acc.max():>7.2f}{t_reach:>8}"
             f"{wall[-1]:>8.0f}{np.median(epoch_times):>8.1f}{_common.traffic(run):>7.2f}n"

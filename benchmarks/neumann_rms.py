@@ -173,7 +173,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=_common.dataset_dir("mnist-full"))
     parser.add_argument("--outdir", default="runs/neumann_rms")
-    parser.add_argument("--rms-lrs", default="0.003,0.01,0.03", help="comma-separated rates of neumann-rms")
+    parser.add_argument(
+        "--rms-lrs", type=_common.floats, default="0.003,0.01,0.03", help="comma-separated rates of neumann-rms"
+    )
     parser.add_argument("--neumann-lr", type=float, default=0.2, help="the study's best rate of neumann (0: skip)")
     parser.add_argument("--adam-lr", type=float, default=0.01, help="the study's best rate of Adam")
     parser.add_argument("--batch", type=int, default=15000)
@@ -193,7 +195,7 @@ def main() -> None:
     outdir.mkdir(parents=True, exist_ok=True)
     plan = [("adam", args.adam_lr)]
     plan += [("neumann", args.neumann_lr)] if args.neumann_lr > 0 else []
-    plan += [("neumann-rms", float(text)) for text in args.rms_lrs.split(",")]
+    plan += [("neumann-rms", lr) for lr in args.rms_lrs]
     runs = [train(method, lr, problem, args) for method, lr in plan]
     adam = runs[0].accuracy[-1]
     print(f"\n| method | lr | changed | final accuracy % | minus Adam's (lr {args.adam_lr:g}) |")

@@ -105,7 +105,7 @@ def top_eigenvalue(model: nn.Module, inputs: Tensor, targets: Tensor, iterations
     vector = [torch.randn(p.shape, generator=generator) for p in params]
     estimate = 0.0
     for _ in range(iterations):
-        norm = torch.sqrt(sum((v * v).sum() for v in vector))
+        norm = torch.sqrt(torch.stack([(v * v).sum() for v in vector]).sum())
         vector = [v / norm for v in vector]
         loss = F.cross_entropy(model(inputs), targets)
         grads = torch.autograd.grad(loss, params, create_graph=True)
@@ -217,7 +217,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=_common.dataset_dir("mnist-full"))
     parser.add_argument("--outdir", default="runs/neumann_sharpness")
-    parser.add_argument("--lrs", default="0.1,0.2,0.3", help="comma-separated learning rates")
+    parser.add_argument("--lrs", type=_common.floats, default="0.1,0.2,0.3", help="comma-separated learning rates")
     parser.add_argument("--batch", type=int, default=15000)
     parser.add_argument("--epochs", type=int, default=10)
     # Models without batch norm or dropout: the estimate's forward passes would move batch-norm
@@ -243,7 +243,7 @@ def main() -> None:
     outdir.mkdir(parents=True, exist_ok=True)
     records: list[StepRecord] = []
     accuracies: dict[float, float] = {}
-    for lr in (float(text) for text in args.lrs.split(",")):
+    for lr in args.lrs:
         found, accuracies[lr] = run(lr, problem, args)
         records += found
     print("\n| lr | final accuracy % | steps with ratio > 1 | largest ratio | largest λ |")

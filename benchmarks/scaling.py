@@ -100,15 +100,15 @@ def main() -> None:
         profile = CollectiveProfile.from_run(sweep.runs[0])
         profiles[profile.name] = profile
         for run, prediction in zip(sweep.runs, predict(profile, local, sweep.ranks, "strong")):
-            measured = float(np.median(iteration_times(run)))
+            seconds = float(np.median(iteration_times(run)))
             rows.append(
                 {
                     "optimizer": profile.name,
                     "ranks": prediction.ranks,
-                    "measured_s": measured,
+                    "measured_s": seconds,
                     "model_s": prediction.time,
                     "model_comm_s": prediction.comm,
-                    "model/measured": prediction.time / measured,
+                    "model/measured": prediction.time / seconds,
                 }
             )
     print("== model (calibrated network) vs measurement, time per iteration ==")

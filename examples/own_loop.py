@@ -81,6 +81,7 @@ def main() -> None:
                 continue  # done before the saved state
             loss = opt.step(inputs, labels)  # the global batch's loss before the step
             step = opt.last  # what the step recorded: radius, step_norm, ratio, accepted
+            assert step is not None  # None only before the first step
             say(f"step {opt.steps:4d}  loss {loss:.4e}  radius {step.radius:.3g}  accepted {step.accepted}")
             if args.max_steps is not None and opt.steps >= args.max_steps:
                 break

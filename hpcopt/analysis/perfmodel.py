@@ -44,7 +44,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, SupportsInt, cast
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -154,8 +154,7 @@ class CollectiveProfile:
             calls=float(np.mean(its.get("comm_calls", np.zeros(1))[keep])),
             bytes=float(np.mean(its.get("comm_bytes", np.zeros(1))[keep])),
             compute=max(compute, 0.0),
-            # Attribute values are typed object; RunLog writes world_size as an integer.
-            ref_ranks=int(cast(SupportsInt, run.attributes.get("world_size", 1))),
+            ref_ranks=run.integer("world_size", 1),
         )
 
 

@@ -77,13 +77,11 @@ class Sweep:
 
 
 def _ranks(run: Run) -> int:
-    value = run.attributes.get("world_size", 1)
-    return int(value) if isinstance(value, (int, float, np.integer)) else 1
+    return run.integer("world_size", 1)
 
 
 def _batch(run: Run) -> int:
-    value = run.attributes.get("batch_size", 0)
-    return int(value) if isinstance(value, (int, float, np.integer)) else 0
+    return run.integer("batch_size", 0)
 
 
 def iteration_times(run: Run) -> np.ndarray:

@@ -94,6 +94,19 @@ class Run:
         """
         return str(self.attributes.get("status", "unknown"))
 
+    def integer(self, name: str, default: int | None = None) -> int:
+        """The root attribute ``name`` as an int; ``default`` where it is missing or not a number.
+
+        Attribute values are typed ``object`` (h5py gives numpy scalars for the integers a run
+        log stores); without a ``default`` a missing or non-numeric attribute is a ``KeyError``.
+        """
+        value = self.attributes.get(name)
+        if isinstance(value, (int, float, np.integer, np.floating)):
+            return int(value)
+        if default is None:
+            raise KeyError(f"{self.path}: no numeric root attribute '{name}'")
+        return default
+
     @property
     def metric_names(self) -> list[str]:
         """Names of the evaluation metrics, in file order."""

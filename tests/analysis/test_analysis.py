@@ -48,6 +48,18 @@ def write_run(path: Path, *, optimizer: str, fail: bool = False) -> None:
 
 
 @pytest.mark.timeout(60)
+def test_integer_reads_a_numeric_attribute_back_as_int(tmp_path: Path) -> None:
+    write_run(tmp_path / "run.h5", optimizer="sgd")
+    run = load_run(tmp_path / "run.h5")
+    ranks = run.integer("world_size")
+    assert ranks == 4 and type(ranks) is int  # h5py stores a numpy integer
+    assert run.integer("batch_size", 7) == 7  # missing: the default
+    assert run.integer("optimizer", 1) == 1  # not a number: the default
+    with pytest.raises(KeyError, match="no numeric root attribute 'batch_size'"):
+        run.integer("batch_size")
+
+
+@pytest.mark.timeout(60)
 def test_summary_rows_have_expected_numbers(tmp_path: Path) -> None:
     write_run(tmp_path / "tr.h5", optimizer="tr_cg")
     write_run(tmp_path / "sgd.h5", optimizer="sgd", fail=True)
