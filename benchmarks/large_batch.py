@@ -16,7 +16,8 @@ three learning rates (``LEARNING_RATES``, or ``--lrs``); HF runs with the option
 
 Output: a table per run (final and best validation accuracy in %, steps, wall time,
 median seconds per step in the run, traffic in n-sized collectives per step), the best
-learning rate of each method, ``large_batch.csv`` (one row per run) and
+learning rate of each method, ``large_batch.csv`` (one row per run; a run with no evaluation,
+diverged or failed, has its status and empty figures) and
 ``large_batch.png`` (validation accuracy against steps and against wall time, one line
 per method at its best learning rate, one row of panels per batch size).  With
 ``--timing-steps N`` each method's best configuration is also timed for N steps in
@@ -30,7 +31,8 @@ single-seed study does; the other seeds measure how far a result moves with the 
 alone (the initial weights and the order of the batches): a table of each configuration's
 final accuracy over the seeds (mean, sample standard deviation, lowest, highest),
 ``large_batch_seeds.csv`` (one row per configuration) and ``large_batch_seeds.png`` (every
-seed's final accuracy, one column per configuration).  A seed study at the learning rates
+seed's final accuracy, one column per configuration); a seed with no result is named in
+both and left out of the mean.  A seed study at the learning rates
 a single-seed study chose is ``--lrs`` with one rate per method.
 """
 
@@ -38,7 +40,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import _common
@@ -294,11 +297,13 @@ def report(runs: list[Config], args: argparse.Namespace) -> None:
             ratio = f"{over_adam[(method, batch)]:.2f}x Adam" if (method, batch) in over_adam else "(not timed)"
             lr = f"lr {result.config.lr:g}" if result.config.lr is not None else "defaults"
             print(f"  batch {batch:>6} {method:<14} {result.accuracy[-1]:6.2f}%  {lr:<10} {ratio}")
-    write_csv(results, best, over_adam, outdir / "large_batch.csv")
+    finished = {result.config.name for result in results}
+    without_result = [config for config in runs if config.name not in finished]
+    write_csv(results, best, over_adam, outdir / "large_batch.csv", without_result, outdir)
     if best:
         write_figure(best, outdir / "large_batch.png")
     if len(args.seeds) > 1:
-        report_seeds(results, outdir)
+        report_seeds(results, runs, outdir)
 
 
 @dataclass
@@ -309,6 +314,8 @@ class SeedSummary:
     batch: int
     seeds: list[int]
     accuracies: np.ndarray  # final accuracy (%), one per seed
+    # seeds whose run left no evaluation (diverged, failed or not run): left out of the mean, and said so
+    without_result: list[int] = field(default_factory=list)
 
     @property
     def spread(self) -> float:
@@ -316,48 +323,65 @@ class SeedSummary:
         return float(np.std(self.accuracies, ddof=1)) if len(self.accuracies) > 1 else float("nan")
 
 
-def seed_summaries(results: list[Result]) -> list[SeedSummary]:
-    """The runs grouped by configuration (the name without its seed), in the study's order."""
+def seed_summaries(results: list[Result], runs: list[Config] | None = None) -> list[SeedSummary]:
+    """The runs grouped by configuration (the name without its seed), in the study's order.
+
+    A seed of ``runs`` with no result (its run diverged, failed or was not run) is listed in
+    ``without_result`` of its configuration instead of silently dropped.
+    """
     groups: dict[str, list[Result]] = {}
+    planned: dict[str, list[Config]] = {}
+    for config in runs or [result.config for result in results]:
+        groups.setdefault(config.setting, [])
+        planned.setdefault(config.setting, []).append(config)
     for result in results:
         groups.setdefault(result.config.setting, []).append(result)
-    return [
-        SeedSummary(
-            setting,
-            group[0].config.batch,
-            [result.config.seed for result in group],
-            np.array([float(result.accuracy[-1]) for result in group]),
+    summaries = []
+    for setting, group in groups.items():
+        finished = {result.config.seed for result in group}
+        batch = group[0].config.batch if group else planned[setting][0].batch
+        summaries.append(
+            SeedSummary(
+                setting,
+                batch,
+                [result.config.seed for result in group],
+                np.array([float(result.accuracy[-1]) for result in group]),
+                [config.seed for config in planned.get(setting, []) if config.seed not in finished],
+            )
         )
-        for setting, group in groups.items()
-    ]
+    return summaries
 
 
-def report_seeds(results: list[Result], outdir: Path) -> None:
-    summaries = seed_summaries(results)
-    header = f"{'configuration':<24}{'seeds':>8}{'mean%':>8}{'std':>7}{'lowest%':>9}{'highest%':>10}"
+def _statistics(summary: SeedSummary) -> tuple[str, str, str, str]:
+    """Mean, std, lowest and highest final accuracy as text; empty where no seed finished."""
+    acc = summary.accuracies
+    if len(acc) == 0:
+        return "", "", "", ""
+    return f"{acc.mean():.2f}", f"{summary.spread:.2f}", f"{acc.min():.2f}", f"{acc.max():.2f}"
+
+
+def report_seeds(results: list[Result], runs: list[Config], outdir: Path) -> None:
+    summaries = seed_summaries(results, runs)
+    header = f"{'configuration':<24}{'seeds':>8}{'mean%':>8}{'std':>7}{'lowest%':>9}{'highest%':>10}  no result"
     print(f"\nfinal accuracy over the seeds:\n{header}\n{'-' * len(header)}")
     for summary in summaries:
-        acc = summary.accuracies
-        print(
-            f"{summary.setting:<24}{len(acc):>8}{acc.mean():>8.2f}{summary.spread:>7.2f}"
-            f"{acc.min():>9.2f}{acc.max():>10.2f}"
-        )
+        mean, std, lowest, highest = _statistics(summary)
+        missing = " ".join(f"s{seed}" for seed in summary.without_result)
+        print(f"{summary.setting:<24}{len(summary.accuracies):>8}{mean:>8}{std:>7}{lowest:>9}{highest:>10}  {missing}")
     path = outdir / "large_batch_seeds.csv"
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["configuration", "batch", "seeds", "final_accuracy", "mean", "std", "lowest", "highest"])
+        columns = ["configuration", "batch", "seeds", "final_accuracy", "mean", "std", "lowest", "highest"]
+        writer.writerow([*columns, "seeds_without_result"])
         for summary in summaries:
-            acc = summary.accuracies
             writer.writerow(
                 [
                     summary.setting,
                     summary.batch,
                     " ".join(str(seed) for seed in summary.seeds),
-                    " ".join(f"{value:.2f}" for value in acc),
-                    f"{acc.mean():.2f}",
-                    f"{summary.spread:.2f}",
-                    f"{acc.min():.2f}",
-                    f"{acc.max():.2f}",
+                    " ".join(f"{value:.2f}" for value in summary.accuracies),
+                    *_statistics(summary),
+                    " ".join(str(seed) for seed in summary.without_result),
                 ]
             )
     print(f"wrote {path}")
@@ -365,7 +389,7 @@ def report_seeds(results: list[Result], outdir: Path) -> None:
 
 
 def write_seed_figure(summaries: list[SeedSummary], path: Path) -> None:
-    """Every seed's final accuracy (dots) and their mean (a bar), one panel per batch size."""
+    """Every seed's final accuracy (dots), their mean (a bar) and the seeds with no result (×, at the bottom)."""
     plt = _common.pyplot(path)
     if plt is None:
         return
@@ -378,7 +402,8 @@ def write_seed_figure(summaries: list[SeedSummary], path: Path) -> None:
         shown = sorted((summary for summary in summaries if summary.batch == batch), key=lambda item: item.setting)
         for x, summary in enumerate(shown):
             acc, color = summary.accuracies, colors[summary.setting.split(".b")[0]]
-            ax.hlines(acc.mean(), x - 0.3, x + 0.3, color=color, linewidth=2)
+            if len(acc):
+                ax.hlines(acc.mean(), x - 0.3, x + 0.3, color=color, linewidth=2)
             ax.plot(np.full(len(acc), x), acc, "o", color=color, markersize=5)
             labels: dict[float, list[str]] = {}  # seeds that ended at the same accuracy share one label
             for seed, value in zip(summary.seeds, acc, strict=True):
@@ -394,10 +419,27 @@ def write_seed_figure(summaries: list[SeedSummary], path: Path) -> None:
                     fontsize=7,
                     ha="left" if right else "right",
                 )
+        # a seed with no result is a named cross in a strip below the lowest result, so the mean's gap shows
+        missing = any(summary.without_result for summary in shown)
+        if missing:
+            low, high = ax.get_ylim()
+            strip = 0.15 * (high - low)
+            ax.set_ylim(low - strip, high)
+            for x, summary in enumerate(shown):
+                for seed in summary.without_result:
+                    ax.plot(x, low - 0.6 * strip, "x", color="k", markersize=7)
+                    ax.annotate(
+                        f"s{seed}: no result",
+                        (x, low - 0.6 * strip),
+                        xytext=(6, -3),
+                        textcoords="offset points",
+                        fontsize=7,
+                    )
         ax.set_xticks(range(len(shown)))
         ax.set_xticklabels([summary.setting.replace(f".b{batch}", "") for summary in shown], rotation=20, fontsize=8)
         ax.set_ylabel("final validation accuracy (%)")
-        ax.set_title(f"batch {batch}: final accuracy of every seed (bar: mean)")
+        what = "\n(bar: mean of the seeds with a result; ×: no result)" if missing else " (bar: mean)"
+        ax.set_title(f"batch {batch}: final accuracy of every seed{what}")
         ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -410,8 +452,14 @@ def write_csv(
     best: dict[tuple[str, int], Result],
     over_adam: dict[tuple[str, int], float],
     path: Path,
+    without_result: Sequence[Config] = (),
+    outdir: Path | None = None,
 ) -> None:
-    """One row per run; ``step_time_over_adam`` is the method's, from :func:`time_steps` (NaN if not timed)."""
+    """One row per run; ``step_time_over_adam`` is the method's, from :func:`time_steps` (NaN if not timed).
+
+    A run of ``without_result`` (no evaluation: it diverged, failed or did not run) gets a row with
+    its status and empty figures, so that the table shows it.
+    """
     columns = ["run", "method", "batch", "lr", "seed", "final_accuracy", "best_accuracy", "steps", "wall_s"]
     columns += ["seconds_per_step", "step_time_over_adam", "best_lr_of_method", "traffic_n", "status"]
     with path.open("w", newline="") as handle:
@@ -439,6 +487,11 @@ def write_csv(
                     result.run.status,
                 ]
             )
+        for config in without_result:
+            log = (outdir or path.parent) / f"{config.name}.h5"
+            status = load_run(log).status if log.exists() else "no log"
+            lr = "" if config.lr is None else f"{config.lr:g}"
+            writer.writerow([config.name, config.method, config.batch, lr, config.seed, *[""] * 8, status])
     print(f"wrote {path}")
 
 
