@@ -521,9 +521,12 @@ def write_figure(best: dict[tuple[str, int], Result], path: Path) -> None:
             ax.set_ylim(bottom, 100)
             ax.grid(alpha=0.3)
             ax.set_title(f"batch {batch}: accuracy against {xlabel.split(' (')[0]}")
-        row[0].legend(fontsize=8, loc="lower right")
+        # beside the panels, not over them: inside, a legend hides the curves it names
+        row[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    if bottom > 0:
+        fig.suptitle(f"the axes start at {bottom:.1f} %: points below it are out of the frame", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     print(f"wrote {path}")
 
