@@ -53,7 +53,9 @@ def mnist_dir() -> Path:
     return path
 
 
-def run_hpcopt(args: list[str], *, ranks: int = 1, timeout: float = 120, cwd: Path | None = None):
+def run_hpcopt(
+    args: list[str], *, ranks: int = 1, timeout: float = 120, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run ``hpcopt`` (under ``mpiexec -n ranks python -m mpi4py`` when ranks > 1)."""
     python = [sys.executable, "-m", "mpi4py", "-m", "hpcopt", *args]
     command = [str(BIN / "mpiexec"), "-n", str(ranks), *python] if ranks > 1 else python
@@ -61,6 +63,12 @@ def run_hpcopt(args: list[str], *, ranks: int = 1, timeout: float = 120, cwd: Pa
     return subprocess.run(
         command, capture_output=True, text=True, timeout=timeout, cwd=cwd or REPO, env=env, check=False
     )
+
+
+def gradient(parameter: torch.Tensor) -> torch.Tensor:
+    """``parameter.grad``, which a backward pass has set."""
+    assert parameter.grad is not None
+    return parameter.grad
 
 
 def logged_rows(path: Path) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -28,7 +29,13 @@ def test_the_first_burn_in_step_moves_each_coordinate_by_lr_times_the_sign_of_it
     script = benchmark_script("neumann_rms")
     inputs, targets = torch.randn(32, 6, generator=torch.Generator().manual_seed(1)), torch.arange(32) % 3
     lr = 0.05
-    options = {"lr": lr, "epoch_steps": 4, "warmup_epochs": 1, "reset_epochs": 2, "beta_rule": "relative"}
+    options: dict[str, Any] = {
+        "lr": lr,
+        "epoch_steps": 4,
+        "warmup_epochs": 1,
+        "reset_epochs": 2,
+        "beta_rule": "relative",
+    }
 
     model = _model()
     before = torch.cat([p.detach().flatten() for p in model.parameters()])

@@ -11,13 +11,13 @@ class LegacyTanh(torch.autograd.Function):
     by autograd, but torch.func transforms refuse it (no setup_context)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[no-untyped-def,override]
+    def forward(ctx, x: Tensor) -> Tensor:
         y = torch.tanh(x)
         ctx.save_for_backward(y)
         return y
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[no-untyped-def,override]
+    def backward(ctx, grad: Tensor) -> Tensor:
         (y,) = ctx.saved_tensors
         return grad * (1 - y * y)
 
@@ -26,7 +26,7 @@ class FusedTanh(LegacyTanh):
     """tanh as a fused kernel whose backward cannot itself be differentiated (no double backward)."""
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[no-untyped-def,override]
+    def backward(ctx, grad: Tensor) -> Tensor:
         if torch.is_grad_enabled():  # create_graph=True: a second derivative was asked for
             raise RuntimeError("the double backward of this kernel is not implemented")
         return LegacyTanh.backward(ctx, grad)

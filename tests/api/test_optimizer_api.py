@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 import torch
@@ -129,7 +130,7 @@ def test_hpcopt_train_counts_neumanns_epochs_in_the_datas() -> None:
 # -- restart bit for bit --------------------------------------------------------------
 
 
-def _options(name: str) -> dict[str, object]:
+def _options(name: str) -> dict[str, Any]:
     # Small solves keep the test fast; APTS-IP at 4 ranks cuts the 4 layers into 4 stages.
     # Neumann: burn-in 2 steps, resets at steps 2, 4, 8: its own update runs from step 3.
     neumann = {"epoch_steps": 2, "warmup_epochs": 1, "reset_epochs": 1}
@@ -179,7 +180,7 @@ def test_state_dict_restarts_bit_for_bit(name: str, dropout: float) -> None:
     ("name", "options"),
     [(name, _options(name)) for name in sorted(OPTIMIZERS)] + [("apts-ip", {"replicas": 2})],
 )
-def test_every_optimizer_steps_from_the_global_batch_loss(name: str, options: dict[str, object]) -> None:
+def test_every_optimizer_steps_from_the_global_batch_loss(name: str, options: dict[str, Any]) -> None:
     comm = Communicator()
     if comm.size % int(str(options.get("replicas", 1))):
         pytest.skip(f"{options} needs a rank count it divides")
@@ -211,7 +212,7 @@ def test_every_optimizer_steps_from_the_global_batch_loss(name: str, options: di
         ("neumann", {}, "neumann: epoch_steps is not set: give the steps of one epoch of your data"),
     ],
 )
-def test_bad_name_or_option_fails_at_construction(name: str, options: dict[str, object], message: str) -> None:
+def test_bad_name_or_option_fails_at_construction(name: str, options: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         hpcopt.optimizer(name, _mlp(), _logistic_loss, comm=Communicator(), **options)
 

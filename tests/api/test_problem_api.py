@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Generator, Iterator
 
 import pytest
 import torch
@@ -46,7 +47,7 @@ class Pairs(Dataset[tuple[Tensor, Tensor]]):
 
 
 class Stream(IterableDataset[tuple[Tensor, Tensor]]):
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         yield X[0], Y[0]
 
 
@@ -159,6 +160,7 @@ def test_a_reader_thread_reads_ahead_in_order_raises_where_it_failed_and_ends() 
     assert data.threads == {"hpcopt-read-ahead"}  # not this thread, no process
     # A run that stops mid-epoch closes the generator: the thread ends with it.
     reading = rows.batches(epoch, read_ahead=1)
+    assert isinstance(reading, Generator)
     next(reading)
     reading.close()
     assert not any(t.name == "hpcopt-read-ahead" for t in threading.enumerate())
@@ -256,6 +258,8 @@ class LegacyNet(FusedNet):
 
 
 class Frozen(nn.Module):
+    scale: Tensor  # the buffer registered in __init__
+
     def __init__(self) -> None:
         super().__init__()
         self.register_buffer("scale", torch.ones(3))

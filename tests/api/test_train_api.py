@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TypedDict
 
 import h5py
 import pytest
@@ -33,7 +35,26 @@ from tests.conftest import mnist_dir
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_thread")]
 
 ROWS, DIM, BATCH = 480, 12, 96
-QUIET = {"quiet": True, "eval_every": 1}
+
+
+class Quiet(TypedDict):
+    """The options of ``QUIET``: no progress line, an evaluation every epoch."""
+
+    quiet: bool
+    eval_every: int
+
+
+class Run(Quiet, total=False):
+    """Options of ``hpcopt.train`` that the tests pass as ``**run``."""
+
+    optimizer: str
+    epochs: int
+    batch_size: int
+    seed: int
+    options: Mapping[str, object]
+
+
+QUIET: Quiet = {"quiet": True, "eval_every": 1}
 
 
 def blobs(rows: int = ROWS, seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
@@ -60,6 +81,8 @@ class RecordingRows(Dataset[tuple[Tensor, Tensor]]):
 
 class Residual(nn.Module):
     """Not a Sequential: a skip connection, a buffer and a parameter shared by two uses."""
+
+    shift: Tensor  # the buffer registered in __init__
 
     def __init__(self) -> None:
         super().__init__()
@@ -91,10 +114,9 @@ def test_own_problem_on_mnist_tensors_matches_the_built_in_problem_bit_for_bit()
         val=(builtin.val.inputs[:400], builtin.val.targets[:400]),
         metric="accuracy",
     )
-    run = {"optimizer": "apts-d", "epochs": 1, "batch_size": 200, "seed": 3, "options": {"radius": 0.5}, **QUIET}
-    reference = hpcopt.train(
-        "mnist", data_dir=data_dir, **{**run, "options": {"radius": 0.5, "problem.limit": 800}}, max_steps=3
-    )
+    run: Run = {"optimizer": "apts-d", "epochs": 1, "batch_size": 200, "seed": 3, "options": {"radius": 0.5}, **QUIET}
+    by_name: Run = {**run, "options": {"radius": 0.5, "problem.limit": 800}}
+    reference = hpcopt.train("mnist", data_dir=data_dir, **by_name, max_steps=3)
     result = hpcopt.train(own, max_steps=3, **run)
     assert result.steps == reference.steps == 3
     assert result.losses == reference.losses  # bit for bit
@@ -113,7 +135,7 @@ def test_non_sequential_float64_model_gives_the_single_process_result(optimizer:
         return hpcopt.problem(lambda: Residual().double(), F.cross_entropy, train, val, metric="accuracy")
 
     options = {"lr": 0.02} if optimizer == "adam" else {}
-    run = {"optimizer": optimizer, "epochs": 2, "batch_size": BATCH, "seed": 1, "options": options, **QUIET}
+    run: Run = {"optimizer": optimizer, "epochs": 2, "batch_size": BATCH, "seed": 1, "options": options, **QUIET}
     distributed = hpcopt.train(make(), **run)
     alone = hpcopt.train(make(), comm=_alone(), **run)
     assert distributed.parameters.dtype == torch.float64 and distributed.steps == 10
@@ -141,7 +163,10 @@ def test_batch_norm_and_dropout_train_and_evaluate_in_eval_mode() -> None:
     assert first.losses[-1] < first.losses[0]
     model = second.model
     assert model is not None and model.training  # evaluation left the module in training mode
-    running = model[1].running_mean.clone()
+    assert isinstance(model, nn.Sequential)
+    norm = model[1]
+    assert isinstance(norm, nn.BatchNorm1d) and norm.running_mean is not None
+    running = norm.running_mean.clone()
     # Each rank's running statistics come from its own shards, and each rank evaluates its
     # slice of the validation set with them: the sums of those slices, in eval mode.
     comm = Communicator()
@@ -152,7 +177,7 @@ def test_batch_norm_and_dropout_train_and_evaluate_in_eval_mode() -> None:
         loss_sum = float(F.cross_entropy(outputs, val[1][part], reduction="sum"))
         correct = float((outputs.argmax(1) == val[1][part]).sum())
     loss_sum, correct = comm.allreduce_scalars([loss_sum, correct])
-    assert torch.equal(model[1].running_mean, running)
+    assert torch.equal(norm.running_mean, running)
     assert second.metrics["val_loss"] == pytest.approx(loss_sum / 160, rel=1e-5)
     assert second.metrics["val_accuracy"] == pytest.approx(correct / 160, abs=1e-12)
 
@@ -177,7 +202,7 @@ def test_regression_with_float_targets_and_a_custom_metric() -> None:
         (inputs[:200], targets[:200]),
         metric=mean_abs_error,
     )
-    run = {"optimizer": "hf", "epochs": 3, "batch_size": 240, **QUIET}
+    run: Run = {"optimizer": "hf", "epochs": 3, "batch_size": 240, **QUIET}
     distributed = hpcopt.train(problem, **run)
     alone = hpcopt.train(problem, comm=_alone(), **run)
     torch.testing.assert_close(distributed.parameters, alone.parameters, rtol=1e-9, atol=1e-10)
@@ -198,7 +223,7 @@ def test_a_dataset_gives_the_losses_of_tensors_and_each_rank_reads_only_its_rows
     def problem(train_data: object, val_data: object) -> hpcopt.Problem:
         return hpcopt.problem(lambda: nn.Linear(DIM, 3), F.cross_entropy, train_data, val_data, metric="accuracy")
 
-    run = {"optimizer": "apts-d", "epochs": 2, "batch_size": BATCH, "seed": 2, **QUIET}
+    run: Run = {"optimizer": "apts-d", "epochs": 2, "batch_size": BATCH, "seed": 2, **QUIET}
     from_tensors = hpcopt.train(problem(train, val), **run)
     streamed = problem(train_rows, val_rows)
     train_rows.read.clear()  # making the problem read a few rows to check their shapes
@@ -320,7 +345,7 @@ def test_a_dataset_run_resumes_mid_epoch_as_if_never_stopped(tmp_path: Path) -> 
     def problem() -> hpcopt.Problem:
         return hpcopt.problem(lambda: nn.Linear(DIM, 3), F.cross_entropy, RecordingRows(*train), RecordingRows(*val))
 
-    run = {"optimizer": "apts-d", "epochs": 2, "batch_size": BATCH, **QUIET}
+    run: Run = {"optimizer": "apts-d", "epochs": 2, "batch_size": BATCH, **QUIET}
     whole = hpcopt.train(problem(), **run)
     checkpoint = folder / "run.ckpt"
     first = hpcopt.train(problem(), max_steps=3, checkpoint=str(checkpoint), checkpoint_every=3, **run)

@@ -8,6 +8,7 @@ traceback.
 from __future__ import annotations
 
 import gzip
+import subprocess
 from pathlib import Path
 
 import h5py
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.timeout(180)
 FAST = ["--problem", "logistic", "--epochs", "2", "--set", "problem.n=200"]
 
 
-def _assert_clean_failure(result, message: str, ranks: int = 2) -> None:  # type: ignore[no-untyped-def]
+def _assert_clean_failure(result: subprocess.CompletedProcess[str], message: str, ranks: int = 2) -> None:
     assert result.returncode != 0, result.stdout + result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("hpcopt: error:")]

@@ -7,6 +7,8 @@ Under ``mpiexec -n P`` each rank runs the distributed job, then repeats it alone
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from mpi4py import MPI
@@ -46,7 +48,7 @@ def test_contiguous_slices_cover_the_rows_once() -> None:
         assert rows == list(range(10))
 
 
-def _run(optimizer: str, options: dict, comm: Communicator, **train_options: object):
+def _run(optimizer: str, options: dict, comm: Communicator, **train_options: Any):
     cfg = TrainConfig(
         problem="logistic", optimizer=optimizer, epochs=3, batch_size=96, quiet=True, seed=5, **train_options
     )

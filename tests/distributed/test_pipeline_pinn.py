@@ -20,7 +20,10 @@ from hpcopt.numerics.jets import apply_to_jet, input_jet, scalar_jet
 from hpcopt.optimizers import APTSIP, make_config
 from hpcopt.problems import make_problem
 from hpcopt.problems.base import Dataset, JetProblem, Net, Problem
+from hpcopt.problems.pinn.allen_cahn import AllenCahnProblem, AllenCahnTimeProblem
+from hpcopt.problems.pinn.poisson import PoissonProblem
 from hpcopt.problems.synthetic import QuadraticProblem
+from tests.conftest import gradient
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_thread")]
 
@@ -50,7 +53,9 @@ def _stages() -> tuple[nn.Sequential, nn.Sequential]:
     net = nn.Sequential(
         nn.Linear(3, 7), nn.Tanh(), nn.Linear(7, 6), nn.Tanh(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 1)
     ).double()
-    return net[:2], net[2:]
+    first, second = net[:2], net[2:]
+    assert isinstance(first, nn.Sequential) and isinstance(second, nn.Sequential)
+    return first, second
 
 
 def test_jet_of_the_identity_is_the_points_and_the_unit_vectors() -> None:
@@ -70,7 +75,11 @@ def test_jet_of_a_stage_equals_autograd_derivatives_in_float64() -> None:
     inner = apply_to_jet(first_stage, input_jet(points))
     assert inner.shape == (6, 7, 7) and inner[:, 4:].abs().max() > 1e-3
     for unit in range(7):
-        value, first, second = _derivatives(lambda x, unit=unit: first_stage(x)[:, unit : unit + 1], points)
+
+        def column(x: Tensor, unit: int = unit) -> Tensor:
+            return first_stage(x)[:, unit : unit + 1]
+
+        value, first, second = _derivatives(column, points)
         assert torch.allclose(inner[:, 0, unit], value, rtol=1e-12, atol=1e-13)
         assert torch.allclose(inner[:, 1:4, unit], first, rtol=1e-12, atol=1e-13)
         assert torch.allclose(inner[:, 4:, unit], second, rtol=1e-12, atol=1e-13)
@@ -115,6 +124,7 @@ def _reference(problem: Problem, batch: Dataset) -> tuple[float, nn.Sequential]:
     model = problem.build_model()
     loss = problem.criterion(problem.forward(model, batch.inputs), batch.targets)
     loss.backward()
+    assert isinstance(model, nn.Sequential)
     return float(loss), model
 
 
@@ -142,9 +152,11 @@ def test_pipelined_pinn_loss_and_gradient_equal_the_single_process_problem(name:
     loss_part, grad = optimizer.objective.value_and_grad()
     assert comm.allreduce_scalars([loss_part])[0] == pytest.approx(loss, rel=1e-5)
     start, end = pipeline.bounds[comm.rank], pipeline.bounds[comm.rank + 1]
-    expected = torch.cat([p.grad.flatten() for p in reference[start:end].parameters()])
+    expected = torch.cat([gradient(p).flatten() for p in reference[start:end].parameters()])
     assert torch.allclose(grad, expected, rtol=1e-4, atol=1e-6)
     # Every stage's cached input is a jet, 1 + 2d rows per point, not an activation.
+    assert pipeline.stage_inputs is not None
+    assert isinstance(problem, (PoissonProblem, AllenCahnProblem, AllenCahnTimeProblem))
     assert pipeline.stage_inputs.shape[:2] == (len(batch), 1 + 2 * problem.dim)
     # The trial value (value-only pass) is the same loss.
     assert optimizer.objective.value() == pytest.approx(loss, rel=1e-5)

@@ -11,6 +11,7 @@ from hpcopt.comm import Communicator
 from hpcopt.distributed.sharding import GlobalBatches
 from hpcopt.errors import ConfigError
 from hpcopt.problems import make_problem
+from hpcopt.problems.pinn.poisson import PoissonProblem
 from hpcopt.training.trainer import TrainConfig, train
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_thread")]
@@ -70,5 +71,6 @@ def test_unknown_shard_is_a_clear_error() -> None:
 
 def test_the_spatial_key_is_the_first_coordinate_of_the_collocation_points() -> None:
     problem = make_problem("poisson2d", data_dir=None, seed=0, options={"interior": 32, "boundary": 16})
+    assert isinstance(problem, PoissonProblem)
     points = problem.jet_points(problem.train.inputs)
     assert points.shape[1] == 2 and torch.equal(points[:, 0], problem.train.inputs[:, 0])

@@ -128,7 +128,7 @@ def test_a_malformed_fault_is_a_one_line_config_error_on_first_use(monkeypatch: 
         monkeypatch.setenv(faults.ENV, "where=trial,kind=nan")
         faults.reset()
         assert faults.inject("gradient", 0, 1, 1.0) == 1.0
-        assert math.isnan(faults.inject("trial", 0, 1, 1.0))  # type: ignore[arg-type]
+        assert math.isnan(faults.inject("trial", 0, 1, 1.0))
     finally:
         faults.reset()  # read again, after monkeypatch restores the environment
 

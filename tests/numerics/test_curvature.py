@@ -18,12 +18,15 @@ from torch import Tensor, nn
 from hpcopt.errors import ConfigError
 from hpcopt.numerics.curvature import (
     DEFAULT_HESSIAN,
+    Criterion,
     CurvatureKind,
     CurvatureOperator,
     LocalObjective,
+    _ForwardOverReverseHVP,
     parse_curvature,
 )
 from hpcopt.numerics.flat import FlatParameters
+from tests.conftest import gradient
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 
@@ -65,6 +68,7 @@ def make_objective(
 ) -> tuple[nn.Module, FlatParameters, LocalObjective]:
     """A model, its flat parameters and its objective on fixed random data."""
     torch.manual_seed(seed)
+    criterion: Criterion
     if name == "mlp":
         model, inputs = mlp_classifier(dtype), torch.randn(16, 6, dtype=dtype)
         targets, criterion = torch.randint(0, 4, (16,)), nn.functional.cross_entropy
@@ -310,10 +314,11 @@ def test_value_and_grad_matches_autograd_and_writes_flat_grad(name: str) -> None
     for p in reference.parameters():
         p.data = p.data.clone()
         p.grad = None
+    loss_ref: Tensor | float  # the loss, then its value
     loss_ref = objective.criterion(reference(objective.inputs), objective.targets)
     loss_ref.backward()
     loss_ref = float(loss_ref.detach())
-    grad_ref = torch.cat([p.grad.reshape(-1) for p in reference.parameters()])
+    grad_ref = torch.cat([gradient(p).reshape(-1) for p in reference.parameters()])
     for _ in range(2):  # twice: the gradient is zeroed first, not accumulated
         loss, grad = objective.value_and_grad()
         assert grad is flat.grad
@@ -349,7 +354,7 @@ def test_value_at_given_theta_leaves_parameters_alone() -> None:
 # -- batch norm, dropout, input derivatives ------------------------------------------
 
 
-def bn_dropout_objective(dropout: float) -> tuple[nn.Module, FlatParameters, LocalObjective]:
+def bn_dropout_objective(dropout: float) -> tuple[nn.Sequential, FlatParameters, LocalObjective]:
     torch.manual_seed(7)
     model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(dropout), nn.Linear(8, 3)).double()
     flat = FlatParameters(model)
@@ -361,6 +366,7 @@ def bn_dropout_objective(dropout: float) -> tuple[nn.Module, FlatParameters, Loc
 def test_batch_norm_running_stats_updated_once_by_gradient_pass_only(kind: CurvatureKind) -> None:
     model, flat, objective = bn_dropout_objective(0.0)
     bn = model[1]
+    assert isinstance(bn, nn.BatchNorm1d) and bn.running_mean is not None and bn.num_batches_tracked is not None
     objective.value()
     operator = objective.curvature(kind)
     operator(torch.randn(flat.numel, dtype=torch.float64))
@@ -394,6 +400,7 @@ def test_dropout_mask_is_fixed_per_operator(kind: CurvatureKind) -> None:
     # Forward mode re-runs the model per product: replaying the operator's RNG must
     # reproduce the gradient it returned, i.e. the products see the gradient's mask.
     if kind is CurvatureKind.HVP_FORWARD:
+        assert isinstance(operator, _ForwardOverReverseHVP)
         with operator._rng():
             replayed = torch.func.grad(operator._loss_fn)(flat.clone(), objective.targets)
         torch.testing.assert_close(replayed, grad, rtol=1e-12, atol=1e-14)

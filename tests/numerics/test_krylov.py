@@ -125,7 +125,7 @@ def test_steihaug_interior_equals_newton_step() -> None:
     result = steihaug_cg(
         _matvec(a, counter),
         torch.from_numpy(g),
-        10 * np.linalg.norm(newton),
+        float(10 * np.linalg.norm(newton)),
         dot=dot,
         rtol=1e-12,
         max_iter=3 * N,
@@ -144,7 +144,7 @@ def test_steihaug_leaving_ball_stops_on_boundary() -> None:
     a = _spd(N, seed=8)
     g = np.random.default_rng(9).standard_normal(N)
     radius = 0.3 * np.linalg.norm(np.linalg.solve(a, -g))
-    result = steihaug_cg(_matvec(a), torch.from_numpy(g), radius)
+    result = steihaug_cg(_matvec(a), torch.from_numpy(g), float(radius))
     step = result.step.numpy()
     assert result.exit is SteihaugExit.BOUNDARY
     assert np.linalg.norm(step) == pytest.approx(radius, rel=1e-6)
@@ -189,6 +189,7 @@ def test_steihaug_negative_curvature_later_picks_lower_root() -> None:
     assert np.linalg.norm(step) == pytest.approx(radius, rel=1e-6)
     assert result.pred > 0
     assert result.pred == pytest.approx(_model_decrease(a, g, step), rel=1e-9)
+    assert result.negative_curvature_direction is not None
     direction = result.negative_curvature_direction.numpy()
     assert direction @ a @ direction <= 0
     # The other point where the line through the step along d meets the sphere

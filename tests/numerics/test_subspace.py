@@ -151,7 +151,9 @@ def test_dependent_directions_are_dropped_and_memory_is_the_last_steps() -> None
         solver.update(torch.full((6,), float(k + 1), dtype=torch.float64), g)
     restored = SubspaceSolver(steps=2)
     restored.load_state_dict(solver.state_dict())
-    assert [float(v[0]) for v in restored.state_dict()["steps"]] == [2.0, 3.0]  # type: ignore[union-attr]
+    steps = restored.state_dict()["steps"]
+    assert isinstance(steps, list)
+    assert [float(v[0]) for v in steps] == [2.0, 3.0]
     torch.testing.assert_close(restored.solve(g, 0.3, lambda v: b @ v).step, solver.solve(g, 0.3, lambda v: b @ v).step)
 
 

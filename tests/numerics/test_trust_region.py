@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+from typing import TypedDict, Unpack
 
 import numpy as np
 import pytest
@@ -538,12 +539,20 @@ def test_loop_evaluates_the_last_trial_for_its_value_alone_unless_the_solver_lea
     assert result.history == []
 
 
+class _Start(TypedDict):
+    """The start of the loop: ``trust_region_loop``'s ``x0``, ``value0`` and ``max_iter``."""
+
+    x0: torch.Tensor
+    value0: float
+    max_iter: int
+
+
 @pytest.mark.timeout(60)
 def test_loop_stops_when_the_ball_is_full_or_the_model_is_stationary() -> None:
     calls = {"value": 0, "value_and_grad": 0}
     model, value0, grad0 = _local_model(6, 10, calls)
     zero = torch.zeros(6, dtype=torch.float64)
-    common = {"x0": zero, "value0": value0, "max_iter": 5}
+    common: _Start = {"x0": zero, "value0": value0, "max_iter": 5}
     # A Cauchy step lies on the boundary: the first accepted one leaves no room.
     full = trust_region_loop(model, CauchySolver(), RadiusPolicy(), grad0=grad0, radius=0.05, ball=0.05, **common)
     assert (full.accepted, full.rejected) == (1, 0)
@@ -614,8 +623,21 @@ def _scripted_model(spoiled: set[int]) -> tuple[TrustRegionModel, float, torch.T
     return model, value0, grad0, evaluations
 
 
+class _Flags(TypedDict, total=False):
+    """The flags of ``trust_region_loop`` that the scripted runs set."""
+
+    record: bool
+    stop_when_settled: bool
+
+
 def _run_scripted(
-    model: TrustRegionModel, value0: float, grad0: torch.Tensor, *, products: int, radius: float, **options: bool
+    model: TrustRegionModel,
+    value0: float,
+    grad0: torch.Tensor,
+    *,
+    products: int,
+    radius: float,
+    **options: Unpack[_Flags],
 ) -> LoopResult:
     """The scripted quadratic's loop: Steihaug, the local rules, five iterations in a ball of 100."""
     return trust_region_loop(

@@ -7,6 +7,7 @@ rank the same tests check the P = 1 case.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from hpcopt.distributed.data_parallel import DistributedObjective
 from hpcopt.numerics.flat import FlatParameters
 from hpcopt.optimizers import APTSD, APTSDConfig, make_config
 from hpcopt.problems import make_problem
+from hpcopt.problems.synthetic import LogisticProblem, QuadraticProblem
 from hpcopt.training.trainer import TrainConfig, train
 from tests.conftest import benchmark_script
 from tests.optimizers.apts_support import outer_start
@@ -135,7 +137,7 @@ def test_singular_or_indefinite_local_model_never_crashes(local_solver: str) -> 
     ],
     ids=["defaults", "local-stop-settled", "local-fraction"],
 )
-def test_every_decision_and_radius_is_identical_on_every_rank(options: dict[str, object]) -> None:
+def test_every_decision_and_radius_is_identical_on_every_rank(options: dict[str, Any]) -> None:
     # With local_stop=settled each rank's local phase may end after a different number of
     # iterations; the combination and the decision must still be the same everywhere.
     comm, _, flat, _, optimizer = _setup("logistic", {"n": 400, "dim": 10}, radius=1.0, **options)
@@ -161,6 +163,7 @@ def test_apts_d_reaches_the_known_minimiser(
     problem_name: str, global_solver: str, metric: str, local_stop: str
 ) -> None:
     problem = make_problem(problem_name, options={"n": 400, "dim": 5})
+    assert isinstance(problem, (QuadraticProblem, LogisticProblem))
     result = train(
         TrainConfig(problem=problem_name, epochs=60, quiet=True),
         {"radius": 1.0, "global_solver": global_solver, "metric": metric, "local_stop": local_stop},
@@ -176,7 +179,7 @@ def test_traffic_per_outer_iteration_is_packed() -> None:
     # Without the global pass: [g; f] and [s; pred] (2n+2 floats) and the trial value (1);
     # with one global pass the trial gradient rides with the trial value (3n+3) plus the
     # pass's trial value (1).
-    first_order = {"global_solver": "lsr1", "local_solver": "lsr1", "combine": "average"}
+    first_order: dict[str, Any] = {"global_solver": "lsr1", "local_solver": "lsr1", "combine": "average"}
     comm, _, flat, _, optimizer = _setup("logistic", {"n": 400, "dim": 10}, **first_order)
     n = flat.numel
     for passes, floats in ((0, 2 * n + 3), (1, 3 * n + 4)):
@@ -283,7 +286,7 @@ def test_nonmonotone_accepts_a_rise_below_the_window_maximum() -> None:
     # Replace the combined step by an uphill one of small predicted decrease.
     _, grad = objective.value_and_grad()
     uphill = grad.clone() * (0.05 / float(grad.norm()))
-    optimizer._combined_step = lambda *args: (uphill, 1e-3, float(uphill.norm()), float(uphill.norm()), {})  # type: ignore[method-assign]
+    optimizer._combined_step = lambda *args: (uphill, 1e-3, float(uphill.norm()), float(uphill.norm()), {})
     optimizer.config.global_passes = 0
     result = optimizer.step()
     assert float(result.extras["trial_loss"]) > loss  # the step raised f ...
@@ -386,7 +389,7 @@ def test_local_phases_on_a_local_fraction_see_only_its_rows(local_solver: str) -
     # of those rows alone (the global gradient and the decision see the whole batch).
     from hpcopt.distributed.curvature_batch import curvature_rows
 
-    options = dict(
+    options: dict[str, Any] = dict(
         radius=0.5, foc=False, combine="average", metric="euclidean", global_passes=0,
         local_solver=local_solver, curvature="hessian", local_iterations=3, curvature_fraction=1.0,
     )  # fmt: skip
@@ -480,7 +483,7 @@ def test_local_start_local_follows_the_mean_local_step_and_is_the_same_on_every_
         lengths.append(float(outcome[0].norm()))
         return outcome
 
-    optimizer._local_phase = recorded  # type: ignore[method-assign]
+    optimizer._local_phase = recorded
     for _ in range(8):
         before = optimizer.local_start
         result = optimizer.step()
@@ -565,7 +568,7 @@ def test_scaled_combination_is_the_minimiser_of_the_whole_batch_model_along_the_
         builds_at_theta_k.append(int(not bool(step_r.any())))
         return build(theta_k, step_r)
 
-    optimizer._local_matvec = counted  # type: ignore[method-assign]
+    optimizer._local_matvec = counted
     scale = optimizer._scaled_along
     seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, float]] = []
 
@@ -574,7 +577,7 @@ def test_scaled_combination_is_the_minimiser_of_the_whole_batch_model_along_the_
         seen.append((theta_k.clone(), mean.clone(), step.clone(), model_pred, optimizer.radius))
         return step, model_pred
 
-    optimizer._scaled_along = recorded  # type: ignore[method-assign]
+    optimizer._scaled_along = recorded
     rows = (len(problem.train) // comm.size) * comm.size
     design = torch.cat([problem.train.inputs[:rows], torch.ones(rows, 1)], 1).double()
     labels = problem.train.targets[:rows].double()
@@ -676,7 +679,7 @@ def test_deferred_trial_gradients_change_nothing_but_the_backward_count(
     # trial: the iterates are bit-identical to evaluating every gradient at once.
     from hpcopt.optimizers.apts import apts_d
 
-    options = dict(
+    options: dict[str, Any] = dict(
         global_passes=0,
         local_solver="steihaug",
         local_iterations=4,
@@ -700,14 +703,14 @@ def test_deferred_trial_gradients_change_nothing_but_the_backward_count(
             value, finish = finishing()
             return value, lambda: backward.__setitem__("count", backward["count"] + 1) or finish()
 
-        objective.local_value_then_grad = counted  # type: ignore[method-assign]
+        objective.local_value_then_grad = counted
         immediate = objective.local_value_and_grad
 
         def counted_now(immediate=immediate, backward=backward):
             backward["count"] += 1
             return immediate()
 
-        objective.local_value_and_grad = counted_now  # type: ignore[method-assign]
+        objective.local_value_and_grad = counted_now
         outcomes = [optimizer.step() for _ in range(4)]
         runs[deferred] = (flat.data.clone(), [(o.loss, o.accepted) for o in outcomes], backward["count"])
     assert torch.equal(runs[True][0], runs[False][0])
@@ -732,7 +735,7 @@ def test_cg_rtol_takes_the_local_solve_to_the_newton_step() -> None:
     # −H_r⁻¹ g_r (float64 reference from the dense local Hessian), which the shard's loss
     # accepts (it is that quadratic); the default forcing term (0.5 here, as ‖g_r‖ > 0.25)
     # stops the CG earlier, short of it.
-    options = dict(
+    options: dict[str, Any] = dict(
         foc=False, metric="euclidean", local_solver="steihaug", curvature="hessian", local_iterations=1,
         global_passes=0, radius=50.0, radius_max=100.0, max_cg_iterations=100, local_start="ball",
     )  # fmt: skip

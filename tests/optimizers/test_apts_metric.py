@@ -66,8 +66,8 @@ def test_a_first_order_model_steps_along_adams_direction_to_the_ellipsoids_edge(
 
 def test_the_scaled_curvature_is_a_half_b_a_half() -> None:
     rng = np.random.default_rng(2)
-    b = rng.standard_normal((6, 6))
-    b = torch.tensor(b @ b.T, dtype=torch.float64)
+    m = rng.standard_normal((6, 6))
+    b = torch.tensor(m @ m.T, dtype=torch.float64)
     metric = AdamMetric()
     metric.update(torch.tensor(rng.standard_normal(6), dtype=torch.float64))
     inverse_root = metric.inverse_root
@@ -136,9 +136,11 @@ def test_every_rank_decides_alike_with_the_ellipsoid(local_solver: str) -> None:
 @pytest.mark.mpi(min_size=1)
 def test_apts_d_with_the_ellipsoid_reaches_the_known_minimiser() -> None:
     from hpcopt.problems import make_problem
+    from hpcopt.problems.synthetic import QuadraticProblem
     from hpcopt.training.trainer import TrainConfig, train
 
     problem = make_problem("quadratic", options={"n": 400, "dim": 5})
+    assert isinstance(problem, QuadraticProblem)
     result = train(
         TrainConfig(problem="quadratic", epochs=60, quiet=True), {"radius": 1.0, "metric": "adam"}, {"n": 400, "dim": 5}
     )

@@ -22,6 +22,8 @@ from hpcopt.errors import ConfigError, NonFiniteError
 from hpcopt.numerics.krylov.martens import bicgstab, martens_cg
 from hpcopt.optimizers import HessianFree, make_config
 from hpcopt.problems import make_problem
+from hpcopt.problems.base import Net
+from hpcopt.problems.synthetic import QuadraticProblem
 from hpcopt.training.trainer import TrainConfig, train
 from tests.conftest import ObjectiveFactory
 
@@ -58,7 +60,7 @@ class _Saddle:
     while the Hessian diag(2, 4Q(3y² − C)) has the eigenvalue −2 there.
     """
 
-    def forward(self, net, inputs: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    def forward(self, net: Net, inputs: torch.Tensor) -> torch.Tensor:
         p = net(inputs)
         return torch.stack([p[:, 0], p[:, 1] ** 2], 1)
 
@@ -72,7 +74,7 @@ class _IndefiniteQuadratic:
     A = torch.tensor([3.0, 1.0, -1.0], dtype=torch.float64)
     b = torch.tensor([1.0, -1.0, 0.0], dtype=torch.float64)
 
-    def forward(self, net, inputs: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    def forward(self, net: Net, inputs: torch.Tensor) -> torch.Tensor:
         return net(inputs)
 
     def criterion(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -152,6 +154,7 @@ def test_exact_cg_step_lands_on_the_minimiser_of_a_convex_quadratic(hessian_free
         "quadratic", {"n": 400, "dim": 5}, damping=0.0, curvature_fraction=1.0, max_iterations=30, rtol=1e-7
     )
     problem, flat = optimizer.objective.problem, optimizer.flat
+    assert isinstance(problem, QuadraticProblem)
     result = optimizer.step()
     exact = problem.exact_minimizer()
     error = float((flat.data.double() - exact).norm() / exact.norm())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import pytest
 import torch
@@ -145,7 +146,7 @@ def test_rank_invariance_and_the_trainer_reports_w_minus_mu_m(monkeypatch: pytes
     entered = []
     original = Neumann.evaluation_parameters
 
-    def spy(self: Neumann):  # type: ignore[no-untyped-def]
+    def spy(self: Neumann) -> AbstractContextManager[None]:
         entered.append(self.mu * float(self.m.norm()))
         return original(self)
 

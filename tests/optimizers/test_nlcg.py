@@ -13,6 +13,7 @@ from hpcopt.comm import Communicator
 from hpcopt.errors import ConfigError, NonFiniteError
 from hpcopt.optimizers import NLCG, make_config
 from hpcopt.optimizers.nlcg import diagonal_bfgs_update
+from hpcopt.problems.base import Problem
 from hpcopt.training.trainer import TrainConfig, train
 from tests.conftest import ObjectiveFactory
 
@@ -27,18 +28,25 @@ def nlcg(objective_factory: ObjectiveFactory) -> Callable[..., NLCG]:
     return lambda **options: NLCG(objective_factory("quadratic", options=OPTIONS), make_config("nlcg", options))
 
 
-def _reference(problem, theta: torch.Tensor, steps: int, lr: float, beta_rule: str, beta_max: float):  # type: ignore[no-untyped-def]
+def _reference(
+    problem: Problem, theta: torch.Tensor, steps: int, lr: float, beta_rule: str, beta_max: float
+) -> tuple[torch.Tensor, list[float], list[float], torch.Tensor]:
     """§5 written out in float64 on the full least-squares problem, without the loss-average heuristic."""
     design = torch.cat([problem.train.inputs, torch.ones(len(problem.train), 1)], 1).double()
     targets = problem.train.targets.double()
     theta = theta.double().clone()
     h = torch.ones_like(theta)
-    prev_grad = prev_step = prev_z = prev_direction = None
+    prev_grad: torch.Tensor | None = None
+    prev_step: torch.Tensor | None = None
+    prev_z: torch.Tensor | None = None
+    prev_direction: torch.Tensor | None = None
     prev_rz = 0.0
-    betas, raw_betas = [], []
+    betas: list[float] = []
+    raw_betas: list[float] = []
     for _ in range(steps):
         grad = design.T @ (design @ theta - targets) / len(targets)
         if prev_grad is not None:
+            assert prev_step is not None  # set with prev_grad
             s, y = prev_step, grad - prev_grad
             ys, shs = float(y @ s), float(s @ (h * s))
             if ys > 1e-8 and shs > 1e-8:
@@ -50,6 +58,7 @@ def _reference(problem, theta: torch.Tensor, steps: int, lr: float, beta_rule: s
             raw = beta = 0.0
             direction = z
         else:
+            assert prev_z is not None  # set with prev_direction
             raw = rz / prev_rz if beta_rule == "fr" else (rz - float(r @ prev_z)) / prev_rz
             beta = min(max(raw, 0.0), beta_max)
             direction = z + beta * prev_direction

@@ -18,7 +18,8 @@ from hpcopt.errors import ConfigError, DataError
 from hpcopt.problems import PROBLEMS, Dataset, make_problem, models
 from hpcopt.problems.mnist.idx import read_idx, write_idx
 from hpcopt.problems.mnist.problem import MNIST_MEAN, MNIST_STD
-from hpcopt.problems.pinn.poisson import exact_solution
+from hpcopt.problems.pinn.poisson import PoissonProblem, exact_solution
+from hpcopt.problems.synthetic import LogisticProblem, QuadraticProblem
 
 
 def mnist_dir() -> Path:
@@ -43,7 +44,7 @@ def exact_net(points: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("compress", [False, True])
 @pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.int16, np.int32, np.float32, np.float64])
-def test_idx_round_trip(tmp_path: Path, compress: bool, dtype: type) -> None:
+def test_idx_round_trip(tmp_path: Path, compress: bool, dtype: type[np.generic]) -> None:
     array = (np.arange(2 * 3 * 5) - 7).reshape(2, 3, 5).astype(dtype)
     path = tmp_path / "a.idx"
     write_idx(path, array, compress=compress)
@@ -171,9 +172,12 @@ def test_mnist_eval_sums_add_over_slices_and_restore_mode(tmp_path: Path) -> Non
     problem = make_problem("mnist", data_dir=str(tmp_path))
     torch.manual_seed(0)
     net = problem.build_model("cnn")
+    assert isinstance(net, nn.Sequential)
+    norm = net[1]
+    assert isinstance(norm, nn.BatchNorm2d) and norm.running_mean is not None
     net.train()
     net[1].eval()  # a deliberately frozen batch norm must stay frozen
-    running_mean = net[1].running_mean.clone()
+    running_mean = norm.running_mean.clone()
     whole = problem.eval_sums(net, problem.val)
     parts = problem.eval_sums(net, problem.val.subset(slice(0, 4))) + problem.eval_sums(
         net, problem.val.subset(slice(4, 9))
@@ -181,7 +185,7 @@ def test_mnist_eval_sums_add_over_slices_and_restore_mode(tmp_path: Path) -> Non
     assert whole.dtype == torch.float64 and whole.shape == (3,) and whole[2] == 9
     torch.testing.assert_close(whole, parts)
     assert net.training and net[0].training and not net[1].training
-    torch.testing.assert_close(net[1].running_mean, running_mean)
+    torch.testing.assert_close(norm.running_mean, running_mean)
     metrics = problem.eval_metrics(whole)
     logits = problem.forward(net.eval(), problem.val.inputs)
     loss = problem.criterion(logits, problem.val.targets).item()
@@ -244,6 +248,7 @@ def test_build_model_is_seeded_and_rejects_unknown_names() -> None:
 @pytest.mark.parametrize("name", ["poisson1d", "poisson2d"])
 def test_poisson_exact_solution_has_zero_residual(name: str) -> None:
     problem = make_problem(name, seed=1)
+    assert isinstance(problem, PoissonProblem)
     dim = problem.dim
     inputs, targets = problem.train.inputs, problem.train.targets
     boundary = inputs[:, dim] == 1.0
@@ -272,8 +277,9 @@ def test_poisson_untrained_net_has_large_error_and_validation_grid() -> None:
     assert metrics["val_rel_l2_error"] > 0.1
 
 
-def _poisson_setup() -> tuple[object, nn.Module, dict[str, torch.Tensor], Dataset]:
+def _poisson_setup() -> tuple[PoissonProblem, nn.Module, dict[str, torch.Tensor], Dataset]:
     problem = make_problem("poisson2d", options={"interior": 12, "boundary": 4, "width": 8, "depth": 2})
+    assert isinstance(problem, PoissonProblem)
     torch.manual_seed(0)
     net = problem.build_model().double()
     params = {k: v.detach() for k, v in net.named_parameters()}
@@ -289,7 +295,9 @@ def test_poisson_forward_jvp_matches_finite_differences() -> None:
     def outputs(p: dict[str, torch.Tensor]) -> torch.Tensor:
         return problem.forward(lambda x: functional_call(net, p, (x,)), data.inputs)
 
-    _, tangent = torch.func.jvp(outputs, (params,), (direction,))
+    result = torch.func.jvp(outputs, (params,), (direction,))
+    assert len(result) == 2  # (outputs, tangent): no auxiliary output
+    _, tangent = result
     assert tangent.shape == (len(data),) and torch.isfinite(tangent).all()
     step = 1e-6
     plus = outputs({k: v + step * direction[k] for k, v in params.items()})
@@ -311,6 +319,7 @@ def test_poisson_double_backward_hvp_matches_finite_differences() -> None:
     leaves = [params[k].clone().requires_grad_() for k in names]
     grads = gradient(leaves, create_graph=True)
     dot = sum((g * v).sum() for g, v in zip(grads, direction, strict=True))
+    assert isinstance(dot, torch.Tensor)
     hvp = torch.autograd.grad(dot, leaves)
     step = 1e-5
     shifted = [
@@ -346,6 +355,7 @@ def test_poisson_forward_composes_with_func_grad_and_vmap() -> None:
 @pytest.mark.parametrize("name", ["quadratic", "logistic"])
 def test_synthetic_exact_minimizer_zeroes_the_gradient(name: str) -> None:
     problem = make_problem(name, seed=4, options={"n": 300, "n_val": 50, "dim": 6})
+    assert isinstance(problem, (QuadraticProblem, LogisticProblem))
     assert problem.default_batch_size == 300 and len(problem.val) == 50
     minimizer = problem.exact_minimizer()
     assert minimizer.dtype == torch.float64 and minimizer.shape == (7,)
@@ -365,6 +375,7 @@ def test_synthetic_exact_minimizer_zeroes_the_gradient(name: str) -> None:
 
 def test_quadratic_minimizer_matches_normal_equations_and_metric() -> None:
     problem = make_problem("quadratic", options={"n": 200, "dim": 4, "noise": 0.0})
+    assert isinstance(problem, QuadraticProblem)
     design = torch.cat([problem.train.inputs.double(), torch.ones(200, 1, dtype=torch.float64)], dim=1)
     targets = problem.train.targets.double()
     expected = torch.linalg.solve(design.T @ design, design.T @ targets)
@@ -384,6 +395,7 @@ def test_synthetic_data_follow_the_seed() -> None:
 
 def test_logistic_separable_data_is_a_clear_error() -> None:
     problem = make_problem("logistic", options={"n": 5, "dim": 10})
+    assert isinstance(problem, LogisticProblem)
     with pytest.raises(ConfigError, match=r"separable"):
         problem.exact_minimizer()
 

@@ -13,6 +13,7 @@ from hpcopt.errors import ConfigError, DataError
 from hpcopt.problems import make_problem
 from hpcopt.problems.pinn.allen_cahn import steady_reference, time_reference
 from hpcopt.problems.pinn.poisson import exact_solution
+from hpcopt.problems.tinyshakespeare import TinyShakespeareProblem
 from tests.conftest import datasets_dir
 
 pytestmark = pytest.mark.timeout(60)
@@ -94,6 +95,7 @@ def test_lm_initial_loss_is_log_vocabulary(tmp_path: Path) -> None:
     if not (text_dir / "input.txt").exists():
         text_dir = _corpus(tmp_path, "".join(chr(33 + i % 65) for i in range(20000)))
     problem = make_problem("tinyshakespeare", data_dir=str(text_dir), options={"train_windows": 64, "val_windows": 8})
+    assert isinstance(problem, TinyShakespeareProblem)
     assert problem.vocab_size == 65
     torch.manual_seed(0)
     model = problem.build_model()
@@ -112,6 +114,7 @@ def test_lm_is_causal(tmp_path: Path) -> None:
     problem = make_problem(
         "tinyshakespeare", data_dir=str(_corpus(tmp_path, "abcdefgh" * 100)), options={"context": 16}
     )
+    assert isinstance(problem, TinyShakespeareProblem)
     torch.manual_seed(0)
     model = problem.build_model()
     tokens = problem.train.inputs[:2]

@@ -7,6 +7,7 @@ measured, not asserted: ``benchmarks/heap_cost.py``.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -26,7 +27,7 @@ def test_glibc_accepts_both_settings() -> None:
         set_heap("release")
 
 
-def test_a_run_records_its_heap_setting(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_a_run_records_its_heap_setting(tmp_path: Path) -> None:
     import h5py
 
     out = tmp_path / "run.h5"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import math
 import re
+from typing import Any
 
 import pytest
 
@@ -167,8 +168,9 @@ def test_durations() -> None:
 
 @pytest.mark.parametrize(("field", "value"), [("progress_every", -1), ("progress_seconds", -1.0)])
 def test_negative_progress_options_are_errors(field: str, value: float) -> None:
+    options: dict[str, Any] = {field: value}  # a field of TrainConfig named at run time
     with pytest.raises(ConfigError, match=field.replace("_", "-")):
-        TrainConfig(**{field: value}).validate()
+        TrainConfig(**options).validate()
 
 
 def test_two_ranks_print_one_line_per_interval_and_quiet_prints_none() -> None:
