@@ -44,7 +44,7 @@ test-mpi: install
 lint: install typecheck
 	$(BIN)/ruff check hpcopt tests benchmarks examples
 
-# mypy reads mypy.ini (the package, the benchmarks, the examples and the tests, with check_untyped_defs and warn_unused_ignores).
+# mypy reads mypy.ini: the package, benchmarks, examples and tests, with check_untyped_defs and warn_unused_ignores.
 typecheck: install
 	$(BIN)/mypy
 
