@@ -358,9 +358,10 @@ def _plot_outer_times(curves: list[tuple[str, _common.Run]], path: Path) -> None
     axis.set_ylabel("seconds (evaluations between epochs included)")
     axis.set_ylim(bottom=0.0)
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=7)
+    # under the axes, not over the curves it names
+    axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     print(f"wrote {path}")
 
 
@@ -384,15 +385,18 @@ def _plot_curves(curves: list[tuple[str, _common.Run]], args: argparse.Namespace
         if args.goal is not None:
             axis.axhline(args.goal, color="k", linestyle=":", linewidth=1, label=f"goal: {args.goal:g} %")
         # Every run's final accuracy in view, and no more below it: the early epochs sit far lower.
-        axis.set_ylim(max(0.0, min(finals) - 5.0), 100.0)
+        bottom = max(0.0, min(finals) - 5.0)
+        axis.set_ylim(bottom, 100.0)
         axis.set_ylabel("validation accuracy (%)")
         axis.grid(alpha=0.3)
     by_epoch.set_xlabel("epoch")
     by_time.set_xlabel("wall time (s)")
-    by_epoch.legend(fontsize=7)
-    by_epoch.set_title(f"{args.model}, batch {args.batch}", fontsize=9)
+    # beside the panels, not over the curves it names
+    by_time.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    cut = f"; the axes start at {bottom:.1f} %" if bottom > 0 else ""
+    by_epoch.set_title(f"{args.model}, batch {args.batch}{cut}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     print(f"wrote {path}")
 
 

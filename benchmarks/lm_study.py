@@ -225,9 +225,10 @@ def write_figure(curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], p
         axes[1].axvline(adam_wall, color="grey", linestyle=":", linewidth=1, label=label)
     axes[0].set_title("TinyShakespeare: validation loss against steps")
     axes[1].set_title("against wall time")
-    axes[1].legend(fontsize=8, loc="upper right")
+    # beside the panels, not over the curves it names
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     print(f"wrote {path}")
 
