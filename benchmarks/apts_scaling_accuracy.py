@@ -407,12 +407,19 @@ def _plot(rows: list[dict[str, object]], args: argparse.Namespace, adam_best: fl
     import matplotlib.pyplot as plt
 
     sweeping = bool(args.radii)
-    fig, axes = plt.subplots(1, 2 if sweeping else 1, figsize=(11 if sweeping else 6, 4), squeeze=False)
+    variants = args.variants.split(",")
+    points = {
+        variant: [(r["ranks"], r["final_accuracy"]) for r in rows if r["run"] == f"{variant}.P{r['ranks']}"]
+        for variant in variants
+    }
+    # A study of Δ₀ alone (--ranks '') has no P sweep: one panel, not an empty one beside it.
+    against_ranks = not sweeping or bool(args.ranks)
+    panels = int(against_ranks) + int(sweeping)
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
     by_ranks, by_radius = axes[0][0], axes[0][-1]
-    for variant in args.variants.split(","):
-        points = [(r["ranks"], r["final_accuracy"]) for r in rows if r["run"] == f"{variant}.P{r['ranks']}"]
-        if points:
-            by_ranks.plot(*zip(*sorted(points)), marker="o", label=variant)
+    for variant in variants:
+        if against_ranks and points[variant]:
+            by_ranks.plot(*zip(*sorted(points[variant])), marker="o", label=variant)
         prefix = f"{variant}.P{args.radius_ranks}.r"
         sweep = [(r["initial_radius"], r["final_accuracy"]) for r in rows if str(r["run"]).startswith(prefix)]
         if sweep:  # the run at the default Δ₀ belongs to the sweep too
@@ -426,7 +433,7 @@ def _plot(rows: list[dict[str, object]], args: argparse.Namespace, adam_best: fl
     for axis in {by_ranks, by_radius}:
         if adam_best is not None:
             axis.axhline(adam_best, color="grey", linestyle="--", label=f"Adam, best lr (P = 2): {adam_best:.2f} %")
-        goal = args.goal if axis is by_ranks else args.radius_goal
+        goal = args.radius_goal if sweeping and axis is by_radius else args.goal
         if goal is not None:
             axis.axhline(goal, color="k", linestyle=":", linewidth=1, label=f"goal: {goal:g} %")
         axis.set_ylabel("final validation accuracy (%)")
@@ -437,7 +444,8 @@ def _plot(rows: list[dict[str, object]], args: argparse.Namespace, adam_best: fl
         axis.grid(alpha=0.3)
         if axis.get_legend_handles_labels()[0]:  # a panel can be empty (a run of the other sweep only)
             axis.legend(fontsize=8)
-    by_ranks.set_xlabel("ranks P")
+    if against_ranks:
+        by_ranks.set_xlabel("ranks P")
     uneven = any(args.batch % int(str(r["ranks"])) for r in rows)
     batch = f"batch {args.batch}" + (" (or less: a multiple of P)" if uneven else "")
     by_ranks.set_title(f"APTS-D, {args.model}, {batch}, {args.epochs} epochs", fontsize=9)
