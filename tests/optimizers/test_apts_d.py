@@ -16,8 +16,10 @@ from hpcopt.comm import Communicator
 from hpcopt.distributed.curvature_batch import sampled_local_objective
 from hpcopt.distributed.data_parallel import DistributedObjective
 from hpcopt.numerics.flat import FlatParameters
+from hpcopt.numerics.trust_region.subproblem import LSR1Solver
 from hpcopt.optimizers import APTSD, APTSDConfig, make_config
 from hpcopt.problems import make_problem
+from hpcopt.problems.base import Problem
 from hpcopt.problems.synthetic import LogisticProblem, QuadraticProblem
 from hpcopt.training.trainer import TrainConfig, train
 from tests.conftest import benchmark_script
@@ -34,7 +36,7 @@ def _setup(
     model: str | None = None,
     comm: Communicator | None = None,
     **apts: object,
-):
+) -> tuple[Communicator, Problem, FlatParameters, DistributedObjective, APTSD]:
     comm = Communicator() if comm is None else comm
     problem = make_problem(problem_name, seed=seed, options=options)
     torch.manual_seed(seed)
@@ -248,7 +250,9 @@ def test_model_predicted_decrease_is_the_global_models_decrease_at_the_combined_
     actual = loss - objective.value()
     flat.copy_(theta)
     assert pred == pytest.approx(actual, rel=1e-3, abs=1e-6)
-    dense = torch.stack([optimizer.global_solver.operator.matvec(col) for col in torch.eye(n, dtype=grad.dtype)])
+    solver = optimizer.global_solver
+    assert isinstance(solver, LSR1Solver)
+    dense = torch.stack([solver.operator.matvec(col) for col in torch.eye(n, dtype=grad.dtype)])
     assert pred == pytest.approx(-float(grad @ step + 0.5 * step @ dense @ step), rel=1e-5)
     assert _all_equal(comm, pred)
 
@@ -270,6 +274,7 @@ def test_nonmonotone_decisions_are_identical_on_every_rank_and_reach_the_minimis
         result = optimizer.step()
         assert _all_equal(comm, (result.accepted, result.ratio, optimizer.radius, optimizer.window.state()))
     assert len(optimizer.window.state()) == window - 1
+    assert isinstance(problem, QuadraticProblem)
     exact = problem.exact_minimizer()
     error = float((flat.data.double() - exact).norm() / exact.norm())
     assert error < 2e-3, f"relative distance to the minimiser {error:.2e}"
@@ -286,7 +291,7 @@ def test_nonmonotone_accepts_a_rise_below_the_window_maximum() -> None:
     # Replace the combined step by an uphill one of small predicted decrease.
     _, grad = objective.value_and_grad()
     uphill = grad.clone() * (0.05 / float(grad.norm()))
-    optimizer._combined_step = lambda *args: (uphill, 1e-3, float(uphill.norm()), float(uphill.norm()), {})
+    optimizer._combined_step = lambda *args: (uphill, 1e-3, float(uphill.norm()), float(uphill.norm()), {})  # type: ignore[method-assign]
     optimizer.config.global_passes = 0
     result = optimizer.step()
     assert float(result.extras["trial_loss"]) > loss  # the step raised f ...
@@ -478,12 +483,12 @@ def test_local_start_local_follows_the_mean_local_step_and_is_the_same_on_every_
     phase = optimizer._local_phase
     lengths: list[float] = []
 
-    def recorded(*args: torch.Tensor):
+    def recorded(*args: Any) -> Any:
         outcome = phase(*args)
         lengths.append(float(outcome[0].norm()))
         return outcome
 
-    optimizer._local_phase = recorded
+    optimizer._local_phase = recorded  # type: ignore[method-assign,assignment]
     for _ in range(8):
         before = optimizer.local_start
         result = optimizer.step()
@@ -568,7 +573,7 @@ def test_scaled_combination_is_the_minimiser_of_the_whole_batch_model_along_the_
         builds_at_theta_k.append(int(not bool(step_r.any())))
         return build(theta_k, step_r)
 
-    optimizer._local_matvec = counted
+    optimizer._local_matvec = counted  # type: ignore[method-assign]
     scale = optimizer._scaled_along
     seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, float]] = []
 
@@ -577,7 +582,7 @@ def test_scaled_combination_is_the_minimiser_of_the_whole_batch_model_along_the_
         seen.append((theta_k.clone(), mean.clone(), step.clone(), model_pred, optimizer.radius))
         return step, model_pred
 
-    optimizer._scaled_along = recorded
+    optimizer._scaled_along = recorded  # type: ignore[method-assign]
     rows = (len(problem.train) // comm.size) * comm.size
     design = torch.cat([problem.train.inputs[:rows], torch.ones(rows, 1)], 1).double()
     labels = problem.train.targets[:rows].double()
@@ -703,14 +708,14 @@ def test_deferred_trial_gradients_change_nothing_but_the_backward_count(
             value, finish = finishing()
             return value, lambda: backward.__setitem__("count", backward["count"] + 1) or finish()
 
-        objective.local_value_then_grad = counted
+        objective.local_value_then_grad = counted  # type: ignore[method-assign]
         immediate = objective.local_value_and_grad
 
         def counted_now(immediate=immediate, backward=backward):
             backward["count"] += 1
             return immediate()
 
-        objective.local_value_and_grad = counted_now
+        objective.local_value_and_grad = counted_now  # type: ignore[method-assign]
         outcomes = [optimizer.step() for _ in range(4)]
         runs[deferred] = (flat.data.clone(), [(o.loss, o.accepted) for o in outcomes], backward["count"])
     assert torch.equal(runs[True][0], runs[False][0])

@@ -109,7 +109,9 @@ def test_the_combined_step_stays_in_the_ellipsoid(local_solver: str) -> None:
     theta, loss_local, grad_local, grad = outer_start(flat, objective)
     optimizer.metric.update(grad)  # what step() does first
     step, _pred, scaled_norm, _raw, _counts = optimizer._combined_step(theta, loss_local, grad_local, grad)
-    inverse_root = optimizer.metric.inverse_root
+    metric = optimizer.metric
+    assert isinstance(metric, AdamMetric)
+    inverse_root = metric.inverse_root
     assert inverse_root is not None
     # ‖s‖_A = ‖A^½ s‖ is the norm the ratio test and the radius see, and it is ≤ Δ.
     assert math.isclose(float((step / inverse_root).norm()), scaled_norm, rel_tol=1e-4)
