@@ -51,8 +51,14 @@ def ints(text: str) -> list[int]:
 
 
 def sizes(text: str) -> list[int]:
-    """``1e3,1e6`` → ``[1000, 1000000]``: integers that may be written as floats."""
-    return _comma_list(text, lambda item: int(float(item)), "sizes")
+    """``1e3,1e6`` → ``[1000, 1000000]``: vector lengths, by ``hpcopt calibrate --sizes``'s rule."""
+    from hpcopt.comm.calibration import parse_sizes  # here: it brings torch, which the study scripts do not need
+    from hpcopt.errors import ConfigError
+
+    try:
+        return parse_sizes(text)
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def train_command(ranks: int, *arguments: str) -> list[str]:

@@ -175,7 +175,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (hpcopt: 1 per rank)")
     parser.add_argument("--products", type=int, default=10, help="products per Krylov-style solve")
     parser.add_argument(
-        "--batch", type=_common.sizes, default="256", help="batch sizes, comma-separated (e.g. 256,2000)"
+        "--batch", type=_common.ints, default="256", help="batch sizes, comma-separated (e.g. 256,2000)"
     )
     parser.add_argument("--models", default="mlp,cnn-small", help=f"comma-separated subset of {', '.join(MODELS)}")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")

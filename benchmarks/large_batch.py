@@ -299,11 +299,11 @@ def report(runs: list[Config], args: argparse.Namespace) -> None:
             print(f"  batch {batch:>6} {method:<14} {result.accuracy[-1]:6.2f}%  {lr:<10} {ratio}")
     finished = {result.config.name for result in results}
     without_result = [config for config in runs if config.name not in finished]
-    write_csv(results, best, over_adam, outdir / "large_batch.csv", without_result, outdir)
+    write_csv(results, best, over_adam, outdir / "large_batch.csv", without_result)
     if best:
         write_figure(best, outdir / "large_batch.png")
     if len(args.seeds) > 1:
-        report_seeds(results, runs, outdir)
+        report_seeds(results, without_result, outdir)
 
 
 @dataclass
@@ -323,33 +323,21 @@ class SeedSummary:
         return float(np.std(self.accuracies, ddof=1)) if len(self.accuracies) > 1 else float("nan")
 
 
-def seed_summaries(results: list[Result], runs: list[Config] | None = None) -> list[SeedSummary]:
+def seed_summaries(results: list[Result], without_result: Sequence[Config] = ()) -> list[SeedSummary]:
     """The runs grouped by configuration (the name without its seed), in the study's order.
 
-    A seed of ``runs`` with no result (its run diverged, failed or was not run) is listed in
-    ``without_result`` of its configuration instead of silently dropped.
+    The seeds of ``without_result`` (runs that diverged, failed or did not run) are listed in
+    their configuration's ``without_result`` instead of silently dropped.
     """
-    groups: dict[str, list[Result]] = {}
-    planned: dict[str, list[Config]] = {}
-    for config in runs or [result.config for result in results]:
-        groups.setdefault(config.setting, [])
-        planned.setdefault(config.setting, []).append(config)
+    configs = [result.config for result in results] + list(without_result)
+    summaries = {config.setting: SeedSummary(config.setting, config.batch, [], np.array([])) for config in configs}
     for result in results:
-        groups.setdefault(result.config.setting, []).append(result)
-    summaries = []
-    for setting, group in groups.items():
-        finished = {result.config.seed for result in group}
-        batch = group[0].config.batch if group else planned[setting][0].batch
-        summaries.append(
-            SeedSummary(
-                setting,
-                batch,
-                [result.config.seed for result in group],
-                np.array([float(result.accuracy[-1]) for result in group]),
-                [config.seed for config in planned.get(setting, []) if config.seed not in finished],
-            )
-        )
-    return summaries
+        summary = summaries[result.config.setting]
+        summary.seeds.append(result.config.seed)
+        summary.accuracies = np.append(summary.accuracies, float(result.accuracy[-1]))
+    for config in without_result:
+        summaries[config.setting].without_result.append(config.seed)
+    return list(summaries.values())
 
 
 def _statistics(summary: SeedSummary) -> tuple[str, str, str, str]:
@@ -360,8 +348,8 @@ def _statistics(summary: SeedSummary) -> tuple[str, str, str, str]:
     return f"{acc.mean():.2f}", f"{summary.spread:.2f}", f"{acc.min():.2f}", f"{acc.max():.2f}"
 
 
-def report_seeds(results: list[Result], runs: list[Config], outdir: Path) -> None:
-    summaries = seed_summaries(results, runs)
+def report_seeds(results: list[Result], without_result: Sequence[Config], outdir: Path) -> None:
+    summaries = seed_summaries(results, without_result)
     header = f"{'configuration':<24}{'seeds':>8}{'mean%':>8}{'std':>7}{'lowest%':>9}{'highest%':>10}  no result"
     print(f"\nfinal accuracy over the seeds:\n{header}\n{'-' * len(header)}")
     for summary in summaries:
@@ -453,7 +441,6 @@ def write_csv(
     over_adam: dict[tuple[str, int], float],
     path: Path,
     without_result: Sequence[Config] = (),
-    outdir: Path | None = None,
 ) -> None:
     """One row per run; ``step_time_over_adam`` is the method's, from :func:`time_steps` (NaN if not timed).
 
@@ -488,7 +475,7 @@ def write_csv(
                 ]
             )
         for config in without_result:
-            log = (outdir or path.parent) / f"{config.name}.h5"
+            log = path.parent / f"{config.name}.h5"  # the study's folder, where the CSV goes
             status = load_run(log).status if log.exists() else "no log"
             lr = "" if config.lr is None else f"{config.lr:g}"
             writer.writerow([config.name, config.method, config.batch, lr, config.seed, *[""] * 8, status])

@@ -15,9 +15,13 @@ def test_list_types_parse_and_reject() -> None:
     assert common.floats("0.1,2e-3,") == [0.1, 2e-3]
     assert common.ints("0,1,2") == [0, 1, 2]
     assert common.sizes("1e3,256") == [1000, 256]
-    for parse, text in ((common.floats, "0.1,x"), (common.ints, "1e3"), (common.sizes, "big")):
+    for parse, text in ((common.floats, "0.1,x"), (common.ints, "1e3")):
         with pytest.raises(argparse.ArgumentTypeError, match=f"expected comma-separated .*, got '{text}'"):
             parse(text)
+    # sizes follow hpcopt calibrate's rule, counts >= 1 included
+    for text, message in (("big", "comma-separated float32 counts"), ("1e3,0", "must all be >= 1")):
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            common.sizes(text)
 
 
 def test_large_batch_learning_rates() -> None:
