@@ -1,14 +1,15 @@
 """MNIST at large global batches: HF, NLCG and Neumann against SGD and Adam at equal epochs.
 
 Run: ``python benchmarks/large_batch.py --data-dir ../shared/datasets/mnist-full
-[--batches 15000,1000] [--epochs 10] [--methods hf-cg,nlcg,neumann,sgd,adam]
+[--batches 15000,1000] [--epochs 10] [--methods hf-cg,nlcg,nlcg-gn,neumann-start,sgd,adam]
 [--lrs adam=1e-3:3e-3] [--model cnn-small] [--ranks 2] [--seeds 0,1,2] [--timing-steps 6]``
 
 Every configuration is one ``mpiexec -n P python -m mpi4py -m hpcopt train …`` job
 writing an HDF5 run log into ``--outdir``; a run whose log exists and says
 ``completed`` is not run again (``--rerun`` runs it anyway), so an interrupted study
 resumes where it stopped.  SGD (momentum 0.9), Adam, NLCG and Neumann get the best of
-three learning rates (``LEARNING_RATES``, or ``--lrs``); HF runs with the options in
+three learning rates (``LEARNING_RATES``, at a batch in ``BATCH_LEARNING_RATES`` that batch's
+grid, or ``--lrs`` for every batch); HF runs with the options in
 ``METHODS``.  SGD, Adam and NLCG warm their learning rate up linearly over the first
 10 % of the steps; Neumann runs its own SGD burn-in over the first 10 % of the epochs
 (``neumann-scaled``: the paper's 5 of 230 epochs, with the run taken as 230 of them;
@@ -40,7 +41,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,7 +83,9 @@ METHODS: dict[str, tuple[str, dict]] = {
     "sgd": ("sgd", {"momentum": 0.9}),
     "adam": ("adam", {}),
 }
-DEFAULT_METHODS = ("hf-cg", "nlcg", "neumann", "sgd", "adam")
+# The goal's study at hpcopt's defaults: NLCG with both step lengths (the fixed step is the
+# better at batch 1 000, the curvature step at 15 000) and Neumann as `hpcopt train` runs it.
+DEFAULT_METHODS = ("hf-cg", "nlcg", "nlcg-gn", "neumann-start", "sgd", "adam")
 LEARNING_RATES: dict[str, tuple[float, ...]] = {
     "nlcg": (0.03, 0.1, 0.3),
     "nlcg-paper": (0.03, 0.1, 0.3),
@@ -95,6 +98,10 @@ LEARNING_RATES: dict[str, tuple[float, ...]] = {
     "sgd": (0.03, 0.1, 0.3),
     "adam": (3e-3, 1e-2, 3e-2),
 }
+# A batch with a grid of its own: at batch 1 000 Neumann's best rate is the grid's largest,
+# 0.3, on seed 0, and 0.3 / 0.4 / 0.5 are the best three adjacent rates over seeds 0-2
+# (docs/results-large-batch.md#where-the-schedules-epochs-start-schedule_originstart).
+BATCH_LEARNING_RATES: dict[tuple[str, int], tuple[float, ...]] = {("neumann-start", 1000): (0.3, 0.4, 0.5)}
 WARMUP_FRACTION = 0.1  # of the steps (SGD, Adam, NLCG) or of the epochs (Neumann's burn-in)
 # The paper's ResNet-50 runs are 230 epochs of ImageNet long (updates × batch / 1 281 167
 # for its five batch sizes: 226, 230, 258, 210, 237); "neumann-scaled" maps them onto this run.
@@ -140,9 +147,11 @@ def configurations(
     epochs: int,
     train_size: int,
     seeds: tuple[int, ...] = (0,),
+    batch_lrs: Mapping[tuple[str, int], tuple[float, ...]] | None = None,
 ) -> list[Config]:
     """Every method, batch, swept learning rate and seed, batch by batch in the order given.
 
+    ``batch_lrs[(method, batch)]``, where given, is that batch's grid instead of ``lrs[method]``.
     Within a batch and a seed the middle learning rate of every method runs first, then HF,
     then the other learning rates, so that a study stopped early has every method at least
     once; seed by seed in the order given.
@@ -151,8 +160,9 @@ def configurations(
     for batch, seed in ((batch, seed) for batch in batches for seed in seeds):
         steps_per_epoch = max(1, train_size // batch)
         warmup_steps = max(1, round(WARMUP_FRACTION * epochs * steps_per_epoch))
-        ordered = [(method, lr) for method in methods for lr in _middle_first(lrs.get(method, (None,)))]
-        ordered.sort(key=lambda item: 0.5 if item[1] is None else _middle_first(lrs[item[0]]).index(item[1]))
+        grid = {method: (batch_lrs or {}).get((method, batch), lrs.get(method, (None,))) for method in methods}
+        ordered = [(method, lr) for method in methods for lr in _middle_first(grid[method])]
+        ordered.sort(key=lambda item: _middle_first(grid[item[0]]).index(item[1]) if item[1] is not None else 0.5)
         for method, lr in ordered:
             optimizer, options = METHODS[method]
             opts = dict(options)
@@ -543,7 +553,8 @@ def main() -> None:
         parser.error(f"--seeds has a seed twice: {args.seeds}")
     methods = _common.chosen(parser, args, METHODS, what="methods")
     lrs = {**LEARNING_RATES, **args.lrs}
-    runs = configurations(methods, args.batches, lrs, args.epochs, args.train_size, args.seeds)
+    batch_lrs = {key: grid for key, grid in BATCH_LEARNING_RATES.items() if key[0] not in args.lrs}  # --lrs wins
+    runs = configurations(methods, args.batches, lrs, args.epochs, args.train_size, args.seeds, batch_lrs)
     _common.run_study(args, runs, lambda run: launch_run(run, args), lambda: report(runs, args))
 
 

@@ -19,3 +19,28 @@ def test_every_method_builds_a_valid_config_and_neumann_ramp_warms_up_its_whole_
     assert ramp == start | {"ramp_epochs": 1.0, "lr": ramp["lr"]}  # the ramp spans the 4-step burn-in
     assert make_config("neumann", ramp).ramp_steps == 4
     assert by_method["neumann"].options["schedule_origin"] == "burn-in"  # the study's figures rerun as measured
+
+
+def test_the_default_study_runs_neumann_as_hpcopt_does_with_its_own_grid_at_batch_1000() -> None:
+    script = benchmark_script("large_batch")
+    assert "neumann-start" in script.DEFAULT_METHODS and "neumann" not in script.DEFAULT_METHODS
+    default = make_config("neumann", {})
+    options = script.METHODS["neumann-start"][1]
+    assert options["schedule_origin"] == default.schedule_origin  # the study's Neumann is `hpcopt train`'s
+    runs = script.configurations(
+        ["neumann-start", "adam"],
+        [15000, 1000],
+        script.LEARNING_RATES,
+        epochs=10,
+        train_size=60000,
+        batch_lrs=script.BATCH_LEARNING_RATES,
+    )
+    grid: dict[tuple[str, int], list[float]] = {}
+    for run in runs:
+        grid.setdefault((run.method, run.batch), []).append(run.lr)
+    grid = {key: sorted(lrs) for key, lrs in grid.items()}
+    assert grid[("neumann-start", 15000)] == [0.1, 0.2, 0.3]
+    assert grid[("neumann-start", 1000)] == [0.3, 0.4, 0.5]  # that batch's own grid
+    assert grid[("adam", 1000)] == grid[("adam", 15000)] == [0.003, 0.01, 0.03]
+    # the middle rate of every method runs first within a batch
+    assert [(run.method, run.lr) for run in runs if run.batch == 1000][:2] == [("neumann-start", 0.4), ("adam", 0.01)]
