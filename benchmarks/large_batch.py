@@ -498,8 +498,10 @@ def write_figure(best: dict[tuple[str, int], Result], path: Path) -> None:
         return
 
     batches = sorted({batch for _method, batch in best}, reverse=True)
-    # from 10 points under the worst final accuracy, so that every method's last epochs show
-    bottom = max(0.0, min(80.0, min(float(result.accuracy[-1]) for result in best.values()) - 10.0))
+    # Each batch's axes from 10 points under its worst final accuracy (at most 80 %), so that
+    # every method's last epochs show and one batch's diverging runs do not flatten the other's.
+    finals = {batch: [float(r.accuracy[-1]) for (_m, b), r in best.items() if b == batch] for batch in batches}
+    bottoms = {batch: max(0.0, min(80.0, min(finals[batch]) - 10.0)) for batch in batches}
     fig, axes = plt.subplots(len(batches), 2, figsize=(11, 4 * len(batches)), squeeze=False)
     methods = sorted({method for method, _batch in best})
     colors = {method: f"C{index}" for index, method in enumerate(methods)}  # one colour per method in every panel
@@ -515,13 +517,12 @@ def write_figure(best: dict[tuple[str, int], Result], path: Path) -> None:
         for ax, xlabel in zip(row, ("steps", "wall time (s)"), strict=True):
             ax.set_xlabel(xlabel)
             ax.set_ylabel("validation accuracy (%)")
-            ax.set_ylim(bottom, 100)
+            ax.set_ylim(bottoms[batch], 100)
             ax.grid(alpha=0.3)
-            ax.set_title(f"batch {batch}: accuracy against {xlabel.split(' (')[0]}")
+            cut = f"\n(axis from {bottoms[batch]:.1f} %: points below are out of the frame)" if bottoms[batch] else ""
+            ax.set_title(f"batch {batch}: accuracy against {xlabel.split(' (')[0]}{cut}", fontsize=10)
         # beside the panels, not over them: inside, a legend hides the curves it names
         row[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    if bottom > 0:
-        fig.suptitle(f"the axes start at {bottom:.1f} %: points below it are out of the frame", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)

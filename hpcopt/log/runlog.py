@@ -4,7 +4,8 @@ Layout (every per-row dataset is 1-D, resizable and chunked):
 
 * root attributes: what the trainer passes to :meth:`RunLog.open` (``hpcopt_version``,
   ``optimizer``, ``problem``, ``world_size``, ``num_parameters``, ``seed``, ``config_json``,
-  ``mpi_library_version``, ``torch_version``, ``hostnames``, ``git_sha``), plus
+  ``mpi_library_version``, ``torch_version``, ``hostnames``, ``git_sha``, ``git_status``:
+  :mod:`hpcopt.log.provenance`), plus
   ``created_utc`` (ISO 8601) and ``status`` (``"running"``, ``"completed"`` or ``"failed"``);
   a failed log also holds ``error``, the one-line exception that ended the run.
   Strings are variable-length UTF-8, which h5py reads back as ``str``; logs of earlier

@@ -15,11 +15,9 @@ import itertools
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,6 +29,7 @@ from hpcopt.distributed.sharding import GlobalBatches
 from hpcopt.errors import ConfigError, HpcoptError
 from hpcopt.log import checkpoint
 from hpcopt.log.lock import WriterLocks
+from hpcopt.log.provenance import source_revision
 from hpcopt.log.runlog import EvaluationRecord, IterationRecord, RunLog
 from hpcopt.optimizers import make_config, optimizer_class
 from hpcopt.optimizers.base import Optimizer
@@ -63,15 +62,6 @@ class TrainResult:
     #: The run log's status: ``completed``, or ``preempted``/``interrupted`` when a signal
     #: stopped the run (:mod:`hpcopt.training.preemption`; ``exit_code`` gives the exit status).
     status: str = "completed"
-
-
-def _git_sha() -> str:
-    try:
-        root = Path(__file__).resolve().parents[2]
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() if out.returncode == 0 else ""
-    except (OSError, subprocess.SubprocessError):
-        return ""
 
 
 def _target_reached(cfg: TrainConfig, problem: Problem, metrics: dict[str, float]) -> bool:
@@ -335,6 +325,7 @@ def _train(
     )
     say = (lambda text: print(text, flush=True)) if comm.is_root and not cfg.quiet else (lambda text: None)
 
+    source = source_revision()
     attributes = {
         "hpcopt_version": hpcopt.__version__,
         "optimizer": cfg.optimizer,
@@ -350,7 +341,8 @@ def _train(
         "mpi_library_version": comm.library_version(),
         "torch_version": str(torch.__version__),
         "hostnames": sorted(set(comm.hostnames())),
-        "git_sha": _git_sha(),
+        "git_sha": source.sha,
+        "git_status": source.status,
         "command": " ".join(sys.argv),
         # What the user asked for: a plug-in's spec is in "problem", its options here.
         "problem_options": json.dumps(problem_options, default=str),
