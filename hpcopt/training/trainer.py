@@ -29,7 +29,7 @@ from hpcopt.distributed.sharding import GlobalBatches
 from hpcopt.errors import ConfigError, HpcoptError
 from hpcopt.log import checkpoint
 from hpcopt.log.lock import WriterLocks
-from hpcopt.log.provenance import source_revision
+from hpcopt.log.provenance import SourceRevision, source_revision
 from hpcopt.log.runlog import EvaluationRecord, IterationRecord, RunLog
 from hpcopt.optimizers import make_config, optimizer_class
 from hpcopt.optimizers.base import Optimizer
@@ -325,7 +325,9 @@ def _train(
     )
     say = (lambda text: print(text, flush=True)) if comm.is_root and not cfg.quiet else (lambda text: None)
 
-    source = source_revision()
+    # Only the writer asks git: a fork per rank is hundreds of processes on a large job, and some
+    # MPI transports (OpenFabrics) warn about fork() after MPI_Init.
+    source = source_revision() if comm.is_root and cfg.out is not None else SourceRevision("", "")
     attributes = {
         "hpcopt_version": hpcopt.__version__,
         "optimizer": cfg.optimizer,
