@@ -3,8 +3,9 @@
 The top of the analysis layer, and the only module in it that imports the others:
 :mod:`~hpcopt.analysis.tables` (reading logs, the summary table),
 :mod:`~hpcopt.analysis.perfmodel` (the α–β model), :mod:`~hpcopt.analysis.scaling`
-(sweeps and their efficiency) and :mod:`~hpcopt.analysis.plots` (figures, matplotlib
-lazily).  Those import downwards only (tables ← perfmodel ← scaling ← plots), so the
+(sweeps and their efficiency), :mod:`~hpcopt.analysis.provenance` (whether the runs ran
+the same code) and :mod:`~hpcopt.analysis.plots` (figures, matplotlib lazily).  Those
+import downwards only (tables ← perfmodel ← scaling ← plots; tables ← provenance), so the
 layer has no import cycle.  Nothing here imports MPI or the training layers.
 """
 
@@ -14,6 +15,7 @@ import os
 from collections.abc import Sequence
 
 from hpcopt.analysis.perfmodel import Network
+from hpcopt.analysis.provenance import provenance_note
 from hpcopt.analysis.scaling import MODEL_COLUMNS, SCALING_COLUMNS, find_sweeps, model_rows, scaling_rows
 from hpcopt.analysis.tables import (
     READ_TIMEOUT,
@@ -39,6 +41,8 @@ def analyze(
 ) -> str:
     """Load every run log in ``paths`` (directories: their ``*.h5``) and return the summary table.
 
+    Under it, a note where the runs did not all run the same code (:func:`provenance_note`).
+
     Each log is read within ``read_timeout`` seconds (:func:`load_run_bounded`).
 
     Also writes it as CSV if asked.  When the runs form strong- or weak-scaling sweeps,
@@ -54,7 +58,7 @@ def analyze(
     rows = summary_rows(runs)
     if csv is not None:
         write_csv(rows, csv, SUMMARY_COLUMNS)
-    table = format_table(rows, SUMMARY_COLUMNS)
+    table = format_table(rows, SUMMARY_COLUMNS) + provenance_note(runs)
     if len(runs) < 2 and plot is None and network is None:
         return table
     return table + scaling_report(runs, csv=csv, plot=plot, network=network, model_ranks=model_ranks)
