@@ -488,7 +488,8 @@ def write_csv(
             log = path.parent / f"{config.name}.h5"  # the study's folder, where the CSV goes
             status = load_run(log).status if log.exists() else "no log"
             lr = "" if config.lr is None else f"{config.lr:g}"
-            writer.writerow([config.name, config.method, config.batch, lr, config.seed, *[""] * 8, status])
+            figures = [""] * (len(columns) - 6)  # every column between the seed and the status
+            writer.writerow([config.name, config.method, config.batch, lr, config.seed, *figures, status])
     print(f"wrote {path}")
 
 

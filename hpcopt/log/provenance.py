@@ -30,10 +30,11 @@ class SourceRevision:
 
 def source_revision(root: Path = SOURCE_ROOT) -> SourceRevision:
     """The commit and state of the checkout at ``root``; empty strings where ``root`` is not one."""
-    top = _git(root, "rev-parse", "--show-toplevel")
-    if top is None or Path(top.strip()).resolve() != root.resolve():
+    # one call for both: the checkout's top folder and its commit (fails without a commit)
+    revision = (_git(root, "rev-parse", "--show-toplevel", "HEAD") or "").splitlines()
+    if len(revision) != 2 or Path(revision[0]).resolve() != root.resolve():
         return SourceRevision("", "")
-    sha = (_git(root, "rev-parse", "HEAD") or "").strip()
+    sha = revision[1]
     changes = _git(root, "status", "--porcelain", "--untracked-files=all", "--", *CODE_FOLDERS)
     if changes is None:
         return SourceRevision(sha, "")

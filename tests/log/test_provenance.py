@@ -23,7 +23,7 @@ def git(root: Path, *args: str) -> str:
 @pytest.fixture
 def checkout(tmp_path: Path) -> Path:
     """A git checkout with a committed ``hpcopt`` package and ``kernels`` folder, and a notes file."""
-    root = tmp_path / "checkout"
+    root = tmp_path / "my checkout"  # a space in the path, as on many laptops
     (root / "hpcopt").mkdir(parents=True)
     (root / "kernels").mkdir()
     (root / "hpcopt" / "__init__.py").write_text("x = 1\n")
