@@ -74,9 +74,11 @@ METHODS: dict[str, tuple[str, dict]] = {
         "neumann",
         {"beta_rule": "relative", "warmup_epochs": 5, "reset_epochs": 10, "schedule_origin": "burn-in"},
     ),
-    # "neumann" with the schedules' epochs counted from step 0 instead of the burn-in's end,
-    # so that the first momentum steps run at the burn-in's effective step (lr, not 2·lr).
-    "neumann-start": ("neumann", {"beta_rule": "relative", "schedule_origin": "start"}),
+    # hpcopt train's defaults (since 2026-12-07): "neumann" with the schedules' epochs counted
+    # from step 0 instead of the burn-in's end, so that the first momentum steps run at the
+    # burn-in's effective step (lr, not 2·lr); on 10 epochs its burn-in and first reset period
+    # are the study's 1 and 2 epochs (docs/optimizers/neumann.md#the-schedules-on-a-shorter-run).
+    "neumann-start": ("neumann", {}),
     # "neumann-start" with its SGD burn-in's rate warmed up linearly over the whole burn-in,
     # the same 10 % of the run over which SGD, Adam and NLCG warm theirs up.
     "neumann-ramp": ("neumann", {"beta_rule": "relative", "schedule_origin": "start"}),
@@ -170,7 +172,7 @@ def configurations(
                 opts["warmup_steps"] = warmup_steps
             if method == "neumann-scaled":
                 opts["epoch_steps"] = round(epochs * steps_per_epoch / PAPER_RUN_EPOCHS, 4)
-            elif optimizer == "neumann":
+            elif optimizer == "neumann" and method != "neumann-start":
                 # the paper's schedules count epochs: burn-in 10 % of them, first reset period 2 epochs
                 opts |= {"epoch_steps": steps_per_epoch, "warmup_epochs": WARMUP_FRACTION * epochs}
                 opts["reset_epochs"] = 2

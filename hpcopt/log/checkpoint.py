@@ -277,13 +277,35 @@ def check_resumable(
     for key, value in compat.items():
         saved = state["compat"].get(key)
         if saved != value:
-            raise ConfigError(f"checkpoint {path} was written with {key}={saved}; this run has {key}={value}")
+            raise ConfigError(f"checkpoint {path} was written with {_difference(key, saved, value)}")
     parameters, expected = state.get("parameters"), compat.get("num_parameters")
     if isinstance(parameters, torch.Tensor) and expected is not None and parameters.shape != (expected,):
         raise ConfigError(
             f"checkpoint {path} is damaged: its parameters have shape {tuple(parameters.shape)}; "
             f"the model has {expected}"
         )
+
+
+def _difference(key: str, saved: Any, value: Any) -> str:
+    """``key=saved; this run has key=value``, or, for two sets of options, only the options that differ."""
+    saved, value = _options(saved), _options(value)
+    if not (isinstance(saved, dict) and isinstance(value, dict)):
+        return f"{key}={saved}; this run has {key}={value}"
+    names = sorted(name for name in saved.keys() | value.keys() if saved.get(name) != value.get(name))
+    return (
+        f"{key} {', '.join(f'{name}={saved.get(name)}' for name in names)}; "
+        f"this run has {', '.join(f'{name}={value.get(name)}' for name in names)}"
+    )
+
+
+def _options(value: Any) -> Any:
+    """A compat entry's options (JSON text of a dict) as a dict; anything else as it is."""
+    if isinstance(value, str) and value.startswith("{"):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
 
 
 class Checkpointer:

@@ -98,15 +98,17 @@ class Optimizer(abc.ABC):
         return rank, world_size
 
     @classmethod
-    def resolve_config(cls, config: Any, steps_per_epoch: int | None) -> Any:
+    def resolve_config(cls, config: Any, steps_per_epoch: int | None, run_epochs: float | None = None) -> Any:
         """``config`` with the options that depend on the data filled in where the user left them unset.
 
         ``steps_per_epoch``: the global batches of one pass over the training set (``hpcopt
         train`` knows them), or ``None`` where the caller does not (a loop of the user's own):
         then an option that needs them must be set, else :class:`~hpcopt.errors.ConfigError`.
-        No communication; the base needs nothing from the data.
+        ``run_epochs``: the run's length in epochs where the caller knows it (``hpcopt train``'s
+        ``--epochs``), for options that scale with it. No communication; the base needs
+        nothing from the data.
         """
-        del steps_per_epoch
+        del steps_per_epoch, run_epochs
         return config
 
     @classmethod

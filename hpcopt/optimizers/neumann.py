@@ -62,6 +62,25 @@ NO_EPOCH = (
 PAPER_SHELL_RATIO = 0.84
 
 
+# The paper's schedules in epochs of ImageNet, from runs of about 230 epochs (2 % and 4 % of them).
+PAPER_WARMUP_EPOCHS = 5.0
+PAPER_RESET_EPOCHS = 10.0
+
+
+def schedule_epochs(run_epochs: float | None) -> tuple[float, float]:
+    """(burn-in, first reset period) in epochs for a run of ``run_epochs``: the paper's 5 and 10,
+    at most a tenth and a fifth of the run; the paper's where the run's length is unknown.
+
+    A tenth: the share of the run over which the large-batch practice warms every other method
+    up (Goyal et al.; the large-batch study's SGD, Adam and NLCG); a fifth: the paper's first
+    reset period of twice the burn-in. 1 and 2 epochs of a 10-epoch run, the paper's own on a
+    run of 50 epochs or more (docs/optimizers/neumann.md#the-schedules-on-a-shorter-run).
+    """
+    if run_epochs is None:
+        return PAPER_WARMUP_EPOCHS, PAPER_RESET_EPOCHS
+    return min(PAPER_WARMUP_EPOCHS, run_epochs / 10), min(PAPER_RESET_EPOCHS, run_epochs / 5)
+
+
 def relative_beta(alpha: float, shell_ratio: float, weight_norm: float) -> float:
     """β that puts the regulariser's minimum at ``shell_ratio·weight_norm``: α·r*⁴."""
     return alpha * (shell_ratio * weight_norm) ** 4
@@ -74,7 +93,9 @@ class NeumannConfig:
     Attributes:
         lr: learning-rate scale η₀ (0.01).
         alpha: cubic regulariser α (1e-7).
-        beta_rule: ``paper``: β = beta_scale·n; ``relative``: β = α·(shell_ratio·‖w‖)⁴, ‖w‖ at the first reset (paper).
+        beta_rule: ``relative`` (the default): β = α·(shell_ratio·‖w‖)⁴, ‖w‖ at the first reset, the
+            paper's shell radius over ‖w‖, which gives back its β on its ResNet-50; ``paper``: β =
+            beta_scale·n, the published constant, too strong on a small model.
         beta_scale: repulsive regulariser β = beta_scale·n, n = number of parameters (1e-5; beta_rule=paper).
         shell_ratio: the regulariser's minimum ‖w−v‖ over ‖w‖ (0.84, the paper's on ResNet-50; beta_rule=relative).
         gamma: decay of the moving anchor v (0.99).
@@ -82,11 +103,15 @@ class NeumannConfig:
         epoch_steps: steps per "epoch" of the schedules below, > 0 and possibly fractional (None:
             the data's steps per epoch, which ``hpcopt train`` fills in and a loop of your own
             must give; or the run's steps over the paper's 230 epochs).
-        warmup_epochs: epochs of plain SGD first (5).
+        warmup_epochs: epochs of plain SGD first (None: the paper's 5, at most a tenth of the run
+            where the run's length is known, as in ``hpcopt train``: 1 of a 10-epoch run, 5 of the
+            paper's 230; 5 in a loop of your own).
         ramp_epochs: the burn-in's learning rate rises linearly to lr over its first ramp_epochs
             epochs, the large-batch warm-up of Goyal et al. (0: none, Algorithm 2 as printed;
             at most warmup_epochs).
-        reset_epochs: first reset period K in epochs; K doubles after each reset (10).
+        reset_epochs: first reset period K in epochs; K doubles after each reset (None: the paper's
+            10, at most a fifth of the run where its length is known: twice the burn-in, the paper's
+            ratio; 10 in a loop of your own).
         schedule_origin: where the epochs e of the μ and η schedules count from: ``start``
             (step 0, the default: after a burn-in of at least one epoch the first momentum
             steps' effective step η/(1−μ) is lr, the burn-in's) or ``burn-in`` (its end, e = 0
@@ -96,16 +121,16 @@ class NeumannConfig:
 
     lr: float = 0.01
     alpha: float = 1e-7
-    beta_rule: str = "paper"
+    beta_rule: str = "relative"
     beta_scale: float = 1e-5
     shell_ratio: float = PAPER_SHELL_RATIO
     gamma: float = 0.99
     mu_min: float = 0.5
     mu_max: float = 0.9
     epoch_steps: float | None = None
-    warmup_epochs: float = 5.0
+    warmup_epochs: float | None = None
     ramp_epochs: float = 0.0
-    reset_epochs: float = 10.0
+    reset_epochs: float | None = None
     schedule_origin: str = "start"
 
     def validate(self) -> None:
@@ -120,12 +145,12 @@ class NeumannConfig:
         require(0 <= self.mu_min <= self.mu_max < 1, "neumann: need 0 <= mu_min <= mu_max < 1")
         positive = self.epoch_steps is None or self.epoch_steps > 0
         require(positive, f"neumann: epoch_steps must be > 0, got {self.epoch_steps}")
-        require(self.warmup_epochs >= 0, "neumann: warmup_epochs must be >= 0")
+        require(self.warmup_epochs is None or self.warmup_epochs >= 0, "neumann: warmup_epochs must be >= 0")
         require(
-            0 <= self.ramp_epochs <= self.warmup_epochs,
-            f"neumann: ramp_epochs must be in [0, warmup_epochs = {self.warmup_epochs:g}], got {self.ramp_epochs:g}",
+            0 <= self.ramp_epochs <= self.burn_in_epochs,
+            f"neumann: ramp_epochs must be in [0, warmup_epochs = {self.burn_in_epochs:g}], got {self.ramp_epochs:g}",
         )
-        require(self.reset_epochs > 0, "neumann: reset_epochs must be > 0")
+        require(self.reset_epochs is None or self.reset_epochs > 0, "neumann: reset_epochs must be > 0")
         require(
             self.schedule_origin in SCHEDULE_ORIGINS,
             f"neumann: schedule_origin must be one of {', '.join(SCHEDULE_ORIGINS)}, got '{self.schedule_origin}'",
@@ -139,8 +164,18 @@ class NeumannConfig:
         return self.epoch_steps
 
     @property
+    def burn_in_epochs(self) -> float:
+        """``warmup_epochs``, or the paper's 5 where it is unset and the run's length unknown."""
+        return PAPER_WARMUP_EPOCHS if self.warmup_epochs is None else self.warmup_epochs
+
+    @property
+    def first_reset_epochs(self) -> float:
+        """``reset_epochs``, or the paper's 10 where it is unset and the run's length unknown."""
+        return PAPER_RESET_EPOCHS if self.reset_epochs is None else self.reset_epochs
+
+    @property
     def warmup_steps(self) -> int:
-        return round(self.warmup_epochs * self.steps_per_epoch)
+        return round(self.burn_in_epochs * self.steps_per_epoch)
 
     @property
     def ramp_steps(self) -> int:
@@ -170,13 +205,26 @@ class Neumann(Optimizer):
     state_attributes = ("m", "v", "mu", "beta", "next_reset", "resets", "period")
 
     @classmethod
-    def resolve_config(cls, config: NeumannConfig, steps_per_epoch: int | None) -> NeumannConfig:
-        """``epoch_steps`` the data's steps per epoch where unset; ConfigError where they are unknown."""
-        if config.epoch_steps is not None:
-            return config
-        if steps_per_epoch is None:
-            raise ConfigError(NO_EPOCH)
-        return replace(config, epoch_steps=float(steps_per_epoch))
+    def resolve_config(
+        cls, config: NeumannConfig, steps_per_epoch: int | None, run_epochs: float | None = None
+    ) -> NeumannConfig:
+        """The schedules' unset options: ``epoch_steps`` the data's steps per epoch (ConfigError where
+        they are unknown), the burn-in and the first reset period from the run's length
+        (:func:`schedule_epochs`)."""
+        epoch_steps = config.epoch_steps
+        if epoch_steps is None:
+            if steps_per_epoch is None:
+                raise ConfigError(NO_EPOCH)
+            epoch_steps = float(steps_per_epoch)
+        warmup, reset = schedule_epochs(run_epochs)
+        resolved = replace(
+            config,
+            epoch_steps=epoch_steps,
+            warmup_epochs=warmup if config.warmup_epochs is None else config.warmup_epochs,
+            reset_epochs=reset if config.reset_epochs is None else config.reset_epochs,
+        )
+        resolved.validate()  # ramp_epochs against the burn-in it now has
+        return resolved
 
     def __init__(self, objective: DistributedObjective, config: NeumannConfig) -> None:
         super().__init__(objective, config)
@@ -185,7 +233,7 @@ class Neumann(Optimizer):
         self.mu = 0.0  # the μ of the current displacement w = (w − μm) + μm
         # beta_rule=relative fixes β at the first reset, from the weights the burn-in left.
         self.beta = config.beta_scale * self.flat.numel if config.beta_rule == "paper" else 0.0
-        self.period = max(1, round(config.reset_epochs * config.steps_per_epoch))
+        self.period = max(1, round(config.first_reset_epochs * config.steps_per_epoch))
         self.next_reset = config.warmup_steps
         self.resets = 0
 

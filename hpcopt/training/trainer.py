@@ -197,8 +197,10 @@ def _setup(
     batches = GlobalBatches(
         len(problem.train), batch_size, cfg.seed, shard, shards, _spatial_key(cfg, optimizer_config, problem)
     )
-    # Options counted in epochs of the data (Neumann's schedules) get the data's epoch where unset.
-    optimizer_config = optimizer_class(cfg.optimizer).resolve_config(optimizer_config, batches.batches_per_epoch)
+    # Options counted in epochs of the data (Neumann's schedules) get the data's epoch and the run's length where unset.
+    optimizer_config = optimizer_class(cfg.optimizer).resolve_config(
+        optimizer_config, batches.batches_per_epoch, cfg.epochs
+    )
     torch.manual_seed(cfg.seed)  # identical initial parameters on every rank
     model = problem.build_model(cfg.model)
     # A user's problem runs its pieces once on a few rows: a broken one fails here, on every rank.

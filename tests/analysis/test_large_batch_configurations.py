@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hpcopt.optimizers import make_config
+from hpcopt.optimizers import Neumann, make_config
 from tests.conftest import benchmark_script
 
 
@@ -15,8 +15,12 @@ def test_every_method_builds_a_valid_config_and_neumann_ramp_warms_up_its_whole_
     for run in runs:
         make_config(run.optimizer, run.options)  # validates: a bad option fails here, not in a 2-minute run
     start, ramp = by_method["neumann-start"].options, by_method["neumann-ramp"].options
-    assert start["epoch_steps"] == 4 and start["warmup_epochs"] == 1.0 and "ramp_epochs" not in start
-    assert ramp == start | {"ramp_epochs": 1.0, "lr": ramp["lr"]}  # the ramp spans the 4-step burn-in
+    assert set(start) == {"lr"}  # hpcopt train's defaults, which fill in the schedules
+    # ... as the ramp's explicit ones, a 4-step burn-in of 10 % of the 10 epochs, and a ramp over all of it
+    resolved = Neumann.resolve_config(make_config("neumann", start), 4, 10)
+    shared = ("epoch_steps", "warmup_epochs", "reset_epochs", "beta_rule", "schedule_origin")
+    assert {key: getattr(resolved, key) for key in shared} == {key: ramp[key] for key in shared}
+    assert (ramp["epoch_steps"], ramp["warmup_epochs"], ramp["ramp_epochs"], ramp["reset_epochs"]) == (4, 1.0, 1.0, 2)
     assert make_config("neumann", ramp).ramp_steps == 4
     assert by_method["neumann"].options["schedule_origin"] == "burn-in"  # the study's figures rerun as measured
 
@@ -24,9 +28,7 @@ def test_every_method_builds_a_valid_config_and_neumann_ramp_warms_up_its_whole_
 def test_the_default_study_runs_neumann_as_hpcopt_does_with_its_own_grid_at_batch_1000() -> None:
     script = benchmark_script("large_batch")
     assert "neumann-start" in script.DEFAULT_METHODS and "neumann" not in script.DEFAULT_METHODS
-    default = make_config("neumann", {})
-    options = script.METHODS["neumann-start"][1]
-    assert options["schedule_origin"] == default.schedule_origin  # the study's Neumann is `hpcopt train`'s
+    assert script.METHODS["neumann-start"] == ("neumann", {})  # the study's Neumann is `hpcopt train`'s
     runs = script.configurations(
         ["neumann-start", "adam"],
         [15000, 1000],

@@ -127,6 +127,31 @@ def test_hpcopt_train_counts_neumanns_epochs_in_the_datas() -> None:
     assert own_loop(2) != reference.losses  # another epoch: another trajectory
 
 
+@pytest.mark.mpi(min_size=1)
+def test_hpcopt_train_sizes_neumanns_burn_in_and_first_reset_to_the_run() -> None:
+    # A 5-epoch run: burn-in a tenth of it (0.5 epoch, 2 steps), the first reset period a fifth
+    # (1 epoch, 4 steps); a loop of the user's own, which does not know the run's length,
+    # keeps the paper's 5 and 10 epochs.
+    comm = Communicator()
+    cfg = TrainConfig(problem="logistic", optimizer="neumann", epochs=5, batch_size=BATCH, seed=SEED, quiet=True)
+    reference = train(cfg, {"lr": 0.05}, dict(DATA), comm=comm)
+
+    def own_loop(**options: float) -> tuple[list[float], Any]:
+        problem = _problem()
+        torch.manual_seed(SEED)
+        model = problem.build_model()
+        opt = hpcopt.optimizer(
+            "neumann", model, problem.criterion, forward=problem.forward, comm=comm, seed=SEED, lr=0.05, **options
+        )
+        return _run_epochs(opt, problem, range(5)), opt.config
+
+    losses, config = own_loop(epoch_steps=4, warmup_epochs=0.5, reset_epochs=1)
+    assert losses == reference.losses
+    losses, config = own_loop(epoch_steps=4)
+    assert (config.warmup_epochs, config.reset_epochs, config.beta_rule) == (5.0, 10.0, "relative")
+    assert losses != reference.losses  # 20 steps of SGD: a burn-in as long as the run
+
+
 # -- restart bit for bit --------------------------------------------------------------
 
 

@@ -104,6 +104,24 @@ def test_resume_with_other_options_is_refused_on_every_rank(tmp_path: Path) -> N
         _train(comm, "adam", max_steps=2, resume=ckpt)
 
 
+@pytest.mark.mpi(min_size=1)
+def test_resume_that_changes_a_derived_option_names_only_the_options_that_differ(tmp_path: Path) -> None:
+    # Neumann's burn-in and first reset period follow the run's length where unset: a run
+    # extended from 3 to 6 epochs would change them mid-run, so it is refused, saying which.
+    comm = Communicator()
+    directory = _shared_dir(comm, tmp_path)
+    ckpt = str(directory / "neumann.ckpt")
+    cfg = TrainConfig(**{**BASE, "epochs": 3}, optimizer="neumann", max_steps=3, checkpoint=ckpt)  # type: ignore[arg-type]
+    train(cfg, {"epoch_steps": 2}, dict(PROBLEM), comm=comm)
+    longer = TrainConfig(**{**BASE, "epochs": 6}, optimizer="neumann", resume=ckpt)  # type: ignore[arg-type]
+    expected = (
+        r"written with optimizer_config reset_epochs=0\.6, warmup_epochs=0\.3; "
+        r"this run has reset_epochs=1\.2, warmup_epochs=0\.6$"
+    )
+    with pytest.raises(ConfigError, match=expected):
+        train(longer, {"epoch_steps": 2}, dict(PROBLEM), comm=comm)
+
+
 def test_resume_on_another_rank_count_is_refused() -> None:
     state = {"world_size": 4, "compat": {"seed": 0}}
     with pytest.raises(ConfigError, match=r"written by 4 ranks; this run has 2\. Resume with mpiexec -n 4"):

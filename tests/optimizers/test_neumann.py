@@ -13,7 +13,7 @@ from mpi4py import MPI
 from hpcopt.comm import Communicator
 from hpcopt.errors import ConfigError, NonFiniteError
 from hpcopt.optimizers import Neumann, make_config
-from hpcopt.optimizers.neumann import PAPER_SHELL_RATIO, regularizer, relative_beta
+from hpcopt.optimizers.neumann import PAPER_SHELL_RATIO, regularizer, relative_beta, schedule_epochs
 from hpcopt.training.trainer import TrainConfig, train
 from tests.conftest import ObjectiveFactory
 
@@ -162,9 +162,9 @@ def test_rank_invariance_and_the_trainer_reports_w_minus_mu_m(monkeypatch: pytes
 
 @pytest.mark.mpi(min_size=1)
 def test_relative_beta_puts_the_shell_at_a_fraction_of_the_weight_norm(neumann: Callable[..., Neumann]) -> None:
-    paper = neumann(epoch_steps=2, warmup_epochs=1)
-    assert paper.beta == pytest.approx(1e-5 * paper.flat.numel)  # the published constant, the default
-    optimizer = neumann(lr=0.5, epoch_steps=2, warmup_epochs=1, beta_rule="relative", alpha=1e-3, shell_ratio=0.5)
+    paper = neumann(epoch_steps=2, warmup_epochs=1, beta_rule="paper")
+    assert paper.beta == pytest.approx(1e-5 * paper.flat.numel)  # the published constant, selectable
+    optimizer = neumann(lr=0.5, epoch_steps=2, warmup_epochs=1, alpha=1e-3, shell_ratio=0.5)  # relative: the default
     assert optimizer.beta == 0.0  # fixed at the first reset, from the weights the burn-in left
     optimizer.step()
     optimizer.step()
@@ -175,6 +175,28 @@ def test_relative_beta_puts_the_shell_at_a_fraction_of_the_weight_norm(neumann: 
     assert (optimizer.beta / 1e-3) ** 0.25 == pytest.approx(0.5 * weight_norm, rel=1e-6)
     # On the paper's ResNet-50 (n = 25 557 032, ‖w₀‖ ≈ 268.2) the rule gives back the paper's β = 1e-5·n.
     assert relative_beta(1e-7, PAPER_SHELL_RATIO, 268.2) == pytest.approx(1e-5 * 25_557_032, rel=1e-2)
+
+
+@pytest.mark.parametrize(
+    ("run_epochs", "expected"),
+    [(10, (1.0, 2.0)), (20, (2.0, 4.0)), (230, (5.0, 10.0)), (1000, (5.0, 10.0)), (None, (5.0, 10.0))],
+)
+def test_burn_in_and_first_reset_are_the_papers_at_most_a_tenth_and_a_fifth_of_the_run(
+    run_epochs: int | None, expected: tuple[float, float]
+) -> None:
+    # the paper's 5 and 10 epochs of its 230-epoch runs; the large-batch study's 1 and 2 of 10
+    assert schedule_epochs(run_epochs) == pytest.approx(expected)
+    config = Neumann.resolve_config(make_config("neumann", {}), 4, run_epochs)
+    assert (config.epoch_steps, config.warmup_epochs, config.reset_epochs) == pytest.approx((4, *expected))
+
+
+def test_schedule_options_given_are_kept_and_a_ramp_must_fit_the_derived_burn_in() -> None:
+    given = make_config("neumann", {"warmup_epochs": 3, "reset_epochs": 7, "epoch_steps": 2})
+    config = Neumann.resolve_config(given, 4, 10)
+    assert (config.epoch_steps, config.warmup_epochs, config.reset_epochs) == (2, 3, 7)
+    ramp = make_config("neumann", {"ramp_epochs": 2})  # fits the paper's 5 epochs ...
+    with pytest.raises(ConfigError, match=r"ramp_epochs must be in \[0, warmup_epochs = 1\], got 2"):
+        Neumann.resolve_config(ramp, 4, 10)  # ... not a 10-epoch run's 1
 
 
 def test_beta_rule_is_validated() -> None:
