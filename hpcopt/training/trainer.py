@@ -473,7 +473,9 @@ def _train(
                         metrics={k: v for k, v in metrics.items() if k != "val_loss"},
                     )
                 )
+                # A trust-region method's radius; the others have none, and print none.
                 radius = getattr(optimizer, "radius", math.nan)
+                radius_text = "" if math.isnan(radius) else f"radius {radius:.3g}  "
                 metric = (
                     ""
                     if problem.metric_name == "val_loss"
@@ -481,7 +483,7 @@ def _train(
                 )
                 say(
                     f"epoch {epoch:4d}/{cfg.epochs}  loss {train_loss:.4e}  val_loss {metrics['val_loss']:.4e}  "
-                    f"{metric}radius {radius:.3g}  time {elapsed:.1f}s"
+                    f"{metric}{radius_text}time {elapsed:.1f}s"
                 )
                 stop = _stop_reason(cfg, problem, metrics, elapsed, comm)
                 if stop:

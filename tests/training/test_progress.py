@@ -12,10 +12,13 @@ import re
 from typing import Any
 
 import pytest
+from mpi4py import MPI
 
+from hpcopt.comm import Communicator
 from hpcopt.errors import ConfigError
 from hpcopt.training.config import TrainConfig
 from hpcopt.training.progress import Progress, _duration
+from hpcopt.training.trainer import train
 from tests.conftest import run_hpcopt
 
 pytestmark = pytest.mark.timeout(120)
@@ -190,3 +193,13 @@ def test_two_ranks_print_one_line_per_interval_and_quiet_prints_none() -> None:
     quiet = run_hpcopt([*args, "--progress-every", "1", "--quiet"], ranks=2)
     assert quiet.returncode == 0, quiet.stderr
     assert quiet.stdout == "" and not any(LINE.match(line) for line in quiet.stderr.splitlines())
+
+
+@pytest.mark.parametrize(("optimizer", "has_radius"), [("apts-d", True), ("sgd", False)])
+def test_the_epoch_line_shows_a_radius_only_for_a_trust_region_method(
+    optimizer: str, has_radius: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = TrainConfig(problem="logistic", optimizer=optimizer, epochs=1, batch_size=50, progress_every=0)
+    train(cfg, {}, {"n": 100, "dim": 4}, comm=Communicator(MPI.COMM_SELF))
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch    1/1")]
+    assert ("radius " in line) is has_radius and "nan" not in line
