@@ -18,6 +18,11 @@ and lists/dicts of them, so it loads with ``torch.load(..., weights_only=True)``
   writes a *new* run log (``--out``) whose ``step`` column continues at
   ``step + 1``; its attributes ``resumed_from`` and ``resumed_at_step`` link it to
   the first;
+* ``run_epochs``: the run length in epochs that the optimizer's length-scaled options
+  were fitted to where unset (Neumann's burn-in and first reset period): the first run's
+  ``--epochs``, kept by every resumed run, so that extending a run with a larger
+  ``--epochs`` keeps them (:func:`run_epochs`; absent in older checkpoints: the resumed
+  run's ``--epochs`` then);
 * ``pipeline`` (APTS-IP only, where each rank holds one stage): ``stages``,
   ``replicas``, ``stage_bounds`` (the layer cuts) and ``buffers`` (one whole-model
   dict per replica).  ``parameters`` is then the *whole* model's vector, gathered
@@ -246,6 +251,15 @@ def _describe_layout(layout: Mapping[str, Any]) -> str:
     return f"{layout['stages']} stages x {layout['replicas']} replicas (layer cuts {list(layout['stage_bounds'])})"
 
 
+def run_epochs(state: Mapping[str, Any] | None, epochs: int) -> int:
+    """The run length a run's length-scaled options were fitted to: a checkpoint's, else ``epochs``.
+
+    A checkpoint written before the entry existed (or by a run without one) gives ``epochs``.
+    """
+    saved = None if state is None else state.get("run_epochs")
+    return saved if isinstance(saved, int) and not isinstance(saved, bool) and saved > 0 else epochs
+
+
 def check_resumable(
     state: Mapping[str, Any],
     path: str,
@@ -320,6 +334,8 @@ class Checkpointer:
         log_path: the run log, recorded for provenance.
         layout: the optimizer's ``checkpoint_layout`` (APTS-IP's :data:`LAYOUT_KEYS`;
             ``None``: the parameters are whole on every rank).
+        run_epochs: the run length the optimizer's options were fitted to, saved as
+            ``run_epochs`` (``None``: not saved).
     """
 
     def __init__(
@@ -330,8 +346,10 @@ class Checkpointer:
         compat: Mapping[str, Any],
         log_path: str | None,
         layout: Mapping[str, Any] | None = None,
+        run_epochs: int | None = None,
     ) -> None:
         self.path = path
+        self.run_epochs = run_epochs
         self.every = every
         self.comm = comm
         self.compat = dict(compat)
@@ -381,6 +399,8 @@ class Checkpointer:
             }
             if self.layout is not None:
                 state["pipeline"] = {**self.layout, "buffers": replica_buffers}
+            if self.run_epochs is not None:
+                state["run_epochs"] = self.run_epochs
             try:
                 atomic_save(state, self.path, step=step)
             except OSError as exc:

@@ -174,10 +174,13 @@ def _setup(
     problem_options: dict[str, Any],
     comm: Communicator,
     given: Problem | None = None,
+    run_epochs: int | None = None,
 ) -> tuple[Any, Problem, GlobalBatches, torch.nn.Module]:
     """Everything that can fail on bad input, done before any collective.
 
     ``given``: a problem object (``hpcopt.train``), used instead of building ``cfg.problem``.
+    ``run_epochs``: the length the optimizer's run-scaled options are fitted to (``cfg.epochs``
+    where ``None``; a resumed run's original length, so that extending it keeps them).
     """
     cfg.validate()
     faults.check_environment()  # a malformed HPCOPT_FAULT fails here, before the run log exists
@@ -199,7 +202,7 @@ def _setup(
     )
     # Options counted in epochs of the data (Neumann's schedules) get the data's epoch and the run's length where unset.
     optimizer_config = optimizer_class(cfg.optimizer).resolve_config(
-        optimizer_config, batches.batches_per_epoch, cfg.epochs
+        optimizer_config, batches.batches_per_epoch, cfg.epochs if run_epochs is None else run_epochs
     )
     torch.manual_seed(cfg.seed)  # identical initial parameters on every rank
     model = problem.build_model(cfg.model)
@@ -209,11 +212,18 @@ def _setup(
 
 
 def _checkpointing(
-    cfg: TrainConfig, optimizer_config: Any, problem: Problem, batch_size: int, model: Any, comm: Communicator
+    cfg: TrainConfig,
+    optimizer_config: Any,
+    problem: Problem,
+    batch_size: int,
+    model: Any,
+    comm: Communicator,
+    state: dict[str, Any] | None,
 ) -> tuple[dict[str, Any], str | None, dict[str, Any] | None, dict[str, Any] | None]:
     """What must match to resume, the checkpoint path, the validated resume state and the model's layout.
 
-    No collectives.  The layout is the optimizer's ``checkpoint_layout`` (APTS-IP's stages,
+    ``state``: the checkpoint of ``cfg.resume``, loaded; ``None`` for a fresh run. No
+    collectives.  The layout is the optimizer's ``checkpoint_layout`` (APTS-IP's stages,
     replicas and layer cuts); ``None`` for the data-parallel optimizers and when the run
     neither writes nor reads a checkpoint.
     """
@@ -235,9 +245,7 @@ def _checkpointing(
     layout = None
     if path is not None or cfg.resume is not None:
         layout = optimizer_class(cfg.optimizer).checkpoint_layout(optimizer_config, model, comm.size)
-    state = None
-    if cfg.resume is not None:
-        state = checkpoint.load(cfg.resume)
+    if state is not None and cfg.resume is not None:
         checkpoint.check_resumable(state, cfg.resume, compat, comm.size, layout)
         require(
             cfg.max_steps is None or state["step"] < cfg.max_steps,
@@ -279,9 +287,14 @@ def _train(
     set_heap(cfg.heap)
     error: HpcoptError | None = None
     try:
-        optimizer_config, problem, batches, model = _setup(cfg, optimizer_options, problem_options, comm, given)
+        resume_state = checkpoint.load(cfg.resume) if cfg.resume is not None else None
+        # A resumed run keeps the options fitted to its original length, also when --epochs extends it.
+        run_epochs = checkpoint.run_epochs(resume_state, cfg.epochs)
+        optimizer_config, problem, batches, model = _setup(
+            cfg, optimizer_options, problem_options, comm, given, run_epochs
+        )
         compat, checkpoint_path, resume, layout = _checkpointing(
-            cfg, optimizer_config, problem, batches.batch_size, model, comm
+            cfg, optimizer_config, problem, batches.batch_size, model, comm, resume_state
         )
         if resume is not None:
             checkpoint.check_not_done(resume, str(cfg.resume), cfg.epochs, batches.batches_per_epoch)
@@ -323,7 +336,9 @@ def _train(
     checkpointer = (
         None
         if checkpoint_path is None
-        else checkpoint.Checkpointer(checkpoint_path, cfg.checkpoint_every, comm, compat, cfg.out, layout)
+        else checkpoint.Checkpointer(
+            checkpoint_path, cfg.checkpoint_every, comm, compat, cfg.out, layout, run_epochs=run_epochs
+        )
     )
     say = (lambda text: print(text, flush=True)) if comm.is_root and not cfg.quiet else (lambda text: None)
 

@@ -105,21 +105,31 @@ def test_resume_with_other_options_is_refused_on_every_rank(tmp_path: Path) -> N
 
 
 @pytest.mark.mpi(min_size=1)
-def test_resume_that_changes_a_derived_option_names_only_the_options_that_differ(tmp_path: Path) -> None:
-    # Neumann's burn-in and first reset period follow the run's length where unset: a run
-    # extended from 3 to 6 epochs would change them mid-run, so it is refused, saying which.
+def test_an_extended_run_keeps_the_options_fitted_to_its_first_length(tmp_path: Path) -> None:
+    # Neumann's burn-in and first reset period follow the run's length where unset (a tenth and
+    # a fifth of it). A 3-epoch run extended to 6 by --resume keeps those of 3 epochs, so it is
+    # bit for bit the 6-epoch run with them set: 0.3 and 0.6 epochs.
     comm = Communicator()
     directory = _shared_dir(comm, tmp_path)
     ckpt = str(directory / "neumann.ckpt")
-    cfg = TrainConfig(**{**BASE, "epochs": 3}, optimizer="neumann", max_steps=3, checkpoint=ckpt)  # type: ignore[arg-type]
-    train(cfg, {"epoch_steps": 2}, dict(PROBLEM), comm=comm)
-    longer = TrainConfig(**{**BASE, "epochs": 6}, optimizer="neumann", resume=ckpt)  # type: ignore[arg-type]
-    expected = (
-        r"written with optimizer_config reset_epochs=0\.6, warmup_epochs=0\.3; "
-        r"this run has reset_epochs=1\.2, warmup_epochs=0\.6$"
-    )
+    first = TrainConfig(**{**BASE, "epochs": 3}, optimizer="neumann", checkpoint=ckpt)  # type: ignore[arg-type]
+    train(first, {}, dict(PROBLEM), comm=comm)
+    assert checkpoint.load(ckpt)["run_epochs"] == 3
+    longer = TrainConfig(**{**BASE, "epochs": 6}, optimizer="neumann", resume=ckpt, checkpoint=ckpt)  # type: ignore[arg-type]
+    extended = train(longer, {}, dict(PROBLEM), comm=comm)
+    assert checkpoint.load(ckpt)["run_epochs"] == 3  # a second extension keeps them too
+    whole = TrainConfig(**{**BASE, "epochs": 6}, optimizer="neumann")  # type: ignore[arg-type]
+    reference = train(whole, {"warmup_epochs": 0.3, "reset_epochs": 0.6}, dict(PROBLEM), comm=comm)
+    assert extended.steps == reference.steps == 30
+    assert extended.losses == reference.losses[15:]
+    assert torch.equal(extended.parameters, reference.parameters)
+    # An option given differently is refused, naming only the options that differ.
+    expected = r"written with optimizer_config lr=0\.01, warmup_epochs=0\.3; this run has lr=0\.02, warmup_epochs=1\.0$"
+    again = TrainConfig(**{**BASE, "epochs": 6}, optimizer="neumann", resume=ckpt, overwrite=True)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=expected):
-        train(longer, {"epoch_steps": 2}, dict(PROBLEM), comm=comm)
+        train(again, {"lr": 0.02, "warmup_epochs": 1}, dict(PROBLEM), comm=comm)
+    # A checkpoint without the entry (older ones): the resumed run's --epochs.
+    assert checkpoint.run_epochs({"step": 1}, 6) == 6 and checkpoint.run_epochs(None, 4) == 4
 
 
 def test_resume_on_another_rank_count_is_refused() -> None:
