@@ -174,13 +174,11 @@ def _setup(
     problem_options: dict[str, Any],
     comm: Communicator,
     given: Problem | None = None,
-    run_epochs: int | None = None,
-) -> tuple[Any, Problem, GlobalBatches, torch.nn.Module]:
-    """Everything that can fail on bad input, done before any collective.
+) -> tuple[Any, Problem, GlobalBatches, torch.nn.Module, dict[str, Any] | None]:
+    """Everything that can fail on bad input, done before any collective; the last item is the
+    checkpoint of ``--resume``, loaded (``None`` for a fresh run).
 
     ``given``: a problem object (``hpcopt.train``), used instead of building ``cfg.problem``.
-    ``run_epochs``: the length the optimizer's run-scaled options are fitted to (``cfg.epochs``
-    where ``None``; a resumed run's original length, so that extending it keeps them).
     """
     cfg.validate()
     faults.check_environment()  # a malformed HPCOPT_FAULT fails here, before the run log exists
@@ -190,6 +188,10 @@ def _setup(
     optimizer_config = make_config(cfg.optimizer, optimizer_options)
     if cfg.out is not None:
         RunLog.check_path(cfg.out, overwrite=cfg.overwrite)
+    resume_state = None
+    if cfg.resume is not None:
+        checkpoint.check_distinct(cfg.out, None, cfg.resume)  # before reading it: the log may be it
+        resume_state = checkpoint.load(cfg.resume)
     problem = given or make_problem(cfg.problem, data_dir=cfg.data_dir, seed=cfg.seed, options=problem_options)
     suggested = problem.default_optimizer_options(cfg.optimizer)
     if suggested:  # a user's least-squares problem: Gauss–Newton where the user chose nothing else
@@ -201,14 +203,15 @@ def _setup(
         len(problem.train), batch_size, cfg.seed, shard, shards, _spatial_key(cfg, optimizer_config, problem)
     )
     # Options counted in epochs of the data (Neumann's schedules) get the data's epoch and the run's length where unset.
+    # A resumed run keeps the options fitted to its first length, also when --epochs extends it.
     optimizer_config = optimizer_class(cfg.optimizer).resolve_config(
-        optimizer_config, batches.batches_per_epoch, cfg.epochs if run_epochs is None else run_epochs
+        optimizer_config, batches.batches_per_epoch, checkpoint.run_epochs(resume_state, cfg.epochs)
     )
     torch.manual_seed(cfg.seed)  # identical initial parameters on every rank
     model = problem.build_model(cfg.model)
     # A user's problem runs its pieces once on a few rows: a broken one fails here, on every rank.
     problem.check_model(model, curvature_in_use(optimizer_config))
-    return optimizer_config, problem, batches, model
+    return optimizer_config, problem, batches, model, resume_state
 
 
 def _checkpointing(
@@ -287,11 +290,8 @@ def _train(
     set_heap(cfg.heap)
     error: HpcoptError | None = None
     try:
-        resume_state = checkpoint.load(cfg.resume) if cfg.resume is not None else None
-        # A resumed run keeps the options fitted to its original length, also when --epochs extends it.
-        run_epochs = checkpoint.run_epochs(resume_state, cfg.epochs)
-        optimizer_config, problem, batches, model = _setup(
-            cfg, optimizer_options, problem_options, comm, given, run_epochs
+        optimizer_config, problem, batches, model, resume_state = _setup(
+            cfg, optimizer_options, problem_options, comm, given
         )
         compat, checkpoint_path, resume, layout = _checkpointing(
             cfg, optimizer_config, problem, batches.batch_size, model, comm, resume_state
@@ -337,7 +337,13 @@ def _train(
         None
         if checkpoint_path is None
         else checkpoint.Checkpointer(
-            checkpoint_path, cfg.checkpoint_every, comm, compat, cfg.out, layout, run_epochs=run_epochs
+            checkpoint_path,
+            cfg.checkpoint_every,
+            comm,
+            compat,
+            cfg.out,
+            layout,
+            run_epochs=checkpoint.run_epochs(resume, cfg.epochs),
         )
     )
     say = (lambda text: print(text, flush=True)) if comm.is_root and not cfg.quiet else (lambda text: None)
