@@ -219,6 +219,10 @@ def check_not_done(state: Mapping[str, Any], path: str, epochs: int, batches_per
         )
 
 
+#: The entries of :func:`compat_fields` that hold a set of options, as JSON text.
+OPTION_FIELDS = ("optimizer_config", "problem_options")
+
+
 def compat_fields(
     *,
     problem: str,
@@ -237,7 +241,7 @@ def compat_fields(
         "optimizer": optimizer,
         "seed": seed,
         "batch_size": batch_size,
-        "optimizer_config": json.dumps(dict(optimizer_config), sort_keys=True),
+        "optimizer_config": json.dumps(dict(optimizer_config), sort_keys=True),  # OPTION_FIELDS
         "problem_options": json.dumps(dict(problem_options), sort_keys=True, default=str),
         "num_parameters": num_parameters,
     }
@@ -302,7 +306,8 @@ def check_resumable(
 
 def _difference(key: str, saved: Any, value: Any) -> str:
     """``key=saved; this run has key=value``, or, for two sets of options, only the options that differ."""
-    saved, value = _options(saved), _options(value)
+    if key in OPTION_FIELDS:
+        saved, value = _options(saved), _options(value)
     if not (isinstance(saved, dict) and isinstance(value, dict)):
         return f"{key}={saved}; this run has {key}={value}"
     names = sorted(name for name in saved.keys() | value.keys() if saved.get(name) != value.get(name))
@@ -313,13 +318,12 @@ def _difference(key: str, saved: Any, value: Any) -> str:
 
 
 def _options(value: Any) -> Any:
-    """A compat entry's options (JSON text of a dict) as a dict; anything else as it is."""
-    if isinstance(value, str) and value.startswith("{"):
-        try:
-            return json.loads(value)
-        except ValueError:
-            return value
-    return value
+    """A compat entry of :data:`OPTION_FIELDS` as a dict; as it is where it is not such JSON (a damaged file)."""
+    try:
+        options = json.loads(value)
+    except (TypeError, ValueError):
+        return value
+    return options if isinstance(options, dict) else value
 
 
 class Checkpointer:

@@ -42,8 +42,13 @@ def source_revision(root: Path = SOURCE_ROOT) -> SourceRevision:
     names = [line[3:] for line in changes.splitlines() if line.strip()]
     if not names:
         return SourceRevision(sha, "clean")
-    more = f" and {len(names) - MAX_NAMED} more" if len(names) > MAX_NAMED else ""
-    return SourceRevision(sha, "modified: " + ", ".join(names[:MAX_NAMED]) + more)
+    return SourceRevision(sha, "modified: " + listed(names, MAX_NAMED))
+
+
+def listed(names: list[str], limit: int) -> str:
+    """``a, b, c`` — the first ``limit`` names, and ``and N more`` for the rest."""
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
 
 def _git(root: Path, *args: str) -> str | None:

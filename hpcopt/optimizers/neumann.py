@@ -165,13 +165,13 @@ class NeumannConfig:
 
     @property
     def burn_in_epochs(self) -> float:
-        """``warmup_epochs``, or the paper's 5 where it is unset and the run's length unknown."""
-        return PAPER_WARMUP_EPOCHS if self.warmup_epochs is None else self.warmup_epochs
+        """``warmup_epochs``, or, unresolved (:meth:`Neumann.resolve_config`), the paper's."""
+        return schedule_epochs(None)[0] if self.warmup_epochs is None else self.warmup_epochs
 
     @property
     def first_reset_epochs(self) -> float:
-        """``reset_epochs``, or the paper's 10 where it is unset and the run's length unknown."""
-        return PAPER_RESET_EPOCHS if self.reset_epochs is None else self.reset_epochs
+        """``reset_epochs``, or, unresolved (:meth:`Neumann.resolve_config`), the paper's."""
+        return schedule_epochs(None)[1] if self.reset_epochs is None else self.reset_epochs
 
     @property
     def warmup_steps(self) -> int:

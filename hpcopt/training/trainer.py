@@ -242,7 +242,7 @@ def _checkpointing(
     )
     path = cfg.checkpoint or (checkpoint.default_path(cfg.out) if cfg.checkpoint_every else None)
     require(not cfg.checkpoint_every or path is not None, "--checkpoint-every needs --checkpoint PATH or --out")
-    checkpoint.check_distinct(cfg.out, path, cfg.resume)
+    checkpoint.check_distinct(cfg.out, path, None)  # the log against the resumed checkpoint: in _setup, before reading
     if path is not None:
         checkpoint.check_path(path, overwrite=cfg.overwrite, resume=cfg.resume)
     layout = None
