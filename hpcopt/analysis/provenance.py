@@ -12,7 +12,6 @@ from collections import Counter
 from collections.abc import Sequence
 
 from hpcopt.analysis.tables import Run, display_names
-from hpcopt.log.provenance import listed
 
 #: run-log attribute → what the note calls it
 VERSIONS = {"torch_version": "torch", "mpi_library_version": "MPI"}
@@ -28,9 +27,7 @@ def provenance_note(runs: Sequence[Run]) -> str:
         lines.append(f"{len(commits)} commits: {_counted(commits)}")
     modified = [name for run, name in zip(runs, names, strict=True) if _modified(run)]
     if modified:
-        lines.append(
-            f"uncommitted changes to the code (git_status) in {_runs(len(modified))}: {listed(modified, MAX_NAMED)}"
-        )
+        lines.append(f"uncommitted changes to the code (git_status) in {_runs(len(modified))}: {_listed(modified)}")
     for attribute, label in VERSIONS.items():
         # the first line of a version string names it (MPICH's runs to a screen of build options)
         versions = Counter(str(run.attributes.get(attribute, "")).strip().split("\n")[0] or "unknown" for run in runs)
@@ -51,3 +48,9 @@ def _counted(counts: Counter[str]) -> str:
 
 def _runs(count: int) -> str:
     return f"{count} run" if count == 1 else f"{count} runs"
+
+
+def _listed(names: list[str]) -> str:
+    # hpcopt.log.provenance.listed's twin: the analysis layer imports nothing but errors.
+    more = f" and {len(names) - MAX_NAMED} more" if len(names) > MAX_NAMED else ""
+    return ", ".join(names[:MAX_NAMED]) + more
