@@ -26,6 +26,11 @@ per method at its best learning rate, one row of panels per batch size).  With
 step over Adam's.  The table of a study run in pieces (``--methods``/``--lrs``) is
 ``--report-only`` with every method.
 
+With three batch sizes or more (``--batches 15000,7500,4000,2000,1000``) the study is also a
+batch sweep, which is what the papers' claims are about: a table of each method's final
+accuracy at its best rate against the batch size, with its distance to Adam's best at that
+batch, ``large_batch_sizes.csv`` (one row per method and batch) and ``large_batch_sizes.png``.
+
 With ``--seeds 0,1,2`` every configuration runs once per seed (logs ``NAME.sS.h5`` for a
 seed S other than 0).  The first seed chooses each method's best learning rate, as a
 single-seed study does; the other seeds measure how far a result moves with the seed
@@ -41,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,7 +109,17 @@ LEARNING_RATES: dict[str, tuple[float, ...]] = {
 # A batch with a grid of its own: at batch 1 000 Neumann's best rate is the grid's largest,
 # 0.3, on seed 0, and 0.3 / 0.4 / 0.5 are the best three adjacent rates over seeds 0-2
 # (docs/results-large-batch.md#where-the-schedules-epochs-start-schedule_originstart).
-BATCH_LEARNING_RATES: dict[tuple[str, int], tuple[float, ...]] = {("neumann-start", 1000): (0.3, 0.4, 0.5)}
+# Between the goal's two batches (the batch sweep of docs/results-large-batch.md) Neumann's and
+# SGD's grids move with their best rates: Neumann's from 0.3 at 1 000 to 0.2 at 15 000, SGD's
+# from 0.03 at 1 000 to 0.01 at 15 000 (seed 0).
+BATCH_LEARNING_RATES: dict[tuple[str, int], tuple[float, ...]] = {
+    ("neumann-start", 1000): (0.3, 0.4, 0.5),
+    ("neumann-start", 2000): (0.2, 0.3, 0.4),
+    ("neumann-start", 4000): (0.2, 0.3, 0.4),
+    ("sgd", 2000): (0.01, 0.03, 0.1),
+    ("sgd", 4000): (0.01, 0.03, 0.1),
+    ("sgd", 7500): (0.01, 0.03, 0.1),
+}
 WARMUP_FRACTION = 0.1  # of the steps (SGD, Adam, NLCG) or of the epochs (Neumann's burn-in)
 # The paper's ResNet-50 runs are 230 epochs of ImageNet long (updates × batch / 1 281 167
 # for its five batch sizes: 226, 230, 258, 210, 237); "neumann-scaled" maps them onto this run.
@@ -314,6 +330,8 @@ def report(runs: list[Config], args: argparse.Namespace) -> None:
     write_csv(results, best, over_adam, outdir / "large_batch.csv", without_result)
     if best:
         write_figure(best, outdir / "large_batch.png")
+    if len({batch for _method, batch in best}) >= 3:
+        report_batch_sizes(best, outdir)
     if len(args.seeds) > 1:
         report_seeds(results, without_result, outdir)
 
@@ -526,6 +544,98 @@ def write_figure(best: dict[tuple[str, int], Result], path: Path) -> None:
             ax.set_title(f"batch {batch}: accuracy against {xlabel.split(' (')[0]}{cut}", fontsize=10)
         # beside the panels, not over them: inside, a legend hides the curves it names
         row[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def by_batch_size(best: dict[tuple[str, int], Result]) -> dict[str, dict[int, tuple[float, float]]]:
+    """Each method's final accuracy at its best rate, batch by batch, and that minus Adam's best there.
+
+    The second figure is NaN at a batch where Adam did not run.
+    """
+    adam = {batch: float(result.accuracy[-1]) for (method, batch), result in best.items() if method == "adam"}
+    table: dict[str, dict[int, tuple[float, float]]] = {}
+    for (method, batch), result in sorted(best.items()):
+        final = float(result.accuracy[-1])
+        table.setdefault(method, {})[batch] = (final, final - adam.get(batch, float("nan")))
+    return table
+
+
+def report_batch_sizes(best: dict[tuple[str, int], Result], outdir: Path) -> None:
+    """The study as a batch sweep: each method's best final accuracy against the batch size.
+
+    The paper's claim for Neumann (and NLCG's) is about the batch size: no loss of accuracy as it
+    grows.  A table (final accuracy, and minus Adam's best in brackets), ``large_batch_sizes.csv``
+    (one row per method and batch) and ``large_batch_sizes.png``.
+    """
+    table = by_batch_size(best)
+    batches = sorted({batch for _method, batch in best})
+    steps = {batch: next(r.steps for (_m, b), r in best.items() if b == batch) for batch in batches}
+    header = f"{'batch (steps)':<16}" + "".join(f"{f'{b} ({steps[b]})':>18}" for b in batches)
+    print(f"\nfinal accuracy % at the best rate against the batch size (minus Adam's best):\n{header}")
+    print("-" * len(header))
+    for method, row in table.items():
+        cells = "".join(f"{f'{row[b][0]:.2f} ({row[b][1]:+.2f})' if b in row else '':>18}" for b in batches)
+        print(f"{method:<16}{cells}")
+    path = outdir / "large_batch_sizes.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["method", "batch", "steps", "lr", "final_accuracy", "minus_adam_best"])
+        for method, row in table.items():
+            for batch, (final, gap) in sorted(row.items()):
+                lr = best[(method, batch)].config.lr
+                lr_text = "" if lr is None else f"{lr:g}"
+                writer.writerow([method, batch, steps[batch], lr_text, f"{final:.2f}", f"{gap:.2f}"])
+    print(f"wrote {path}")
+    write_batch_size_figure(table, outdir / "large_batch_sizes.png")
+
+
+GAP_FLOOR = -10.0  # points below Adam's best where the batch-size figure's right panel stops
+
+
+def write_batch_size_figure(table: dict[str, dict[int, tuple[float, float]]], path: Path) -> None:
+    """Final accuracy (left) and the same minus Adam's best (right) against the batch size, log scale."""
+    plt = _common.pyplot(path)
+    if plt is None:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for index, (method, row) in enumerate(table.items()):
+        batches = sorted(row)
+        style = {"marker": "o", "markersize": 4, "color": f"C{index}", "label": method}
+        axes[0].plot(batches, [row[b][0] for b in batches], **style)
+        axes[1].plot(batches, [row[b][1] for b in batches], **style)
+    axes[1].axhline(0.0, color="k", linewidth=0.8)
+    # One method far behind (SGD at 40 steps) would squeeze the others' gaps into a line: the
+    # panel stops at GAP_FLOOR and names the value of each point below it, at its foot.
+    gaps = [gap for row in table.values() for _final, gap in row.values() if math.isfinite(gap)]
+    if gaps and min(gaps) < GAP_FLOOR:
+        axes[1].set_ylim(GAP_FLOOR, max(1.0, max(gaps) + 0.5))
+        for index, row in enumerate(table.values()):
+            for batch, (_final, gap) in row.items():
+                if gap < GAP_FLOOR:
+                    axes[1].annotate(
+                        f"{gap:.2f} ↓",
+                        (batch, GAP_FLOOR),
+                        xytext=(0, 4),
+                        textcoords="offset points",
+                        ha="center",
+                        fontsize=8,
+                        color=f"C{index}",
+                    )
+    titles = ("final validation accuracy (%), each method at its best rate", "minus Adam's best at that batch (points)")
+    batches = sorted({batch for row in table.values() for batch in row})
+    for ax, title in zip(axes, titles, strict=True):
+        ax.set_xscale("log")
+        ax.set_xticks(batches, [str(batch) for batch in batches])  # the batches run, not powers of ten
+        ax.minorticks_off()
+        ax.set_xlabel("global batch size (log scale)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel("validation accuracy (%)")
+    axes[1].set_ylabel("points")
+    axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)

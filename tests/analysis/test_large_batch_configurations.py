@@ -46,3 +46,24 @@ def test_the_default_study_runs_neumann_as_hpcopt_does_with_its_own_grid_at_batc
     assert grid[("adam", 1000)] == grid[("adam", 15000)] == [0.003, 0.01, 0.03]
     # the middle rate of every method runs first within a batch
     assert [(run.method, run.lr) for run in runs if run.batch == 1000][:2] == [("neumann-start", 0.4), ("adam", 0.01)]
+
+
+def test_the_batch_sweep_moves_neumanns_and_sgds_grids_with_their_best_rates() -> None:
+    script = benchmark_script("large_batch")
+    runs = script.configurations(
+        ["neumann-start", "sgd", "adam"],
+        [7500, 4000, 2000],
+        script.LEARNING_RATES,
+        epochs=10,
+        train_size=60000,
+        batch_lrs=script.BATCH_LEARNING_RATES,
+    )
+    grid: dict[tuple[str, int], list[float]] = {}
+    for run in runs:
+        grid.setdefault((run.method, run.batch), []).append(run.lr)
+    assert sorted(grid[("neumann-start", 2000)]) == sorted(grid[("neumann-start", 4000)]) == [0.2, 0.3, 0.4]
+    assert sorted(grid[("neumann-start", 7500)]) == [0.1, 0.2, 0.3]  # the 15 000 grid
+    assert all(sorted(grid[("sgd", batch)]) == [0.01, 0.03, 0.1] for batch in (2000, 4000, 7500))
+    assert sorted(grid[("adam", 4000)]) == [0.003, 0.01, 0.03]
+    # 60 000 rows at batch 7 500: 8 steps an epoch, SGD's warm-up 10 % of the 80 steps
+    assert {run.options["warmup_steps"] for run in runs if run.method == "sgd" and run.batch == 7500} == {8}

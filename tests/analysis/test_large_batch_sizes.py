@@ -1,0 +1,57 @@
+"""``benchmarks/large_batch.py`` over three or more batches: each method's best against the batch size."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.conftest import benchmark_script
+
+
+def result(script: Any, method: str, batch: int, lr: float, final: float) -> Any:
+    config = script.Config(f"{method}.b{batch}.lr{lr:g}", method, batch, lr, method, {"lr": lr})
+    accuracy = np.array([50.0, final])
+    steps = 600_000 // batch
+    # the run log is not read by the batch-size report; the steps and the accuracies are
+    return script.Result(config, None, accuracy, np.array([steps // 2, steps]), np.array([1.0, 2.0]), steps, 0.1)
+
+
+def test_each_method_at_each_batch_against_adams_best(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    script = benchmark_script("large_batch")
+    finals = {
+        ("adam", 1000): 99.08,
+        ("adam", 4000): 98.50,
+        ("adam", 15000): 97.35,
+        ("neumann-start", 1000): 98.80,
+        ("neumann-start", 4000): 97.00,
+        ("neumann-start", 15000): 92.10,
+        ("sgd", 4000): 96.00,  # a method without every batch
+    }
+    best = {key: result(script, key[0], key[1], 0.1, final) for key, final in finals.items()}
+    table = script.by_batch_size(best)
+    assert table["neumann-start"][15000] == pytest.approx((92.10, 92.10 - 97.35))
+    assert table["adam"][4000] == (98.50, 0.0)
+    assert set(table["sgd"]) == {4000}
+
+    script.report_batch_sizes(best, tmp_path)
+    printed = capsys.readouterr().out
+    assert "92.10 (-5.25)" in printed and "98.80 (-0.28)" in printed  # the table names the gap to Adam
+    with (tmp_path / "large_batch_sizes.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == len(finals)
+    neumann = {int(row["batch"]): row for row in rows if row["method"] == "neumann-start"}
+    assert neumann[15000]["steps"] == "40" and neumann[1000]["steps"] == "600"
+    assert float(neumann[4000]["minus_adam_best"]) == pytest.approx(-1.50)
+    assert (tmp_path / "large_batch_sizes.png").stat().st_size > 0
+
+
+def test_a_batch_without_adam_has_no_gap() -> None:
+    script = benchmark_script("large_batch")
+    best = {("neumann-start", 2000): result(script, "neumann-start", 2000, 0.3, 98.0)}
+    final, gap = script.by_batch_size(best)["neumann-start"][2000]
+    assert final == 98.0 and math.isnan(gap)
