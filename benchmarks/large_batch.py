@@ -602,10 +602,10 @@ def write_batch_size_figure(table: dict[str, dict[int, tuple[float, float]]], pa
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for index, (method, row) in enumerate(table.items()):
-        batches = sorted(row)
+        ran = sorted(row)  # the batches this method ran at
         style = {"marker": "o", "markersize": 4, "color": f"C{index}", "label": method}
-        axes[0].plot(batches, [row[b][0] for b in batches], **style)
-        axes[1].plot(batches, [row[b][1] for b in batches], **style)
+        axes[0].plot(ran, [row[b][0] for b in ran], **style)
+        axes[1].plot(ran, [row[b][1] for b in ran], **style)
     axes[1].axhline(0.0, color="k", linewidth=0.8)
     # One method far behind (SGD at 40 steps) would squeeze the others' gaps into a line: the
     # panel stops at GAP_FLOOR and names the value of each point below it, at its foot.
