@@ -2,8 +2,21 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from hpcopt.optimizers import Neumann, make_config
 from tests.conftest import benchmark_script
+
+
+def study_grids(script: Any, methods: list[str], batches: list[int]) -> tuple[list[Any], dict[tuple[str, int], list]]:
+    """The 10-epoch study's runs on 60 000 rows, and the sorted rates of each (method, batch)."""
+    runs = script.configurations(
+        methods, batches, script.LEARNING_RATES, epochs=10, train_size=60000, batch_lrs=script.BATCH_LEARNING_RATES
+    )
+    grid: dict[tuple[str, int], list] = {}
+    for run in runs:
+        grid.setdefault((run.method, run.batch), []).append(run.lr)
+    return runs, {key: sorted(lrs) for key, lrs in grid.items()}
 
 
 def test_every_method_builds_a_valid_config_and_neumann_ramp_warms_up_its_whole_burn_in() -> None:
@@ -29,18 +42,7 @@ def test_the_default_study_runs_neumann_as_hpcopt_does_with_its_own_grid_at_batc
     script = benchmark_script("large_batch")
     assert "neumann-start" in script.DEFAULT_METHODS and "neumann" not in script.DEFAULT_METHODS
     assert script.METHODS["neumann-start"] == ("neumann", {})  # the study's Neumann is `hpcopt train`'s
-    runs = script.configurations(
-        ["neumann-start", "adam"],
-        [15000, 1000],
-        script.LEARNING_RATES,
-        epochs=10,
-        train_size=60000,
-        batch_lrs=script.BATCH_LEARNING_RATES,
-    )
-    grid: dict[tuple[str, int], list[float]] = {}
-    for run in runs:
-        grid.setdefault((run.method, run.batch), []).append(run.lr)
-    grid = {key: sorted(lrs) for key, lrs in grid.items()}
+    runs, grid = study_grids(script, ["neumann-start", "adam"], [15000, 1000])
     assert grid[("neumann-start", 15000)] == [0.1, 0.2, 0.3]
     assert grid[("neumann-start", 1000)] == [0.3, 0.4, 0.5]  # that batch's own grid
     assert grid[("adam", 1000)] == grid[("adam", 15000)] == [0.003, 0.01, 0.03]
@@ -50,20 +52,10 @@ def test_the_default_study_runs_neumann_as_hpcopt_does_with_its_own_grid_at_batc
 
 def test_the_batch_sweep_moves_neumanns_and_sgds_grids_with_their_best_rates() -> None:
     script = benchmark_script("large_batch")
-    runs = script.configurations(
-        ["neumann-start", "sgd", "adam"],
-        [7500, 4000, 2000],
-        script.LEARNING_RATES,
-        epochs=10,
-        train_size=60000,
-        batch_lrs=script.BATCH_LEARNING_RATES,
-    )
-    grid: dict[tuple[str, int], list[float]] = {}
-    for run in runs:
-        grid.setdefault((run.method, run.batch), []).append(run.lr)
-    assert sorted(grid[("neumann-start", 2000)]) == sorted(grid[("neumann-start", 4000)]) == [0.2, 0.3, 0.4]
-    assert sorted(grid[("neumann-start", 7500)]) == [0.1, 0.2, 0.3]  # the 15 000 grid
-    assert all(sorted(grid[("sgd", batch)]) == [0.01, 0.03, 0.1] for batch in (2000, 4000, 7500))
-    assert sorted(grid[("adam", 4000)]) == [0.003, 0.01, 0.03]
+    runs, grid = study_grids(script, ["neumann-start", "sgd", "adam"], [7500, 4000, 2000])
+    assert grid[("neumann-start", 2000)] == grid[("neumann-start", 4000)] == [0.2, 0.3, 0.4]
+    assert grid[("neumann-start", 7500)] == [0.1, 0.2, 0.3]  # the 15 000 grid
+    assert all(grid[("sgd", batch)] == [0.01, 0.03, 0.1] for batch in (2000, 4000, 7500))
+    assert grid[("adam", 4000)] == [0.003, 0.01, 0.03]
     # 60 000 rows at batch 7 500: 8 steps an epoch, SGD's warm-up 10 % of the 80 steps
     assert {run.options["warmup_steps"] for run in runs if run.method == "sgd" and run.batch == 7500} == {8}
