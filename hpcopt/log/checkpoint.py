@@ -241,7 +241,8 @@ def compat_fields(
         "optimizer": optimizer,
         "seed": seed,
         "batch_size": batch_size,
-        "optimizer_config": json.dumps(dict(optimizer_config), sort_keys=True),  # OPTION_FIELDS
+        # the two OPTION_FIELDS: sets of options as JSON text, which a mismatch message decodes
+        "optimizer_config": json.dumps(dict(optimizer_config), sort_keys=True),
         "problem_options": json.dumps(dict(problem_options), sort_keys=True, default=str),
         "num_parameters": num_parameters,
     }
