@@ -111,11 +111,13 @@ LEARNING_RATES: dict[str, tuple[float, ...]] = {
 # (docs/results-large-batch.md#where-the-schedules-epochs-start-schedule_originstart).
 # Between the goal's two batches (the batch sweep of docs/results-large-batch.md) Neumann's and
 # SGD's grids move with their best rates: Neumann's from 0.3 at 1 000 to 0.2 at 15 000, SGD's
-# from 0.03 at 1 000 to 0.01 at 15 000 (seed 0).
+# from 0.03 at 1 000 to 0.01 at 15 000 (seed 0); at 7 500 Neumann's best of 0.1 / 0.2 / 0.3 was
+# the grid's largest, and 0.4 beat it and 0.5 and 0.6 (seed 0; docs/results-large-batch.md).
 BATCH_LEARNING_RATES: dict[tuple[str, int], tuple[float, ...]] = {
     ("neumann-start", 1000): (0.3, 0.4, 0.5),
     ("neumann-start", 2000): (0.2, 0.3, 0.4),
     ("neumann-start", 4000): (0.2, 0.3, 0.4),
+    ("neumann-start", 7500): (0.2, 0.3, 0.4),
     ("sgd", 2000): (0.01, 0.03, 0.1),
     ("sgd", 4000): (0.01, 0.03, 0.1),
     ("sgd", 7500): (0.01, 0.03, 0.1),
@@ -332,6 +334,8 @@ def report(runs: list[Config], args: argparse.Namespace) -> None:
         write_figure(best, outdir / "large_batch.png")
     if len({batch for _method, batch in best}) >= 3:
         report_batch_sizes(best, outdir)
+        if len(args.seeds) > 1:
+            report_batch_sizes_over_seeds(results, args.seeds, outdir)
     if len(args.seeds) > 1:
         report_seeds(results, without_result, outdir)
 
@@ -592,11 +596,78 @@ def report_batch_sizes(best: dict[tuple[str, int], Result], outdir: Path) -> Non
     write_batch_size_figure(table, outdir / "large_batch_sizes.png")
 
 
+BatchTable = dict[str, dict[int, tuple[float, float]]]  # method → batch → (final %, minus Adam's best)
+
+
+def seed_batch_tables(results: list[Result], seeds: Sequence[int]) -> dict[int, BatchTable]:
+    """:func:`by_batch_size` of every seed: each method at its best rate on that seed, against
+    Adam's best on the same seed (as the goals are judged)."""
+    return {seed: by_batch_size(best_per_method(results, seed)) for seed in seeds}
+
+
+def mean_batch_table(tables: Mapping[int, BatchTable]) -> tuple[BatchTable, dict[tuple[str, int], list[int]]]:
+    """The mean over the seeds of each method's final accuracy and of its gap to Adam, batch by batch,
+    and the seeds each mean is over (those with a result; a NaN gap, no Adam on that seed, is left out
+    of the gap's mean)."""
+    finals: dict[tuple[str, int], list[float]] = {}
+    gaps: dict[tuple[str, int], list[float]] = {}
+    seeds: dict[tuple[str, int], list[int]] = {}
+    for seed, table in tables.items():
+        for method, row in table.items():
+            for batch, (final, gap) in row.items():
+                finals.setdefault((method, batch), []).append(final)
+                seeds.setdefault((method, batch), []).append(seed)
+                if math.isfinite(gap):
+                    gaps.setdefault((method, batch), []).append(gap)
+    mean: BatchTable = {}
+    for method, batch in sorted(finals):
+        gap = float(np.mean(gaps[(method, batch)])) if (method, batch) in gaps else float("nan")
+        mean.setdefault(method, {})[batch] = (float(np.mean(finals[(method, batch)])), gap)
+    return mean, seeds
+
+
+def report_batch_sizes_over_seeds(results: list[Result], seeds: Sequence[int], outdir: Path) -> None:
+    """The batch sweep on every seed: the mean gap to Adam with its lowest and highest over the seeds,
+    ``large_batch_sizes_seeds.csv`` (one row per method, batch and seed) and
+    ``large_batch_sizes_seeds.png`` (the means as lines, every seed as a dot)."""
+    tables = seed_batch_tables(results, seeds)
+    mean, ran = mean_batch_table(tables)
+    batches = sorted({batch for row in mean.values() for batch in row})
+    print("\nminus Adam's best on the same seed, each seed at its best rate: mean (lowest, highest) [seeds]:")
+    header = f"{'batch':<16}" + "".join(f"{batch:>26}" for batch in batches)
+    print(f"{header}\n{'-' * len(header)}")
+    for method, row in mean.items():
+        cells = []
+        for batch in batches:
+            gaps = [tables[s][method][batch][1] for s in ran.get((method, batch), [])]
+            gaps = [gap for gap in gaps if math.isfinite(gap)]
+            text = f"{row[batch][1]:+.2f} ({min(gaps):+.2f}, {max(gaps):+.2f}) [{len(gaps)}]" if gaps else ""
+            cells.append(f"{text:>26}")
+        print(f"{method:<16}{''.join(cells)}")
+    path = outdir / "large_batch_sizes_seeds.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["method", "batch", "seed", "lr", "final_accuracy", "minus_adam_best"])
+        for seed in seeds:
+            best = best_per_method(results, seed)
+            for method, row in tables[seed].items():
+                for batch, (final, gap) in sorted(row.items()):
+                    lr = best[(method, batch)].config.lr
+                    lr_text = "" if lr is None else f"{lr:g}"
+                    writer.writerow([method, batch, seed, lr_text, f"{final:.2f}", f"{gap:.2f}"])
+    print(f"wrote {path}")
+    write_batch_size_figure(mean, outdir / "large_batch_sizes_seeds.png", tables)
+
+
 GAP_FLOOR = -10.0  # points below Adam's best where the batch-size figure's right panel stops
 
 
-def write_batch_size_figure(table: dict[str, dict[int, tuple[float, float]]], path: Path) -> None:
-    """Final accuracy (left) and the same minus Adam's best (right) against the batch size, log scale."""
+def write_batch_size_figure(table: BatchTable, path: Path, seeds: Mapping[int, BatchTable] | None = None) -> None:
+    """Final accuracy (left) and the same minus Adam's best (right) against the batch size, log scale.
+
+    With ``seeds`` (seed → that seed's table) ``table`` is their mean, drawn as lines, and every
+    seed's point is a dot of its method's colour.
+    """
     plt = _common.pyplot(path)
     if plt is None:
         return
@@ -606,12 +677,19 @@ def write_batch_size_figure(table: dict[str, dict[int, tuple[float, float]]], pa
         style = {"marker": "o", "markersize": 4, "color": f"C{index}", "label": method}
         axes[0].plot(ran, [row[b][0] for b in ran], **style)
         axes[1].plot(ran, [row[b][1] for b in ran], **style)
+        for seed_table in (seeds or {}).values():
+            points = sorted(seed_table.get(method, {}).items())
+            for column, ax in enumerate(axes):
+                values = [max(value[column], GAP_FLOOR) if column else value[column] for _batch, value in points]
+                ax.plot([b for b, _ in points], values, "o", color=f"C{index}", alpha=0.35, markersize=6)
     axes[1].axhline(0.0, color="k", linewidth=0.8)
     # One method far behind (SGD at 40 steps) would squeeze the others' gaps into a line: the
-    # panel stops at GAP_FLOOR and names the value of each point below it, at its foot.
-    gaps = [gap for row in table.values() for _final, gap in row.values() if math.isfinite(gap)]
+    # panel stops at GAP_FLOOR and names the value of each point below it, at its foot (a
+    # seed's dot below it sits on the floor).
+    every = [table, *(seeds or {}).values()]
+    gaps = [gap for each in every for row in each.values() for _final, gap in row.values() if math.isfinite(gap)]
     if gaps and min(gaps) < GAP_FLOOR:
-        axes[1].set_ylim(GAP_FLOOR, max(1.0, max(gaps) + 0.5))
+        axes[1].set_ylim(GAP_FLOOR - 0.3, max(1.0, max(gaps) + 0.5))
         for index, row in enumerate(table.values()):
             for batch, (_final, gap) in row.items():
                 if gap < GAP_FLOOR:
@@ -625,6 +703,9 @@ def write_batch_size_figure(table: dict[str, dict[int, tuple[float, float]]], pa
                         color=f"C{index}",
                     )
     titles = ("final validation accuracy (%), each method at its best rate", "minus Adam's best at that batch (points)")
+    if seeds:
+        names = ", ".join(str(seed) for seed in seeds)
+        titles = (f"{titles[0]}\n(line: mean over seeds {names}; dots: each seed)", f"{titles[1]}\n(on the same seed)")
     batches = sorted({batch for row in table.values() for batch in row})
     for ax, title in zip(axes, titles, strict=True):
         ax.set_xscale("log")
