@@ -30,6 +30,9 @@ With three batch sizes or more (``--batches 15000,7500,4000,2000,1000``) the stu
 batch sweep, which is what the papers' claims are about: a table of each method's final
 accuracy at its best rate against the batch size, with its distance to Adam's best at that
 batch, ``large_batch_sizes.csv`` (one row per method and batch) and ``large_batch_sizes.png``.
+With several seeds as well, each seed's best against Adam's best on the same seed: the mean gap
+with its lowest and highest, ``large_batch_sizes_seeds.csv`` (one row per method, batch and
+seed) and ``large_batch_sizes_seeds.png`` (the means as lines, every seed as a dot).
 
 With ``--seeds 0,1,2`` every configuration runs once per seed (logs ``NAME.sS.h5`` for a
 seed S other than 0).  The first seed chooses each method's best learning rate, as a
@@ -679,13 +682,16 @@ def write_batch_size_figure(table: BatchTable, path: Path, seeds: Mapping[int, B
         axes[1].plot(ran, [row[b][1] for b in ran], **style)
         for seed_table in (seeds or {}).values():
             points = sorted(seed_table.get(method, {}).items())
-            for column, ax in enumerate(axes):
-                values = [max(value[column], GAP_FLOOR) if column else value[column] for _batch, value in points]
-                ax.plot([b for b, _ in points], values, "o", color=f"C{index}", alpha=0.35, markersize=6)
+            dots = {"color": f"C{index}", "alpha": 0.35, "markersize": 6, "linestyle": "none"}
+            axes[0].plot([b for b, _ in points], [final for _b, (final, _gap) in points], "o", **dots)
+            shown = [(b, gap) for b, (_final, gap) in points if not gap < GAP_FLOOR]
+            below = [b for b, (_final, gap) in points if gap < GAP_FLOOR]  # drawn on the floor, pointing down
+            axes[1].plot([b for b, _ in shown], [gap for _b, gap in shown], "o", **dots)
+            axes[1].plot(below, [GAP_FLOOR] * len(below), "v", **dots)
     axes[1].axhline(0.0, color="k", linewidth=0.8)
     # One method far behind (SGD at 40 steps) would squeeze the others' gaps into a line: the
     # panel stops at GAP_FLOOR and names the value of each point below it, at its foot (a
-    # seed's dot below it sits on the floor).
+    # seed's dot below it is a triangle on the floor).
     every = [table, *(seeds or {}).values()]
     gaps = [gap for each in every for row in each.values() for _final, gap in row.values() if math.isfinite(gap)]
     if gaps and min(gaps) < GAP_FLOOR:
