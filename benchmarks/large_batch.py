@@ -680,12 +680,15 @@ def write_batch_size_figure(table: BatchTable, path: Path, seeds: Mapping[int, B
         style = {"marker": "o", "markersize": 4, "color": f"C{index}", "label": method}
         axes[0].plot(ran, [row[b][0] for b in ran], **style)
         axes[1].plot(ran, [row[b][1] for b in ran], **style)
+        # each method's dots a little to the side of the batch, so that two methods' dots
+        # (at the floor, or level) do not hide each other
+        shift = 1.0 + 0.04 * (index - (len(table) - 1) / 2)
         for seed_table in (seeds or {}).values():
             points = sorted(seed_table.get(method, {}).items())
             dots = {"color": f"C{index}", "alpha": 0.35, "markersize": 6, "linestyle": "none"}
-            axes[0].plot([b for b, _ in points], [final for _b, (final, _gap) in points], "o", **dots)
-            shown = [(b, gap) for b, (_final, gap) in points if not gap < GAP_FLOOR]
-            below = [b for b, (_final, gap) in points if gap < GAP_FLOOR]  # drawn on the floor, pointing down
+            axes[0].plot([b * shift for b, _ in points], [final for _b, (final, _gap) in points], "o", **dots)
+            shown = [(b * shift, gap) for b, (_final, gap) in points if not gap < GAP_FLOOR]
+            below = [b * shift for b, (_final, gap) in points if gap < GAP_FLOOR]  # on the floor, pointing down
             axes[1].plot([b for b, _ in shown], [gap for _b, gap in shown], "o", **dots)
             axes[1].plot(below, [GAP_FLOOR] * len(below), "v", **dots)
     axes[1].axhline(0.0, color="k", linewidth=0.8)
