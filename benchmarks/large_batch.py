@@ -472,6 +472,11 @@ def write_seed_figure(summaries: list[SeedSummary], path: Path) -> None:
     print(f"wrote {path}")
 
 
+def _rate(lr: float | None) -> str:
+    """A learning rate in a CSV cell (empty for HF, which has none)."""
+    return "" if lr is None else f"{lr:g}"
+
+
 def write_csv(
     results: list[Result],
     best: dict[tuple[str, int], Result],
@@ -498,7 +503,7 @@ def write_csv(
                     config.name,
                     config.method,
                     config.batch,
-                    "" if config.lr is None else f"{config.lr:g}",
+                    _rate(config.lr),
                     config.seed,
                     f"{result.accuracy[-1]:.2f}",
                     f"{result.accuracy.max():.2f}",
@@ -514,7 +519,7 @@ def write_csv(
         for config in without_result:
             log = path.parent / f"{config.name}.h5"  # the study's folder, where the CSV goes
             status = load_run(log).status if log.exists() else "no log"
-            lr = "" if config.lr is None else f"{config.lr:g}"
+            lr = _rate(config.lr)
             figures = [""] * (len(columns) - 6)  # every column between the seed and the status
             writer.writerow([config.name, config.method, config.batch, lr, config.seed, *figures, status])
     print(f"wrote {path}")
@@ -557,13 +562,16 @@ def write_figure(best: dict[tuple[str, int], Result], path: Path) -> None:
     print(f"wrote {path}")
 
 
-def by_batch_size(best: dict[tuple[str, int], Result]) -> dict[str, dict[int, tuple[float, float]]]:
+BatchTable = dict[str, dict[int, tuple[float, float]]]  # method → batch → (final %, minus Adam's best)
+
+
+def by_batch_size(best: dict[tuple[str, int], Result]) -> BatchTable:
     """Each method's final accuracy at its best rate, batch by batch, and that minus Adam's best there.
 
     The second figure is NaN at a batch where Adam did not run.
     """
     adam = {batch: float(result.accuracy[-1]) for (method, batch), result in best.items() if method == "adam"}
-    table: dict[str, dict[int, tuple[float, float]]] = {}
+    table: BatchTable = {}
     for (method, batch), result in sorted(best.items()):
         final = float(result.accuracy[-1])
         table.setdefault(method, {})[batch] = (final, final - adam.get(batch, float("nan")))
@@ -592,20 +600,16 @@ def report_batch_sizes(best: dict[tuple[str, int], Result], outdir: Path) -> Non
         writer.writerow(["method", "batch", "steps", "lr", "final_accuracy", "minus_adam_best"])
         for method, row in table.items():
             for batch, (final, gap) in sorted(row.items()):
-                lr = best[(method, batch)].config.lr
-                lr_text = "" if lr is None else f"{lr:g}"
-                writer.writerow([method, batch, steps[batch], lr_text, f"{final:.2f}", f"{gap:.2f}"])
+                lr = _rate(best[(method, batch)].config.lr)
+                writer.writerow([method, batch, steps[batch], lr, f"{final:.2f}", f"{gap:.2f}"])
     print(f"wrote {path}")
     write_batch_size_figure(table, outdir / "large_batch_sizes.png")
 
 
-BatchTable = dict[str, dict[int, tuple[float, float]]]  # method → batch → (final %, minus Adam's best)
-
-
-def seed_batch_tables(results: list[Result], seeds: Sequence[int]) -> dict[int, BatchTable]:
-    """:func:`by_batch_size` of every seed: each method at its best rate on that seed, against
-    Adam's best on the same seed (as the goals are judged)."""
-    return {seed: by_batch_size(best_per_method(results, seed)) for seed in seeds}
+def seed_batch_tables(bests: Mapping[int, dict[tuple[str, int], Result]]) -> dict[int, BatchTable]:
+    """:func:`by_batch_size` of every seed, from its :func:`best_per_method`: each method at its
+    best rate on that seed, against Adam's best on the same seed (as the goals are judged)."""
+    return {seed: by_batch_size(best) for seed, best in bests.items()}
 
 
 def mean_batch_table(tables: Mapping[int, BatchTable]) -> tuple[BatchTable, dict[tuple[str, int], list[int]]]:
@@ -633,7 +637,8 @@ def report_batch_sizes_over_seeds(results: list[Result], seeds: Sequence[int], o
     """The batch sweep on every seed: the mean gap to Adam with its lowest and highest over the seeds,
     ``large_batch_sizes_seeds.csv`` (one row per method, batch and seed) and
     ``large_batch_sizes_seeds.png`` (the means as lines, every seed as a dot)."""
-    tables = seed_batch_tables(results, seeds)
+    bests = {seed: best_per_method(results, seed) for seed in seeds}
+    tables = seed_batch_tables(bests)
     mean, ran = mean_batch_table(tables)
     batches = sorted({batch for row in mean.values() for batch in row})
     print("\nminus Adam's best on the same seed, each seed at its best rate: mean (lowest, highest) [seeds]:")
@@ -651,13 +656,11 @@ def report_batch_sizes_over_seeds(results: list[Result], seeds: Sequence[int], o
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["method", "batch", "seed", "lr", "final_accuracy", "minus_adam_best"])
-        for seed in seeds:
-            best = best_per_method(results, seed)
+        for seed, best in bests.items():
             for method, row in tables[seed].items():
                 for batch, (final, gap) in sorted(row.items()):
-                    lr = best[(method, batch)].config.lr
-                    lr_text = "" if lr is None else f"{lr:g}"
-                    writer.writerow([method, batch, seed, lr_text, f"{final:.2f}", f"{gap:.2f}"])
+                    lr = _rate(best[(method, batch)].config.lr)
+                    writer.writerow([method, batch, seed, lr, f"{final:.2f}", f"{gap:.2f}"])
     print(f"wrote {path}")
     write_batch_size_figure(mean, outdir / "large_batch_sizes_seeds.png", tables)
 
